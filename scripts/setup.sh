@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything pg_webhooks needs on a fresh Debian machine, skipping what is there:
+# PostgreSQL and its headers, clang, cargo-pgrx (pinned), `cargo pgrx init`, and the Python
+# Standard Webhooks library the test receiver verifies signatures with. Reads pgrx.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cfg() { python3 scripts/config.py "$1"; }
+PG_VERSION=$(cfg postgres.version)
+PG_CONFIG=$(cfg postgres.pg_config)
+PGRX_VERSION=$(cfg tooling.cargo_pgrx_version)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+missing=()
+for pkg in "postgresql-$PG_VERSION" "postgresql-server-dev-$PG_VERSION" libclang-dev clang sudo pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
+    echo "setup: installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"
+    cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+if ! grep -qs "^pg$PG_VERSION = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+    cargo pgrx init "--pg$PG_VERSION" "$PG_CONFIG"
+fi
+
+if ! python3 -c 'import standardwebhooks' 2>/dev/null; then
+    echo "setup: installing the standardwebhooks Python library"
+    python3 -m pip install -q --disable-pip-version-check standardwebhooks
+fi

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set-up, then `cargo pgrx test`, which runs the unit
+# tests, the #[pg_test]s in a pgrx-managed cluster (after installing the extension into
+# PostgreSQL's directories), and the end-to-end tests in tests/ (each starts clusters of its
+# own plus a receiver on 127.0.0.1). Reads pgrx.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+PG_VERSION=$(python3 scripts/config.py postgres.version)
+PGDATA_DIR=$(python3 scripts/config.py test.pgdata)
+
+# initdb refuses root: the test cluster runs as postgres, in a directory it owns.
+rm -rf "$PGDATA_DIR"
+if [ "$(id -u)" -eq 0 ]; then
+    mkdir -p "$PGDATA_DIR" && chown postgres:postgres "$PGDATA_DIR"
+    RUNAS=(--runas postgres --pgdata "$PGDATA_DIR")
+else
+    RUNAS=(--pgdata "$PGDATA_DIR")
+fi
+
+# An optional argument runs only the tests whose names contain it.
+cargo pgrx test "pg$PG_VERSION" "${RUNAS[@]}" ${1:+"$1"}

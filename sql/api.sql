@@ -1,0 +1,553 @@
+-- pg_webhooks: public API (views and functions), roles, grants. Runs last.
+-- Every function pins its search_path; operators are resolved from pg_catalog first.
+
+------------------------------------------------------------------------------------------
+-- Roles. webhooks_reader reads the logs; webhooks_admin also manages subscriptions.
+------------------------------------------------------------------------------------------
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_reader') THEN
+        CREATE ROLE webhooks_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_admin') THEN
+        CREATE ROLE webhooks_admin NOLOGIN;
+    END IF;
+END
+$$;
+GRANT webhooks_reader TO webhooks_admin;
+
+------------------------------------------------------------------------------------------
+-- Matching. API: Private
+------------------------------------------------------------------------------------------
+CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+               SELECT 1 FROM unnest(patterns) AS p
+                WHERE p = '*' OR p = event_type
+                   OR (right(p, 2) = '.*' AND starts_with(event_type, left(p, -1))))
+       AND (filter IS NULL OR data @> filter)
+$$;
+
+------------------------------------------------------------------------------------------
+-- Capture. API: Public
+------------------------------------------------------------------------------------------
+CREATE FUNCTION webhooks._singular(word text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN word ~ 'ies$' THEN regexp_replace(word, 'ies$', 'y')
+        WHEN word ~ '(s|x|z|ch|sh)es$' THEN regexp_replace(word, 'es$', '')
+        WHEN word ~ '[^s]s$' THEN regexp_replace(word, 's$', '')
+        ELSE word
+    END
+$$;
+
+CREATE FUNCTION webhooks.track(
+    tbl regclass,
+    entity text DEFAULT NULL,
+    key_column name DEFAULT 'id',
+    status_column name DEFAULT NULL,
+    children jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind     "char";
+    v_relname  name;
+    v_key_type text;
+    v_specs    jsonb := '[]'::jsonb;
+    v_name     text;
+    v_spec     jsonb;
+    v_child    regclass;
+    v_fk       name;
+    v_order    text;
+    v_args     text;
+BEGIN
+    SELECT c.relkind, c.relname INTO v_kind, v_relname FROM pg_class c WHERE c.oid = tbl;
+    IF v_kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
+        RAISE EXCEPTION 'table % is already tracked', tbl USING ERRCODE = 'duplicate_object',
+            HINT = 'Call webhooks.untrack(' || quote_literal(tbl::text) || ') first to change how it is tracked.';
+    END IF;
+
+    entity := coalesce(entity, webhooks._singular(lower(v_relname)));
+    IF entity !~ '^[a-z0-9_-]+$' THEN
+        RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
+    END IF;
+
+    SELECT format_type(a.atttypid, a.atttypmod) INTO v_key_type
+      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF v_key_type IS NULL THEN
+        RAISE EXCEPTION 'column "%" does not exist in table %', key_column, tbl USING ERRCODE = 'undefined_column',
+            HINT = 'Name the key column with key_column => ''...''.';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i
+         WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
+           AND i.indkey[0] = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column)
+    ) THEN
+        RAISE EXCEPTION 'key column "%" of table % is not unique', key_column, tbl
+            USING ERRCODE = 'invalid_column_reference',
+            HINT = 'Events are keyed by this column: give it a primary key or a unique index.';
+    END IF;
+    IF status_column IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = status_column AND a.attnum > 0 AND NOT a.attisdropped
+    ) THEN
+        RAISE EXCEPTION 'column "%" does not exist in table %', status_column, tbl USING ERRCODE = 'undefined_column';
+    END IF;
+
+    IF children IS NOT NULL THEN
+        IF jsonb_typeof(children) <> 'object' THEN
+            RAISE EXCEPTION 'children must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
+        END IF;
+        FOR v_name, v_spec IN SELECT * FROM jsonb_each(children) LOOP
+            IF jsonb_typeof(v_spec) <> 'object' OR jsonb_typeof(v_spec -> 'table') <> 'string'
+               OR jsonb_typeof(v_spec -> 'foreign_key') <> 'string' THEN
+                RAISE EXCEPTION 'children entry "%" needs "table" and "foreign_key" strings', v_name
+                    USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
+            END IF;
+            v_child := (v_spec ->> 'table')::regclass;
+            v_fk := v_spec ->> 'foreign_key';
+            IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_child AND a.attname = v_fk AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" does not exist in table %', v_fk, v_child USING ERRCODE = 'undefined_column';
+            END IF;
+            -- Children are listed in primary key order when they have one.
+            SELECT string_agg('c.' || quote_ident(a.attname), ', ' ORDER BY k.ord) INTO v_order
+              FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = v_child AND i.indisprimary;
+            v_specs := v_specs || jsonb_build_array(jsonb_build_object(
+                'name', v_name, 'relid', v_child::oid, 'fk', v_fk, 'order_by', v_order));
+        END LOOP;
+    END IF;
+
+    v_args := format('%L, %L, %L, %L, %L', entity, key_column, v_key_type, coalesce(status_column, ''), v_specs::text);
+    EXECUTE format('CREATE TRIGGER webhooks_capture AFTER INSERT OR UPDATE OR DELETE ON %s
+                    FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row(%s)', tbl, v_args);
+    FOR v_spec IN SELECT * FROM jsonb_array_elements(v_specs) LOOP
+        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child(%s, %L, %L)',
+                       'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass, v_args,
+                       tbl::oid::text, v_spec ->> 'fk');
+    END LOOP;
+
+    INSERT INTO webhooks._tracked (relid, entity, key_column, status_column, children)
+    VALUES (tbl, entity, key_column, status_column, children);
+
+    -- Default lifecycle events for an entity that has no status mapping yet.
+    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
+        INSERT INTO webhooks.status_events (entity, status, event_type)
+        SELECT track.entity, s, track.entity || '.' || s
+          FROM unnest(ARRAY['paid', 'fulfilled', 'shipped', 'delivered', 'cancelled', 'refunded']) AS s;
+        INSERT INTO webhooks.status_events (entity, status, event_type)
+        VALUES (track.entity, 'canceled', track.entity || '.cancelled');
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_child jsonb;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
+        RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
+    FOR v_child IN
+        SELECT value FROM webhooks._tracked t, jsonb_each(coalesce(t.children, '{}'::jsonb)) WHERE t.relid = tbl
+    LOOP
+        IF to_regclass(v_child ->> 'table') IS NOT NULL THEN
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'webhooks_child_' || tbl::oid, (v_child ->> 'table')::regclass);
+        END IF;
+    END LOOP;
+    DELETE FROM webhooks._tracked t WHERE t.relid = tbl;
+END
+$$;
+
+-- Forget tables that are dropped (their triggers go with them).
+CREATE FUNCTION webhooks._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM webhooks._tracked t
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_class'::regclass AND d.objid = t.relid;
+END
+$$;
+CREATE EVENT TRIGGER webhooks_forget_dropped_tables ON sql_drop
+    EXECUTE FUNCTION webhooks._on_sql_drop();
+
+------------------------------------------------------------------------------------------
+-- Subscriptions. API: Public
+------------------------------------------------------------------------------------------
+CREATE FUNCTION webhooks._subscription_exists(p_id bigint) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_id IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE s.id = p_id) THEN
+        RAISE EXCEPTION 'subscription % does not exist', coalesce(p_id::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhooks._check_headers(headers jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+    v_type text;
+BEGIN
+    IF headers IS NULL OR jsonb_typeof(headers) <> 'object' THEN
+        RAISE EXCEPTION 'headers must be a JSON object of strings' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Example: ''{"Authorization": "Bearer ..."}''';
+    END IF;
+    FOR v_name, v_type IN SELECT key, jsonb_typeof(value) FROM jsonb_each(headers) LOOP
+        IF v_type <> 'string' THEN
+            RAISE EXCEPTION 'header "%" must have a string value', v_name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF v_name !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$' THEN
+            RAISE EXCEPTION 'invalid header name "%"', v_name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF lower(v_name) IN ('host', 'content-length', 'content-type', 'transfer-encoding', 'connection',
+                             'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
+            RAISE EXCEPTION 'header "%" is set by pg_webhooks and cannot be overridden', v_name
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION webhooks.subscribe(
+    url text,
+    event_types text[] DEFAULT '{*}',
+    description text DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    filter jsonb DEFAULT NULL,
+    signature text DEFAULT 'standard',
+    signature_header text DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    retry_schedule text DEFAULT NULL
+) RETURNS TABLE (id bigint, secret text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url    text;
+    v_id     bigint;
+    v_secret text := webhooks._generate_secret();
+BEGIN
+    IF url IS NULL OR btrim(url) = '' THEN
+        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_url := webhooks._check_url(url);
+    IF event_types IS NULL THEN
+        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM webhooks._check_event_patterns(event_types);
+    PERFORM webhooks._check_headers(headers);
+    IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
+    END IF;
+    IF signature IS NULL OR signature NOT IN ('standard', 'hex') THEN
+        RAISE EXCEPTION 'signature must be ''standard'' or ''hex''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF signature = 'hex' THEN
+        signature_header := coalesce(signature_header, 'X-Webhook-Signature');
+    END IF;
+    IF signature_header IS NOT NULL THEN
+        IF signature <> 'hex' THEN
+            RAISE EXCEPTION 'signature_header applies to signature => ''hex'' only' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        PERFORM webhooks._check_headers(jsonb_build_object(signature_header, ''));
+    END IF;
+    IF timeout IS NOT NULL AND (timeout <= interval '0' OR timeout > interval '10 minutes') THEN
+        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF retry_schedule IS NOT NULL THEN
+        PERFORM webhooks._check_retry_schedule(retry_schedule);
+    END IF;
+
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
+    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
+    RETURNING _subscriptions.id INTO v_id;
+    INSERT INTO webhooks._secrets (subscription_id, secret, headers) VALUES (v_id, v_secret, headers);
+    RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
+CREATE FUNCTION webhooks._set_state(p_id bigint, p_state text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    UPDATE webhooks._subscriptions s
+       SET state = p_state, updated_at = now(),
+           disabled_reason = CASE WHEN p_state = 'active' THEN NULL ELSE s.disabled_reason END,
+           failing_since = CASE WHEN p_state = 'active' THEN NULL ELSE s.failing_since END
+     WHERE s.id = p_id;
+    IF p_state = 'active' THEN
+        -- Held deliveries flow again now.
+        UPDATE webhooks._queue q SET next_attempt_at = least(q.next_attempt_at, now())
+         WHERE q.subscription_id = p_id;
+        PERFORM webhooks._wake_worker_at_commit();
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhooks.pause(id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT webhooks._set_state(id, 'paused') $$;
+
+CREATE FUNCTION webhooks.resume(id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT webhooks._set_state(id, 'active') $$;
+
+CREATE FUNCTION webhooks.unsubscribe(id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id bigint := id;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    -- The history stays; what was still queued ends as dead with a reason.
+    UPDATE webhooks._deliveries d
+       SET status = 'dead', last_error = 'subscription removed', next_attempt_at = NULL
+      FROM webhooks._queue q
+     WHERE q.subscription_id = p_id AND d.id = q.delivery_id;
+    DELETE FROM webhooks._queue q WHERE q.subscription_id = p_id;
+    DELETE FROM webhooks._subscriptions s WHERE s.id = p_id;
+END
+$$;
+
+CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours') RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id     bigint := id;
+    v_secret text := webhooks._generate_secret();
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF grace IS NULL OR grace < interval '0' OR grace > interval '30 days' THEN
+        RAISE EXCEPTION 'grace must be between 0 and 30 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE webhooks._secrets k
+       SET previous_secret = CASE WHEN grace > interval '0' THEN k.secret END,
+           previous_expires_at = CASE WHEN grace > interval '0' THEN now() + grace END,
+           secret = v_secret
+     WHERE k.subscription_id = p_id;
+    UPDATE webhooks._subscriptions s SET updated_at = now() WHERE s.id = p_id;
+    RETURN v_secret;
+END
+$$;
+
+CREATE FUNCTION webhooks.send_test(id bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id       bigint := id;
+    v_seq      bigint;
+    v_delivery bigint;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    -- A test event is delivered to this subscription only, so it is not put on _pending.
+    INSERT INTO webhooks._events (type, entity, key, data)
+    VALUES ('webhook.test', 'webhook', NULL,
+            jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'))
+    RETURNING seq INTO v_seq;
+    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
+    VALUES (v_seq, p_id, now()) RETURNING _deliveries.id INTO v_delivery;
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq) VALUES (v_delivery, p_id, v_seq);
+    PERFORM webhooks._wake_worker_at_commit();
+    RETURN v_delivery;
+END
+$$;
+
+CREATE FUNCTION webhooks.redeliver(delivery bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old webhooks._deliveries;
+    v_id  bigint;
+BEGIN
+    SELECT * INTO v_old FROM webhooks._deliveries d WHERE d.id = delivery;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'delivery % does not exist', coalesce(delivery::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    PERFORM webhooks._subscription_exists(v_old.subscription_id);
+    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at, redelivery_of)
+    VALUES (v_old.event_seq, v_old.subscription_id, now(), v_old.id) RETURNING id INTO v_id;
+    -- Not ordered: a redelivery does not wait behind the live queue.
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq)
+    VALUES (v_id, v_old.subscription_id, v_old.event_seq);
+    PERFORM webhooks._wake_worker_at_commit();
+    RETURN v_id;
+END
+$$;
+
+CREATE FUNCTION webhooks.replay(
+    id bigint,
+    since timestamptz,
+    until timestamptz DEFAULT now(),
+    event_types text[] DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id    bigint := id;
+    v_sub   webhooks._subscriptions;
+    v_count integer;
+    v_batch text := 'replay:' || txid_current() || ':';
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF since IS NULL OR until IS NULL OR since > until THEN
+        RAISE EXCEPTION 'replay needs since <= until' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF event_types IS NOT NULL THEN
+        PERFORM webhooks._check_event_patterns(event_types);
+    END IF;
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
+    -- Replayed deliveries keep commit order per key among themselves, but do not wait
+    -- behind the live queue (their ordering key is their own).
+    WITH ev AS (
+        SELECT e.seq, e.entity, e.key FROM webhooks._events e
+         WHERE e.created_at >= since AND e.created_at < until
+           AND e.type <> 'webhook.test'
+           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data)
+           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data))
+    ), d AS (
+        INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
+        SELECT ev.seq, p_id, now() FROM ev ORDER BY ev.seq
+        RETURNING _deliveries.id, _deliveries.event_seq
+    )
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key)
+    SELECT d.id, p_id, d.event_seq, CASE WHEN ev.key IS NOT NULL THEN v_batch || ev.entity || ':' || ev.key END
+      FROM d JOIN ev ON ev.seq = d.event_seq;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM webhooks._wake_worker_at_commit();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+------------------------------------------------------------------------------------------
+-- Read views. API: Public
+------------------------------------------------------------------------------------------
+CREATE VIEW webhooks.subscriptions AS
+SELECT s.id,
+       webhooks._mask_url(s.url) AS url,
+       s.event_types,
+       s.state = 'active' AS active,
+       s.state,
+       s.disabled_reason,
+       s.description,
+       s.filter,
+       s.signature,
+       s.signature_header,
+       s.timeout,
+       s.retry_schedule,
+       ARRAY(SELECT jsonb_object_keys(k.headers) ORDER BY 1) AS header_names,
+       k.previous_expires_at AS previous_secret_expires_at,
+       s.failing_since,
+       s.created_at,
+       s.updated_at
+  FROM webhooks._subscriptions s
+  LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
+
+CREATE VIEW webhooks.events AS
+SELECT e.id, e.type, e.key, e.data, e.created_at, e.entity, e.seq
+  FROM webhooks._events e;
+
+CREATE VIEW webhooks.deliveries AS
+SELECT d.id, e.id AS event_id, d.subscription_id, d.status, d.attempts, d.next_attempt_at,
+       d.last_status_code, d.last_error, d.created_at, d.delivered_at, d.redelivery_of,
+       e.type AS event_type, e.key AS event_key
+  FROM webhooks._deliveries d
+  JOIN webhooks._events e ON e.seq = d.event_seq;
+
+CREATE VIEW webhooks.attempts AS
+SELECT a.delivery_id, a.attempt, a.started_at, a.duration_ms, a.status_code, a.response_body, a.error
+  FROM webhooks._attempts a;
+
+------------------------------------------------------------------------------------------
+-- Comments
+------------------------------------------------------------------------------------------
+COMMENT ON FUNCTION webhooks.track(regclass, text, name, name, jsonb) IS
+    'Capture INSERT/UPDATE/DELETE on a table as <entity>.created/updated/status_updated/<status>/deleted events, net per transaction, payload read at commit.';
+COMMENT ON FUNCTION webhooks.untrack(regclass) IS 'Stop capturing a table (removes its triggers).';
+COMMENT ON FUNCTION webhooks.emit(text, jsonb, text) IS 'Enqueue any other event; delivered after commit. Returns the event id.';
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text) IS
+    'Create a subscription; returns its id and its signing secret (shown only this once).';
+COMMENT ON FUNCTION webhooks.pause(bigint) IS 'Hold deliveries of a subscription; events keep queueing.';
+COMMENT ON FUNCTION webhooks.resume(bigint) IS 'Resume a paused or disabled subscription; its held backlog flows again.';
+COMMENT ON FUNCTION webhooks.unsubscribe(bigint) IS 'Delete a subscription; queued deliveries end as dead, history stays.';
+COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval) IS
+    'New signing secret (returned once); the old one still signs during the grace period.';
+COMMENT ON FUNCTION webhooks.send_test(bigint) IS 'Queue a webhook.test delivery; returns the delivery id.';
+COMMENT ON FUNCTION webhooks.redeliver(bigint) IS 'Queue a new delivery of the same event (same webhook-id); returns its id.';
+COMMENT ON FUNCTION webhooks.replay(bigint, timestamptz, timestamptz, text[]) IS
+    'Queue new deliveries, in commit order, of the events in [since, until) that match the subscription now.';
+COMMENT ON TABLE webhooks.status_events IS 'Status value -> lifecycle event type, per entity. Edit freely.';
+COMMENT ON VIEW webhooks.subscriptions IS 'Subscriptions, without secrets or header values; URL credentials masked.';
+COMMENT ON VIEW webhooks.events IS 'Every event, in commit order (seq).';
+COMMENT ON VIEW webhooks.deliveries IS 'One row per event x subscription delivery and its current state.';
+COMMENT ON VIEW webhooks.attempts IS 'One row per HTTP attempt of a delivery.';
+COMMENT ON COLUMN webhooks.deliveries.status IS 'pending | retrying | succeeded | dead';
+COMMENT ON COLUMN webhooks.deliveries.event_id IS 'The event id, sent as webhook-id on every attempt.';
+COMMENT ON COLUMN webhooks.deliveries.redelivery_of IS 'The delivery this one redelivers, if any.';
+COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolution to the end of the capped response body.';
+COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
+COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
+
+------------------------------------------------------------------------------------------
+-- Privileges. Secrets (_secrets) are readable by superusers only.
+------------------------------------------------------------------------------------------
+REVOKE ALL ON ALL TABLES IN SCHEMA webhooks FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA webhooks FROM PUBLIC;
+-- Capture triggers run as the writing application's role.
+GRANT EXECUTE ON FUNCTION webhooks._capture_row(), webhooks._capture_child() TO PUBLIC;
+
+GRANT USAGE ON SCHEMA webhooks TO webhooks_reader, webhooks_admin;
+GRANT SELECT ON webhooks.subscriptions, webhooks.events, webhooks.deliveries, webhooks.attempts,
+                webhooks.status_events TO webhooks_reader;
+GRANT INSERT, UPDATE, DELETE ON webhooks.status_events TO webhooks_admin;
+GRANT SELECT, INSERT, DELETE ON webhooks._tracked TO webhooks_admin;
+GRANT EXECUTE ON FUNCTION
+    webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
+    webhooks.emit(text, jsonb, text),
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text),
+    webhooks.pause(bigint), webhooks.resume(bigint), webhooks.unsubscribe(bigint),
+    webhooks.rotate_secret(bigint, interval), webhooks.send_test(bigint),
+    webhooks.redeliver(bigint), webhooks.replay(bigint, timestamptz, timestamptz, text[]),
+    webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb)
+    TO webhooks_admin;
+GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
+
+-- pg_dump keeps user data of the configuration tables.
+SELECT pg_catalog.pg_extension_config_dump('webhooks._tracked', '');
+SELECT pg_catalog.pg_extension_config_dump('webhooks.status_events', '');
+SELECT pg_catalog.pg_extension_config_dump('webhooks._subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('webhooks._secrets', '');

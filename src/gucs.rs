@@ -1,0 +1,202 @@
+//! Every `webhooks.*` setting, registered once from `_PG_init` and read through accessors.
+//! The README has the same table; keep them in step.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+/// Database the delivery worker serves (it waits until the database and extension exist).
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// HTTP requests in flight at once, over all endpoints (the worker's thread pool size).
+static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
+/// Requests in flight at once to a single subscription endpoint.
+static MAX_IN_FLIGHT_PER_ENDPOINT: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// Events fanned out, and deliveries claimed, per database round trip.
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+/// Waits between attempts, e.g. `5s,10s,20s,40s,80s` (units ms, s, m, h; `immediate` = 0).
+static RETRY_SCHEDULE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"5s,10s,20s,40s,80s"));
+/// Deadline of one attempt, from DNS to the end of the capped response body.
+static TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// Bytes of a response body read and kept in `webhooks.attempts`.
+static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+/// Upper bound on a `Retry-After` wait honoured on 429/503.
+static MAX_RETRY_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// A subscription failing continuously for this long is disabled (an interval).
+static DISABLE_AFTER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"5 days"));
+/// Finished deliveries, their attempts and events older than this are deleted (an interval).
+static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"30 days"));
+/// Slow safety poll of the worker; new events wake it at commit anyway.
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// Allow plain-http endpoint URLs (superuser or config file only).
+static ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Allow endpoints on loopback, private, link-local and similar networks (superuser only).
+static ALLOW_PRIVATE_NETWORK: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"webhooks.database",
+        c"Database served by the pg_webhooks delivery worker.",
+        c"The worker waits for this database and the extension in it to exist.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.concurrency",
+        c"HTTP requests in flight at once.",
+        c"Size of the delivery worker's HTTP thread pool. Requires a restart.",
+        &CONCURRENCY,
+        1,
+        1024,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.max_in_flight_per_endpoint",
+        c"HTTP requests in flight at once to one subscription.",
+        c"Keeps a slow or dead endpoint from taking the worker's whole capacity.",
+        &MAX_IN_FLIGHT_PER_ENDPOINT,
+        1,
+        1024,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.batch_size",
+        c"Events fanned out and deliveries claimed per round trip.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"webhooks.retry_schedule",
+        c"Waits between delivery attempts, e.g. 5s,10s,20s,40s,80s.",
+        c"Units ms, s, m, h; 'immediate' means no wait. Attempts = 1 + number of waits. Jittered by 10%.",
+        &RETRY_SCHEDULE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.timeout",
+        c"Deadline of one delivery attempt.",
+        c"Covers DNS, connect, TLS, sending and reading the capped response.",
+        &TIMEOUT_MS,
+        1,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.max_response_bytes",
+        c"Bytes of a response body read and kept in webhooks.attempts.",
+        c"",
+        &MAX_RESPONSE_BYTES,
+        0,
+        1_048_576,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.max_retry_after",
+        c"Upper bound on a Retry-After wait honoured on 429 and 503.",
+        c"",
+        &MAX_RETRY_AFTER_S,
+        0,
+        7 * 24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"webhooks.disable_after",
+        c"Disable a subscription whose endpoint has failed continuously this long.",
+        c"An interval, e.g. '5 days'.",
+        &DISABLE_AFTER,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"webhooks.retention",
+        c"Delete finished deliveries, attempts and events older than this.",
+        c"An interval, e.g. '30 days'.",
+        &RETENTION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.poll_interval",
+        c"Safety poll of the delivery worker.",
+        c"New events wake the worker at commit; this only bounds how long it sleeps.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"webhooks.allow_http",
+        c"Allow plain http:// endpoint URLs.",
+        c"",
+        &ALLOW_HTTP,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"webhooks.allow_private_network",
+        c"Allow endpoints on loopback, private, link-local, CGNAT, unique-local and metadata addresses.",
+        c"",
+        &ALLOW_PRIVATE_NETWORK,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+fn string_of(setting: &GucSetting<Option<CString>>, default: &str) -> String {
+    setting
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_else(|| default.to_string())
+}
+
+pub fn database() -> String {
+    string_of(&DATABASE, "postgres")
+}
+pub fn concurrency() -> usize {
+    CONCURRENCY.get().max(1) as usize
+}
+pub fn max_in_flight_per_endpoint() -> i32 {
+    MAX_IN_FLIGHT_PER_ENDPOINT.get().max(1)
+}
+pub fn batch_size() -> i32 {
+    BATCH_SIZE.get().max(1)
+}
+pub fn retry_schedule() -> String {
+    string_of(&RETRY_SCHEDULE, "5s,10s,20s,40s,80s")
+}
+pub fn timeout() -> Duration {
+    Duration::from_millis(TIMEOUT_MS.get().max(1) as u64)
+}
+pub fn max_response_bytes() -> usize {
+    MAX_RESPONSE_BYTES.get().max(0) as usize
+}
+pub fn max_retry_after() -> Duration {
+    Duration::from_secs(MAX_RETRY_AFTER_S.get().max(0) as u64)
+}
+pub fn disable_after() -> String {
+    string_of(&DISABLE_AFTER, "5 days")
+}
+pub fn retention() -> String {
+    string_of(&RETENTION, "30 days")
+}
+pub fn poll_interval() -> Duration {
+    Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64)
+}
+pub fn allow_http() -> bool {
+    ALLOW_HTTP.get()
+}
+pub fn allow_private_network() -> bool {
+    ALLOW_PRIVATE_NETWORK.get()
+}

@@ -1,0 +1,320 @@
+//! HTTP delivery on plain threads that never call into Postgres.
+//!
+//! The worker's main thread hands `Job`s to a fixed pool; each thread signs the body, POSTs it
+//! through one shared keep-alive agent and sends back an `Outcome`, then writes a byte to a
+//! pipe that the main thread waits on together with its latch. Destination addresses are
+//! checked after DNS resolution, on every new connection.
+
+use crate::{netcheck, signing};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::DefaultConnector;
+
+const USER_AGENT: &str = concat!("pg_webhooks/", env!("CARGO_PKG_VERSION"));
+
+/// How a subscription wants its requests signed.
+#[derive(Clone, Debug)]
+pub enum Signature {
+    /// Standard Webhooks: `webhook-signature: v1,<base64>` (one per live secret).
+    Standard,
+    /// Lowercase hex HMAC of the raw body under the named header, newest secret only.
+    Hex { header: String },
+}
+
+/// One attempt to make.
+pub struct Job {
+    pub delivery_id: i64,
+    pub subscription_id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub created_at: String,
+    pub data: String,
+    pub url: String,
+    pub signature: Signature,
+    /// Newest first; the second one only during a rotation grace.
+    pub secrets: Vec<String>,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+/// What came of one attempt.
+pub struct Outcome {
+    pub delivery_id: i64,
+    pub subscription_id: i64,
+    pub started_at: SystemTime,
+    pub duration_ms: f64,
+    pub status: Option<u16>,
+    pub response_body: Option<String>,
+    pub error: Option<String>,
+    pub retry_after: Option<String>,
+}
+
+/// The compact JSON body: `{"id","type","created_at","data"}`.
+pub fn body(job: &Job) -> Result<Vec<u8>, serde_json::Error> {
+    let data: serde_json::Value = serde_json::from_str(&job.data)?;
+    serde_json::to_vec(&serde_json::json!({
+        "id": job.event_id,
+        "type": job.event_type,
+        "created_at": job.created_at,
+        "data": data,
+    }))
+}
+
+/// Resolves with the system resolver, then drops addresses a webhook must not reach.
+#[derive(Debug)]
+struct CheckedResolver {
+    inner: DefaultResolver,
+    allow_private: Arc<AtomicBool>,
+}
+
+impl Resolver for CheckedResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let all = self.inner.resolve(uri, config, timeout)?;
+        if self.allow_private.load(Ordering::Relaxed) {
+            return Ok(all);
+        }
+        let mut allowed = self.inner.empty();
+        let mut refused: Option<(SocketAddr, &'static str)> = None;
+        for addr in all.iter() {
+            match netcheck::forbidden_reason(addr.ip()) {
+                None => allowed.push(*addr),
+                Some(reason) => refused = Some((*addr, reason)),
+            }
+        }
+        match (allowed.len(), refused) {
+            (0, Some((addr, reason))) => Err(ureq::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "destination {} is {reason}; set webhooks.allow_private_network to allow it",
+                    addr.ip()
+                ),
+            ))),
+            _ => Ok(allowed),
+        }
+    }
+}
+
+pub struct Pool {
+    jobs: Sender<Job>,
+    outcomes: Receiver<Outcome>,
+    wake_read: std::fs::File,
+    allow_private: Arc<AtomicBool>,
+}
+
+impl Pool {
+    /// Start `threads` HTTP threads sharing one keep-alive agent.
+    pub fn start(threads: usize, allow_private: bool) -> std::io::Result<Pool> {
+        let (wake_read, wake_write) = nonblocking_pipe()?;
+        let wake_write = Arc::new(wake_write);
+        let allow_private = Arc::new(AtomicBool::new(allow_private));
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(USER_AGENT)
+            .max_idle_connections(threads * 4)
+            .max_idle_connections_per_host(threads)
+            .max_idle_age(Duration::from_secs(60))
+            .build();
+        let resolver = CheckedResolver { inner: DefaultResolver::default(), allow_private: allow_private.clone() };
+        let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), resolver);
+        let (jobs_tx, jobs_rx) = channel::<Job>();
+        let (out_tx, out_rx) = channel::<Outcome>();
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        for i in 0..threads {
+            let agent = agent.clone();
+            let jobs_rx = jobs_rx.clone();
+            let out_tx = out_tx.clone();
+            let wake_write = wake_write.clone();
+            std::thread::Builder::new().name(format!("pg_webhooks http {i}")).spawn(move || loop {
+                let job = match jobs_rx.lock() {
+                    Ok(rx) => match rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => return, // the pool was dropped
+                    },
+                    Err(_) => return,
+                };
+                let outcome = attempt(&agent, &job);
+                if out_tx.send(outcome).is_err() {
+                    return;
+                }
+                // Wake the main thread; a full pipe already means "wake up".
+                let _ = (&*wake_write).write(&[1u8]);
+            })?;
+        }
+        Ok(Pool { jobs: jobs_tx, outcomes: out_rx, wake_read, allow_private })
+    }
+
+    pub fn submit(&self, job: Job) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+
+    /// Outcomes that are ready, without waiting.
+    pub fn ready(&self) -> Vec<Outcome> {
+        let mut buf = [0u8; 256];
+        while matches!((&self.wake_read).read(&mut buf), Ok(n) if n > 0) {}
+        self.outcomes.try_iter().collect()
+    }
+
+    /// File descriptor that becomes readable when an outcome is ready.
+    pub fn wake_fd(&self) -> i32 {
+        self.wake_read.as_raw_fd()
+    }
+
+    pub fn set_allow_private(&self, allow: bool) {
+        self.allow_private.store(allow, Ordering::Relaxed);
+    }
+}
+
+fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which we then own.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe { Ok((std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))) }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Sign and POST one job; every failure becomes an `Outcome` with an error text.
+fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
+    let started_at = SystemTime::now();
+    let clock = Instant::now();
+    let mut outcome = Outcome {
+        delivery_id: job.delivery_id,
+        subscription_id: job.subscription_id,
+        started_at,
+        duration_ms: 0.0,
+        status: None,
+        response_body: None,
+        error: None,
+        retry_after: None,
+    };
+    let result = send(agent, job, unix_seconds(started_at));
+    outcome.duration_ms = clock.elapsed().as_secs_f64() * 1000.0;
+    match result {
+        Ok((status, body, retry_after)) => {
+            outcome.status = Some(status);
+            outcome.response_body = Some(body);
+            outcome.retry_after = retry_after;
+            if !(200..300).contains(&status) {
+                outcome.error = Some(format!("HTTP {status}"));
+            }
+        }
+        Err(e) => outcome.error = Some(e),
+    }
+    outcome
+}
+
+fn send(agent: &ureq::Agent, job: &Job, timestamp: i64) -> Result<(u16, String, Option<String>), String> {
+    let body = body(job).map_err(|e| format!("event data is not valid JSON: {e}"))?;
+    let mut request = agent
+        .post(&job.url)
+        .config()
+        .timeout_global(Some(job.timeout))
+        .build()
+        .header("content-type", "application/json")
+        .header("webhook-id", &job.event_id)
+        .header("webhook-timestamp", timestamp.to_string());
+    for (name, value) in &job.headers {
+        request = request.header(name, value);
+    }
+    request = match &job.signature {
+        Signature::Standard => {
+            let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
+            let header = signing::standard_signature_header(&secrets, &job.event_id, timestamp, &body)
+                .map_err(|e| format!("cannot sign: {e}"))?;
+            request.header("webhook-signature", header)
+        }
+        Signature::Hex { header } => {
+            let secret = job.secrets.first().map(String::as_str).unwrap_or_default();
+            request.header(header.as_str(), signing::sign_hex(secret, &body))
+        }
+    };
+    let mut response = request.send(&body[..]).map_err(|e| describe(&e, &job.url))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut kept = Vec::new();
+    let read = response
+        .body_mut()
+        .as_reader()
+        .take(job.max_response_bytes as u64)
+        .read_to_end(&mut kept);
+    if let Err(e) = read {
+        return Err(format!("reading the response failed: {e}"));
+    }
+    Ok((status, String::from_utf8_lossy(&kept).into_owned(), retry_after))
+}
+
+/// An error text without the URL's credentials.
+fn describe(e: &ureq::Error, url: &str) -> String {
+    let text = match e {
+        ureq::Error::Timeout(_) => "timeout".to_string(),
+        other => other.to_string(),
+    };
+    text.replace(url, &netcheck::mask_url(url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(data: &str) -> Job {
+        Job {
+            delivery_id: 1,
+            subscription_id: 2,
+            event_id: "0b4e0a55-0000-4000-8000-000000000001".into(),
+            event_type: "order.shipped".into(),
+            created_at: "2026-11-23T10:00:00.000000Z".into(),
+            data: data.into(),
+            url: "http://127.0.0.1:9/".into(),
+            signature: Signature::Standard,
+            secrets: vec![],
+            headers: vec![],
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 10,
+        }
+    }
+
+    #[test]
+    fn body_is_compact_json_envelope() {
+        let b = body(&job(r#"{"id": 7, "status": "shipped"}"#)).expect("valid");
+        let text = String::from_utf8(b).expect("utf8");
+        assert!(!text.contains(": "), "compact: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["type"], "order.shipped");
+        assert_eq!(v["id"], "0b4e0a55-0000-4000-8000-000000000001");
+        assert_eq!(v["created_at"], "2026-11-23T10:00:00.000000Z");
+        assert_eq!(v["data"]["status"], "shipped");
+    }
+
+    #[test]
+    fn describe_masks_credentials() {
+        let url = "https://bob:pw@example.invalid/x";
+        let e = ureq::Error::BadUri(format!("bad {url}"));
+        let text = describe(&e, url);
+        assert!(!text.contains(":pw@"), "{text}");
+    }
+}

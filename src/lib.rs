@@ -1,0 +1,83 @@
+//! pg_webhooks: order lifecycle changes become signed, reliably delivered webhooks.
+//!
+//! capture (triggers, at commit) -> webhooks._events -> worker (fan out, sign, POST, retry)
+//! -> webhooks._deliveries / _attempts. DDL lives in `sql/`; this crate holds the logic.
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgSqlErrorCode};
+
+mod api;
+mod capture;
+mod error;
+mod gucs;
+mod http;
+mod netcheck;
+mod patterns;
+mod queue;
+mod schedule;
+mod signing;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/bootstrap.sql", bootstrap);
+extension_sql_file!("../sql/api.sql", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    unsafe {
+        if pg_sys::IsBinaryUpgrade {
+            return;
+        }
+        if !pg_sys::process_shared_preload_libraries_in_progress {
+            error::raise_with_hint(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "pg_webhooks must be loaded via shared_preload_libraries",
+                "Add pg_webhooks to shared_preload_libraries in postgresql.conf and restart the server.",
+            );
+        }
+    }
+    gucs::init();
+    worker::init_shared_memory();
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
+    }
+    worker::register();
+}
+
+/// Capture at pre-commit, wake the worker at commit, forget everything on abort.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => capture::write_events_at_commit(),
+        XACT_EVENT_COMMIT => {
+            if capture::take_wake_request() {
+                worker::wake();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
+        _ => {}
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_webhooks'",
+            "webhooks.database = 'pgrx_tests'",
+            "webhooks.allow_http = on",
+        ]
+    }
+}

@@ -1,0 +1,292 @@
+//! The worker's SQL: fan out committed events, claim due deliveries, record outcomes.
+//! Each is one statement per batch (a round trip per batch, not per delivery), run in a
+//! short transaction of its own by the worker's main thread.
+
+use crate::http::{Job, Signature};
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+use std::time::Duration;
+
+/// Move up to `$1` committed transactions' events from `_pending` into deliveries for every
+/// subscription that matches them and was created before they committed.
+const FAN_OUT: &str = "\
+WITH p AS (
+    DELETE FROM webhooks._pending
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM webhooks._pending LIMIT $1 FOR UPDATE SKIP LOCKED))
+    RETURNING seqs
+), e AS (
+    SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid
+      FROM webhooks._events ev
+     WHERE ev.seq = ANY (ARRAY(SELECT unnest(p.seqs) FROM p))
+), d AS (
+    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
+    SELECT e.seq, s.id, now()
+      FROM e JOIN webhooks._subscriptions s
+        ON webhooks._matches(s.event_types, s.filter, e.type, e.data)
+       AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
+     ORDER BY e.seq, s.id
+    RETURNING id, event_seq, subscription_id
+), q AS (
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key)
+    SELECT d.id, d.subscription_id, d.event_seq,
+           CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END
+      FROM d JOIN e ON e.seq = d.event_seq
+    RETURNING 1
+)
+SELECT (SELECT pg_catalog.count(*) FROM p)::int8, (SELECT pg_catalog.count(*) FROM q)::int8";
+
+/// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per
+/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). A delivery
+/// with an ordering key waits while an earlier one of the same key is still queued.
+const CLAIM: &str = "\
+WITH cand AS (
+    SELECT q.delivery_id, q.subscription_id, q.next_attempt_at, q.event_seq
+      FROM webhooks._queue q
+      JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
+     WHERE q.next_attempt_at <= now() AND q.claimed_at IS NULL
+       AND (q.ordering_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM webhooks._queue h
+             WHERE h.subscription_id = q.subscription_id AND h.ordering_key = q.ordering_key
+               AND h.event_seq < q.event_seq))
+     ORDER BY q.next_attempt_at, q.event_seq
+     LIMIT $1 * 4
+       FOR UPDATE OF q SKIP LOCKED
+), pick AS (
+    SELECT c.delivery_id
+      FROM (SELECT c.*, pg_catalog.row_number() OVER (PARTITION BY c.subscription_id
+                                                      ORDER BY c.next_attempt_at, c.event_seq) AS rn
+              FROM cand c) c
+      LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = c.subscription_id
+     WHERE c.rn <= $2 - COALESCE(f.n, 0)
+     ORDER BY c.next_attempt_at, c.event_seq
+     LIMIT $1
+)
+UPDATE webhooks._queue q SET claimed_at = now()
+  FROM pick, webhooks._events e, webhooks._subscriptions s, webhooks._secrets k
+ WHERE q.delivery_id = pick.delivery_id AND e.seq = q.event_seq AND s.id = q.subscription_id
+   AND k.subscription_id = s.id
+RETURNING q.delivery_id, q.subscription_id, q.attempts, e.id::text, e.type,
+          pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+          e.data::text, s.url, s.signature, s.signature_header,
+          (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
+          CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
+          k.headers::text";
+
+/// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
+const RECORD: &str = "\
+WITH r AS (
+    SELECT * FROM unnest($1::int8[], $2::int8[], $3::int4[], $4::float8[], $5::float8[], $6::int4[],
+                         $7::text[], $8::text[], $9::text[], $10::float8[], $11::bool[])
+        AS r(delivery_id, sub, attempt, started, duration_ms, status_code, body, error, outcome, next_at, gone)
+), a AS (
+    INSERT INTO webhooks._attempts (delivery_id, attempt, started_at, duration_ms, status_code, response_body, error)
+    SELECT r.delivery_id, r.attempt, pg_catalog.to_timestamp(r.started), r.duration_ms, r.status_code, r.body, r.error
+      FROM r
+), d AS (
+    UPDATE webhooks._deliveries d
+       SET status = CASE r.outcome WHEN 'retry' THEN 'retrying' ELSE r.outcome END,
+           attempts = r.attempt,
+           last_status_code = r.status_code,
+           last_error = r.error,
+           next_attempt_at = CASE WHEN r.outcome = 'retry' THEN pg_catalog.to_timestamp(r.next_at) END,
+           delivered_at = CASE WHEN r.outcome = 'succeeded'
+                               THEN pg_catalog.to_timestamp(r.started + r.duration_ms / 1000) END
+      FROM r WHERE d.id = r.delivery_id
+), qd AS (
+    DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
+), qu AS (
+    UPDATE webhooks._queue q
+       SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL
+      FROM r WHERE q.delivery_id = r.delivery_id AND r.outcome = 'retry'
+), health AS (
+    SELECT r.sub, pg_catalog.bool_or(r.outcome = 'succeeded') AS ok, pg_catalog.bool_or(r.gone) AS gone,
+           pg_catalog.to_timestamp(pg_catalog.min(r.started)) AS first_failure
+      FROM r GROUP BY r.sub
+)
+UPDATE webhooks._subscriptions s
+   SET failing_since = CASE WHEN h.ok AND NOT h.gone THEN NULL ELSE COALESCE(s.failing_since, h.first_failure) END,
+       state = CASE WHEN h.gone THEN 'disabled'
+                    WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval THEN 'disabled'
+                    ELSE s.state END,
+       disabled_reason = CASE WHEN h.gone THEN 'endpoint answered 410 Gone'
+                    WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval
+                    THEN 'endpoint failing continuously since ' || COALESCE(s.failing_since, h.first_failure)::text
+                    ELSE s.disabled_reason END,
+       updated_at = CASE WHEN h.gone OR NOT h.ok THEN now() ELSE s.updated_at END
+  FROM health h
+ WHERE s.id = h.sub AND (h.gone OR NOT h.ok OR s.failing_since IS NOT NULL)";
+
+/// A claimed delivery: the job to send, plus what is needed to judge its outcome.
+pub struct Claimed {
+    pub job: Job,
+    pub attempts_before: i32,
+    pub retry_schedule: Option<String>,
+}
+
+/// What to do with a delivery after an attempt.
+pub struct Verdict {
+    pub outcome: &'static str, // succeeded | retry | dead
+    pub next_at: Option<f64>,  // unix seconds, for retry
+    pub gone: bool,
+}
+
+pub struct Recorded {
+    pub delivery_id: i64,
+    pub subscription_id: i64,
+    pub attempt: i32,
+    pub started: f64,
+    pub duration_ms: f64,
+    pub status_code: Option<i32>,
+    pub body: Option<String>,
+    pub error: Option<String>,
+    pub verdict: Verdict,
+}
+
+/// Returns (pending transactions taken, deliveries created).
+pub fn fan_out(batch: i32) -> SpiResult<(i64, i64)> {
+    Spi::connect_mut(|c| {
+        let row = c.update(FAN_OUT, None, &[batch.into()])?.first();
+        Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0)))
+    })
+}
+
+pub fn claim(
+    limit: i32,
+    per_endpoint: i32,
+    in_flight: &[(i64, i32)],
+    default_timeout: Duration,
+    max_response_bytes: usize,
+) -> SpiResult<Vec<Claimed>> {
+    let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
+    let counts: Vec<i32> = in_flight.iter().map(|(_, n)| *n).collect();
+    Spi::connect_mut(|c| {
+        let rows = c.update(CLAIM, None, &[limit.into(), per_endpoint.into(), subs.into(), counts.into()])?;
+        let mut out = Vec::new();
+        for row in rows {
+            let signature = match row.get::<String>(9)?.as_deref() {
+                Some("hex") => Signature::Hex {
+                    header: row.get::<String>(10)?.unwrap_or_else(|| "X-Webhook-Signature".into()),
+                },
+                _ => Signature::Standard,
+            };
+            let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
+            secrets.extend(row.get::<String>(14)?);
+            let headers: Vec<(String, String)> = row
+                .get::<String>(15)?
+                .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
+                .map(|m| {
+                    m.into_iter()
+                        .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let timeout = row
+                .get::<i64>(11)?
+                .filter(|ms| *ms > 0)
+                .map(|ms| Duration::from_millis(ms as u64))
+                .unwrap_or(default_timeout);
+            out.push(Claimed {
+                attempts_before: row.get::<i32>(3)?.unwrap_or(0),
+                retry_schedule: row.get::<String>(12)?,
+                job: Job {
+                    delivery_id: row.get::<i64>(1)?.unwrap_or(0),
+                    subscription_id: row.get::<i64>(2)?.unwrap_or(0),
+                    event_id: row.get::<String>(4)?.unwrap_or_default(),
+                    event_type: row.get::<String>(5)?.unwrap_or_default(),
+                    created_at: row.get::<String>(6)?.unwrap_or_default(),
+                    data: row.get::<String>(7)?.unwrap_or_else(|| "{}".into()),
+                    url: row.get::<String>(8)?.unwrap_or_default(),
+                    signature,
+                    secrets,
+                    headers,
+                    timeout,
+                    max_response_bytes,
+                },
+            });
+        }
+        Ok(out)
+    })
+}
+
+pub fn record(batch: Vec<Recorded>, disable_after: &str) -> SpiResult<()> {
+    let mut ids = Vec::new();
+    let mut subs = Vec::new();
+    let mut attempts = Vec::new();
+    let mut started = Vec::new();
+    let mut durations = Vec::new();
+    let mut codes = Vec::new();
+    let mut bodies = Vec::new();
+    let mut errors = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut next_at = Vec::new();
+    let mut gone = Vec::new();
+    for r in batch {
+        ids.push(r.delivery_id);
+        subs.push(r.subscription_id);
+        attempts.push(r.attempt);
+        started.push(r.started);
+        durations.push(r.duration_ms);
+        codes.push(r.status_code);
+        bodies.push(r.body);
+        errors.push(r.error);
+        outcomes.push(r.verdict.outcome.to_string());
+        next_at.push(r.verdict.next_at);
+        gone.push(r.verdict.gone);
+    }
+    Spi::connect_mut(|c| {
+        c.update(
+            RECORD,
+            None,
+            &[
+                ids.into(),
+                subs.into(),
+                attempts.into(),
+                started.into(),
+                durations.into(),
+                codes.into(),
+                bodies.into(),
+                errors.into(),
+                outcomes.into(),
+                next_at.into(),
+                gone.into(),
+                disable_after.into(),
+            ],
+        )
+        .map(|_| ())
+    })
+}
+
+/// At start-up: whatever the previous worker had claimed is due again (at-least-once).
+pub fn release_claims() -> SpiResult<()> {
+    Spi::run("UPDATE webhooks._queue SET claimed_at = NULL WHERE claimed_at IS NOT NULL")
+}
+
+/// Seconds until the next scheduled retry of an active subscription. Deliveries already due
+/// but not claimable wait for an in-flight one to finish, which wakes the worker anyway.
+pub fn seconds_until_next_due() -> SpiResult<Option<f64>> {
+    Spi::get_one::<f64>(
+        "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
+           FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
+          WHERE q.claimed_at IS NULL AND q.next_attempt_at > pg_catalog.clock_timestamp()",
+    )
+}
+
+/// Delete finished history older than the retention interval, a bounded chunk at a time.
+pub fn apply_retention(retention: &str) -> SpiResult<()> {
+    Spi::run_with_args(
+        "WITH old AS (
+             SELECT d.id FROM (SELECT id, status, created_at FROM webhooks._deliveries ORDER BY id LIMIT 5000) d
+              WHERE d.status IN ('succeeded', 'dead') AND d.created_at < now() - $1::interval
+         ), a AS (
+             DELETE FROM webhooks._attempts a USING old WHERE a.delivery_id = old.id
+         ), d AS (
+             DELETE FROM webhooks._deliveries d USING old WHERE d.id = old.id
+         )
+         DELETE FROM webhooks._events e
+          WHERE e.seq IN (SELECT seq FROM webhooks._events ORDER BY seq LIMIT 5000)
+            AND e.created_at < now() - $1::interval
+            AND NOT EXISTS (SELECT 1 FROM webhooks._queue q WHERE q.event_seq = e.seq)
+            AND NOT EXISTS (SELECT 1 FROM webhooks._pending p WHERE e.seq = ANY (p.seqs))",
+        &[retention.into()],
+    )
+}

@@ -1,0 +1,296 @@
+//! The background workers.
+//!
+//! A launcher, started from `shared_preload_libraries`, connects to no database (only the
+//! shared catalogs), waits until `webhooks.database` exists and keeps one delivery worker
+//! running in it. The delivery worker waits for the extension, then loops: fan out new
+//! events, claim due deliveries, hand them to HTTP threads, record outcomes in batches.
+//! It is woken by its latch (set at the commit of any enqueuing transaction) or by the HTTP
+//! threads' pipe, and otherwise sleeps until the next retry is due or the safety poll.
+//! Registered to start after recovery, so it never runs on a standby.
+
+use crate::{gucs, http, queue, schedule};
+use pgrx::bgworkers::*;
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Address of the delivery worker's latch (0 while it is not running).
+static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_webhooks_worker_latch") };
+
+const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
+
+pub fn init_shared_memory() {
+    pg_shmem_init!(WORKER_LATCH = AtomicU64::new(0));
+}
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_webhooks launcher")
+        .set_type("pg_webhooks launcher")
+        .set_library("pg_webhooks")
+        .set_function("pg_webhooks_launcher_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Set the delivery worker's latch (called at the commit of an enqueuing transaction).
+pub fn wake() {
+    let latch = WORKER_LATCH.get().load(Ordering::Acquire);
+    if latch != 0 {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+fn database_exists(name: &str) -> bool {
+    let Ok(cname) = std::ffi::CString::new(name) else { return false };
+    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(cname.as_ptr(), true) != pg_sys::InvalidOid })
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let database = gucs::database();
+    let mut worker: Option<DynamicBackgroundWorker> = None;
+    let mut said_waiting = false;
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let running = worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
+        if running {
+            continue;
+        }
+        if !database_exists(&database) {
+            if !said_waiting {
+                log!("pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist");
+                said_waiting = true;
+            }
+            continue;
+        }
+        said_waiting = false;
+        worker = BackgroundWorkerBuilder::new("pg_webhooks worker")
+            .set_type("pg_webhooks worker")
+            .set_library("pg_webhooks")
+            .set_function("pg_webhooks_worker_main")
+            .enable_shmem_access(None)
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(None)
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic()
+            .ok();
+        if let Some(w) = &worker {
+            let _ = w.wait_for_startup();
+        }
+    }
+}
+
+/// In-flight bookkeeping of the delivery worker's main thread.
+struct InFlight {
+    by_delivery: HashMap<i64, (i32, Option<String>)>,
+    by_subscription: HashMap<i64, i32>,
+}
+
+impl InFlight {
+    fn total(&self) -> usize {
+        self.by_delivery.len()
+    }
+    fn add(&mut self, claimed: &queue::Claimed) {
+        self.by_delivery
+            .insert(claimed.job.delivery_id, (claimed.attempts_before, claimed.retry_schedule.clone()));
+        *self.by_subscription.entry(claimed.job.subscription_id).or_default() += 1;
+    }
+    fn remove(&mut self, delivery_id: i64, subscription_id: i64) -> Option<(i32, Option<String>)> {
+        if let Some(n) = self.by_subscription.get_mut(&subscription_id) {
+            *n -= 1;
+            if *n <= 0 {
+                self.by_subscription.remove(&subscription_id);
+            }
+        }
+        self.by_delivery.remove(&delivery_id)
+    }
+}
+
+fn extension_ready() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks')")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    })
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Decide what happens to a delivery after an attempt.
+fn judge(outcome: &http::Outcome, attempt: i32, retry_schedule: Option<&str>) -> queue::Verdict {
+    let status = outcome.status.unwrap_or(0);
+    let gone = status == 410;
+    if (200..300).contains(&status) {
+        return queue::Verdict { outcome: "succeeded", next_at: None, gone: false };
+    }
+    let waits = retry_schedule
+        .and_then(|s| schedule::parse_retry_schedule(s).ok())
+        .or_else(|| schedule::parse_retry_schedule(&gucs::retry_schedule()).ok())
+        .unwrap_or_default();
+    let Some(wait) = waits.get((attempt - 1).max(0) as usize) else {
+        return queue::Verdict { outcome: "dead", next_at: None, gone };
+    };
+    let mut wait = schedule::jittered(*wait, schedule::unit_random());
+    if matches!(status, 429 | 503) {
+        if let Some(asked) = outcome.retry_after.as_deref().and_then(|v| schedule::parse_retry_after(v, SystemTime::now())) {
+            wait = asked.min(gucs::max_retry_after());
+        }
+    }
+    queue::Verdict { outcome: "retry", next_at: Some(unix_now() + wait.as_secs_f64()), gone }
+}
+
+fn to_record(o: http::Outcome, attempts_before: i32, retry_schedule: Option<String>) -> queue::Recorded {
+    let attempt = attempts_before + 1;
+    let verdict = judge(&o, attempt, retry_schedule.as_deref());
+    queue::Recorded {
+        delivery_id: o.delivery_id,
+        subscription_id: o.subscription_id,
+        attempt,
+        started: o.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        duration_ms: o.duration_ms,
+        status_code: o.status.map(i32::from),
+        body: o.response_body,
+        error: o.error,
+        verdict,
+    }
+}
+
+/// Wait for the latch, an HTTP outcome, postmaster death or the timeout. Returns false on SIGTERM.
+fn wait(pool: &http::Pool, timeout: Duration) -> bool {
+    let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            flags as i32,
+            pool.wake_fd(),
+            timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    !BackgroundWorker::sigterm_received()
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = gucs::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"application_name".as_ptr(),
+            APPLICATION_NAME.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+        pg_sys::pgstat_report_appname(APPLICATION_NAME.as_ptr());
+    }
+    let pool = match http::Pool::start(gucs::concurrency(), gucs::allow_private_network()) {
+        Ok(pool) => pool,
+        Err(e) => {
+            warning!("pg_webhooks: could not start HTTP threads: {e}");
+            return;
+        }
+    };
+    WORKER_LATCH.get().store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+    log!("pg_webhooks: delivery worker started for database \"{database}\"");
+
+    let mut ready = false;
+    let mut in_flight = InFlight { by_delivery: HashMap::new(), by_subscription: HashMap::new() };
+    let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
+    let mut sleep = Duration::ZERO;
+    while wait(&pool, sleep) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            pool.set_allow_private(gucs::allow_private_network());
+        }
+        if !ready {
+            ready = extension_ready();
+            if !ready {
+                sleep = gucs::poll_interval();
+                continue;
+            }
+            BackgroundWorker::transaction(|| queue::release_claims()).unwrap_or_else(|e| {
+                error!("pg_webhooks: could not release claimed deliveries: {e}")
+            });
+        }
+        sleep = run_once(&pool, &mut in_flight, &mut last_housekeeping);
+    }
+    WORKER_LATCH.get().store(0, Ordering::Release);
+    log!("pg_webhooks: delivery worker stopping ({} requests in flight will be retried)", in_flight.total());
+}
+
+/// One turn of the loop; returns how long to sleep before the next one.
+fn run_once(pool: &http::Pool, in_flight: &mut InFlight, last_housekeeping: &mut Instant) -> Duration {
+    let outcomes = pool.ready();
+    if !outcomes.is_empty() {
+        let batch: Vec<queue::Recorded> = outcomes
+            .into_iter()
+            .filter_map(|o| {
+                let (before, sched) = in_flight.remove(o.delivery_id, o.subscription_id)?;
+                Some(to_record(o, before, sched))
+            })
+            .collect();
+        let disable_after = gucs::disable_after();
+        BackgroundWorker::transaction(move || queue::record(batch, &disable_after))
+            .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
+    }
+
+    let batch = gucs::batch_size();
+    loop {
+        let (taken, _) = BackgroundWorker::transaction(|| queue::fan_out(batch))
+            .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+        if taken < batch as i64 {
+            break;
+        }
+    }
+
+    let capacity = gucs::concurrency().saturating_sub(in_flight.total());
+    let mut claimed_all = false;
+    if capacity > 0 {
+        let limit = capacity.min(batch as usize) as i32;
+        let counts: Vec<(i64, i32)> = in_flight.by_subscription.iter().map(|(s, n)| (*s, *n)).collect();
+        let claimed = BackgroundWorker::transaction(move || {
+            queue::claim(limit, gucs::max_in_flight_per_endpoint(), &counts, gucs::timeout(), gucs::max_response_bytes())
+        })
+        .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
+        claimed_all = (claimed.len() as i32) < limit;
+        for c in claimed {
+            in_flight.add(&c);
+            pool.submit(c.job);
+        }
+    }
+
+    if last_housekeeping.elapsed() > Duration::from_secs(60) {
+        *last_housekeeping = Instant::now();
+        let retention = gucs::retention();
+        BackgroundWorker::transaction(move || queue::apply_retention(&retention))
+            .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
+    }
+
+    if !claimed_all {
+        // More is due right now (or capacity ran out: an outcome will wake us).
+        return if in_flight.total() >= gucs::concurrency() { gucs::poll_interval() } else { Duration::ZERO };
+    }
+    let next_due = BackgroundWorker::transaction(queue::seconds_until_next_due).ok().flatten();
+    let poll = gucs::poll_interval();
+    match next_due {
+        Some(s) => Duration::from_secs_f64(s).min(poll),
+        None => poll,
+    }
+}

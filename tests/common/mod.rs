@@ -1,0 +1,218 @@
+//! Real parts for end-to-end tests: a throwaway PostgreSQL cluster with the installed
+//! extension preloaded, and the Python receiver (tests/receiver.py) on 127.0.0.1, which
+//! verifies signatures with the official `standardwebhooks` library.
+#![allow(dead_code)]
+
+use postgres::{Client, NoTls};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pg_bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
+    let out = Command::new(&pg_config).arg("--bindir").output().expect("run pg_config");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Run a PostgreSQL program as the `postgres` user when we are root (initdb refuses root).
+fn pg_command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+    bindir: PathBuf,
+}
+
+impl Cluster {
+    /// initdb + start with pg_webhooks preloaded; `settings` are extra postgresql.conf lines.
+    pub fn start(name: &str, settings: &[&str]) -> Cluster {
+        let bindir = pg_bindir();
+        let dir = std::env::temp_dir().join(format!("pg_webhooks_{name}_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().expect("chown");
+            assert!(ok.success(), "chown of the test cluster directory failed");
+        }
+        let data = dir.join("data");
+        let status = pg_command(&bindir.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .status()
+            .expect("initdb");
+        assert!(status.success(), "initdb failed");
+        let port = free_port();
+        let mut conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'pg_webhooks'\nfsync = off\nsynchronous_commit = off\n\
+             webhooks.database = 'postgres'\nwebhooks.allow_http = on\nwebhooks.allow_private_network = on\n\
+             log_min_messages = warning\n",
+            dir.display()
+        );
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf).expect("write conf");
+        let cluster = Cluster { port, dir, bindir };
+        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l"], Some(&cluster.dir.join("server.log")));
+        let mut c = cluster.connect();
+        c.batch_execute("CREATE EXTENSION pg_webhooks").expect("create extension");
+        cluster
+    }
+
+    fn pg_ctl(&self, args: &[&str], extra: Option<&Path>) {
+        let mut cmd = pg_command(&self.bindir.join("pg_ctl"));
+        cmd.arg("-D").arg(self.dir.join("data")).args(args);
+        if let Some(p) = extra {
+            cmd.arg(p);
+        }
+        let status = cmd.stdout(Stdio::null()).status().expect("pg_ctl");
+        assert!(status.success(), "pg_ctl {args:?} failed; see {}", self.dir.join("server.log").display());
+    }
+
+    pub fn connect(&self) -> Client {
+        self.connect_db("postgres")
+    }
+
+    pub fn connect_db(&self, db: &str) -> Client {
+        Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port), NoTls)
+            .expect("connect")
+    }
+
+    /// Stop the server at once, as a crash would, and start it again.
+    pub fn crash_and_restart(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"], None);
+        self.pg_ctl(&["start", "-w", "-t", "60", "-l"], Some(&self.dir.join("server.log")));
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Cluster {
+    /// Stop at once and remove the cluster's directory.
+    pub fn stop(&self) {
+        let _ = pg_command(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "immediate"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One cluster per test binary, stopped when the binary exits (statics are never dropped).
+pub fn shared_cluster(name: &str, settings: &[&str]) -> &'static Cluster {
+    static CLUSTER: std::sync::OnceLock<Cluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        extern "C" fn stop_at_exit() {
+            if let Some(c) = CLUSTER.get() {
+                c.stop();
+            }
+        }
+        unsafe { libc::atexit(stop_at_exit) };
+        Cluster::start(name, settings)
+    })
+}
+
+/// Poll `f` until it returns Some, or panic after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub struct Receiver {
+    pub port: u16,
+    child: Child,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        let dir = std::env::temp_dir().join(format!("pg_webhooks_receiver_{}_{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let port_file = dir.join("port");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/receiver.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--quiet")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start tests/receiver.py");
+        let port = wait_for("the receiver to listen", Duration::from_secs(20), || {
+            std::fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok())
+        });
+        Receiver { port, child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Configure how `path` answers and which secret verifies it (see receiver.py).
+    pub fn configure(&self, config: Value) {
+        let resp = ureq::post(&self.url("/_control/endpoint"))
+            .header("content-type", "application/json")
+            .send(config.to_string())
+            .expect("configure receiver");
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+
+    /// Every request received on `path`, in arrival order.
+    pub fn log(&self, path: &str) -> Vec<Value> {
+        let mut resp = ureq::get(&self.url(&format!("/_log?path={path}"))).call().expect("receiver log");
+        let text = resp.body_mut().read_to_string().expect("log body");
+        serde_json::from_str(&text).expect("log json")
+    }
+
+    /// Wait until `path` has received at least `n` requests; returns them.
+    pub fn wait_for_requests(&self, path: &str, n: usize, timeout: Duration) -> Vec<Value> {
+        wait_for(&format!("{n} requests on {path}"), timeout, || {
+            let log = self.log(path);
+            (log.len() >= n).then_some(log)
+        })
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
