@@ -38,6 +38,7 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
+        WHEN word ~ '(ss|us|is)$' THEN word
         WHEN word ~ 'ies$' THEN regexp_replace(word, 'ies$', 'y')
         WHEN word ~ '(s|x|z|ch|sh)es$' THEN regexp_replace(word, 'es$', '')
         WHEN word ~ '[^s]s$' THEN regexp_replace(word, 's$', '')
@@ -53,7 +54,7 @@ CREATE FUNCTION webhooks.track(
     children jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
+-- Invoker's rights and search_path: child table names resolve as the caller wrote them.
 AS $$
 DECLARE
     v_kind     "char";
@@ -127,7 +128,7 @@ BEGIN
               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE i.indrelid = v_child AND i.indisprimary;
             v_specs := v_specs || jsonb_build_array(jsonb_build_object(
-                'name', v_name, 'relid', v_child::oid, 'fk', v_fk, 'order_by', v_order));
+                'name', v_name, 'relid', v_child::oid::bigint, 'fk', v_fk, 'order_by', v_order));
         END LOOP;
     END IF;
 
@@ -142,7 +143,7 @@ BEGIN
     END LOOP;
 
     INSERT INTO webhooks._tracked (relid, entity, key_column, status_column, children)
-    VALUES (tbl, entity, key_column, status_column, children);
+    VALUES (tbl, entity, key_column, status_column, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
     IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
@@ -157,7 +158,6 @@ $$;
 
 CREATE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_child jsonb;
@@ -167,10 +167,10 @@ BEGIN
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
     FOR v_child IN
-        SELECT value FROM webhooks._tracked t, jsonb_each(coalesce(t.children, '{}'::jsonb)) WHERE t.relid = tbl
+        SELECT value FROM webhooks._tracked t, jsonb_array_elements(t.children) WHERE t.relid = tbl
     LOOP
-        IF to_regclass(v_child ->> 'table') IS NOT NULL THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'webhooks_child_' || tbl::oid, (v_child ->> 'table')::regclass);
+        IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = (v_child ->> 'relid')::oid) THEN
+            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'webhooks_child_' || tbl::oid, (v_child ->> 'relid')::oid::regclass);
         END IF;
     END LOOP;
     DELETE FROM webhooks._tracked t WHERE t.relid = tbl;

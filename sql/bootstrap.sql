@@ -17,7 +17,7 @@ CREATE TABLE webhooks._tracked (
     entity        text NOT NULL,
     key_column    name NOT NULL,
     status_column name,
-    children      jsonb,
+    children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk, order_by}]
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 

@@ -45,7 +45,10 @@ fn _mask_url(url: &str) -> String {
 #[pg_extern(volatile, parallel_safe)]
 fn _generate_secret() -> String {
     signing::generate_secret().unwrap_or_else(|_| {
-        raise(PgSqlErrorCode::ERRCODE_SYSTEM_ERROR, "could not read random bytes for a secret")
+        raise(
+            PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            "could not read random bytes for a secret",
+        )
     })
 }
 

@@ -100,7 +100,10 @@ unsafe fn qualified_name(relid: pg_sys::Oid) -> String {
     if rel.is_null() {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            &format!("pg_webhooks: table with oid {} no longer exists", relid.to_u32()),
+            &format!(
+                "pg_webhooks: table with oid {} no longer exists",
+                relid.to_u32()
+            ),
         );
     }
     let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
@@ -121,7 +124,13 @@ impl TableConfig {
                 "Run webhooks.untrack() and webhooks.track() on the table again.",
             );
         }
-        let children: Vec<ChildSpec> = serde_json::from_str(&args[4]).unwrap_or_default();
+        let children: Vec<ChildSpec> = serde_json::from_str(&args[4]).unwrap_or_else(|e| {
+            raise_with_hint(
+                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+                &format!("pg_webhooks: capture trigger has invalid children: {e}"),
+                "Run webhooks.untrack() and webhooks.track() on the table again.",
+            )
+        });
         let from_table = format!("FROM {} t", qualified_name(relid));
         let key_ref = format!("t.{}", quote_ident(&args[1]));
         let children_expr = if children.is_empty() {
@@ -139,7 +148,10 @@ impl TableConfig {
                     )
                 })
                 .collect();
-            Some(format!("pg_catalog.jsonb_build_object({})", parts.join(", ")))
+            Some(format!(
+                "pg_catalog.jsonb_build_object({})",
+                parts.join(", ")
+            ))
         };
         TableConfig {
             relid,
@@ -153,7 +165,11 @@ impl TableConfig {
     }
 
     fn key_filter(&self) -> String {
-        format!("t.{} = $1::text::{}", quote_ident(&self.key_col), self.key_type)
+        format!(
+            "t.{} = $1::text::{}",
+            quote_ident(&self.key_col),
+            self.key_type
+        )
     }
 
     /// Rows at commit: key, row JSON, status, children JSON.
@@ -216,7 +232,12 @@ fn with_plan<R>(
         if !plans.borrow().contains_key(query) {
             let types: Vec<pgrx::PgOid> = arg_types.iter().map(|o| pgrx::PgOid::from(*o)).collect();
             let plan = Spi::connect(|client| client.prepare_mut(query, &types).map(|p| p.keep()))
-                .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
+                .unwrap_or_else(|e| {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                        &format!("pg_webhooks: {e}"),
+                    )
+                });
             plans.borrow_mut().insert(query.to_string(), plan);
         }
         let plans = plans.borrow();
@@ -237,7 +258,11 @@ unsafe fn column_number(tupdesc: pg_sys::TupleDesc, name: &str) -> i32 {
     n
 }
 
-unsafe fn column_text(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc, attnum: i32) -> Option<String> {
+unsafe fn column_text(
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+    attnum: i32,
+) -> Option<String> {
     let p = pg_sys::SPI_getvalue(tuple, tupdesc, attnum);
     if p.is_null() {
         None
@@ -269,7 +294,11 @@ fn with_table<R>(relid: pg_sys::Oid, args: &[String], f: impl FnOnce(&mut TableT
             Some(i) => i,
             None => {
                 let cfg = unsafe { TableConfig::from_trigger_args(relid, args) };
-                tables.push(TableTouches { cfg, keys: Vec::new(), touches: HashMap::new() });
+                tables.push(TableTouches {
+                    cfg,
+                    keys: Vec::new(),
+                    touches: HashMap::new(),
+                });
                 tables.len() - 1
             }
         };
@@ -304,7 +333,10 @@ fn _capture_row<'a>(
             ..Touch::default()
         };
         let note_inserted = |tt: &mut TableTouches, key: &str| {
-            tt.touch(key, || Touch { row_touched: true, ..Touch::default() });
+            tt.touch(key, || Touch {
+                row_touched: true,
+                ..Touch::default()
+            });
         };
         let note_before = |tt: &mut TableTouches, key: &str, tuple| {
             let t = tt.touch(key, || before(tuple));
@@ -328,7 +360,8 @@ fn _capture_row<'a>(
                     note_before(tt, old_key, td.tg_trigtuple);
                     if new_key.as_ref() != Some(old_key) {
                         // The key itself changed: the old key is gone, the new one is born.
-                        tt.touches.get_mut(old_key).expect("noted").deleted_row = Some(row_json(td.tg_trigtuple, tupdesc));
+                        tt.touches.get_mut(old_key).expect("noted").deleted_row =
+                            Some(row_json(td.tg_trigtuple, tupdesc));
                     }
                 }
                 if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
@@ -337,7 +370,8 @@ fn _capture_row<'a>(
             } else if pgrx::trigger_fired_by_delete(event) {
                 if let Some(key) = key_of(td.tg_trigtuple) {
                     note_before(tt, &key, td.tg_trigtuple);
-                    tt.touches.get_mut(&key).expect("noted").deleted_row = Some(row_json(td.tg_trigtuple, tupdesc));
+                    tt.touches.get_mut(&key).expect("noted").deleted_row =
+                        Some(row_json(td.tg_trigtuple, tupdesc));
                 }
             }
         });
@@ -367,7 +401,9 @@ fn _capture_child<'a>(
         let tupdesc = (*td.tg_relation).rd_att;
         let fk_att = column_number(tupdesc, &args[6]);
         // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
-        let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att).into_iter().collect();
+        let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
+            .into_iter()
+            .collect();
         if pgrx::trigger_fired_by_update(event) {
             parent_keys.extend(column_text(td.tg_newtuple, tupdesc, fk_att));
         }
@@ -376,19 +412,29 @@ fn _capture_child<'a>(
             note_child_change(parent, &args, &key);
         }
     }
-    Ok(if pgrx::trigger_fired_by_delete(event) { trigger.old() } else { trigger.new() })
+    Ok(if pgrx::trigger_fired_by_delete(event) {
+        trigger.old()
+    } else {
+        trigger.new()
+    })
 }
 
 fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
     // Decide under the borrow, query without it (the queries may wait on a lock).
     let (needs_snapshot, lock_query, snapshot_query) = with_table(parent, args, |tt| {
-        let t = tt.touch(key, || Touch { existed_before: true, ..Touch::default() });
+        let t = tt.touch(key, || Touch {
+            existed_before: true,
+            ..Touch::default()
+        });
         let needs = t.existed_before && !t.children_touched;
         t.children_touched = true;
         let filter = tt.cfg.key_filter();
         (
             needs,
-            format!("SELECT 1 {} WHERE {filter} FOR NO KEY UPDATE OF t", tt.cfg.from_table),
+            format!(
+                "SELECT 1 {} WHERE {filter} FOR NO KEY UPDATE OF t",
+                tt.cfg.from_table
+            ),
             format!(
                 "SELECT ({})::text {} WHERE {filter}",
                 tt.cfg.children_expr.as_deref().unwrap_or("NULL::jsonb"),
@@ -404,7 +450,12 @@ fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
         with_plan(&lock_query, &[pg_sys::TEXTOID], |plan| {
             Spi::connect_mut(|c| c.update(plan, None, &[arg()]).map(|_| ()))
         })
-        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
+        .unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                &format!("pg_webhooks: {e}"),
+            )
+        });
         with_plan(&snapshot_query, &[pg_sys::TEXTOID], |plan| {
             Spi::connect(|c| {
                 let table = c.select(plan, Some(1), &[arg()])?;
@@ -414,7 +465,12 @@ fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
                 }
             })
         })
-        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")))
+        .unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                &format!("pg_webhooks: {e}"),
+            )
+        })
     });
     with_table(parent, args, |tt| {
         if let Some(t) = tt.touches.get_mut(key) {
@@ -454,8 +510,18 @@ INSERT INTO webhooks._pending (seqs)
 SELECT pg_catalog.array_agg(seq ORDER BY seq) FROM ins HAVING pg_catalog.count(*) > 0";
 
 /// The rule book: what the net effect of a transaction on one row is.
-fn net_events(cfg: &TableConfig, key: &str, t: &Touch, now: Option<&RowAtCommit>, out: &mut Vec<NewEvent>) {
-    let ev = |suffix: &str, row: &str, children: Option<&String>, extra: Option<String>, mapped: Option<&String>| NewEvent {
+fn net_events(
+    cfg: &TableConfig,
+    key: &str,
+    t: &Touch,
+    now: Option<&RowAtCommit>,
+    out: &mut Vec<NewEvent>,
+) {
+    let ev = |suffix: &str,
+              row: &str,
+              children: Option<&String>,
+              extra: Option<String>,
+              mapped: Option<&String>| NewEvent {
         event_type: format!("{}.{suffix}", cfg.entity),
         entity: cfg.entity.clone(),
         key: key.to_string(),
@@ -466,19 +532,34 @@ fn net_events(cfg: &TableConfig, key: &str, t: &Touch, now: Option<&RowAtCommit>
     };
     match (t.existed_before, now) {
         (false, None) => {}
-        (false, Some(cur)) => out.push(ev("created", &cur.row, cur.children.as_ref(), None, cur.status.as_ref())),
+        (false, Some(cur)) => out.push(ev(
+            "created",
+            &cur.row,
+            cur.children.as_ref(),
+            None,
+            cur.status.as_ref(),
+        )),
         (true, None) => {
             if let Some(old) = &t.deleted_row {
                 out.push(ev("deleted", old, None, None, None));
             }
         }
         (true, Some(cur)) => {
-            let status_changed = cfg.status_col.is_some() && t.row_touched && t.orig_status != cur.status;
+            let status_changed =
+                cfg.status_col.is_some() && t.row_touched && t.orig_status != cur.status;
             let row_changed = t.row_touched && t.orig_row.as_ref() != Some(&cur.row);
             let children_changed = t.children_touched && t.orig_children != cur.children;
             if status_changed {
-                let extra = serde_json::json!({"previous_status": t.orig_status, "status": cur.status}).to_string();
-                out.push(ev("status_updated", &cur.row, cur.children.as_ref(), Some(extra), cur.status.as_ref()));
+                let extra =
+                    serde_json::json!({"previous_status": t.orig_status, "status": cur.status})
+                        .to_string();
+                out.push(ev(
+                    "status_updated",
+                    &cur.row,
+                    cur.children.as_ref(),
+                    Some(extra),
+                    cur.status.as_ref(),
+                ));
             } else if row_changed || children_changed {
                 out.push(ev("updated", &cur.row, cur.children.as_ref(), None, None));
             }
@@ -522,25 +603,34 @@ pub fn write_events_at_commit() {
 
 fn rows_at_commit(tt: &TableTouches) -> HashMap<String, RowAtCommit> {
     let keys: pgrx::datum::DatumWithOid = tt.keys.clone().into();
-    with_plan(&tt.cfg.rows_at_commit_query(), &[pg_sys::TEXTARRAYOID], |plan| {
-        Spi::connect(|c| {
-            let mut out = HashMap::new();
-            for row in c.select(plan, None, &[keys])? {
-                if let Some(key) = row.get::<String>(1)? {
-                    out.insert(
-                        key,
-                        RowAtCommit {
-                            row: row.get::<String>(2)?.unwrap_or_default(),
-                            status: row.get::<String>(3)?,
-                            children: row.get::<String>(4)?,
-                        },
-                    );
+    with_plan(
+        &tt.cfg.rows_at_commit_query(),
+        &[pg_sys::TEXTARRAYOID],
+        |plan| {
+            Spi::connect(|c| {
+                let mut out = HashMap::new();
+                for row in c.select(plan, None, &[keys])? {
+                    if let Some(key) = row.get::<String>(1)? {
+                        out.insert(
+                            key,
+                            RowAtCommit {
+                                row: row.get::<String>(2)?.unwrap_or_default(),
+                                status: row.get::<String>(3)?,
+                                children: row.get::<String>(4)?,
+                            },
+                        );
+                    }
                 }
-            }
-            Ok::<_, pgrx::spi::Error>(out)
-        })
+                Ok::<_, pgrx::spi::Error>(out)
+            })
+        },
+    )
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            &format!("pg_webhooks: capture failed: {e}"),
+        )
     })
-    .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: capture failed: {e}")))
 }
 
 fn insert_events(events: Vec<NewEvent>) {
@@ -558,7 +648,12 @@ fn insert_events(events: Vec<NewEvent>) {
     with_plan(INSERT_EVENTS, &[pg_sys::TEXTARRAYOID; 7], |plan| {
         Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
     })
-    .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: capture failed: {e}")));
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            &format!("pg_webhooks: capture failed: {e}"),
+        )
+    });
 }
 
 /// `webhooks.emit()`: an event that is not a row change (inventory, products, reviews, ...).

@@ -6,7 +6,8 @@ use std::ffi::CString;
 use std::time::Duration;
 
 /// Database the delivery worker serves (it waits until the database and extension exist).
-static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// HTTP requests in flight at once, over all endpoints (the worker's thread pool size).
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
 /// Requests in flight at once to a single subscription endpoint.
@@ -23,9 +24,11 @@ static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 /// Upper bound on a `Retry-After` wait honoured on 429/503.
 static MAX_RETRY_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// A subscription failing continuously for this long is disabled (an interval).
-static DISABLE_AFTER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"5 days"));
+static DISABLE_AFTER: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"5 days"));
 /// Finished deliveries, their attempts and events older than this are deleted (an interval).
-static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"30 days"));
+static RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"30 days"));
 /// Slow safety poll of the worker; new events wake it at commit anyway.
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// Allow plain-http endpoint URLs (superuser or config file only).

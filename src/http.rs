@@ -128,7 +128,10 @@ impl Pool {
             .max_idle_connections_per_host(threads)
             .max_idle_age(Duration::from_secs(60))
             .build();
-        let resolver = CheckedResolver { inner: DefaultResolver::default(), allow_private: allow_private.clone() };
+        let resolver = CheckedResolver {
+            inner: DefaultResolver::default(),
+            allow_private: allow_private.clone(),
+        };
         let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), resolver);
         let (jobs_tx, jobs_rx) = channel::<Job>();
         let (out_tx, out_rx) = channel::<Outcome>();
@@ -138,23 +141,30 @@ impl Pool {
             let jobs_rx = jobs_rx.clone();
             let out_tx = out_tx.clone();
             let wake_write = wake_write.clone();
-            std::thread::Builder::new().name(format!("pg_webhooks http {i}")).spawn(move || loop {
-                let job = match jobs_rx.lock() {
-                    Ok(rx) => match rx.recv() {
-                        Ok(job) => job,
-                        Err(_) => return, // the pool was dropped
-                    },
-                    Err(_) => return,
-                };
-                let outcome = attempt(&agent, &job);
-                if out_tx.send(outcome).is_err() {
-                    return;
-                }
-                // Wake the main thread; a full pipe already means "wake up".
-                let _ = (&*wake_write).write(&[1u8]);
-            })?;
+            std::thread::Builder::new()
+                .name(format!("pg_webhooks http {i}"))
+                .spawn(move || loop {
+                    let job = match jobs_rx.lock() {
+                        Ok(rx) => match rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => return, // the pool was dropped
+                        },
+                        Err(_) => return,
+                    };
+                    let outcome = attempt(&agent, &job);
+                    if out_tx.send(outcome).is_err() {
+                        return;
+                    }
+                    // Wake the main thread; a full pipe already means "wake up".
+                    let _ = (&*wake_write).write(&[1u8]);
+                })?;
         }
-        Ok(Pool { jobs: jobs_tx, outcomes: out_rx, wake_read, allow_private })
+        Ok(Pool {
+            jobs: jobs_tx,
+            outcomes: out_rx,
+            wake_read,
+            allow_private,
+        })
     }
 
     pub fn submit(&self, job: Job) -> bool {
@@ -187,11 +197,18 @@ fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
-    unsafe { Ok((std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))) }
+    unsafe {
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        ))
+    }
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Sign and POST one job; every failure becomes an `Outcome` with an error text.
@@ -224,7 +241,11 @@ fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
     outcome
 }
 
-fn send(agent: &ureq::Agent, job: &Job, timestamp: i64) -> Result<(u16, String, Option<String>), String> {
+fn send(
+    agent: &ureq::Agent,
+    job: &Job,
+    timestamp: i64,
+) -> Result<(u16, String, Option<String>), String> {
     let body = body(job).map_err(|e| format!("event data is not valid JSON: {e}"))?;
     let mut request = agent
         .post(&job.url)
@@ -240,8 +261,9 @@ fn send(agent: &ureq::Agent, job: &Job, timestamp: i64) -> Result<(u16, String, 
     request = match &job.signature {
         Signature::Standard => {
             let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
-            let header = signing::standard_signature_header(&secrets, &job.event_id, timestamp, &body)
-                .map_err(|e| format!("cannot sign: {e}"))?;
+            let header =
+                signing::standard_signature_header(&secrets, &job.event_id, timestamp, &body)
+                    .map_err(|e| format!("cannot sign: {e}"))?;
             request.header("webhook-signature", header)
         }
         Signature::Hex { header } => {
@@ -249,7 +271,9 @@ fn send(agent: &ureq::Agent, job: &Job, timestamp: i64) -> Result<(u16, String, 
             request.header(header.as_str(), signing::sign_hex(secret, &body))
         }
     };
-    let mut response = request.send(&body[..]).map_err(|e| describe(&e, &job.url))?;
+    let mut response = request
+        .send(&body[..])
+        .map_err(|e| describe(&e, &job.url))?;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -265,7 +289,11 @@ fn send(agent: &ureq::Agent, job: &Job, timestamp: i64) -> Result<(u16, String, 
     if let Err(e) = read {
         return Err(format!("reading the response failed: {e}"));
     }
-    Ok((status, String::from_utf8_lossy(&kept).into_owned(), retry_after))
+    Ok((
+        status,
+        String::from_utf8_lossy(&kept).into_owned(),
+        retry_after,
+    ))
 }
 
 /// An error text without the URL's credentials.

@@ -47,7 +47,10 @@ pub extern "C-unwind" fn _PG_init() {
 
 /// Capture at pre-commit, wake the worker at commit, forget everything on abort.
 #[pg_guard]
-unsafe extern "C-unwind" fn on_transaction_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_transaction_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => capture::write_events_at_commit(),
@@ -78,6 +81,7 @@ pub mod pg_test {
             "shared_preload_libraries = 'pg_webhooks'",
             "webhooks.database = 'pgrx_tests'",
             "webhooks.allow_http = on",
+            "webhooks.allow_private_network = on",
         ]
     }
 }

@@ -16,7 +16,8 @@ pub fn is_event_pattern(s: &str) -> bool {
 
 fn is_word(w: &str) -> bool {
     !w.is_empty()
-        && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && w.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 #[cfg(test)]
@@ -37,10 +38,26 @@ mod tests {
 
     #[test]
     fn patterns_are_exact_prefix_or_star() {
-        for ok in ["*", "order.*", "order.shipped", "order.status_updated", "inventory.*"] {
+        for ok in [
+            "*",
+            "order.*",
+            "order.shipped",
+            "order.status_updated",
+            "inventory.*",
+        ] {
             assert!(is_event_pattern(ok), "{ok}");
         }
-        for bad in ["", " ", "order", "order*", "*.shipped", "order.*.x", "ORDER.*", "order..*", ".*"] {
+        for bad in [
+            "",
+            " ",
+            "order",
+            "order*",
+            "*.shipped",
+            "order.*.x",
+            "ORDER.*",
+            "order..*",
+            ".*",
+        ] {
             assert!(!is_event_pattern(bad), "{bad}");
         }
     }

@@ -146,7 +146,10 @@ pub struct Recorded {
 pub fn fan_out(batch: i32) -> SpiResult<(i64, i64)> {
     Spi::connect_mut(|c| {
         let row = c.update(FAN_OUT, None, &[batch.into()])?.first();
-        Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0)))
+        Ok((
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?.unwrap_or(0),
+        ))
     })
 }
 
@@ -160,12 +163,23 @@ pub fn claim(
     let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
     let counts: Vec<i32> = in_flight.iter().map(|(_, n)| *n).collect();
     Spi::connect_mut(|c| {
-        let rows = c.update(CLAIM, None, &[limit.into(), per_endpoint.into(), subs.into(), counts.into()])?;
+        let rows = c.update(
+            CLAIM,
+            None,
+            &[
+                limit.into(),
+                per_endpoint.into(),
+                subs.into(),
+                counts.into(),
+            ],
+        )?;
         let mut out = Vec::new();
         for row in rows {
             let signature = match row.get::<String>(9)?.as_deref() {
                 Some("hex") => Signature::Hex {
-                    header: row.get::<String>(10)?.unwrap_or_else(|| "X-Webhook-Signature".into()),
+                    header: row
+                        .get::<String>(10)?
+                        .unwrap_or_else(|| "X-Webhook-Signature".into()),
                 },
                 _ => Signature::Standard,
             };
@@ -173,7 +187,9 @@ pub fn claim(
             secrets.extend(row.get::<String>(14)?);
             let headers: Vec<(String, String)> = row
                 .get::<String>(15)?
-                .and_then(|h| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok())
+                .and_then(|h| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok()
+                })
                 .map(|m| {
                     m.into_iter()
                         .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))

@@ -46,8 +46,12 @@ pub fn wake() {
 }
 
 fn database_exists(name: &str) -> bool {
-    let Ok(cname) = std::ffi::CString::new(name) else { return false };
-    BackgroundWorker::transaction(|| unsafe { pg_sys::get_database_oid(cname.as_ptr(), true) != pg_sys::InvalidOid })
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    BackgroundWorker::transaction(|| unsafe {
+        pg_sys::get_database_oid(cname.as_ptr(), true) != pg_sys::InvalidOid
+    })
 }
 
 #[pg_guard]
@@ -68,7 +72,9 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
         }
         if !database_exists(&database) {
             if !said_waiting {
-                log!("pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist");
+                log!(
+                    "pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist"
+                );
                 said_waiting = true;
             }
             continue;
@@ -102,9 +108,14 @@ impl InFlight {
         self.by_delivery.len()
     }
     fn add(&mut self, claimed: &queue::Claimed) {
-        self.by_delivery
-            .insert(claimed.job.delivery_id, (claimed.attempts_before, claimed.retry_schedule.clone()));
-        *self.by_subscription.entry(claimed.job.subscription_id).or_default() += 1;
+        self.by_delivery.insert(
+            claimed.job.delivery_id,
+            (claimed.attempts_before, claimed.retry_schedule.clone()),
+        );
+        *self
+            .by_subscription
+            .entry(claimed.job.subscription_id)
+            .or_default() += 1;
     }
     fn remove(&mut self, delivery_id: i64, subscription_id: i64) -> Option<(i32, Option<String>)> {
         if let Some(n) = self.by_subscription.get_mut(&subscription_id) {
@@ -119,15 +130,20 @@ impl InFlight {
 
 fn extension_ready() -> bool {
     BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks')")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
     })
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Decide what happens to a delivery after an attempt.
@@ -135,32 +151,56 @@ fn judge(outcome: &http::Outcome, attempt: i32, retry_schedule: Option<&str>) ->
     let status = outcome.status.unwrap_or(0);
     let gone = status == 410;
     if (200..300).contains(&status) {
-        return queue::Verdict { outcome: "succeeded", next_at: None, gone: false };
+        return queue::Verdict {
+            outcome: "succeeded",
+            next_at: None,
+            gone: false,
+        };
     }
     let waits = retry_schedule
         .and_then(|s| schedule::parse_retry_schedule(s).ok())
         .or_else(|| schedule::parse_retry_schedule(&gucs::retry_schedule()).ok())
         .unwrap_or_default();
     let Some(wait) = waits.get((attempt - 1).max(0) as usize) else {
-        return queue::Verdict { outcome: "dead", next_at: None, gone };
+        return queue::Verdict {
+            outcome: "dead",
+            next_at: None,
+            gone,
+        };
     };
     let mut wait = schedule::jittered(*wait, schedule::unit_random());
     if matches!(status, 429 | 503) {
-        if let Some(asked) = outcome.retry_after.as_deref().and_then(|v| schedule::parse_retry_after(v, SystemTime::now())) {
+        if let Some(asked) = outcome
+            .retry_after
+            .as_deref()
+            .and_then(|v| schedule::parse_retry_after(v, SystemTime::now()))
+        {
             wait = asked.min(gucs::max_retry_after());
         }
     }
-    queue::Verdict { outcome: "retry", next_at: Some(unix_now() + wait.as_secs_f64()), gone }
+    queue::Verdict {
+        outcome: "retry",
+        next_at: Some(unix_now() + wait.as_secs_f64()),
+        gone,
+    }
 }
 
-fn to_record(o: http::Outcome, attempts_before: i32, retry_schedule: Option<String>) -> queue::Recorded {
+fn to_record(
+    o: http::Outcome,
+    attempts_before: i32,
+    retry_schedule: Option<String>,
+) -> queue::Recorded {
     let attempt = attempts_before + 1;
     let verdict = judge(&o, attempt, retry_schedule.as_deref());
     queue::Recorded {
         delivery_id: o.delivery_id,
         subscription_id: o.subscription_id,
         attempt,
-        started: o.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        started: o
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
         duration_ms: o.duration_ms,
         status_code: o.status.map(i32::from),
         body: o.response_body,
@@ -171,7 +211,10 @@ fn to_record(o: http::Outcome, attempts_before: i32, retry_schedule: Option<Stri
 
 /// Wait for the latch, an HTTP outcome, postmaster death or the timeout. Returns false on SIGTERM.
 fn wait(pool: &http::Pool, timeout: Duration) -> bool {
-    let flags = pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    let flags = pg_sys::WL_LATCH_SET
+        | pg_sys::WL_SOCKET_READABLE
+        | pg_sys::WL_TIMEOUT
+        | pg_sys::WL_EXIT_ON_PM_DEATH;
     unsafe {
         pg_sys::WaitLatchOrSocket(
             pg_sys::MyLatch,
@@ -207,11 +250,16 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             return;
         }
     };
-    WORKER_LATCH.get().store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+    WORKER_LATCH
+        .get()
+        .store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
-    let mut in_flight = InFlight { by_delivery: HashMap::new(), by_subscription: HashMap::new() };
+    let mut in_flight = InFlight {
+        by_delivery: HashMap::new(),
+        by_subscription: HashMap::new(),
+    };
     let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
@@ -232,11 +280,18 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
         sleep = run_once(&pool, &mut in_flight, &mut last_housekeeping);
     }
     WORKER_LATCH.get().store(0, Ordering::Release);
-    log!("pg_webhooks: delivery worker stopping ({} requests in flight will be retried)", in_flight.total());
+    log!(
+        "pg_webhooks: delivery worker stopping ({} requests in flight will be retried)",
+        in_flight.total()
+    );
 }
 
 /// One turn of the loop; returns how long to sleep before the next one.
-fn run_once(pool: &http::Pool, in_flight: &mut InFlight, last_housekeeping: &mut Instant) -> Duration {
+fn run_once(
+    pool: &http::Pool,
+    in_flight: &mut InFlight,
+    last_housekeeping: &mut Instant,
+) -> Duration {
     let outcomes = pool.ready();
     if !outcomes.is_empty() {
         let batch: Vec<queue::Recorded> = outcomes
@@ -264,9 +319,19 @@ fn run_once(pool: &http::Pool, in_flight: &mut InFlight, last_housekeeping: &mut
     let mut claimed_all = false;
     if capacity > 0 {
         let limit = capacity.min(batch as usize) as i32;
-        let counts: Vec<(i64, i32)> = in_flight.by_subscription.iter().map(|(s, n)| (*s, *n)).collect();
+        let counts: Vec<(i64, i32)> = in_flight
+            .by_subscription
+            .iter()
+            .map(|(s, n)| (*s, *n))
+            .collect();
         let claimed = BackgroundWorker::transaction(move || {
-            queue::claim(limit, gucs::max_in_flight_per_endpoint(), &counts, gucs::timeout(), gucs::max_response_bytes())
+            queue::claim(
+                limit,
+                gucs::max_in_flight_per_endpoint(),
+                &counts,
+                gucs::timeout(),
+                gucs::max_response_bytes(),
+            )
         })
         .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
         claimed_all = (claimed.len() as i32) < limit;
@@ -285,9 +350,15 @@ fn run_once(pool: &http::Pool, in_flight: &mut InFlight, last_housekeeping: &mut
 
     if !claimed_all {
         // More is due right now (or capacity ran out: an outcome will wake us).
-        return if in_flight.total() >= gucs::concurrency() { gucs::poll_interval() } else { Duration::ZERO };
+        return if in_flight.total() >= gucs::concurrency() {
+            gucs::poll_interval()
+        } else {
+            Duration::ZERO
+        };
     }
-    let next_due = BackgroundWorker::transaction(queue::seconds_until_next_due).ok().flatten();
+    let next_due = BackgroundWorker::transaction(queue::seconds_until_next_due)
+        .ok()
+        .flatten();
     let poll = gucs::poll_interval();
     match next_due {
         Some(s) => Duration::from_secs_f64(s).min(poll),

@@ -15,7 +15,11 @@ const WAIT: Duration = Duration::from_secs(30);
 fn cluster() -> &'static Cluster {
     shared_cluster(
         "delivery",
-        &["webhooks.retry_schedule = '300ms,600ms'", "webhooks.max_in_flight_per_endpoint = 3", "webhooks.timeout = '5s'"],
+        &[
+            "webhooks.retry_schedule = '300ms,600ms'",
+            "webhooks.max_in_flight_per_endpoint = 3",
+            "webhooks.timeout = '5s'",
+        ],
     )
 }
 
@@ -34,7 +38,14 @@ fn orders(c: &mut Client, e: &str) {
 
 /// Subscribe `path` of `rx` to `patterns` with extra named arguments; configures the
 /// receiver to verify with the returned secret. Returns (id, secret).
-fn subscribe(c: &mut Client, rx: &Receiver, path: &str, patterns: &str, extra: &str, answers: Value) -> (i64, String) {
+fn subscribe(
+    c: &mut Client,
+    rx: &Receiver,
+    path: &str,
+    patterns: &str,
+    extra: &str,
+    answers: Value,
+) -> (i64, String) {
     let row = c
         .query_one(
             &format!("SELECT id, secret FROM webhooks.subscribe($1, $2::text::text[]{extra})"),
@@ -51,17 +62,38 @@ fn subscribe(c: &mut Client, rx: &Receiver, path: &str, patterns: &str, extra: &
 }
 
 fn delivery_states(c: &mut Client, sub: i64) -> Vec<(String, i32)> {
-    c.query("SELECT status, attempts FROM webhooks.deliveries WHERE subscription_id = $1 ORDER BY id", &[&sub])
-        .expect("deliveries")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    c.query(
+        "SELECT status, attempts FROM webhooks.deliveries WHERE subscription_id = $1 ORDER BY id",
+        &[&sub],
+    )
+    .expect("deliveries")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 fn wait_until_all(c: &mut Client, sub: i64, n: usize, status: &str) -> Vec<(String, i32)> {
-    wait_for(&format!("{n} deliveries of subscription {sub} to be {status}"), WAIT, || {
-        let s = delivery_states(c, sub);
-        (s.len() == n && s.iter().all(|(st, _)| st == status)).then_some(s)
+    let mut last = Vec::new();
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            &format!("{n} deliveries of subscription {sub} to be {status}"),
+            WAIT,
+            || {
+                last = delivery_states(c, sub);
+                (last.len() == n && last.iter().all(|(st, _)| st == status)).then(|| last.clone())
+            },
+        )
+    }));
+    done.unwrap_or_else(|e| {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (st, _) in &last {
+            *seen.entry(st.clone()).or_default() += 1;
+        }
+        panic!(
+            "{:?}; last seen: {seen:?} of {}",
+            e.downcast_ref::<String>(),
+            last.len()
+        )
     })
 }
 
@@ -74,14 +106,29 @@ fn committed_events_arrive_signed_with_the_contract_headers_and_body() {
     let rx = Receiver::start();
     let mut c = db();
     orders(&mut c, "sig");
-    let (sub, _) = subscribe(&mut c, &rx, "/sig", "{sig.*}", ", headers => '{\"X-Api-Key\": \"k-123\"}'", json!({}));
-    c.batch_execute("INSERT INTO sig_orders (id, customer) VALUES (1, 'ada'); UPDATE sig_orders SET status = 'paid' WHERE id = 1;")
-        .expect("writes");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx,
+        "/sig",
+        "{sig.*}",
+        ", headers => '{\"X-Api-Key\": \"k-123\"}'",
+        json!({}),
+    );
+    c.batch_execute("INSERT INTO sig_orders (id, customer) VALUES (1, 'ada')")
+        .expect("insert");
+    c.batch_execute("UPDATE sig_orders SET status = 'paid' WHERE id = 1")
+        .expect("update");
     let got = rx.wait_for_requests("/sig", 3, WAIT);
-    let types: Vec<&str> = got.iter().map(|r| r["json"]["type"].as_str().unwrap_or("")).collect();
+    let types: Vec<&str> = got
+        .iter()
+        .map(|r| r["json"]["type"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(types, ["sig.created", "sig.status_updated", "sig.paid"]);
     let ids: Vec<String> = c
-        .query("SELECT id::text FROM webhooks.events WHERE entity = 'sig' ORDER BY seq", &[])
+        .query(
+            "SELECT id::text FROM webhooks.events WHERE entity = 'sig' ORDER BY seq",
+            &[],
+        )
         .expect("ids")
         .iter()
         .map(|r| r.get(0))
@@ -95,10 +142,16 @@ fn committed_events_arrive_signed_with_the_contract_headers_and_body() {
         assert_eq!(header(req, "x-api-key"), "k-123");
         let body = req["body"].as_str().unwrap_or("");
         assert!(!body.contains(": "), "compact JSON: {body}");
-        assert!(req["json"]["created_at"].as_str().unwrap_or("").ends_with('Z'));
+        assert!(req["json"]["created_at"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with('Z'));
         assert_eq!(req["json"]["data"]["customer"], "ada");
     }
-    assert_eq!(wait_until_all(&mut c, sub, 3, "succeeded"), vec![("succeeded".to_string(), 1); 3]);
+    assert_eq!(
+        wait_until_all(&mut c, sub, 3, "succeeded"),
+        vec![("succeeded".to_string(), 1); 3]
+    );
     let logged: i64 = c
         .query_one(
             "SELECT count(*) FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id
@@ -113,7 +166,10 @@ fn committed_events_arrive_signed_with_the_contract_headers_and_body() {
         .expect("leak check")
         .get(0);
     assert_eq!(leaked, 0);
-    assert!(!cluster().server_log().contains("k-123"), "a header value reached the server log");
+    assert!(
+        !cluster().server_log().contains("k-123"),
+        "a header value reached the server log"
+    );
 }
 
 #[test]
@@ -122,14 +178,18 @@ fn rolled_back_transactions_never_arrive() {
     let mut c = db();
     orders(&mut c, "rbk");
     subscribe(&mut c, &rx, "/rbk", "{rbk.*}", "", json!({}));
-    c.batch_execute("BEGIN; INSERT INTO rbk_orders (id) VALUES (1); ROLLBACK;").expect("rollback");
+    c.batch_execute("BEGIN; INSERT INTO rbk_orders (id) VALUES (1); ROLLBACK;")
+        .expect("rollback");
     c.batch_execute("BEGIN; INSERT INTO rbk_orders (id) VALUES (2); SAVEPOINT s; INSERT INTO rbk_orders (id) VALUES (3); ROLLBACK TO s; COMMIT;")
         .expect("savepoint");
     let got = rx.wait_for_requests("/rbk", 1, WAIT);
     std::thread::sleep(Duration::from_millis(500));
     let got_after = rx.log("/rbk");
     assert_eq!(got.len(), got_after.len());
-    let keys: Vec<i64> = got_after.iter().map(|r| r["json"]["data"]["id"].as_i64().unwrap_or(0)).collect();
+    let keys: Vec<i64> = got_after
+        .iter()
+        .map(|r| r["json"]["data"]["id"].as_i64().unwrap_or(0))
+        .collect();
     assert_eq!(keys, [2]);
 }
 
@@ -137,46 +197,85 @@ fn rolled_back_transactions_never_arrive() {
 fn failures_are_retried_on_the_schedule_then_dead_and_redeliverable() {
     let rx = Receiver::start();
     let mut c = db();
-    let (sub, _) = subscribe(&mut c, &rx, "/retry", "{retry.*}", ", retry_schedule => '300ms,600ms'", json!({"default_status": 500}));
-    c.batch_execute(r#"SELECT webhooks.emit('retry.tested', '{"n": 1}')"#).expect("emit");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx,
+        "/retry",
+        "{retry.*}",
+        ", retry_schedule => '300ms,600ms'",
+        json!({"default_status": 500}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('retry.tested', '{"n": 1}')"#)
+        .expect("emit");
     let got = rx.wait_for_requests("/retry", 3, WAIT);
     let states = wait_until_all(&mut c, sub, 1, "dead");
     assert_eq!(states[0].1, 3, "attempts = 1 + number of waits");
-    let at: Vec<f64> = got.iter().map(|r| r["received_at"].as_f64().unwrap_or(0.0)).collect();
-    assert!(at[1] - at[0] >= 0.27, "first wait ~300ms, was {}", at[1] - at[0]);
-    assert!(at[2] - at[1] >= 0.54, "second wait ~600ms, was {}", at[2] - at[1]);
-    let same_id = got.iter().all(|r| header(r, "webhook-id") == header(&got[0], "webhook-id"));
+    let at: Vec<f64> = got
+        .iter()
+        .map(|r| r["received_at"].as_f64().unwrap_or(0.0))
+        .collect();
+    assert!(
+        at[1] - at[0] >= 0.27,
+        "first wait ~300ms, was {}",
+        at[1] - at[0]
+    );
+    assert!(
+        at[2] - at[1] >= 0.54,
+        "second wait ~600ms, was {}",
+        at[2] - at[1]
+    );
+    let same_id = got
+        .iter()
+        .all(|r| header(r, "webhook-id") == header(&got[0], "webhook-id"));
     assert!(same_id, "webhook-id is the same on every attempt");
     assert!(got.iter().all(|r| r["verified"] == true));
     let row = c
         .query_one("SELECT id, last_status_code, last_error FROM webhooks.deliveries WHERE subscription_id = $1", &[&sub])
         .expect("dead row");
-    let (dead_id, code, error): (i64, Option<i32>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    let (dead_id, code, error): (i64, Option<i32>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
     assert_eq!(code, Some(500));
     assert_eq!(error.as_deref(), Some("HTTP 500"));
     let attempts: Vec<i32> = c
-        .query("SELECT attempt FROM webhooks.attempts WHERE delivery_id = $1 ORDER BY attempt", &[&dead_id])
+        .query(
+            "SELECT attempt FROM webhooks.attempts WHERE delivery_id = $1 ORDER BY attempt",
+            &[&dead_id],
+        )
         .expect("attempts")
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(attempts, [1, 2, 3]);
 
-    rx.configure(json!({"path": "/retry", "secret": rx_secret(&mut c, sub), "default_status": 200}));
-    let again: i64 = c.query_one("SELECT webhooks.redeliver($1)", &[&dead_id]).expect("redeliver").get(0);
+    rx.configure(
+        json!({"path": "/retry", "secret": rx_secret(&mut c, sub), "default_status": 200}),
+    );
+    let again: i64 = c
+        .query_one("SELECT webhooks.redeliver($1)", &[&dead_id])
+        .expect("redeliver")
+        .get(0);
     let got = rx.wait_for_requests("/retry", 4, WAIT);
     assert_eq!(header(&got[3], "webhook-id"), header(&got[0], "webhook-id"));
     wait_for("the redelivery to succeed", WAIT, || {
         let row = c
-            .query_one("SELECT status, redelivery_of FROM webhooks.deliveries WHERE id = $1", &[&again])
+            .query_one(
+                "SELECT status, redelivery_of FROM webhooks.deliveries WHERE id = $1",
+                &[&again],
+            )
             .expect("redelivery");
-        (row.get::<_, String>(0) == "succeeded").then(|| assert_eq!(row.get::<_, Option<i64>>(1), Some(dead_id)))
+        (row.get::<_, String>(0) == "succeeded")
+            .then(|| assert_eq!(row.get::<_, Option<i64>>(1), Some(dead_id)))
     });
 }
 
 /// The current secret, read as the superuser the tests connect as.
 fn rx_secret(c: &mut Client, sub: i64) -> String {
-    c.query_one("SELECT secret FROM webhooks._secrets WHERE subscription_id = $1", &[&sub]).expect("secret").get(0)
+    c.query_one(
+        "SELECT secret FROM webhooks._secrets WHERE subscription_id = $1",
+        &[&sub],
+    )
+    .expect("secret")
+    .get(0)
 }
 
 #[test]
@@ -191,10 +290,15 @@ fn retry_after_on_503_is_honoured() {
         ", retry_schedule => '100ms'",
         json!({"responses": [503], "retry_after": "2"}),
     );
-    c.batch_execute(r#"SELECT webhooks.emit('later.tested', '{}')"#).expect("emit");
+    c.batch_execute(r#"SELECT webhooks.emit('later.tested', '{}')"#)
+        .expect("emit");
     let got = rx.wait_for_requests("/later", 2, WAIT);
-    let gap = got[1]["received_at"].as_f64().unwrap_or(0.0) - got[0]["received_at"].as_f64().unwrap_or(0.0);
-    assert!(gap >= 1.9, "Retry-After: 2 must beat the 100ms schedule, waited {gap}");
+    let gap = got[1]["received_at"].as_f64().unwrap_or(0.0)
+        - got[0]["received_at"].as_f64().unwrap_or(0.0);
+    assert!(
+        gap >= 1.9,
+        "Retry-After: 2 must beat the 100ms schedule, waited {gap}"
+    );
     wait_until_all(&mut c, sub, 1, "succeeded");
 }
 
@@ -203,18 +307,33 @@ fn deliveries_of_one_order_keep_commit_order_under_failures_and_concurrency() {
     let rx = Receiver::start();
     let mut c = db();
     orders(&mut c, "ord");
-    // Every other request fails, so retries interleave with new events.
-    let answers: Vec<u16> = (0..400).map(|i| if i % 3 == 0 { 500 } else { 200 }).collect();
-    let (sub, _) = subscribe(&mut c, &rx, "/ord", "{ord.*}", ", retry_schedule => '100ms,100ms,100ms,100ms,100ms'", json!({"responses": answers}));
+    // Every third of the first 90 requests fails, so retries interleave with new events; a
+    // schedule longer than the number of failures means none can end dead.
+    let answers: Vec<u16> = (0..90)
+        .map(|i| if i % 3 == 0 { 500 } else { 200 })
+        .collect();
+    let schedule = vec!["50ms"; 31].join(",");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx,
+        "/ord",
+        "{ord.*}",
+        &format!(", retry_schedule => '{schedule}'"),
+        json!({"responses": answers}),
+    );
     let writers: Vec<_> = (0..4)
         .map(|w| {
             std::thread::spawn(move || {
                 let mut c = cluster().connect();
                 for k in 0..5 {
                     let id = w * 100 + k;
-                    c.batch_execute(&format!("INSERT INTO ord_orders (id) VALUES ({id})")).expect("insert");
+                    c.batch_execute(&format!("INSERT INTO ord_orders (id) VALUES ({id})"))
+                        .expect("insert");
                     for s in ["paid", "shipped", "delivered"] {
-                        c.batch_execute(&format!("UPDATE ord_orders SET status = '{s}' WHERE id = {id}")).expect("update");
+                        c.batch_execute(&format!(
+                            "UPDATE ord_orders SET status = '{s}' WHERE id = {id}"
+                        ))
+                        .expect("update");
                     }
                 }
             })
@@ -223,11 +342,20 @@ fn deliveries_of_one_order_keep_commit_order_under_failures_and_concurrency() {
     for w in writers {
         w.join().expect("writer");
     }
-    let events: i64 = c.query_one("SELECT count(*) FROM webhooks.events WHERE entity = 'ord'", &[]).expect("n").get(0);
+    let events: i64 = c
+        .query_one(
+            "SELECT count(*) FROM webhooks.events WHERE entity = 'ord'",
+            &[],
+        )
+        .expect("n")
+        .get(0);
     assert_eq!(events, 20 * 7);
     wait_until_all(&mut c, sub, events as usize, "succeeded");
     let seq_of: HashMap<String, i64> = c
-        .query("SELECT id::text, seq FROM webhooks.events WHERE entity = 'ord'", &[])
+        .query(
+            "SELECT id::text, seq FROM webhooks.events WHERE entity = 'ord'",
+            &[],
+        )
         .expect("seqs")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -235,11 +363,17 @@ fn deliveries_of_one_order_keep_commit_order_under_failures_and_concurrency() {
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
     for req in rx.log("/ord") {
         let key = req["json"]["data"]["id"].to_string();
-        by_key.entry(key).or_default().push(seq_of[header(&req, "webhook-id")]);
+        by_key
+            .entry(key)
+            .or_default()
+            .push(seq_of[header(&req, "webhook-id")]);
     }
     assert_eq!(by_key.len(), 20);
     for (key, seqs) in by_key {
-        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "order {key} arrived out of commit order: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "order {key} arrived out of commit order: {seqs:?}"
+        );
     }
 }
 
@@ -247,21 +381,43 @@ fn deliveries_of_one_order_keep_commit_order_under_failures_and_concurrency() {
 fn a_410_disables_the_subscription_and_keeps_its_backlog_for_resume() {
     let rx = Receiver::start();
     let mut c = db();
-    let (sub, secret) = subscribe(&mut c, &rx, "/gone", "{gone.*}", "", json!({"responses": [410]}));
-    c.batch_execute(r#"SELECT webhooks.emit('gone.first', '{}')"#).expect("emit");
+    let (sub, secret) = subscribe(
+        &mut c,
+        &rx,
+        "/gone",
+        "{gone.*}",
+        "",
+        json!({"responses": [410]}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('gone.first', '{}')"#)
+        .expect("emit");
     wait_for("the subscription to be disabled", WAIT, || {
-        let row = c.query_one("SELECT state, disabled_reason FROM webhooks.subscriptions WHERE id = $1", &[&sub]).expect("sub");
+        let row = c
+            .query_one(
+                "SELECT state, disabled_reason FROM webhooks.subscriptions WHERE id = $1",
+                &[&sub],
+            )
+            .expect("sub");
         (row.get::<_, String>(0) == "disabled").then(|| row.get::<_, Option<String>>(1))
     });
-    c.batch_execute(r#"SELECT webhooks.emit('gone.second', '{}')"#).expect("emit while disabled");
+    c.batch_execute(r#"SELECT webhooks.emit('gone.second', '{}')"#)
+        .expect("emit while disabled");
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(rx.log("/gone").len(), 1, "held while disabled");
     rx.configure(json!({"path": "/gone", "secret": secret, "default_status": 200}));
-    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    c.execute("SELECT webhooks.resume($1)", &[&sub])
+        .expect("resume");
     let got = rx.wait_for_requests("/gone", 3, WAIT);
-    let mut types: Vec<&str> = got.iter().map(|r| r["json"]["type"].as_str().unwrap_or("")).collect();
+    let mut types: Vec<&str> = got
+        .iter()
+        .map(|r| r["json"]["type"].as_str().unwrap_or(""))
+        .collect();
     types.sort();
-    assert_eq!(types, ["gone.first", "gone.first", "gone.second"], "the held backlog flows again");
+    assert_eq!(
+        types,
+        ["gone.first", "gone.first", "gone.second"],
+        "the held backlog flows again"
+    );
     wait_until_all(&mut c, sub, 2, "succeeded");
 }
 
@@ -270,12 +426,19 @@ fn paused_subscriptions_hold_deliveries_until_resumed() {
     let rx = Receiver::start();
     let mut c = db();
     let (sub, _) = subscribe(&mut c, &rx, "/pause", "{pause.*}", "", json!({}));
-    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
-    c.batch_execute(r#"SELECT webhooks.emit('pause.one', '{}'); SELECT webhooks.emit('pause.two', '{}');"#).expect("emit");
-    wait_for("deliveries to be queued", WAIT, || (delivery_states(&mut c, sub).len() == 2).then_some(()));
+    c.execute("SELECT webhooks.pause($1)", &[&sub])
+        .expect("pause");
+    c.batch_execute(
+        r#"SELECT webhooks.emit('pause.one', '{}'); SELECT webhooks.emit('pause.two', '{}');"#,
+    )
+    .expect("emit");
+    wait_for("deliveries to be queued", WAIT, || {
+        (delivery_states(&mut c, sub).len() == 2).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(500));
     assert!(rx.log("/pause").is_empty(), "nothing goes out while paused");
-    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    c.execute("SELECT webhooks.resume($1)", &[&sub])
+        .expect("resume");
     rx.wait_for_requests("/pause", 2, WAIT);
     wait_until_all(&mut c, sub, 2, "succeeded");
 }
@@ -284,9 +447,17 @@ fn paused_subscriptions_hold_deliveries_until_resumed() {
 fn patterns_and_filters_select_events_and_new_subscriptions_get_only_later_events() {
     let rx = Receiver::start();
     let mut c = db();
-    c.batch_execute(r#"SELECT webhooks.emit('flt.before', '{"region": "eu"}')"#).expect("before");
+    c.batch_execute(r#"SELECT webhooks.emit('flt.before', '{"region": "eu"}')"#)
+        .expect("before");
     let (_exact, _) = subscribe(&mut c, &rx, "/exact", "{flt.shipped}", "", json!({}));
-    let (_filtered, _) = subscribe(&mut c, &rx, "/eu", "{flt.*}", r#", filter => '{"region": "eu"}'"#, json!({}));
+    let (_filtered, _) = subscribe(
+        &mut c,
+        &rx,
+        "/eu",
+        "{flt.*}",
+        r#", filter => '{"region": "eu"}'"#,
+        json!({}),
+    );
     c.batch_execute(
         r#"SELECT webhooks.emit('flt.shipped', '{"region": "us"}');
            SELECT webhooks.emit('flt.paid', '{"region": "eu"}');
@@ -297,7 +468,11 @@ fn patterns_and_filters_select_events_and_new_subscriptions_get_only_later_event
     let eu = rx.wait_for_requests("/eu", 2, WAIT);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rx.log("/exact").len(), 2);
-    assert_eq!(rx.log("/eu").len(), 2, "flt.before was committed before the subscription");
+    assert_eq!(
+        rx.log("/eu").len(),
+        2,
+        "flt.before was committed before the subscription"
+    );
     assert!(exact.iter().all(|r| r["json"]["type"] == "flt.shipped"));
     assert!(eu.iter().all(|r| r["json"]["data"]["region"] == "eu"));
 }
@@ -313,8 +488,11 @@ fn hex_signatures_verify_with_plain_hmac_of_the_body() {
         )
         .expect("subscribe");
     let secret: String = row.get(1);
-    rx.configure(json!({"path": "/hex", "secret": secret, "style": "hex", "header": "X-Shop-Signature"}));
-    c.batch_execute(r#"SELECT webhooks.emit('hex.tested', '{"a": 1}')"#).expect("emit");
+    rx.configure(
+        json!({"path": "/hex", "secret": secret, "style": "hex", "header": "X-Shop-Signature"}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('hex.tested', '{"a": 1}')"#)
+        .expect("emit");
     let got = rx.wait_for_requests("/hex", 1, WAIT);
     assert_eq!(got[0]["verified"], true, "{}", got[0]);
     assert_eq!(header(&got[0], "x-shop-signature").len(), 64);
@@ -325,18 +503,26 @@ fn during_a_rotation_grace_both_secrets_sign() {
     let rx = Receiver::start();
     let mut c = db();
     let (sub, old) = subscribe(&mut c, &rx, "/rot-old", "{rot.*}", "", json!({}));
-    let new: String = c.query_one("SELECT webhooks.rotate_secret($1, '1 hour')", &[&sub]).expect("rotate").get(0);
+    let new: String = c
+        .query_one("SELECT webhooks.rotate_secret($1, '1 hour')", &[&sub])
+        .expect("rotate")
+        .get(0);
     // The same subscription URL path is verified by the old secret; a copy of the request
     // is not possible, so check the header carries two signatures and the old one verifies.
-    c.batch_execute(r#"SELECT webhooks.emit('rot.tested', '{}')"#).expect("emit");
+    c.batch_execute(r#"SELECT webhooks.emit('rot.tested', '{}')"#)
+        .expect("emit");
     let got = rx.wait_for_requests("/rot-old", 1, WAIT);
-    assert_eq!(got[0]["verified"], true, "the old secret still verifies during the grace");
+    assert_eq!(
+        got[0]["verified"], true,
+        "the old secret still verifies during the grace"
+    );
     let sigs: Vec<&str> = header(&got[0], "webhook-signature").split(' ').collect();
     assert_eq!(sigs.len(), 2);
     assert!(sigs.iter().all(|s| s.starts_with("v1,")));
     // Now verify with the new secret only.
     rx.configure(json!({"path": "/rot-old", "secret": new, "style": "standard"}));
-    c.execute("SELECT webhooks.send_test($1)", &[&sub]).expect("send_test");
+    c.execute("SELECT webhooks.send_test($1)", &[&sub])
+        .expect("send_test");
     let got = rx.wait_for_requests("/rot-old", 2, WAIT);
     assert_eq!(got[1]["verified"], true, "the new secret verifies");
     assert_eq!(got[1]["json"]["type"], "webhook.test");
@@ -349,19 +535,32 @@ fn replay_redelivers_a_window_in_commit_order_with_the_same_ids() {
     let mut c = db();
     let (sub, _) = subscribe(&mut c, &rx, "/replay", "{rpl.*}", "", json!({}));
     for i in 0..5 {
-        c.batch_execute(&format!(r#"SELECT webhooks.emit('rpl.n', '{{"i": {i}}}', 'k')"#)).expect("emit");
+        c.batch_execute(&format!(
+            r#"SELECT webhooks.emit('rpl.n', '{{"i": {i}}}', 'k')"#
+        ))
+        .expect("emit");
     }
     let first = rx.wait_for_requests("/replay", 5, WAIT);
     wait_until_all(&mut c, sub, 5, "succeeded");
     let n: i32 = c
-        .query_one("SELECT webhooks.replay($1, now() - interval '1 hour')", &[&sub])
+        .query_one(
+            "SELECT webhooks.replay($1, now() - interval '1 hour')",
+            &[&sub],
+        )
         .expect("replay")
         .get(0);
     assert_eq!(n, 5);
     let all = rx.wait_for_requests("/replay", 10, WAIT);
-    let ids = |reqs: &[Value]| reqs.iter().map(|r| header(r, "webhook-id").to_string()).collect::<Vec<_>>();
+    let ids = |reqs: &[Value]| {
+        reqs.iter()
+            .map(|r| header(r, "webhook-id").to_string())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&all[5..]), ids(&first));
-    let is: Vec<i64> = all[5..].iter().map(|r| r["json"]["data"]["i"].as_i64().unwrap_or(-1)).collect();
+    let is: Vec<i64> = all[5..]
+        .iter()
+        .map(|r| r["json"]["data"]["i"].as_i64().unwrap_or(-1))
+        .collect();
     assert_eq!(is, [0, 1, 2, 3, 4]);
 }
 
@@ -371,8 +570,10 @@ fn an_event_committed_late_is_not_skipped() {
     let mut c = db();
     subscribe(&mut c, &rx, "/late", "{late.*}", "", json!({}));
     let mut slow = cluster().connect();
-    slow.batch_execute(r#"BEGIN; SELECT webhooks.emit('late.first_taken', '{}');"#).expect("open txn");
-    c.batch_execute(r#"SELECT webhooks.emit('late.second_taken', '{}')"#).expect("emit");
+    slow.batch_execute(r#"BEGIN; SELECT webhooks.emit('late.first_taken', '{}');"#)
+        .expect("open txn");
+    c.batch_execute(r#"SELECT webhooks.emit('late.second_taken', '{}')"#)
+        .expect("emit");
     rx.wait_for_requests("/late", 1, WAIT);
     slow.batch_execute("COMMIT").expect("commit late");
     let got = rx.wait_for_requests("/late", 2, WAIT);
@@ -383,21 +584,41 @@ fn an_event_committed_late_is_not_skipped() {
 fn a_slow_endpoint_gets_at_most_its_cap_in_flight_and_does_not_starve_others() {
     let rx = Receiver::start();
     let mut c = db();
-    subscribe(&mut c, &rx, "/slow", "{cap.*}", "", json!({"delay_ms": 700}));
+    subscribe(
+        &mut c,
+        &rx,
+        "/slow",
+        "{cap.*}",
+        "",
+        json!({"delay_ms": 700}),
+    );
     subscribe(&mut c, &rx, "/fast", "{cap.*}", "", json!({}));
     for i in 0..9 {
-        c.batch_execute(&format!(r#"SELECT webhooks.emit('cap.n', '{{"i": {i}}}')"#)).expect("emit");
+        c.batch_execute(&format!(r#"SELECT webhooks.emit('cap.n', '{{"i": {i}}}')"#))
+            .expect("emit");
     }
     // All nine reach the fast endpoint long before the slow one is done (9 x 700ms / 3).
     let fast = rx.wait_for_requests("/fast", 9, WAIT);
     let slow_so_far = rx.log("/slow").len();
-    assert!(slow_so_far < 9, "the fast endpoint was not held back by the slow one");
+    assert!(
+        slow_so_far < 9,
+        "the fast endpoint was not held back by the slow one"
+    );
     assert!(!fast.is_empty());
     let slow = rx.wait_for_requests("/slow", 9, WAIT);
-    let starts: Vec<f64> = slow.iter().map(|r| r["received_at"].as_f64().unwrap_or(0.0)).collect();
+    let starts: Vec<f64> = slow
+        .iter()
+        .map(|r| r["received_at"].as_f64().unwrap_or(0.0))
+        .collect();
     for (i, s) in starts.iter().enumerate() {
-        let overlapping = starts.iter().filter(|t| **t <= *s && *s < **t + 0.69).count();
-        assert!(overlapping <= 3, "request {i} had {overlapping} in flight (cap 3)");
+        let overlapping = starts
+            .iter()
+            .filter(|t| **t <= *s && *s < **t + 0.69)
+            .count();
+        assert!(
+            overlapping <= 3,
+            "request {i} had {overlapping} in flight (cap 3)"
+        );
     }
 }
 
@@ -405,8 +626,16 @@ fn a_slow_endpoint_gets_at_most_its_cap_in_flight_and_does_not_starve_others() {
 fn the_worker_recovers_claimed_work_after_being_killed() {
     let rx = Receiver::start();
     let mut c = db();
-    let (sub, _) = subscribe(&mut c, &rx, "/crash", "{crash.*}", "", json!({"responses": [], "delay_ms": 1500}));
-    c.batch_execute(r#"SELECT webhooks.emit('crash.tested', '{}')"#).expect("emit");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx,
+        "/crash",
+        "{crash.*}",
+        "",
+        json!({"responses": [], "delay_ms": 1500}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('crash.tested', '{}')"#)
+        .expect("emit");
     rx.wait_for_requests("/crash", 1, WAIT);
     let killed: i64 = c
         .query_one(
@@ -416,22 +645,50 @@ fn the_worker_recovers_claimed_work_after_being_killed() {
         )
         .expect("kill")
         .get(0);
-    assert_eq!(killed, 1, "the worker shows in pg_stat_activity under its name");
-    rx.configure(json!({"path": "/crash", "secret": rx_secret(&mut c, sub), "default_status": 200}));
+    assert_eq!(
+        killed, 1,
+        "the worker shows in pg_stat_activity under its name"
+    );
+    rx.configure(
+        json!({"path": "/crash", "secret": rx_secret(&mut c, sub), "default_status": 200}),
+    );
     let got = rx.wait_for_requests("/crash", 2, WAIT);
-    assert_eq!(header(&got[0], "webhook-id"), header(&got[1], "webhook-id"), "at-least-once, same id");
+    assert_eq!(
+        header(&got[0], "webhook-id"),
+        header(&got[1], "webhook-id"),
+        "at-least-once, same id"
+    );
     wait_until_all(&mut c, sub, 1, "succeeded");
 }
 
 #[test]
 fn an_endpoint_failing_for_disable_after_is_disabled() {
-    let own = Cluster::start("disable", &["webhooks.disable_after = '1s'", "webhooks.retry_schedule = '400ms,400ms,400ms,400ms,400ms,400ms'"]);
+    let own = Cluster::start(
+        "disable",
+        &[
+            "webhooks.disable_after = '1s'",
+            "webhooks.retry_schedule = '400ms,400ms,400ms,400ms,400ms,400ms'",
+        ],
+    );
     let rx = Receiver::start();
     let mut c = own.connect();
-    let (sub, _) = subscribe(&mut c, &rx, "/failing", "{dis.*}", "", json!({"default_status": 500}));
-    c.batch_execute(r#"SELECT webhooks.emit('dis.tested', '{}')"#).expect("emit");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx,
+        "/failing",
+        "{dis.*}",
+        "",
+        json!({"default_status": 500}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('dis.tested', '{}')"#)
+        .expect("emit");
     let reason: String = wait_for("the subscription to be disabled", WAIT, || {
-        let row = c.query_one("SELECT state, disabled_reason FROM webhooks.subscriptions WHERE id = $1", &[&sub]).expect("sub");
+        let row = c
+            .query_one(
+                "SELECT state, disabled_reason FROM webhooks.subscriptions WHERE id = $1",
+                &[&sub],
+            )
+            .expect("sub");
         (row.get::<_, String>(0) == "disabled").then(|| row.get(1))
     });
     assert!(reason.contains("failing"), "{reason}");

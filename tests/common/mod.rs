@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 fn pg_bindir() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("run pg_config");
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .expect("run pg_config");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -32,7 +35,11 @@ fn pg_command(program: &Path) -> Command {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub struct Cluster {
@@ -49,12 +56,25 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().expect("chown");
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
             assert!(ok.success(), "chown of the test cluster directory failed");
         }
         let data = dir.join("data");
         let status = pg_command(&bindir.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
             .arg(&data)
             .stdout(Stdio::null())
             .status()
@@ -74,9 +94,13 @@ impl Cluster {
         }
         std::fs::write(data.join("postgresql.auto.conf"), conf).expect("write conf");
         let cluster = Cluster { port, dir, bindir };
-        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l"], Some(&cluster.dir.join("server.log")));
+        cluster.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&cluster.dir.join("server.log")),
+        );
         let mut c = cluster.connect();
-        c.batch_execute("CREATE EXTENSION pg_webhooks").expect("create extension");
+        c.batch_execute("CREATE EXTENSION pg_webhooks")
+            .expect("create extension");
         cluster
     }
 
@@ -87,7 +111,11 @@ impl Cluster {
             cmd.arg(p);
         }
         let status = cmd.stdout(Stdio::null()).status().expect("pg_ctl");
-        assert!(status.success(), "pg_ctl {args:?} failed; see {}", self.dir.join("server.log").display());
+        assert!(
+            status.success(),
+            "pg_ctl {args:?} failed; see {}",
+            self.dir.join("server.log").display()
+        );
     }
 
     pub fn connect(&self) -> Client {
@@ -95,14 +123,23 @@ impl Cluster {
     }
 
     pub fn connect_db(&self, db: &str) -> Client {
-        Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port), NoTls)
-            .expect("connect")
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname={db}",
+                self.port
+            ),
+            NoTls,
+        )
+        .expect("connect")
     }
 
     /// Stop the server at once, as a crash would, and start it again.
     pub fn crash_and_restart(&self) {
         self.pg_ctl(&["stop", "-m", "immediate", "-w"], None);
-        self.pg_ctl(&["start", "-w", "-t", "60", "-l"], Some(&self.dir.join("server.log")));
+        self.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&self.dir.join("server.log")),
+        );
     }
 
     pub fn server_log(&self) -> String {
@@ -151,7 +188,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -163,7 +203,11 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let dir = std::env::temp_dir().join(format!("pg_webhooks_receiver_{}_{}", std::process::id(), free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "pg_webhooks_receiver_{}_{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let port_file = dir.join("port");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/receiver.py");
@@ -176,7 +220,9 @@ impl Receiver {
             .spawn()
             .expect("start tests/receiver.py");
         let port = wait_for("the receiver to listen", Duration::from_secs(20), || {
-            std::fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok())
+            std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
         });
         Receiver { port, child }
     }
@@ -196,7 +242,9 @@ impl Receiver {
 
     /// Every request received on `path`, in arrival order.
     pub fn log(&self, path: &str) -> Vec<Value> {
-        let mut resp = ureq::get(&self.url(&format!("/_log?path={path}"))).call().expect("receiver log");
+        let mut resp = ureq::get(&self.url(&format!("/_log?path={path}")))
+            .call()
+            .expect("receiver log");
         let text = resp.body_mut().read_to_string().expect("log body");
         serde_json::from_str(&text).expect("log json")
     }
