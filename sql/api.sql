@@ -110,8 +110,9 @@ BEGIN
                 HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
         END IF;
         FOR v_name, v_spec IN SELECT * FROM jsonb_each(children) LOOP
-            IF jsonb_typeof(v_spec) <> 'object' OR jsonb_typeof(v_spec -> 'table') <> 'string'
-               OR jsonb_typeof(v_spec -> 'foreign_key') <> 'string' THEN
+            IF jsonb_typeof(v_spec) <> 'object'
+               OR jsonb_typeof(v_spec -> 'table') IS DISTINCT FROM 'string'
+               OR jsonb_typeof(v_spec -> 'foreign_key') IS DISTINCT FROM 'string' THEN
                 RAISE EXCEPTION 'children entry "%" needs "table" and "foreign_key" strings', v_name
                     USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';

@@ -696,3 +696,62 @@ fn an_endpoint_failing_for_disable_after_is_disabled() {
     assert_eq!(states.len(), 1);
     assert_eq!(states[0].0, "retrying", "the backlog is kept");
 }
+
+#[test]
+fn nothing_is_lost_when_the_server_crashes() {
+    let own = Cluster::start("crash", &["webhooks.retry_schedule = '200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms'"]);
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let (sub, secret) = subscribe(&mut c, &rx, "/down", "{down.*}", "", json!({"default_status": 503}));
+    for i in 0..3 {
+        c.batch_execute(&format!(r#"SELECT webhooks.emit('down.n', '{{"i": {i}}}', 'k')"#)).expect("emit");
+    }
+    rx.wait_for_requests("/down", 1, WAIT);
+    drop(c);
+    own.crash_and_restart();
+    rx.configure(json!({"path": "/down", "secret": secret, "default_status": 200}));
+    let mut c = own.connect();
+    wait_until_all(&mut c, sub, 3, "succeeded");
+    let delivered: Vec<i64> = rx
+        .log("/down")
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| r["json"]["data"]["i"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(delivered, [0, 1, 2], "all three, in commit order");
+}
+
+#[test]
+fn one_deadline_per_attempt_capped_bodies_and_no_redirects() {
+    let rx = Receiver::start();
+    let mut c = db();
+    let big = "x".repeat(20_000);
+    let (slow, _) = subscribe(&mut c, &rx, "/deadline", "{deadline.*}", ", timeout => '300ms', retry_schedule => ''", json!({"delay_ms": 2000}));
+    let (chatty, _) = subscribe(&mut c, &rx, "/chatty", "{chatty.*}", ", retry_schedule => ''", json!({"body": big}));
+    let (moved, _) = subscribe(&mut c, &rx, "/moved", "{moved.*}", ", retry_schedule => ''", json!({"responses": [302]}));
+    c.batch_execute(
+        r#"SELECT webhooks.emit('deadline.t', '{}'); SELECT webhooks.emit('chatty.t', '{}'); SELECT webhooks.emit('moved.t', '{}');"#,
+    )
+    .expect("emit");
+    wait_until_all(&mut c, slow, 1, "dead");
+    wait_until_all(&mut c, chatty, 1, "succeeded");
+    wait_until_all(&mut c, moved, 1, "dead");
+    let attempt = |c: &mut Client, sub: i64| {
+        c.query_one(
+            "SELECT a.duration_ms, a.status_code, a.error, length(a.response_body)
+               FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id WHERE d.subscription_id = $1",
+            &[&sub],
+        )
+        .expect("attempt")
+    };
+    let row = attempt(&mut c, slow);
+    let (ms, code, error): (f64, Option<i32>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(code, None);
+    assert_eq!(error.as_deref(), Some("timeout"));
+    assert!((250.0..1900.0).contains(&ms), "the 300ms deadline ended the attempt, not the 2s answer: {ms}");
+    let row = attempt(&mut c, chatty);
+    assert_eq!(row.get::<_, Option<i32>>(3), Some(4096), "webhooks.max_response_bytes caps the kept body");
+    let row = attempt(&mut c, moved);
+    assert_eq!(row.get::<_, Option<i32>>(1), Some(302), "a redirect is an answer, not followed");
+    assert_eq!(rx.log("/moved").len(), 1);
+}

@@ -83,7 +83,7 @@ impl Cluster {
         let port = free_port();
         let mut conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             shared_preload_libraries = 'pg_webhooks'\nfsync = off\nsynchronous_commit = off\n\
+             shared_preload_libraries = 'pg_webhooks'\nfsync = off\n\
              webhooks.database = 'postgres'\nwebhooks.allow_http = on\nwebhooks.allow_private_network = on\n\
              log_min_messages = warning\n",
             dir.display()
@@ -131,6 +131,14 @@ impl Cluster {
             NoTls,
         )
         .expect("connect")
+    }
+
+    /// A new database with the extension created in it, for tests that count rows.
+    pub fn fresh_db(&self, name: &str) -> Client {
+        self.connect().batch_execute(&format!("CREATE DATABASE {name}")).expect("create database");
+        let mut c = self.connect_db(name);
+        c.batch_execute("CREATE EXTENSION pg_webhooks").expect("create extension");
+        c
     }
 
     /// Stop the server at once, as a crash would, and start it again.
