@@ -318,10 +318,10 @@ fn _capture_row<'a>(
         let relid = (*rel).rd_id;
         let tupdesc = (*rel).rd_att;
         let key_att = column_number(tupdesc, args.get(1).map(String::as_str).unwrap_or("id"));
-        let status_att = match args.get(3).filter(|s| !s.is_empty()) {
-            Some(s) => Some(column_number(tupdesc, s)),
-            None => None,
-        };
+        let status_att = args
+            .get(3)
+            .filter(|s| !s.is_empty())
+            .map(|s| column_number(tupdesc, s));
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
         let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));

@@ -54,11 +54,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => capture::write_events_at_commit(),
-        XACT_EVENT_COMMIT => {
-            if capture::take_wake_request() {
-                worker::wake();
-            }
-        }
+        XACT_EVENT_COMMIT if capture::take_wake_request() => worker::wake(),
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}
     }

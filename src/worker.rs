@@ -273,7 +273,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
                 sleep = gucs::poll_interval();
                 continue;
             }
-            BackgroundWorker::transaction(|| queue::release_claims()).unwrap_or_else(|e| {
+            BackgroundWorker::transaction(queue::release_claims).unwrap_or_else(|e| {
                 error!("pg_webhooks: could not release claimed deliveries: {e}")
             });
         }

@@ -14,7 +14,9 @@ fn cluster() -> &'static Cluster {
 /// Runs `sql`, expects it to fail with `state`, returns the message and hint.
 fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
     let err = c.batch_execute(sql).expect_err(sql);
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: not a database error: {err}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: not a database error: {err}"));
     assert_eq!(db.code(), &state, "{sql}: {}", db.message());
     format!("{} {}", db.message(), db.hint().unwrap_or_default())
 }
@@ -47,19 +49,52 @@ fn setup_tables(c: &mut Client, p: &str) {
 fn bad_track_calls_fail_clearly_and_change_nothing() {
     let mut c = cluster().fresh_db("bad_track");
     setup_tables(&mut c, "bt");
-    c.batch_execute("SELECT webhooks.track('bt_orders', status_column => 'status')").expect("first track");
+    c.batch_execute("SELECT webhooks.track('bt_orders', status_column => 'status')")
+        .expect("first track");
     let before = state(&mut c);
-    fails(&mut c, "SELECT webhooks.track('no_such_table')", SqlState::UNDEFINED_TABLE);
-    let m = fails(&mut c, "SELECT webhooks.track('bt_items', key_column => 'nope')", SqlState::UNDEFINED_COLUMN);
+    fails(
+        &mut c,
+        "SELECT webhooks.track('no_such_table')",
+        SqlState::UNDEFINED_TABLE,
+    );
+    let m = fails(
+        &mut c,
+        "SELECT webhooks.track('bt_items', key_column => 'nope')",
+        SqlState::UNDEFINED_COLUMN,
+    );
     assert!(m.contains("nope"), "{m}");
-    let m = fails(&mut c, "SELECT webhooks.track('bt_nokey')", SqlState::INVALID_COLUMN_REFERENCE);
+    let m = fails(
+        &mut c,
+        "SELECT webhooks.track('bt_nokey')",
+        SqlState::INVALID_COLUMN_REFERENCE,
+    );
     assert!(m.contains("unique"), "{m}");
-    fails(&mut c, "SELECT webhooks.track('bt_items', status_column => 'nope')", SqlState::UNDEFINED_COLUMN);
-    let m = fails(&mut c, "SELECT webhooks.track('bt_orders')", SqlState::DUPLICATE_OBJECT);
+    fails(
+        &mut c,
+        "SELECT webhooks.track('bt_items', status_column => 'nope')",
+        SqlState::UNDEFINED_COLUMN,
+    );
+    let m = fails(
+        &mut c,
+        "SELECT webhooks.track('bt_orders')",
+        SqlState::DUPLICATE_OBJECT,
+    );
     assert!(m.contains("untrack"), "hint says what to do: {m}");
-    fails(&mut c, "SELECT webhooks.track('bt_view')", SqlState::WRONG_OBJECT_TYPE);
-    fails(&mut c, "SELECT webhooks.track('bt_items', entity => 'Bad Name')", SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, r#"SELECT webhooks.track('bt_items', children => '[1]')"#, SqlState::INVALID_PARAMETER_VALUE);
+    fails(
+        &mut c,
+        "SELECT webhooks.track('bt_view')",
+        SqlState::WRONG_OBJECT_TYPE,
+    );
+    fails(
+        &mut c,
+        "SELECT webhooks.track('bt_items', entity => 'Bad Name')",
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        r#"SELECT webhooks.track('bt_items', children => '[1]')"#,
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
     fails(
         &mut c,
         r#"SELECT webhooks.track('bt_items', children => '{"x": {"table": "bt_orders"}}')"#,
@@ -76,7 +111,11 @@ fn bad_track_calls_fail_clearly_and_change_nothing() {
         r#"SELECT webhooks.track('bt_items', children => '{"x": {"table": "bt_orders", "foreign_key": "nope"}}')"#,
         SqlState::UNDEFINED_COLUMN,
     );
-    fails(&mut c, "SELECT webhooks.untrack('bt_items')", SqlState::UNDEFINED_OBJECT);
+    fails(
+        &mut c,
+        "SELECT webhooks.untrack('bt_items')",
+        SqlState::UNDEFINED_OBJECT,
+    );
     assert_eq!(state(&mut c), before);
 }
 
@@ -84,9 +123,19 @@ fn bad_track_calls_fail_clearly_and_change_nothing() {
 fn bad_subscriptions_fail_clearly_and_change_nothing() {
     let mut c = cluster().fresh_db("bad_subscriptions");
     let before = state(&mut c);
-    let bad_urls = ["ftp://example.com/x", "not a url", "", "https://", "javascript:alert(1)"];
+    let bad_urls = [
+        "ftp://example.com/x",
+        "not a url",
+        "",
+        "https://",
+        "javascript:alert(1)",
+    ];
     for url in bad_urls {
-        let m = fails(&mut c, &format!("SELECT webhooks.subscribe('{url}')"), SqlState::INVALID_PARAMETER_VALUE);
+        let m = fails(
+            &mut c,
+            &format!("SELECT webhooks.subscribe('{url}')"),
+            SqlState::INVALID_PARAMETER_VALUE,
+        );
         assert!(m.to_lowercase().contains("url"), "{url}: {m}");
     }
     for patterns in ["{}", "{order}", "{\"\"}", "{Order.*}", "{order.*.x}"] {
@@ -96,8 +145,18 @@ fn bad_subscriptions_fail_clearly_and_change_nothing() {
             SqlState::INVALID_PARAMETER_VALUE,
         );
     }
-    fails(&mut c, "SELECT webhooks.subscribe('https://example.com/h', NULL)", SqlState::INVALID_PARAMETER_VALUE);
-    for headers in [r#"'[]'"#, r#"'{"A": 1}'"#, r#"'{"webhook-id": "x"}'"#, r#"'{"bad name": "x"}'"#, "NULL"] {
+    fails(
+        &mut c,
+        "SELECT webhooks.subscribe('https://example.com/h', NULL)",
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    for headers in [
+        r#"'[]'"#,
+        r#"'{"A": 1}'"#,
+        r#"'{"webhook-id": "x"}'"#,
+        r#"'{"bad name": "x"}'"#,
+        "NULL",
+    ] {
         fails(
             &mut c,
             &format!("SELECT webhooks.subscribe('https://example.com/h', headers => {headers})"),
@@ -113,7 +172,11 @@ fn bad_subscriptions_fail_clearly_and_change_nothing() {
         "timeout => '0'",
         "timeout => '1 hour'",
     ] {
-        fails(&mut c, &format!("SELECT webhooks.subscribe('https://example.com/h', {extra})"), SqlState::INVALID_PARAMETER_VALUE);
+        fails(
+            &mut c,
+            &format!("SELECT webhooks.subscribe('https://example.com/h', {extra})"),
+            SqlState::INVALID_PARAMETER_VALUE,
+        );
     }
     assert_eq!(state(&mut c), before);
 }
@@ -121,15 +184,33 @@ fn bad_subscriptions_fail_clearly_and_change_nothing() {
 #[test]
 fn plain_http_and_private_addresses_need_the_superuser_settings() {
     let mut c = cluster().connect();
-    c.batch_execute("SET webhooks.allow_http = off; SET webhooks.allow_private_network = off;").expect("set");
-    let m = fails(&mut c, "SELECT webhooks.subscribe('http://example.com/h')", SqlState::INVALID_PARAMETER_VALUE);
+    c.batch_execute("SET webhooks.allow_http = off; SET webhooks.allow_private_network = off;")
+        .expect("set");
+    let m = fails(
+        &mut c,
+        "SELECT webhooks.subscribe('http://example.com/h')",
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
     assert!(m.contains("webhooks.allow_http"), "{m}");
-    for ip in ["127.0.0.1", "10.1.2.3", "169.254.169.254", "[::1]", "100.64.0.1", "[::ffff:192.168.0.1]"] {
-        let m = fails(&mut c, &format!("SELECT webhooks.subscribe('https://{ip}/h')"), SqlState::INVALID_PARAMETER_VALUE);
+    for ip in [
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "[::1]",
+        "100.64.0.1",
+        "[::ffff:192.168.0.1]",
+    ] {
+        let m = fails(
+            &mut c,
+            &format!("SELECT webhooks.subscribe('https://{ip}/h')"),
+            SqlState::INVALID_PARAMETER_VALUE,
+        );
         assert!(m.contains("allow_private_network"), "{ip}: {m}");
     }
-    c.batch_execute("SELECT webhooks.subscribe('https://example.com/h')").expect("public https is fine");
-    c.batch_execute("RESET webhooks.allow_http; RESET webhooks.allow_private_network;").expect("reset");
+    c.batch_execute("SELECT webhooks.subscribe('https://example.com/h')")
+        .expect("public https is fine");
+    c.batch_execute("RESET webhooks.allow_http; RESET webhooks.allow_private_network;")
+        .expect("reset");
 }
 
 #[test]
@@ -147,15 +228,49 @@ fn unknown_ids_and_bad_arguments_fail_clearly() {
         let m = fails(&mut c, &format!("SELECT {call}"), SqlState::NO_DATA_FOUND);
         assert!(m.contains("999999"), "{call}: {m}");
     }
-    let id: i64 = c.query_one("SELECT id FROM webhooks.subscribe('https://example.com/h')", &[]).expect("sub").get(0);
-    fails(&mut c, &format!("SELECT webhooks.rotate_secret({id}, '-1 hour')"), SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, &format!("SELECT webhooks.replay({id}, now(), now() - interval '1 day')"), SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, &format!("SELECT webhooks.replay({id}, now() - interval '1 day', now(), '{{nope}}')"), SqlState::INVALID_PARAMETER_VALUE);
+    let id: i64 = c
+        .query_one(
+            "SELECT id FROM webhooks.subscribe('https://example.com/h')",
+            &[],
+        )
+        .expect("sub")
+        .get(0);
+    fails(
+        &mut c,
+        &format!("SELECT webhooks.rotate_secret({id}, '-1 hour')"),
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        &format!("SELECT webhooks.replay({id}, now(), now() - interval '1 day')"),
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        &format!("SELECT webhooks.replay({id}, now() - interval '1 day', now(), '{{nope}}')"),
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
     let before = state(&mut c);
-    fails(&mut c, r#"SELECT webhooks.emit('inventory.adjusted', '[1, 2]')"#, SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, r#"SELECT webhooks.emit('inventory.adjusted', '"text"')"#, SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, r#"SELECT webhooks.emit('Inventory Adjusted', '{}')"#, SqlState::INVALID_PARAMETER_VALUE);
-    fails(&mut c, r#"SELECT webhooks.emit('inventory', '{}')"#, SqlState::INVALID_PARAMETER_VALUE);
+    fails(
+        &mut c,
+        r#"SELECT webhooks.emit('inventory.adjusted', '[1, 2]')"#,
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        r#"SELECT webhooks.emit('inventory.adjusted', '"text"')"#,
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        r#"SELECT webhooks.emit('Inventory Adjusted', '{}')"#,
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    fails(
+        &mut c,
+        r#"SELECT webhooks.emit('inventory', '{}')"#,
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
     assert_eq!(state(&mut c), before);
 }
 
@@ -170,31 +285,81 @@ fn roles_manage_and_read_without_ever_seeing_secrets() {
     )
     .expect("roles");
     let connect = |user: &str| {
-        Client::connect(&format!("host=127.0.0.1 port={} user={user} dbname=postgres", cluster().port), postgres::NoTls)
-            .expect("connect")
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres",
+                cluster().port
+            ),
+            postgres::NoTls,
+        )
+        .expect("connect")
     };
     let mut admin = connect("ops_admin");
     let row = admin
-        .query_one("SELECT id, secret FROM webhooks.subscribe('https://example.com/roles', '{order.*}')", &[])
+        .query_one(
+            "SELECT id, secret FROM webhooks.subscribe('https://example.com/roles', '{order.*}')",
+            &[],
+        )
         .expect("an admin subscribes");
     let (id, secret): (i64, String) = (row.get(0), row.get(1));
-    admin.execute("SELECT webhooks.pause($1)", &[&id]).expect("an admin pauses");
-    admin.execute("SELECT webhooks.rotate_secret($1)", &[&id]).expect("an admin rotates");
-    fails(&mut admin, "SELECT * FROM webhooks._secrets", SqlState::INSUFFICIENT_PRIVILEGE);
+    admin
+        .execute("SELECT webhooks.pause($1)", &[&id])
+        .expect("an admin pauses");
+    admin
+        .execute("SELECT webhooks.rotate_secret($1)", &[&id])
+        .expect("an admin rotates");
+    fails(
+        &mut admin,
+        "SELECT * FROM webhooks._secrets",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
 
     let mut reader = connect("ops_reader");
-    let rows = reader.query("SELECT to_jsonb(s)::text FROM webhooks.subscriptions s", &[]).expect("a reader reads");
+    let rows = reader
+        .query(
+            "SELECT to_jsonb(s)::text FROM webhooks.subscriptions s",
+            &[],
+        )
+        .expect("a reader reads");
     assert!(!rows.is_empty());
     for r in rows {
         let text: String = r.get(0);
-        assert!(!text.contains(&secret[6..]) && !text.contains("whsec_"), "{text}");
+        assert!(
+            !text.contains(&secret[6..]) && !text.contains("whsec_"),
+            "{text}"
+        );
     }
-    reader.query("SELECT * FROM webhooks.deliveries, webhooks.attempts, webhooks.events LIMIT 1", &[]).expect("logs");
-    fails(&mut reader, "SELECT * FROM webhooks._secrets", SqlState::INSUFFICIENT_PRIVILEGE);
-    fails(&mut reader, "SELECT webhooks.subscribe('https://example.com/x')", SqlState::INSUFFICIENT_PRIVILEGE);
-    fails(&mut reader, &format!("SELECT webhooks.resume({id})"), SqlState::INSUFFICIENT_PRIVILEGE);
+    reader
+        .query(
+            "SELECT * FROM webhooks.deliveries, webhooks.attempts, webhooks.events LIMIT 1",
+            &[],
+        )
+        .expect("logs");
+    fails(
+        &mut reader,
+        "SELECT * FROM webhooks._secrets",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut reader,
+        "SELECT webhooks.subscribe('https://example.com/x')",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut reader,
+        &format!("SELECT webhooks.resume({id})"),
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
 
     let mut nobody = connect("nobody_special");
-    fails(&mut nobody, "SELECT * FROM webhooks.deliveries", SqlState::INSUFFICIENT_PRIVILEGE);
-    fails(&mut nobody, "SELECT webhooks.emit('x.y', '{}')", SqlState::INSUFFICIENT_PRIVILEGE);
+    fails(
+        &mut nobody,
+        "SELECT * FROM webhooks.deliveries",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut nobody,
+        "SELECT webhooks.emit('x.y', '{}')",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
 }

@@ -702,9 +702,19 @@ fn nothing_is_lost_when_the_server_crashes() {
     let own = Cluster::start("crash", &["webhooks.retry_schedule = '200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms'"]);
     let rx = Receiver::start();
     let mut c = own.connect();
-    let (sub, secret) = subscribe(&mut c, &rx, "/down", "{down.*}", "", json!({"default_status": 503}));
+    let (sub, secret) = subscribe(
+        &mut c,
+        &rx,
+        "/down",
+        "{down.*}",
+        "",
+        json!({"default_status": 503}),
+    );
     for i in 0..3 {
-        c.batch_execute(&format!(r#"SELECT webhooks.emit('down.n', '{{"i": {i}}}', 'k')"#)).expect("emit");
+        c.batch_execute(&format!(
+            r#"SELECT webhooks.emit('down.n', '{{"i": {i}}}', 'k')"#
+        ))
+        .expect("emit");
     }
     rx.wait_for_requests("/down", 1, WAIT);
     drop(c);
@@ -726,9 +736,30 @@ fn one_deadline_per_attempt_capped_bodies_and_no_redirects() {
     let rx = Receiver::start();
     let mut c = db();
     let big = "x".repeat(20_000);
-    let (slow, _) = subscribe(&mut c, &rx, "/deadline", "{deadline.*}", ", timeout => '300ms', retry_schedule => ''", json!({"delay_ms": 2000}));
-    let (chatty, _) = subscribe(&mut c, &rx, "/chatty", "{chatty.*}", ", retry_schedule => ''", json!({"body": big}));
-    let (moved, _) = subscribe(&mut c, &rx, "/moved", "{moved.*}", ", retry_schedule => ''", json!({"responses": [302]}));
+    let (slow, _) = subscribe(
+        &mut c,
+        &rx,
+        "/deadline",
+        "{deadline.*}",
+        ", timeout => '300ms', retry_schedule => ''",
+        json!({"delay_ms": 2000}),
+    );
+    let (chatty, _) = subscribe(
+        &mut c,
+        &rx,
+        "/chatty",
+        "{chatty.*}",
+        ", retry_schedule => ''",
+        json!({"body": big}),
+    );
+    let (moved, _) = subscribe(
+        &mut c,
+        &rx,
+        "/moved",
+        "{moved.*}",
+        ", retry_schedule => ''",
+        json!({"responses": [302]}),
+    );
     c.batch_execute(
         r#"SELECT webhooks.emit('deadline.t', '{}'); SELECT webhooks.emit('chatty.t', '{}'); SELECT webhooks.emit('moved.t', '{}');"#,
     )
@@ -745,13 +776,25 @@ fn one_deadline_per_attempt_capped_bodies_and_no_redirects() {
         .expect("attempt")
     };
     let row = attempt(&mut c, slow);
-    let (ms, code, error): (f64, Option<i32>, Option<String>) = (row.get(0), row.get(1), row.get(2));
+    let (ms, code, error): (f64, Option<i32>, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
     assert_eq!(code, None);
     assert_eq!(error.as_deref(), Some("timeout"));
-    assert!((250.0..1900.0).contains(&ms), "the 300ms deadline ended the attempt, not the 2s answer: {ms}");
+    assert!(
+        (250.0..1900.0).contains(&ms),
+        "the 300ms deadline ended the attempt, not the 2s answer: {ms}"
+    );
     let row = attempt(&mut c, chatty);
-    assert_eq!(row.get::<_, Option<i32>>(3), Some(4096), "webhooks.max_response_bytes caps the kept body");
+    assert_eq!(
+        row.get::<_, Option<i32>>(3),
+        Some(4096),
+        "webhooks.max_response_bytes caps the kept body"
+    );
     let row = attempt(&mut c, moved);
-    assert_eq!(row.get::<_, Option<i32>>(1), Some(302), "a redirect is an answer, not followed");
+    assert_eq!(
+        row.get::<_, Option<i32>>(1),
+        Some(302),
+        "a redirect is an answer, not followed"
+    );
     assert_eq!(rx.log("/moved").len(), 1);
 }

@@ -135,9 +135,12 @@ impl Cluster {
 
     /// A new database with the extension created in it, for tests that count rows.
     pub fn fresh_db(&self, name: &str) -> Client {
-        self.connect().batch_execute(&format!("CREATE DATABASE {name}")).expect("create database");
+        self.connect()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
         let mut c = self.connect_db(name);
-        c.batch_execute("CREATE EXTENSION pg_webhooks").expect("create extension");
+        c.batch_execute("CREATE EXTENSION pg_webhooks")
+            .expect("create extension");
         c
     }
 
