@@ -36,17 +36,31 @@ struct TableConfig {
     children_expr: Option<String>,
 }
 
+/// SHA-256 of a row's (or its children's) JSON: enough to tell "changed" from "the same"
+/// while keeping what a large transaction holds in memory small and fixed per row.
+type Digest = [u8; 32];
+
+fn digest(json: &str) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(json.as_bytes()).into()
+}
+
 /// What one row looked like before the transaction touched it.
 #[derive(Default)]
 struct Touch {
     existed_before: bool,
     row_touched: bool,
-    orig_row: Option<String>,
+    orig_row: Option<Digest>,
     orig_status: Option<String>,
     children_touched: bool,
-    orig_children: Option<String>,
+    orig_children: Option<Digest>,
+    /// The row as deleted (the payload of `E.deleted`); only kept for deleted rows.
     deleted_row: Option<String>,
 }
+
+/// Keys read back, and events written, per statement at commit: bounds the memory a
+/// transaction touching many rows needs at commit.
+const COMMIT_CHUNK: usize = 5000;
 
 struct TableTouches {
     cfg: TableConfig,
@@ -328,7 +342,7 @@ fn _capture_row<'a>(
         let before = |tuple| Touch {
             existed_before: true,
             row_touched: true,
-            orig_row: Some(row_json(tuple, tupdesc)),
+            orig_row: Some(digest(&row_json(tuple, tupdesc))),
             orig_status: status_of(tuple),
             ..Touch::default()
         };
@@ -474,7 +488,7 @@ fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
     });
     with_table(parent, args, |tt| {
         if let Some(t) = tt.touches.get_mut(key) {
-            t.orig_children = snapshot;
+            t.orig_children = snapshot.as_deref().map(digest);
         }
     });
 }
@@ -547,8 +561,8 @@ fn net_events(
         (true, Some(cur)) => {
             let status_changed =
                 cfg.status_col.is_some() && t.row_touched && t.orig_status != cur.status;
-            let row_changed = t.row_touched && t.orig_row.as_ref() != Some(&cur.row);
-            let children_changed = t.children_touched && t.orig_children != cur.children;
+            let row_changed = t.row_touched && t.orig_row != Some(digest(&cur.row));
+            let children_changed = t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
             if status_changed {
                 let extra =
                     serde_json::json!({"previous_status": t.orig_status, "status": cur.status})
@@ -583,14 +597,21 @@ pub fn write_events_at_commit() {
         // Pre-commit runs outside any statement: read the rows with a fresh snapshot.
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         let mut events = Vec::new();
+        let mut wrote = false;
         for tt in &tables {
-            let rows = rows_at_commit(tt);
-            for key in &tt.keys {
-                net_events(&tt.cfg, key, &tt.touches[key], rows.get(key), &mut events);
+            for keys in tt.keys.chunks(COMMIT_CHUNK) {
+                let rows = rows_at_commit(tt, keys);
+                for key in keys {
+                    net_events(&tt.cfg, key, &tt.touches[key], rows.get(key), &mut events);
+                }
+                if events.len() >= COMMIT_CHUNK {
+                    wrote = true;
+                    insert_events(std::mem::take(&mut events));
+                }
             }
         }
-        let wrote = !events.is_empty();
-        if wrote {
+        if !events.is_empty() {
+            wrote = true;
             insert_events(events);
         }
         pg_sys::PopActiveSnapshot();
@@ -601,8 +622,8 @@ pub fn write_events_at_commit() {
     }
 }
 
-fn rows_at_commit(tt: &TableTouches) -> HashMap<String, RowAtCommit> {
-    let keys: pgrx::datum::DatumWithOid = tt.keys.clone().into();
+fn rows_at_commit(tt: &TableTouches, keys: &[String]) -> HashMap<String, RowAtCommit> {
+    let keys: pgrx::datum::DatumWithOid = keys.to_vec().into();
     with_plan(
         &tt.cfg.rows_at_commit_query(),
         &[pg_sys::TEXTARRAYOID],
