@@ -49,7 +49,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "demo: interrupted" >&2; exit 130' INT TERM
 [ ${#AS[@]} -eq 0 ] || chown postgres:postgres "$DIR"
 
 say "Throwaway cluster in $DIR (port $PORT, database $DB)"
@@ -109,7 +109,8 @@ control <<<"{\"path\": \"/warehouse\", \"secret\": \"$WH_SECRET\", \"style\": \"
 echo "    receiver: /erp verifies Standard Webhooks; /warehouse verifies hex and answers 503, 500, then 200"
 
 say "The application writes orders (plain SQL; no webhook code in the application)"
-"${SQL[@]}" -e <<SQL
+"${SQL[@]}" -a <<SQL
+-- orders 1 and 2 with their items, one transaction each; order 3 without items
 BEGIN;
 INSERT INTO orders (id, customer, total) VALUES (1, 'Ada Lovelace', 59.90);
 INSERT INTO order_items (order_id, sku, qty) VALUES (1, 'A-1', 2), (1, 'B-7', 1);
@@ -160,6 +161,15 @@ for r in log:
     print(f"{r['seq']:>3} {r['received_at'] - t0:>5.1f}s  {r['path']:<11} {typ:<22} "
           f"{r['headers'].get('webhook-id', '-'):<36} {r['status']:>6} {ok}"
           + (f"  ({r['verify_error']})" if r["verify_error"] else ""))
+# One request in full: the net effect of order 2's single transaction, as the ERP saw it.
+for r in log:
+    if r["path"] == "/erp" and (r["json"] or {}).get("type") == "order.status_updated" \
+            and r["json"]["data"].get("id") == 2:
+        print("\nPOST /erp, order 2 (pending -> paid -> shipped in one transaction):")
+        for h in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+            print(f"  {h}: {r['headers'].get(h, '-')[:60]}")
+        print("  body, byte for byte: " + r["body"])
+        break
 print(len(log), sum(r["verified"] is True for r in log))
 PY
 )
@@ -171,11 +181,10 @@ say "webhooks.events: one row per committed change, in commit order"
                        jsonb_array_length(data->'items') AS items
                   FROM webhooks.events ORDER BY seq"
 say "webhooks.deliveries: one row per event x subscription"
-"${SQL[@]}" -c "SELECT id, subscription_id AS sub, event_type, event_key AS key, status, attempts,
-                       last_status_code AS last_code, last_error
+"${SQL[@]}" -c "SELECT id, subscription_id, event_type, event_key, status, attempts, last_status_code, last_error
                   FROM webhooks.deliveries ORDER BY id"
 say "webhooks.attempts of the warehouse subscription (#$WH_ID): every HTTP attempt"
-"${SQL[@]}" -c "SELECT a.delivery_id, d.event_type, d.event_key AS key, a.attempt, a.status_code,
+"${SQL[@]}" -c "SELECT a.delivery_id, d.event_type, d.event_key, a.attempt, a.status_code,
                        round(a.duration_ms::numeric, 1) AS duration_ms, a.error
                   FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id
                  WHERE d.subscription_id = $WH_ID ORDER BY a.delivery_id, a.attempt"

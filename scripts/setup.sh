@@ -13,7 +13,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()
-for pkg in "postgresql-$PG_VERSION" "postgresql-server-dev-$PG_VERSION" libclang-dev clang sudo pkg-config; do
+for pkg in "postgresql-$PG_VERSION" "postgresql-server-dev-$PG_VERSION" libclang-dev clang sudo pkg-config curl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,5 +33,7 @@ fi
 
 if ! python3 -c 'import standardwebhooks' 2>/dev/null; then
     echo "setup: installing the standardwebhooks Python library"
-    python3 -m pip install -q --disable-pip-version-check standardwebhooks
+    # Debian's own python3 refuses system-wide pip installs; install for this user then.
+    python3 -m pip install -q --disable-pip-version-check standardwebhooks 2>/dev/null \
+        || python3 -m pip install -q --disable-pip-version-check --user --break-system-packages standardwebhooks
 fi

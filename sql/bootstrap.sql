@@ -90,6 +90,7 @@ CREATE TABLE webhooks._deliveries (
     redelivery_of    bigint
 );
 CREATE INDEX _deliveries_subscription_idx ON webhooks._deliveries (subscription_id, id);
+CREATE INDEX _deliveries_event_idx ON webhooks._deliveries (event_seq);
 
 -- API: Private. Only deliveries that still have an attempt to make live here.
 CREATE TABLE webhooks._queue (

@@ -562,7 +562,8 @@ fn net_events(
             let status_changed =
                 cfg.status_col.is_some() && t.row_touched && t.orig_status != cur.status;
             let row_changed = t.row_touched && t.orig_row != Some(digest(&cur.row));
-            let children_changed = t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
+            let children_changed =
+                t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
             if status_changed {
                 let extra =
                     serde_json::json!({"previous_status": t.orig_status, "status": cur.status})

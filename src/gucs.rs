@@ -1,8 +1,9 @@
 //! Every `webhooks.*` setting, registered once from `_PG_init` and read through accessors.
 //! The README has the same table; keep them in step.
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
-use std::ffi::CString;
+use crate::schedule;
+use pgrx::{pg_guard, pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 
 /// Database the delivery worker serves (it waits until the database and extension exist).
@@ -75,13 +76,12 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
+    define_checked_string(
         c"webhooks.retry_schedule",
         c"Waits between delivery attempts, e.g. 5s,10s,20s,40s,80s.",
         c"Units ms, s, m, h; 'immediate' means no wait. Attempts = 1 + number of waits. Jittered by 10%.",
         &RETRY_SCHEDULE,
-        GucContext::Sighup,
-        GucFlags::default(),
+        check_retry_schedule,
     );
     GucRegistry::define_int_guc(
         c"webhooks.timeout",
@@ -113,21 +113,19 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
-    GucRegistry::define_string_guc(
+    define_checked_string(
         c"webhooks.disable_after",
         c"Disable a subscription whose endpoint has failed continuously this long.",
         c"An interval, e.g. '5 days'.",
         &DISABLE_AFTER,
-        GucContext::Sighup,
-        GucFlags::default(),
+        check_interval,
     );
-    GucRegistry::define_string_guc(
+    define_checked_string(
         c"webhooks.retention",
         c"Delete finished deliveries, attempts and events older than this.",
         c"An interval, e.g. '30 days'.",
         &RETENTION,
-        GucContext::Sighup,
-        GucFlags::default(),
+        check_interval,
     );
     GucRegistry::define_int_guc(
         c"webhooks.poll_interval",
@@ -155,6 +153,77 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+}
+
+type CheckHook = unsafe extern "C-unwind" fn(
+    *mut *mut c_char,
+    *mut *mut c_void,
+    pg_sys::GucSource::Type,
+) -> bool;
+
+/// A reloadable string setting whose value is checked when it is set: a bad value is refused
+/// (`SET`/`ALTER SYSTEM` fail; a bad config file line is logged and the old value kept).
+fn define_checked_string(
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    setting: &'static GucSetting<Option<CString>>,
+    check: CheckHook,
+) {
+    // SAFETY: the hook only reads the proposed value and sets the error detail.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            name,
+            short,
+            long,
+            setting,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check),
+            None,
+            None,
+        )
+    }
+}
+
+unsafe fn proposed(newval: *mut *mut c_char) -> Option<String> {
+    if newval.is_null() || (*newval).is_null() {
+        None
+    } else {
+        Some(CStr::from_ptr(*newval).to_string_lossy().into_owned())
+    }
+}
+
+unsafe fn refuse(detail: &str) -> bool {
+    let detail = CString::new(detail).unwrap_or_default();
+    pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_retry_schedule(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match proposed(newval).map(|v| schedule::parse_retry_schedule(&v)) {
+        Some(Err(e)) => refuse(&format!("{e}. Example: 5s,10s,20s,40s,80s")),
+        _ => true,
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_interval(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match proposed(newval) {
+        Some(v) if !schedule::is_plain_interval(&v) => {
+            refuse("Give a count and a unit, e.g. '5 days', '12 hours' or '30 min'.")
+        }
+        _ => true,
+    }
 }
 
 fn string_of(setting: &GucSetting<Option<CString>>, default: &str) -> String {

@@ -277,13 +277,14 @@ pub fn release_claims() -> SpiResult<()> {
     Spi::run("UPDATE webhooks._queue SET claimed_at = NULL WHERE claimed_at IS NOT NULL")
 }
 
-/// Seconds until the next scheduled retry of an active subscription. Deliveries already due
-/// but not claimable wait for an in-flight one to finish, which wakes the worker anyway.
+/// Seconds until the next scheduled retry of an active subscription, run in the claim's
+/// transaction: deliveries due by its now() that it did not claim wait for an in-flight one
+/// to finish (which wakes the worker anyway); later ones set the timer.
 pub fn seconds_until_next_due() -> SpiResult<Option<f64>> {
     Spi::get_one::<f64>(
         "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
            FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-          WHERE q.claimed_at IS NULL AND q.next_attempt_at > pg_catalog.clock_timestamp()",
+          WHERE q.claimed_at IS NULL AND q.next_attempt_at > now()",
     )
 }
 
@@ -301,7 +302,7 @@ pub fn apply_retention(retention: &str) -> SpiResult<()> {
          DELETE FROM webhooks._events e
           WHERE e.seq IN (SELECT seq FROM webhooks._events ORDER BY seq LIMIT 5000)
             AND e.created_at < now() - $1::interval
-            AND NOT EXISTS (SELECT 1 FROM webhooks._queue q WHERE q.event_seq = e.seq)
+            AND NOT EXISTS (SELECT 1 FROM webhooks._deliveries d WHERE d.event_seq = e.seq AND d.id NOT IN (SELECT id FROM old))
             AND NOT EXISTS (SELECT 1 FROM webhooks._pending p WHERE e.seq = ANY (p.seqs))",
         &[retention.into()],
     )

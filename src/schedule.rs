@@ -95,6 +95,64 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Whether `s` is an interval of the plain form `<count> <unit> [<count> <unit> ...]`
+/// (units from microseconds to weeks, singular or plural or abbreviated), which PostgreSQL
+/// always accepts. Interval settings are checked with this so that a typo is refused when it
+/// is set rather than breaking the worker's SQL later.
+pub fn is_plain_interval(s: &str) -> bool {
+    const UNITS: &[&str] = &[
+        "us",
+        "usec",
+        "usecs",
+        "microsecond",
+        "microseconds",
+        "ms",
+        "msec",
+        "msecs",
+        "millisecond",
+        "milliseconds",
+        "s",
+        "sec",
+        "secs",
+        "second",
+        "seconds",
+        "m",
+        "min",
+        "mins",
+        "minute",
+        "minutes",
+        "h",
+        "hour",
+        "hours",
+        "d",
+        "day",
+        "days",
+        "w",
+        "week",
+        "weeks",
+    ];
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let mut parts = Vec::new();
+    for w in &words {
+        // Allow both "5 days" and "5days".
+        let split = w.find(|c: char| !c.is_ascii_digit()).unwrap_or(w.len());
+        let (n, u) = w.split_at(split);
+        if !n.is_empty() {
+            parts.push(n);
+        }
+        if !u.is_empty() {
+            parts.push(u);
+        }
+    }
+    !parts.is_empty()
+        && parts.len() % 2 == 0
+        && parts.chunks(2).all(|p| {
+            p[0].len() <= 9
+                && p[0].chars().all(|c| c.is_ascii_digit())
+                && UNITS.contains(&p[1].to_ascii_lowercase().as_str())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +312,35 @@ mod tests {
         let now = SystemTime::now();
         for bad in ["", "soon", "-5", "1.5", "5s", "Someday, 99 Nov 1994"] {
             assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn plain_intervals_are_recognised() {
+        for ok in [
+            "5 days",
+            "30 days",
+            "1s",
+            "1 hour 30 minutes",
+            "90 min",
+            "2h",
+            "12 HOURS",
+            "1 week",
+        ] {
+            assert!(is_plain_interval(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "5",
+            "days",
+            "5 dayz",
+            "-1 day",
+            "1.5 days",
+            "5 days ago",
+            "P1D",
+            "1 month",
+        ] {
+            assert!(!is_plain_interval(bad), "{bad}");
         }
     }
 }

@@ -45,12 +45,31 @@ pub fn wake() {
     }
 }
 
+/// Whether the database exists. The launcher is connected to no database, so it cannot use
+/// the syscache; like PostgreSQL's autovacuum launcher it scans the shared pg_database.
 fn database_exists(name: &str) -> bool {
-    let Ok(cname) = std::ffi::CString::new(name) else {
-        return false;
-    };
     BackgroundWorker::transaction(|| unsafe {
-        pg_sys::get_database_oid(cname.as_ptr(), true) != pg_sys::InvalidOid
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, lock);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = false;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let header = (*tuple).t_data;
+            let form = (header as *const u8).add((*header).t_hoff as usize)
+                as *const pg_sys::FormData_pg_database;
+            if std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_bytes() == name.as_bytes()
+            {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, lock);
+        found
     })
 }
 
@@ -317,6 +336,7 @@ fn run_once(
 
     let capacity = gucs::concurrency().saturating_sub(in_flight.total());
     let mut claimed_all = false;
+    let mut next_due = None;
     if capacity > 0 {
         let limit = capacity.min(batch as usize) as i32;
         let counts: Vec<(i64, i32)> = in_flight
@@ -324,17 +344,20 @@ fn run_once(
             .iter()
             .map(|(s, n)| (*s, *n))
             .collect();
-        let claimed = BackgroundWorker::transaction(move || {
-            queue::claim(
+        // The next retry is looked up in the claim's transaction: both see the same now().
+        let (claimed, due) = BackgroundWorker::transaction(move || {
+            let claimed = queue::claim(
                 limit,
                 gucs::max_in_flight_per_endpoint(),
                 &counts,
                 gucs::timeout(),
                 gucs::max_response_bytes(),
-            )
+            )?;
+            Ok::<_, pgrx::spi::Error>((claimed, queue::seconds_until_next_due()?))
         })
         .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
         claimed_all = (claimed.len() as i32) < limit;
+        next_due = due;
         for c in claimed {
             in_flight.add(&c);
             pool.submit(c.job);
@@ -356,12 +379,10 @@ fn run_once(
             Duration::ZERO
         };
     }
-    let next_due = BackgroundWorker::transaction(queue::seconds_until_next_due)
-        .ok()
-        .flatten();
     let poll = gucs::poll_interval();
     match next_due {
-        Some(s) => Duration::from_secs_f64(s).min(poll),
+        // Round up, so the worker never wakes a hair before the retry is due.
+        Some(s) => (Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(1)).min(poll),
         None => poll,
     }
 }

@@ -363,3 +363,29 @@ fn roles_manage_and_read_without_ever_seeing_secrets() {
         SqlState::INSUFFICIENT_PRIVILEGE,
     );
 }
+
+#[test]
+fn bad_settings_are_refused_when_set() {
+    let mut c = cluster().connect();
+    for (name, bad) in [
+        ("webhooks.retry_schedule", "5x,10s"),
+        ("webhooks.retry_schedule", "5s,,10s"),
+        ("webhooks.disable_after", "soon"),
+        ("webhooks.retention", "30 dayz"),
+    ] {
+        let m = fails(
+            &mut c,
+            &format!("ALTER SYSTEM SET {name} = '{bad}'"),
+            SqlState::INVALID_PARAMETER_VALUE,
+        );
+        assert!(m.contains(name), "{m}");
+    }
+    c.batch_execute("ALTER SYSTEM SET webhooks.retry_schedule = 'immediate,1m,5m,30m,2h'")
+        .expect("a good schedule is accepted");
+    c.batch_execute("ALTER SYSTEM SET webhooks.retention = '7 days'")
+        .expect("a good interval is accepted");
+    c.batch_execute("ALTER SYSTEM RESET webhooks.retry_schedule")
+        .expect("reset");
+    c.batch_execute("ALTER SYSTEM RESET webhooks.retention")
+        .expect("reset");
+}

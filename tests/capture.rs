@@ -427,13 +427,23 @@ fn drop_extension_with_tracked_tables_fails_with_a_hint() {
 #[test]
 fn a_transaction_touching_many_rows_is_captured_whole() {
     let mut c = orders("bulk");
-    c.batch_execute("INSERT INTO bulk_orders (id, total) SELECT g, g FROM generate_series(1, 12000) g").expect("bulk insert");
-    c.batch_execute("UPDATE bulk_orders SET total = total + 1 WHERE id % 2 = 0").expect("bulk update");
+    c.batch_execute(
+        "INSERT INTO bulk_orders (id, total) SELECT g, g FROM generate_series(1, 12000) g",
+    )
+    .expect("bulk insert");
+    c.batch_execute("UPDATE bulk_orders SET total = total + 1 WHERE id % 2 = 0")
+        .expect("bulk update");
     let counts: Vec<(String, i64)> = c
         .query("SELECT type, count(*) FROM webhooks.events WHERE entity = 'bulk' GROUP BY type ORDER BY type", &[])
         .expect("counts")
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(counts, [("bulk.created".to_string(), 12000), ("bulk.updated".to_string(), 6000)]);
+    assert_eq!(
+        counts,
+        [
+            ("bulk.created".to_string(), 12000),
+            ("bulk.updated".to_string(), 6000)
+        ]
+    );
 }

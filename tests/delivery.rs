@@ -30,7 +30,7 @@ fn db() -> Client {
 /// `<e>_orders` tracked as entity `<e>` with a status column.
 fn orders(c: &mut Client, e: &str) {
     c.batch_execute(&format!(
-        "CREATE TABLE {e}_orders (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending', customer text);
+        "CREATE TABLE {e}_orders (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending', customer text, total numeric);
          SELECT webhooks.track('{e}_orders', entity => '{e}', status_column => 'status');"
     ))
     .expect("orders table");
@@ -114,7 +114,7 @@ fn committed_events_arrive_signed_with_the_contract_headers_and_body() {
         ", headers => '{\"X-Api-Key\": \"k-123\"}'",
         json!({}),
     );
-    c.batch_execute("INSERT INTO sig_orders (id, customer) VALUES (1, 'ada')")
+    c.batch_execute("INSERT INTO sig_orders (id, customer, total) VALUES (1, 'ada', 59.90)")
         .expect("insert");
     c.batch_execute("UPDATE sig_orders SET status = 'paid' WHERE id = 1")
         .expect("update");
@@ -142,6 +142,14 @@ fn committed_events_arrive_signed_with_the_contract_headers_and_body() {
         assert_eq!(header(req, "x-api-key"), "k-123");
         let body = req["body"].as_str().unwrap_or("");
         assert!(!body.contains(": "), "compact JSON: {body}");
+        assert!(
+            body.contains(r#""total":59.90"#),
+            "numbers exactly as stored: {body}"
+        );
+        assert!(
+            body.starts_with(&format!(r#"{{"id":"{id}","type":"#)),
+            "{body}"
+        );
         assert!(req["json"]["created_at"]
             .as_str()
             .unwrap_or("")
@@ -797,4 +805,32 @@ fn one_deadline_per_attempt_capped_bodies_and_no_redirects() {
         "a redirect is an answer, not followed"
     );
     assert_eq!(rx.log("/moved").len(), 1);
+}
+
+#[test]
+fn the_worker_waits_for_its_database_and_the_extension_without_crashing() {
+    let own = Cluster::start("latedb", &["webhooks.database = 'shop_later'"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    own.connect()
+        .batch_execute("CREATE DATABASE shop_later")
+        .expect("create database");
+    std::thread::sleep(Duration::from_millis(1500));
+    let rx = Receiver::start();
+    let mut c = own.connect_db("shop_later");
+    c.batch_execute("CREATE EXTENSION pg_webhooks")
+        .expect("create extension");
+    let (sub, _) = subscribe(&mut c, &rx, "/later-db", "{shop.*}", "", json!({}));
+    c.batch_execute(r#"SELECT webhooks.emit('shop.opened', '{}')"#)
+        .expect("emit");
+    rx.wait_for_requests("/later-db", 1, WAIT);
+    wait_until_all(&mut c, sub, 1, "succeeded");
+    let log = own.server_log();
+    assert!(
+        !log.contains("FATAL"),
+        "no worker crashed while waiting:\n{log}"
+    );
+    assert!(
+        !log.contains("exited with exit code"),
+        "no worker exited while waiting:\n{log}"
+    );
 }

@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# Capture-overhead benchmark: how much slower do order writes get when pg_webhooks tracks
+# the table? One command, prints a table; see BENCHMARKS.md for what it measures.
+#
+#   bench/run.sh
+#
+# 1. ./scripts/setup.sh, then a release build installed with `cargo pgrx install --release`.
+# 2. A private copy of that build (the .so plus the extension SQL generated from the same
+#    build) in a private PostgreSQL "install tree" under a temp dir, so a debug build that
+#    another test run installs into the shared PostgreSQL directory meanwhile cannot change
+#    what is measured. The tree links every other file to the system installation; only the
+#    `postgres` binary is copied (PostgreSQL finds $libdir and its share dir relative to it).
+# 3. A throwaway cluster (port 28830, 127.0.0.1 only, pg_webhooks preloaded, webhooks.database
+#    = bench) with two identical schemas in one database: plain.* (untracked) and tracked.*
+#    (webhooks.track on tracked.orders with tracked.order_items as the "items" child).
+#    No subscriptions: the delivery worker only fans each transaction out to nobody (it still
+#    deletes the _pending row of every capturing transaction).
+# 4. pgbench, 8 clients / 2 threads, fixed duration, two workloads (order insert = order +
+#    3 items in one transaction; status update = one UPDATE of a random existing order to a
+#    random status), plain and tracked alternated (plain, tracked, tracked, plain, ...), and
+#    the median TPS of each plus the ratio tracked/plain.
+# Everything it starts is stopped and removed on exit (also on Ctrl-C or failure).
+#
+# Knobs (environment): BENCH_PORT (28830), BENCH_DURATION seconds per run (20), BENCH_ROUNDS (3),
+# BENCH_WARMUP seconds per variant, not counted (5), BENCH_ORDERS preloaded orders per schema
+# (100000), BENCH_FSYNC on|off (off: fsync and synchronous_commit off, so the runs are CPU-bound
+# and show the capture's CPU cost undiluted by WAL flush waits), BENCH_SHARED_BUFFERS (512MB),
+# BENCH_MAX_SECONDS budget for everything after the build (600), BENCH_KEEP=1 keeps the temp
+# dir (server log, pgbench output), BENCH_SKIP_BUILD=1 reuses target/release as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PORT=${BENCH_PORT:-28830}
+DURATION=${BENCH_DURATION:-20}
+ROUNDS=${BENCH_ROUNDS:-3}
+WARMUP=${BENCH_WARMUP:-5}
+ORDERS=${BENCH_ORDERS:-100000}
+FSYNC=${BENCH_FSYNC:-off}
+SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-512MB}
+MAX_SECONDS=${BENCH_MAX_SECONDS:-600}
+CLIENTS=8
+THREADS=2
+DB=bench
+TARGET_INSERT=0.85
+TARGET_UPDATE=0.75
+
+say() { printf '\n=== %s\n' "$*"; }
+die() { echo "bench: $*" >&2; exit 1; }
+cfg() { python3 scripts/config.py "$1"; }
+case "$FSYNC" in on|off) ;; *) die "BENCH_FSYNC must be on or off" ;; esac
+
+machine_load() {   # what else is running: load average and the busiest processes right now
+    echo "    $(uptime)"
+    top -b -n 2 -d 1 -w 200 2>/dev/null | awk '/^top -/{n++} n==2 && /^ *[0-9]+ /{ if ($9+0 >= 2.0) print "    " $0 }' | head -n 12
+}
+
+say "Machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo); load before the build"
+machine_load
+
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    say "Setup (packages, cargo-pgrx)"
+    ./scripts/setup.sh
+fi
+PG_CONFIG=$(cfg postgres.pg_config)
+BINDIR=$("$PG_CONFIG" --bindir)
+PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
+SHAREDIR=$("$PG_CONFIG" --sharedir)
+VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+
+if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    say "Build (release, lto) and install into $PKGLIBDIR (waits on cargo's lock if another build runs)"
+    if [ "$(id -u)" -eq 0 ]; then
+        timeout 1800 cargo pgrx install --release --pg-config "$PG_CONFIG"
+    else
+        timeout 1800 cargo pgrx install --release --pg-config "$PG_CONFIG" --sudo
+    fi
+fi
+START=$SECONDS   # the time budget covers everything after the build
+
+# Private install tree: same PostgreSQL, our own $libdir/pg_webhooks.so and extension SQL.
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/pg_webhooks_bench.XXXXXX")
+chmod 755 "$DIR"
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ -f "$DIR/data/postmaster.pid" ]; then
+        "${AS[@]}" "$BINDIR/pg_ctl" -D "$DIR/data" stop -m fast -w -t 30 >/dev/null 2>&1 ||
+            "${AS[@]}" "$BINDIR/pg_ctl" -D "$DIR/data" stop -m immediate -w >/dev/null 2>&1 || true
+    fi
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        echo "bench: kept $DIR"
+    else
+        rm -rf "$DIR"
+    fi
+    exit "$rc"
+}
+AS=()
+[ "$(id -u)" -ne 0 ] || AS=(runuser -u postgres --)   # initdb refuses root
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "Private copy of the release build in $DIR/inst"
+SQLFILE="$DIR/pg_webhooks--$VERSION.sql"
+# The SQL comes from the same release build (cached: no rebuild unless src/ changed since the
+# install, in which case both the SQL and the .so below are the newer build, consistently).
+timeout 900 cargo pgrx schema --release --pg-config "$PG_CONFIG" -o "$SQLFILE" >"$DIR/schema.log" 2>&1 ||
+    { cat "$DIR/schema.log" >&2; die "cargo pgrx schema failed"; }
+INST="$DIR/inst"
+PRIV_BIN="$INST$BINDIR" PRIV_LIB="$INST$PKGLIBDIR" PRIV_SHARE="$INST$SHAREDIR"
+mkdir -p "$PRIV_BIN" "$PRIV_LIB" "$PRIV_SHARE/extension"
+cp "$BINDIR/postgres" "$PRIV_BIN/postgres"      # a copy: PostgreSQL resolves symlinked binaries
+for f in "$PKGLIBDIR"/*; do
+    case "$(basename "$f")" in pg_webhooks.so) ;; *) ln -s "$f" "$PRIV_LIB/" ;; esac
+done
+for f in "$SHAREDIR"/*; do
+    case "$(basename "$f")" in extension) ;; *) ln -s "$f" "$PRIV_SHARE/" ;; esac
+done
+for f in "$SHAREDIR"/extension/*; do
+    case "$(basename "$f")" in pg_webhooks*) ;; *) ln -s "$f" "$PRIV_SHARE/extension/" ;; esac
+done
+cp target/release/libpg_webhooks.so "$PRIV_LIB/pg_webhooks.so"
+sed "s/@CARGO_VERSION@/$VERSION/" pg_webhooks.control >"$PRIV_SHARE/extension/pg_webhooks.control"
+cp "$SQLFILE" "$PRIV_SHARE/extension/"
+SO_MD5=$(md5sum "$PRIV_LIB/pg_webhooks.so" | cut -c1-12)
+INSTALLED_MD5=$(md5sum "$PKGLIBDIR/pg_webhooks.so" | cut -c1-12)
+SRC_STATE="commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+if [ -n "$(git status --porcelain -- src sql Cargo.toml Cargo.lock 2>/dev/null)" ]; then
+    SRC_STATE="$SRC_STATE + uncommitted changes in src/sql (diff md5 $(git diff HEAD -- src sql Cargo.toml | md5sum | cut -c1-12))"
+fi
+echo "    measured build: release (lto=fat, opt-level 3), pg_webhooks.so md5 $SO_MD5, $(stat -c %s "$PRIV_LIB/pg_webhooks.so") bytes"
+echo "    source: $SRC_STATE"
+[ "$SO_MD5" = "$INSTALLED_MD5" ] ||
+    echo "    note: $PKGLIBDIR/pg_webhooks.so is now another build (md5 $INSTALLED_MD5); the private copy is used"
+
+for p in "$PORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        die "port $p is already in use (another benchmark running?); set BENCH_PORT"
+    fi
+done
+
+say "Throwaway cluster (port $PORT, 127.0.0.1 only, database $DB)"
+[ ${#AS[@]} -eq 0 ] || chown postgres "$DIR"   # initdb creates $DIR/data as postgres
+"${AS[@]}" "$BINDIR/initdb" -A trust -U postgres --no-sync -E UTF8 -D "$DIR/data" >/dev/null
+{
+    echo "port = $PORT"
+    echo "listen_addresses = '127.0.0.1'"
+    echo "unix_socket_directories = '$DIR'"
+    echo "max_connections = 40"
+    echo "shared_preload_libraries = 'pg_webhooks'"
+    echo "webhooks.database = '$DB'"
+    echo "shared_buffers = '$SHARED_BUFFERS'"
+    echo "fsync = $FSYNC"
+    echo "synchronous_commit = $FSYNC"
+    echo "max_wal_size = '8GB'"
+    echo "checkpoint_timeout = '30min'"
+    echo "jit = off"
+    echo "log_min_messages = warning"
+} >"$DIR/data/postgresql.auto.conf"
+sed 's/^/    /' "$DIR/data/postgresql.auto.conf"
+if ! "${AS[@]}" "$BINDIR/pg_ctl" -D "$DIR/data" -p "$PRIV_BIN/postgres" -l "$DIR/server.log" -w -t 60 start >/dev/null; then
+    tail -n 20 "$DIR/server.log" >&2 || true
+    die "PostgreSQL did not start (server log above)"
+fi
+PM_PID=$(head -n 1 "$DIR/data/postmaster.pid")
+PSQL=("$BINDIR/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -P pager=off)
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE $DB"
+SQL=("${PSQL[@]}" -d "$DB")
+"${SQL[@]}" -c "CREATE EXTENSION pg_webhooks"
+# Prove the private build is the one loaded (postmaster maps it; $libdir points to the tree).
+grep -q " $PRIV_LIB/pg_webhooks.so\$" "/proc/$PM_PID/maps" || die "the postmaster did not load $PRIV_LIB/pg_webhooks.so"
+[ "$("${SQL[@]}" -At -c "SELECT setting FROM pg_config WHERE name = 'PKGLIBDIR'")" = "$PRIV_LIB" ] ||
+    die "\$libdir is not the private tree"
+echo "    loaded: $PRIV_LIB/pg_webhooks.so (checked in /proc/$PM_PID/maps and pg_config's PKGLIBDIR)"
+
+say "Schemas plain.* and tracked.*, $ORDERS orders with 3 items each in both"
+for s in plain tracked; do   # the same DDL for both schemas
+    "${SQL[@]}" <<SQL
+CREATE SCHEMA $s;
+CREATE TABLE $s.orders (
+    id bigint PRIMARY KEY, customer text, status text NOT NULL DEFAULT 'pending', total numeric,
+    created_at timestamptz DEFAULT now());
+CREATE TABLE $s.order_items (
+    id bigserial PRIMARY KEY, order_id bigint REFERENCES $s.orders, sku text, qty int, price numeric);
+CREATE INDEX ON $s.order_items (order_id);
+CREATE SEQUENCE $s.order_id_seq START $((ORDERS + 1));
+SQL
+done
+"${SQL[@]}" <<SQL
+INSERT INTO plain.orders (id, customer, status, total, created_at)
+SELECT g, 'customer-' || (g % 5000), (ARRAY['pending', 'paid', 'shipped', 'delivered'])[1 + g % 4],
+       round((random() * 500)::numeric, 2), now() - g * interval '1 minute'
+  FROM generate_series(1, $ORDERS) g;
+INSERT INTO plain.order_items (order_id, sku, qty, price)
+SELECT g, 'SKU-' || ((g * 7 + i) % 1000), 1 + (g + i) % 5, round((random() * 100)::numeric, 2)
+  FROM generate_series(1, $ORDERS) g, generate_series(1, 3) i ORDER BY g, i;
+-- Identical rows in the tracked schema, loaded before tracking (the preload is not captured).
+INSERT INTO tracked.orders SELECT * FROM plain.orders ORDER BY id;
+INSERT INTO tracked.order_items SELECT * FROM plain.order_items ORDER BY id;
+SELECT setval('tracked.order_items_id_seq', (SELECT max(id) FROM tracked.order_items));
+
+SELECT webhooks.track('tracked.orders', entity => 'order', status_column => 'status',
+                      children => '{"items": {"table": "tracked.order_items", "foreign_key": "order_id"}}');
+SQL
+"${SQL[@]}" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+SUBS=$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._subscriptions")
+echo "    subscriptions: $SUBS (the worker fans out to nobody)"
+"${SQL[@]}" -At -F ' ' -c "SELECT 'triggers on tracked tables:', string_agg(tgrelid::regclass || '.' || tgname, ', ') FROM pg_trigger WHERE NOT tgisinternal"
+
+# pgbench scripts, one per workload and schema (@S@ = schema).
+cat >"$DIR/insert.tmpl" <<'EOF'
+\set cust random(1, 5000)
+\set total random(100, 50000)
+\set sku random(1, 997)
+\set q1 random(1, 5)
+\set q2 random(1, 5)
+\set q3 random(1, 5)
+BEGIN;
+INSERT INTO @S@.orders (id, customer, total) VALUES (nextval('@S@.order_id_seq'), 'customer-' || :cust::text, :total / 100.0) RETURNING id AS oid \gset
+INSERT INTO @S@.order_items (order_id, sku, qty, price) VALUES (:oid, 'SKU-' || :sku::text, :q1, 19.99);
+INSERT INTO @S@.order_items (order_id, sku, qty, price) VALUES (:oid, 'SKU-' || (:sku + 1)::text, :q2, 5.49);
+INSERT INTO @S@.order_items (order_id, sku, qty, price) VALUES (:oid, 'SKU-' || (:sku + 2)::text, :q3, 102.00);
+END;
+EOF
+cat >"$DIR/update.tmpl" <<EOF
+\\set oid random(1, $ORDERS)
+\\set st random(1, 4)
+UPDATE @S@.orders SET status = (ARRAY['pending', 'paid', 'shipped', 'delivered']::text[])[:st] WHERE id = :oid;
+EOF
+for w in insert update; do
+    for s in plain tracked; do
+        sed "s/@S@/$s/g" "$DIR/$w.tmpl" >"$DIR/$w-$s.sql"
+    done
+done
+
+cpu_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }   # user nice system irq softirq
+pg_cpu() {   # clock ticks used by our postmaster and all its children, living and reaped
+    local t c
+    t=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$PM_PID/stat")
+    for c in $(pgrep -P "$PM_PID" || true); do
+        t=$((t + $(awk '{print $14 + $15}' "/proc/$c/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+
+RESULTS="$DIR/results.tsv"
+: >"$RESULTS"
+run_pgbench() {   # workload schema seconds label -> one line in results.tsv (unless warm-up)
+    local w=$1 s=$2 secs=$3 label=$4 out="$DIR/pgbench-$1-$2-$4.out"
+    if [ $((SECONDS - START + secs + 15)) -gt "$MAX_SECONDS" ]; then
+        echo "    $w/$s $label: skipped, BENCH_MAX_SECONDS=$MAX_SECONDS would be exceeded" | tee -a "$DIR/skipped"
+        return 0
+    fi
+    "${SQL[@]}" -c "CHECKPOINT"
+    local busy0 pg0 busy1 pg1
+    busy0=$(cpu_busy) pg0=$(pg_cpu)
+    if ! timeout $((secs + 60)) /usr/bin/time -f '%U %S' -o "$out.time" \
+        "$BINDIR/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -n -M prepared \
+        -c "$CLIENTS" -j "$THREADS" -T "$secs" -f "$DIR/$w-$s.sql" "$DB" >"$out" 2>&1; then
+        cat "$out" >&2
+        die "pgbench $w/$s failed"
+    fi
+    busy1=$(cpu_busy) pg1=$(pg_cpu)
+    local tps n lat failed other
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")
+    n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
+    [ -n "$tps" ] || { cat "$out" >&2; die "no tps in the pgbench output"; }
+    # CPU used during the run by anything other than our cluster and pgbench, in cores.
+    other=$(awk -v b="$((busy1 - busy0))" -v p="$((pg1 - pg0))" -v hz="$HZ" -v s="$secs" \
+        '{o = (b - p) / hz - $1 - $2; if (o < 0) o = 0; printf "%.2f", o / s}' "$out.time")
+    printf '    %-7s %-8s %-7s %10.1f tps  %8s tx  lat %7s ms  failed %s  other load %s cores\n' \
+        "$w" "$s" "$label" "$tps" "$n" "$lat" "${failed:-0}" "$other"
+    if [ "$label" != warmup ]; then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" >>"$RESULTS"
+    else
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" >>"$DIR/warmup.tsv"
+    fi
+}
+
+say "Load on the machine before the runs"
+machine_load
+say "pgbench: $CLIENTS clients, $THREADS threads, -M prepared, ${DURATION}s per run, $ROUNDS rounds, plain/tracked alternated"
+for w in insert update; do
+    run_pgbench "$w" plain "$WARMUP" warmup
+    run_pgbench "$w" tracked "$WARMUP" warmup
+    for r in $(seq 1 "$ROUNDS"); do
+        if [ $((r % 2)) -eq 1 ]; then order="plain tracked"; else order="tracked plain"; fi
+        for s in $order; do
+            run_pgbench "$w" "$s" "$DURATION" "round$r"
+        done
+    done
+done
+say "Load on the machine after the runs"
+machine_load
+
+say "Sanity: capture ran (events written; the worker drained _pending)"
+for _ in $(seq 60); do
+    [ "$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._pending")" = 0 ] && break
+    sleep 0.5
+done
+"${SQL[@]}" -c "SELECT type, count(*) AS events FROM webhooks._events GROUP BY type ORDER BY type"
+read -r EVENTS PENDING DELIVERIES < <("${SQL[@]}" -At -F ' ' -c \
+    "SELECT (SELECT count(*) FROM webhooks._events), (SELECT count(*) FROM webhooks._pending), (SELECT count(*) FROM webhooks._deliveries)")
+TRACKED_INSERT_TX=$(cat "$RESULTS" "$DIR/warmup.tsv" 2>/dev/null | awk -F'\t' '$1 == "insert" && $2 == "tracked" {n += $5} END {print n + 0}')
+CREATED=$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._events WHERE type = 'order.created'")
+echo "    webhooks._events: $EVENTS rows; _pending left: $PENDING; _deliveries: $DELIVERIES"
+echo "    order.created events: $CREATED; tracked order-insert transactions committed (pgbench, incl. warm-up): $TRACKED_INSERT_TX"
+[ "$EVENTS" -gt 0 ] || die "no events were written: capture did not run"
+[ "$CREATED" = "$TRACKED_INSERT_TX" ] || echo "    WARNING: order.created events != tracked insert transactions"
+
+say "Result (median of $ROUNDS runs of ${DURATION}s; fsync=$FSYNC; build md5 $SO_MD5)"
+python3 - "$RESULTS" "$TARGET_INSERT" "$TARGET_UPDATE" <<'PY'
+import statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+targets = {"insert": float(sys.argv[2]), "update": float(sys.argv[3])}
+names = {"insert": "order insert (order + 3 items)", "update": "status update (1 UPDATE)"}
+print(f"    {'workload':<32} {'plain tps':>10} {'tracked tps':>12} {'ratio':>7} {'target':>7}  verdict   runs plain / tracked")
+for w in ("insert", "update"):
+    tps = {s: [float(r[3]) for r in rows if r[0] == w and r[1] == s] for s in ("plain", "tracked")}
+    if not tps["plain"] or not tps["tracked"]:
+        print(f"    {names[w]:<32} (not measured)")
+        continue
+    p, t = statistics.median(tps["plain"]), statistics.median(tps["tracked"])
+    ratio = t / p
+    verdict = "meets" if ratio >= targets[w] else "BELOW"
+    runs = " ".join(f"{x:.0f}" for x in tps["plain"]) + " / " + " ".join(f"{x:.0f}" for x in tps["tracked"])
+    print(f"    {names[w]:<32} {p:>10.1f} {t:>12.1f} {ratio:>7.3f} {'>= ' + str(targets[w]):>7}  {verdict:<8}  {runs}")
+other = [float(r[6]) for r in rows]
+if other:
+    print(f"    other load during the runs (CPU not used by this cluster or pgbench): "
+          f"max {max(other):.2f} cores, median {statistics.median(other):.2f} cores")
+PY
+[ ! -f "$DIR/skipped" ] || echo "    NOTE: some runs were skipped for time (BENCH_MAX_SECONDS)"
+echo "    total time after the build: $((SECONDS - START)) s"
