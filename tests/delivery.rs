@@ -834,3 +834,70 @@ fn the_worker_waits_for_its_database_and_the_extension_without_crashing() {
         "no worker exited while waiting:\n{log}"
     );
 }
+
+/// pg_webhooks processes running on a server.
+fn webhook_processes(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'pg_webhooks%'",
+        &[],
+    )
+    .expect("pg_stat_activity")
+    .get(0)
+}
+
+#[test]
+fn a_standby_delivers_nothing_until_promoted_then_carries_on() {
+    let primary = Cluster::start(
+        "primary",
+        &["webhooks.retry_schedule = '300ms,300ms,300ms,300ms,300ms,300ms,300ms,300ms'"],
+    );
+    let rx = Receiver::start();
+    let mut p = primary.connect();
+    let (sub, secret) = subscribe(&mut p, &rx, "/failover", "{fo.*}", "", json!({}));
+    p.batch_execute(r#"SELECT webhooks.emit('fo.before', '{}')"#)
+        .expect("emit");
+    rx.wait_for_requests("/failover", 1, WAIT);
+    let standby = primary.start_standby("standby");
+    let mut s = standby.connect();
+    assert_eq!(
+        webhook_processes(&mut p),
+        2,
+        "launcher and worker on the primary"
+    );
+    rx.configure(json!({"path": "/failover", "secret": secret, "default_status": 503}));
+    p.batch_execute(r#"SELECT webhooks.emit('fo.during', '{}')"#)
+        .expect("emit");
+    rx.wait_for_requests("/failover", 2, WAIT);
+    // The failing delivery reached the standby through WAL; nothing runs there.
+    wait_for("the standby to replay the delivery", WAIT, || {
+        let n: i64 = s
+            .query_one("SELECT count(*) FROM webhooks.deliveries", &[])
+            .expect("count")
+            .get(0);
+        (n == 2).then_some(())
+    });
+    assert_eq!(
+        webhook_processes(&mut s),
+        0,
+        "no pg_webhooks process on a standby"
+    );
+    primary.kill();
+    rx.configure(json!({"path": "/failover", "secret": secret, "default_status": 200}));
+    s.batch_execute("SELECT pg_promote()").expect("promote");
+    wait_for("the worker to start on the promoted standby", WAIT, || {
+        (webhook_processes(&mut s) == 2).then_some(())
+    });
+    s.batch_execute(r#"SELECT webhooks.emit('fo.after', '{}')"#)
+        .expect("emit after promotion");
+    wait_until_all(&mut s, sub, 3, "succeeded");
+    let types: Vec<String> = rx
+        .log("/failover")
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| r["json"]["type"].to_string())
+        .collect();
+    assert!(
+        types.contains(&"\"fo.during\"".to_string()) && types.contains(&"\"fo.after\"".to_string()),
+        "{types:?}"
+    );
+}

@@ -133,6 +133,62 @@ impl Cluster {
         .expect("connect")
     }
 
+    /// A streaming standby of this cluster (pg_basebackup -R), started and in recovery.
+    pub fn start_standby(&self, name: &str) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("pg_webhooks_{name}_{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let data = dir.join("data");
+        let status = pg_command(&self.bindir.join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-D",
+            ])
+            .arg(&data)
+            .status()
+            .expect("pg_basebackup");
+        assert!(status.success(), "pg_basebackup failed");
+        let port = free_port();
+        let mut conf =
+            std::fs::read_to_string(data.join("postgresql.auto.conf")).expect("auto.conf");
+        conf.push_str(&format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        ));
+        std::fs::write(data.join("postgresql.auto.conf"), conf).expect("write conf");
+        let standby = Cluster {
+            port,
+            dir,
+            bindir: self.bindir.clone(),
+        };
+        standby.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&standby.dir.join("server.log")),
+        );
+        standby
+    }
+
+    /// Stop the server immediately, as a crash would, and leave it stopped.
+    pub fn kill(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"], None);
+    }
+
     /// A new database with the extension created in it, for tests that count rows.
     pub fn fresh_db(&self, name: &str) -> Client {
         self.connect()
