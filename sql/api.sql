@@ -361,14 +361,31 @@ BEGIN
 END
 $$;
 
+-- A delivery outside the per-key order (tests and redeliveries do not wait behind the live
+-- queue), due now; the worker is woken at commit. API: Private
+CREATE FUNCTION webhooks._enqueue_unordered(p_event_seq bigint, p_subscription bigint, p_redelivery_of bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at, redelivery_of)
+    VALUES (p_event_seq, p_subscription, now(), p_redelivery_of) RETURNING id INTO v_id;
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq) VALUES (v_id, p_subscription, p_event_seq);
+    PERFORM webhooks._wake_worker_at_commit();
+    RETURN v_id;
+END
+$$;
+
 CREATE FUNCTION webhooks.send_test(id bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    p_id       bigint := id;
-    v_seq      bigint;
-    v_delivery bigint;
+    p_id  bigint := id;
+    v_seq bigint;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     -- A test event is delivered to this subscription only, so it is not put on _pending.
@@ -376,11 +393,7 @@ BEGIN
     VALUES ('webhook.test', 'webhook', NULL,
             jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'))
     RETURNING seq INTO v_seq;
-    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
-    VALUES (v_seq, p_id, now()) RETURNING _deliveries.id INTO v_delivery;
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq) VALUES (v_delivery, p_id, v_seq);
-    PERFORM webhooks._wake_worker_at_commit();
-    RETURN v_delivery;
+    RETURN webhooks._enqueue_unordered(v_seq, p_id, NULL);
 END
 $$;
 
@@ -390,20 +403,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_old webhooks._deliveries;
-    v_id  bigint;
 BEGIN
     SELECT * INTO v_old FROM webhooks._deliveries d WHERE d.id = delivery;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'delivery % does not exist', coalesce(delivery::text, 'NULL') USING ERRCODE = 'no_data_found';
     END IF;
     PERFORM webhooks._subscription_exists(v_old.subscription_id);
-    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at, redelivery_of)
-    VALUES (v_old.event_seq, v_old.subscription_id, now(), v_old.id) RETURNING id INTO v_id;
-    -- Not ordered: a redelivery does not wait behind the live queue.
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq)
-    VALUES (v_id, v_old.subscription_id, v_old.event_seq);
-    PERFORM webhooks._wake_worker_at_commit();
-    RETURN v_id;
+    RETURN webhooks._enqueue_unordered(v_old.event_seq, v_old.subscription_id, v_old.id);
 END
 $$;
 

@@ -42,6 +42,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh, empty directory for a cluster, owned by the user PostgreSQL runs as.
+fn cluster_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pg_webhooks_{name}_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(ok.success(), "chown of the test cluster directory failed");
+    }
+    dir
+}
+
 pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
@@ -52,17 +68,7 @@ impl Cluster {
     /// initdb + start with pg_webhooks preloaded; `settings` are extra postgresql.conf lines.
     pub fn start(name: &str, settings: &[&str]) -> Cluster {
         let bindir = pg_bindir();
-        let dir = std::env::temp_dir().join(format!("pg_webhooks_{name}_{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(ok.success(), "chown of the test cluster directory failed");
-        }
+        let dir = cluster_dir(name);
         let data = dir.join("data");
         let status = pg_command(&bindir.join("initdb"))
             .args([
@@ -135,17 +141,7 @@ impl Cluster {
 
     /// A streaming standby of this cluster (pg_basebackup -R), started and in recovery.
     pub fn start_standby(&self, name: &str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("pg_webhooks_{name}_{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .expect("chown");
-            assert!(ok.success());
-        }
+        let dir = cluster_dir(name);
         let data = dir.join("data");
         let status = pg_command(&self.bindir.join("pg_basebackup"))
             .args([
