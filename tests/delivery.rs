@@ -901,3 +901,47 @@ fn a_standby_delivers_nothing_until_promoted_then_carries_on() {
         "{types:?}"
     );
 }
+
+#[test]
+fn retention_deletes_finished_history_and_keeps_what_is_still_queued() {
+    let own = Cluster::start("retention", &["webhooks.retention = '1s'"]);
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let (done, _) = subscribe(&mut c, &rx, "/kept-short", "{ret.*}", "", json!({}));
+    let (stuck, _) = subscribe(
+        &mut c,
+        &rx,
+        "/still-failing",
+        "{ret.*}",
+        ", retry_schedule => '1h'",
+        json!({"default_status": 500}),
+    );
+    c.batch_execute(r#"SELECT webhooks.emit('ret.old', '{}')"#)
+        .expect("emit");
+    wait_until_all(&mut c, done, 1, "succeeded");
+    wait_until_all(&mut c, stuck, 1, "retrying");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Housekeeping runs when a worker starts, then once a minute: start a new one.
+    c.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_webhooks worker'")
+        .expect("restart the worker");
+    wait_for("the finished delivery to be deleted", WAIT, || {
+        delivery_states(&mut c, done).is_empty().then_some(())
+    });
+    let counts: (i64, i64) = {
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM webhooks.events WHERE type = 'ret.old'),
+                        (SELECT count(*) FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id
+                          WHERE d.subscription_id = $1)",
+                &[&stuck],
+            )
+            .expect("counts");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        counts,
+        (1, 1),
+        "the event and attempt of the still-queued delivery are kept"
+    );
+    assert_eq!(delivery_states(&mut c, stuck).len(), 1);
+}
