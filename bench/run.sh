@@ -27,6 +27,8 @@
 # and show the capture's CPU cost undiluted by WAL flush waits), BENCH_SHARED_BUFFERS (512MB),
 # BENCH_MAX_SECONDS budget for everything after the build (600), BENCH_KEEP=1 keeps the temp
 # dir (server log, pgbench output), BENCH_SKIP_BUILD=1 reuses target/release as it is.
+# PGOPTIONS is passed on by libpq to every session (e.g. '-c plan_cache_mode=force_generic_plan'
+# for a diagnostic run; it then applies to the plain and the tracked side alike).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -196,15 +198,15 @@ SELECT g, 'SKU-' || ((g * 7 + i) % 1000), 1 + (g + i) % 5, round((random() * 100
 -- Identical rows in the tracked schema, loaded before tracking (the preload is not captured).
 INSERT INTO tracked.orders SELECT * FROM plain.orders ORDER BY id;
 INSERT INTO tracked.order_items SELECT * FROM plain.order_items ORDER BY id;
-SELECT setval('tracked.order_items_id_seq', (SELECT max(id) FROM tracked.order_items));
+SELECT setval('tracked.order_items_id_seq', (SELECT max(id) FROM tracked.order_items)) \\g /dev/null
 
 SELECT webhooks.track('tracked.orders', entity => 'order', status_column => 'status',
-                      children => '{"items": {"table": "tracked.order_items", "foreign_key": "order_id"}}');
+                      children => '{"items": {"table": "tracked.order_items", "foreign_key": "order_id"}}') \\g /dev/null
 SQL
 "${SQL[@]}" -c "VACUUM ANALYZE" -c "CHECKPOINT"
 SUBS=$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._subscriptions")
 echo "    subscriptions: $SUBS (the worker fans out to nobody)"
-"${SQL[@]}" -At -F ' ' -c "SELECT 'triggers on tracked tables:', string_agg(tgrelid::regclass || '.' || tgname, ', ') FROM pg_trigger WHERE NOT tgisinternal"
+"${SQL[@]}" -At -F ' ' -c "SELECT '    triggers:', string_agg(tgrelid::regclass || '.' || tgname, ', ') FROM pg_trigger WHERE NOT tgisinternal"
 
 # pgbench scripts, one per workload and schema (@S@ = schema).
 cat >"$DIR/insert.tmpl" <<'EOF'
@@ -241,6 +243,24 @@ pg_cpu() {   # clock ticks used by our postmaster and all its children, living a
     done
     echo "$t"
 }
+worker_pid() { pgrep -P "$PM_PID" -f 'pg_webhooks worker' | head -n 1; }
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+reaped_cpu() { awk '{print $16 + $17}' "/proc/$PM_PID/stat"; }
+children() { pgrep -P "$PM_PID" | wc -l; }
+settle() {   # wait until the run's backends have exited and been reaped (their CPU is then in cutime)
+    local last=-1 same=0 cur
+    for _ in $(seq 50); do
+        cur=$(reaped_cpu)
+        if [ "$cur" = "$last" ] && [ "$(children)" -le "$1" ]; then
+            same=$((same + 1))
+            [ "$same" -lt 3 ] || break
+        else
+            same=0
+        fi
+        last=$cur
+        sleep 0.1
+    done
+}
 HZ=$(getconf CLK_TCK)
 
 RESULTS="$DIR/results.tsv"
@@ -252,15 +272,25 @@ run_pgbench() {   # workload schema seconds label -> one line in results.tsv (un
         return 0
     fi
     "${SQL[@]}" -c "CHECKPOINT"
-    local busy0 pg0 busy1 pg1
-    busy0=$(cpu_busy) pg0=$(pg_cpu)
+    local busy0 pg0 busy1 pg1 t0 t1
+    local n0 wpid wk0 wk1
+    n0=$(children) wpid=$(worker_pid)
+    wk0=$(proc_cpu "$wpid")
+    t0=$(date +%s%N) busy0=$(cpu_busy) pg0=$(pg_cpu)
     if ! timeout $((secs + 60)) /usr/bin/time -f '%U %S' -o "$out.time" \
         "$BINDIR/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -n -M prepared \
         -c "$CLIENTS" -j "$THREADS" -T "$secs" -f "$DIR/$w-$s.sql" "$DB" >"$out" 2>&1; then
         cat "$out" >&2
         die "pgbench $w/$s failed"
     fi
-    busy1=$(cpu_busy) pg1=$(pg_cpu)
+    settle "$n0"
+    t1=$(date +%s%N) busy1=$(cpu_busy) pg1=$(pg_cpu)
+    if [ -n "$wpid" ] && [ "$(worker_pid)" = "$wpid" ]; then
+        wk1=$(proc_cpu "$wpid")
+        wk1=$(awk -v d="$((wk1 - wk0))" -v hz="$HZ" -v s="$(((t1 - t0) / 1000000))" 'BEGIN {printf "%.2f", d / hz / (s / 1000)}')
+    else
+        wk1="?"
+    fi
     local tps n lat failed other
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$out")
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
@@ -268,14 +298,14 @@ run_pgbench() {   # workload schema seconds label -> one line in results.tsv (un
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
     [ -n "$tps" ] || { cat "$out" >&2; die "no tps in the pgbench output"; }
     # CPU used during the run by anything other than our cluster and pgbench, in cores.
-    other=$(awk -v b="$((busy1 - busy0))" -v p="$((pg1 - pg0))" -v hz="$HZ" -v s="$secs" \
-        '{o = (b - p) / hz - $1 - $2; if (o < 0) o = 0; printf "%.2f", o / s}' "$out.time")
-    printf '    %-7s %-8s %-7s %10.1f tps  %8s tx  lat %7s ms  failed %s  other load %s cores\n' \
-        "$w" "$s" "$label" "$tps" "$n" "$lat" "${failed:-0}" "$other"
+    other=$(awk -v b="$((busy1 - busy0))" -v p="$((pg1 - pg0))" -v hz="$HZ" -v s="$(((t1 - t0) / 1000000))" \
+        '{o = (b - p) / hz - $1 - $2; if (o < 0) o = 0; printf "%.2f", o / (s / 1000)}' "$out.time")
+    printf '    %-7s %-8s %-7s %10.1f tps  %8s tx  lat %6s ms  failed %s  worker %s cores  other load %s cores\n' \
+        "$w" "$s" "$label" "$tps" "$n" "$lat" "${failed:-0}" "$wk1" "$other"
     if [ "$label" != warmup ]; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" "$wk1" >>"$RESULTS"
     else
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" >>"$DIR/warmup.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" "$wk1" >>"$DIR/warmup.tsv"
     fi
 }
 
@@ -327,6 +357,10 @@ for w in ("insert", "update"):
     verdict = "meets" if ratio >= targets[w] else "BELOW"
     runs = " ".join(f"{x:.0f}" for x in tps["plain"]) + " / " + " ".join(f"{x:.0f}" for x in tps["tracked"])
     print(f"    {names[w]:<32} {p:>10.1f} {t:>12.1f} {ratio:>7.3f} {'>= ' + str(targets[w]):>7}  {verdict:<8}  {runs}")
+for w in ("insert", "update"):
+    wk = [float(r[7]) for r in rows if r[0] == w and r[1] == "tracked" and r[7] != "?"]
+    if wk:
+        print(f"    delivery worker CPU during tracked {w} runs: median {statistics.median(wk):.2f} cores (of {__import__('os').cpu_count()})")
 other = [float(r[6]) for r in rows]
 if other:
     print(f"    other load during the runs (CPU not used by this cluster or pgbench): "
