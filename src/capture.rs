@@ -9,6 +9,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
+use crate::plans::with_plan;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -80,24 +81,37 @@ impl TableTouches {
 
 thread_local! {
     static TOUCHED: RefCell<Vec<TableTouches>> = const { RefCell::new(Vec::new()) };
-    static WAKE_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
-    static PLANS: RefCell<HashMap<String, pgrx::spi::OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static WAKE_AT_COMMIT: Cell<Option<Wake>> = const { Cell::new(None) };
+}
+
+/// Why the worker is to be woken at commit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// New events to fan out.
+    Events,
+    /// Deliveries were queued or released directly (send_test, redeliver, replay, resume):
+    /// the worker must claim even if its fan-out finds nothing.
+    Queue,
 }
 
 /// Ask for the delivery worker to be woken when this transaction commits.
-pub fn wake_worker_at_commit() {
-    WAKE_AT_COMMIT.with(|w| w.set(true));
+pub fn wake_worker_at_commit(why: Wake) {
+    WAKE_AT_COMMIT.with(|w| {
+        if w.get() != Some(Wake::Queue) {
+            w.set(Some(why));
+        }
+    });
 }
 
-/// Called at XACT_EVENT_COMMIT: whether this transaction enqueued anything.
-pub fn take_wake_request() -> bool {
-    WAKE_AT_COMMIT.with(|w| w.replace(false))
+/// Called at XACT_EVENT_COMMIT: whether (and why) this transaction enqueued anything.
+pub fn take_wake_request() -> Option<Wake> {
+    WAKE_AT_COMMIT.with(|w| w.replace(None))
 }
 
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
     TOUCHED.with(|t| t.borrow_mut().clear());
-    WAKE_AT_COMMIT.with(|w| w.set(false));
+    WAKE_AT_COMMIT.with(|w| w.set(None));
 }
 
 fn quote_ident(s: &str) -> String {
@@ -204,7 +218,7 @@ impl TableConfig {
     }
 }
 
-/// Run `f` with the extension's privileges and a safe search_path, whoever the caller is:
+/// Run `f` with the extension's privileges, a safe search_path and generic plans, whoever the caller is:
 /// applications need no grant on the `webhooks` schema for their writes to be captured.
 pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     unsafe {
@@ -218,45 +232,29 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
         let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        for (name, value) in [
+            (c"search_path", c"pg_catalog, pg_temp"),
+            // Our statements are prepared once per backend; a custom plan per commit (which
+            // PostgreSQL picks for `= ANY($1)`, thinking it cheaper) costs more than it saves.
+            (c"plan_cache_mode", c"force_generic_plan"),
+        ] {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
         // An ERROR inside `f` aborts the (sub)transaction, which restores both.
         let result = f();
         pg_sys::AtEOXact_GUC(true, nest);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
         result
     }
-}
-
-/// Run a statement through a plan prepared once per backend (plans follow DDL by themselves).
-fn with_plan<R>(
-    query: &str,
-    arg_types: &[pg_sys::Oid],
-    f: impl FnOnce(&pgrx::spi::OwnedPreparedStatement) -> R,
-) -> R {
-    PLANS.with(|plans| {
-        if !plans.borrow().contains_key(query) {
-            let types: Vec<pgrx::PgOid> = arg_types.iter().map(|o| pgrx::PgOid::from(*o)).collect();
-            let plan = Spi::connect(|client| client.prepare_mut(query, &types).map(|p| p.keep()))
-                .unwrap_or_else(|e| {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                        &format!("pg_webhooks: {e}"),
-                    )
-                });
-            plans.borrow_mut().insert(query.to_string(), plan);
-        }
-        let plans = plans.borrow();
-        f(plans.get(query).expect("prepared above"))
-    })
 }
 
 unsafe fn column_number(tupdesc: pg_sys::TupleDesc, name: &str) -> i32 {
@@ -619,7 +617,7 @@ pub fn write_events_at_commit() {
         wrote
     });
     if wrote {
-        wake_worker_at_commit();
+        wake_worker_at_commit(Wake::Events);
     }
 }
 
@@ -706,12 +704,12 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
     .ok()
     .flatten()
     .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "pg_webhooks: emit failed"));
-    wake_worker_at_commit();
+    wake_worker_at_commit(Wake::Events);
     id
 }
 
 /// Lets SQL functions (send_test, redeliver, replay, resume) wake the worker at commit.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _wake_worker_at_commit() {
-    wake_worker_at_commit();
+    wake_worker_at_commit(Wake::Queue);
 }

@@ -13,6 +13,7 @@ mod gucs;
 mod http;
 mod netcheck;
 mod patterns;
+mod plans;
 mod queue;
 mod schedule;
 mod signing;
@@ -54,7 +55,11 @@ unsafe extern "C-unwind" fn on_transaction_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => capture::write_events_at_commit(),
-        XACT_EVENT_COMMIT if capture::take_wake_request() => worker::wake(),
+        XACT_EVENT_COMMIT => {
+            if let Some(why) = capture::take_wake_request() {
+                worker::wake(why == capture::Wake::Queue);
+            }
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}
     }

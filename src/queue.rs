@@ -3,6 +3,8 @@
 //! short transaction of its own by the worker's main thread.
 
 use crate::http::{Job, Signature};
+use crate::plans::with_plan;
+use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::time::Duration;
@@ -144,12 +146,14 @@ pub struct Recorded {
 
 /// Returns (pending transactions taken, deliveries created).
 pub fn fan_out(batch: i32) -> SpiResult<(i64, i64)> {
-    Spi::connect_mut(|c| {
-        let row = c.update(FAN_OUT, None, &[batch.into()])?.first();
-        Ok((
-            row.get::<i64>(1)?.unwrap_or(0),
-            row.get::<i64>(2)?.unwrap_or(0),
-        ))
+    with_plan(FAN_OUT, &[pg_sys::INT4OID], |plan| {
+        Spi::connect_mut(|c| {
+            let row = c.update(plan, None, &[batch.into()])?.first();
+            Ok((
+                row.get::<i64>(1)?.unwrap_or(0),
+                row.get::<i64>(2)?.unwrap_or(0),
+            ))
+        })
     })
 }
 
@@ -162,65 +166,73 @@ pub fn claim(
 ) -> SpiResult<Vec<Claimed>> {
     let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
     let counts: Vec<i32> = in_flight.iter().map(|(_, n)| *n).collect();
-    Spi::connect_mut(|c| {
-        let rows = c.update(
-            CLAIM,
-            None,
-            &[
-                limit.into(),
-                per_endpoint.into(),
-                subs.into(),
-                counts.into(),
-            ],
-        )?;
-        let mut out = Vec::new();
-        for row in rows {
-            let signature = match row.get::<String>(9)?.as_deref() {
-                Some("hex") => Signature::Hex {
-                    header: row
-                        .get::<String>(10)?
-                        .unwrap_or_else(|| "X-Webhook-Signature".into()),
-                },
-                _ => Signature::Standard,
-            };
-            let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
-            secrets.extend(row.get::<String>(14)?);
-            let headers: Vec<(String, String)> = row
-                .get::<String>(15)?
-                .and_then(|h| {
-                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok()
-                })
-                .map(|m| {
-                    m.into_iter()
-                        .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let timeout = row
-                .get::<i64>(11)?
-                .filter(|ms| *ms > 0)
-                .map(|ms| Duration::from_millis(ms as u64))
-                .unwrap_or(default_timeout);
-            out.push(Claimed {
-                attempts_before: row.get::<i32>(3)?.unwrap_or(0),
-                retry_schedule: row.get::<String>(12)?,
-                job: Job {
-                    delivery_id: row.get::<i64>(1)?.unwrap_or(0),
-                    subscription_id: row.get::<i64>(2)?.unwrap_or(0),
-                    event_id: row.get::<String>(4)?.unwrap_or_default(),
-                    event_type: row.get::<String>(5)?.unwrap_or_default(),
-                    created_at: row.get::<String>(6)?.unwrap_or_default(),
-                    data: row.get::<String>(7)?.unwrap_or_else(|| "{}".into()),
-                    url: row.get::<String>(8)?.unwrap_or_default(),
-                    signature,
-                    secrets,
-                    headers,
-                    timeout,
-                    max_response_bytes,
-                },
-            });
-        }
-        Ok(out)
+    let types = [
+        pg_sys::INT4OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8ARRAYOID,
+        pg_sys::INT4ARRAYOID,
+    ];
+    with_plan(CLAIM, &types, |plan| {
+        Spi::connect_mut(|c| {
+            let rows = c.update(
+                plan,
+                None,
+                &[
+                    limit.into(),
+                    per_endpoint.into(),
+                    subs.into(),
+                    counts.into(),
+                ],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let signature = match row.get::<String>(9)?.as_deref() {
+                    Some("hex") => Signature::Hex {
+                        header: row
+                            .get::<String>(10)?
+                            .unwrap_or_else(|| "X-Webhook-Signature".into()),
+                    },
+                    _ => Signature::Standard,
+                };
+                let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
+                secrets.extend(row.get::<String>(14)?);
+                let headers: Vec<(String, String)> = row
+                    .get::<String>(15)?
+                    .and_then(|h| {
+                        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok()
+                    })
+                    .map(|m| {
+                        m.into_iter()
+                            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let timeout = row
+                    .get::<i64>(11)?
+                    .filter(|ms| *ms > 0)
+                    .map(|ms| Duration::from_millis(ms as u64))
+                    .unwrap_or(default_timeout);
+                out.push(Claimed {
+                    attempts_before: row.get::<i32>(3)?.unwrap_or(0),
+                    retry_schedule: row.get::<String>(12)?,
+                    job: Job {
+                        delivery_id: row.get::<i64>(1)?.unwrap_or(0),
+                        subscription_id: row.get::<i64>(2)?.unwrap_or(0),
+                        event_id: row.get::<String>(4)?.unwrap_or_default(),
+                        event_type: row.get::<String>(5)?.unwrap_or_default(),
+                        created_at: row.get::<String>(6)?.unwrap_or_default(),
+                        data: row.get::<String>(7)?.unwrap_or_else(|| "{}".into()),
+                        url: row.get::<String>(8)?.unwrap_or_default(),
+                        signature,
+                        secrets,
+                        headers,
+                        timeout,
+                        max_response_bytes,
+                    },
+                });
+            }
+            Ok(out)
+        })
     })
 }
 
@@ -249,26 +261,42 @@ pub fn record(batch: Vec<Recorded>, disable_after: &str) -> SpiResult<()> {
         next_at.push(r.verdict.next_at);
         gone.push(r.verdict.gone);
     }
-    Spi::connect_mut(|c| {
-        c.update(
-            RECORD,
-            None,
-            &[
-                ids.into(),
-                subs.into(),
-                attempts.into(),
-                started.into(),
-                durations.into(),
-                codes.into(),
-                bodies.into(),
-                errors.into(),
-                outcomes.into(),
-                next_at.into(),
-                gone.into(),
-                disable_after.into(),
-            ],
-        )
-        .map(|_| ())
+    let types = [
+        pg_sys::INT8ARRAYOID,
+        pg_sys::INT8ARRAYOID,
+        pg_sys::INT4ARRAYOID,
+        pg_sys::FLOAT8ARRAYOID,
+        pg_sys::FLOAT8ARRAYOID,
+        pg_sys::INT4ARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::TEXTARRAYOID,
+        pg_sys::FLOAT8ARRAYOID,
+        pg_sys::BOOLARRAYOID,
+        pg_sys::TEXTOID,
+    ];
+    with_plan(RECORD, &types, |plan| {
+        Spi::connect_mut(|c| {
+            c.update(
+                plan,
+                None,
+                &[
+                    ids.into(),
+                    subs.into(),
+                    attempts.into(),
+                    started.into(),
+                    durations.into(),
+                    codes.into(),
+                    bodies.into(),
+                    errors.into(),
+                    outcomes.into(),
+                    next_at.into(),
+                    gone.into(),
+                    disable_after.into(),
+                ],
+            )
+            .map(|_| ())
+        })
     })
 }
 
@@ -281,12 +309,14 @@ pub fn release_claims() -> SpiResult<()> {
 /// transaction: deliveries due by its now() that it did not claim wait for an in-flight one
 /// to finish (which wakes the worker anyway); later ones set the timer.
 pub fn seconds_until_next_due() -> SpiResult<Option<f64>> {
-    Spi::get_one::<f64>(
-        "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
-           FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-          WHERE q.claimed_at IS NULL AND q.next_attempt_at > now()",
-    )
+    with_plan(NEXT_DUE, &[], |plan| {
+        Spi::connect(|c| c.select(plan, Some(1), &[])?.first().get::<f64>(1))
+    })
 }
+
+const NEXT_DUE: &str = "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
+           FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
+          WHERE q.claimed_at IS NULL AND q.next_attempt_at > now()";
 
 /// Delete finished history older than the retention interval, a bounded chunk at a time.
 pub fn apply_retention(retention: &str) -> SpiResult<()> {

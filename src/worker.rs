@@ -13,16 +13,19 @@ use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Address of the delivery worker's latch (0 while it is not running).
 static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_webhooks_worker_latch") };
+/// Set when deliveries were queued directly (not through new events): claim on the next turn.
+static QUEUE_CHANGED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_queue_changed") };
 
 const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
 
 pub fn init_shared_memory() {
     pg_shmem_init!(WORKER_LATCH = AtomicU64::new(0));
+    pg_shmem_init!(QUEUE_CHANGED = AtomicBool::new(false));
 }
 
 pub fn register() {
@@ -38,7 +41,10 @@ pub fn register() {
 }
 
 /// Set the delivery worker's latch (called at the commit of an enqueuing transaction).
-pub fn wake() {
+pub fn wake(queue_changed: bool) {
+    if queue_changed {
+        QUEUE_CHANGED.get().store(true, Ordering::Release);
+    }
     let latch = WORKER_LATCH.get().load(Ordering::Acquire);
     if latch != 0 {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
@@ -114,6 +120,14 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
             let _ = w.wait_for_startup();
         }
     }
+}
+
+/// What the delivery worker's main thread carries from one turn to the next.
+struct LoopState {
+    in_flight: InFlight,
+    last_housekeeping: Instant,
+    /// When the next claim is due even if nothing wakes the worker (retry timer, safety poll).
+    next_claim_at: Instant,
 }
 
 /// In-flight bookkeeping of the delivery worker's main thread.
@@ -275,11 +289,14 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
-    let mut in_flight = InFlight {
-        by_delivery: HashMap::new(),
-        by_subscription: HashMap::new(),
+    let mut state = LoopState {
+        in_flight: InFlight {
+            by_delivery: HashMap::new(),
+            by_subscription: HashMap::new(),
+        },
+        last_housekeeping: Instant::now() - Duration::from_secs(3600),
+        next_claim_at: Instant::now(),
     };
-    let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
         if BackgroundWorker::sighup_received() {
@@ -296,23 +313,21 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
                 error!("pg_webhooks: could not release claimed deliveries: {e}")
             });
         }
-        sleep = run_once(&pool, &mut in_flight, &mut last_housekeeping);
+        sleep = run_once(&pool, &mut state);
     }
     WORKER_LATCH.get().store(0, Ordering::Release);
     log!(
         "pg_webhooks: delivery worker stopping ({} requests in flight will be retried)",
-        in_flight.total()
+        state.in_flight.total()
     );
 }
 
 /// One turn of the loop; returns how long to sleep before the next one.
-fn run_once(
-    pool: &http::Pool,
-    in_flight: &mut InFlight,
-    last_housekeeping: &mut Instant,
-) -> Duration {
+fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     let outcomes = pool.ready();
-    if !outcomes.is_empty() {
+    let recorded = !outcomes.is_empty();
+    if recorded {
+        let in_flight = &mut state.in_flight;
         let batch: Vec<queue::Recorded> = outcomes
             .into_iter()
             .filter_map(|o| {
@@ -326,61 +341,69 @@ fn run_once(
     }
 
     let batch = gucs::batch_size();
+    let mut created = 0;
     loop {
-        let (taken, _) = BackgroundWorker::transaction(|| queue::fan_out(batch))
+        let (taken, new_deliveries) = BackgroundWorker::transaction(|| queue::fan_out(batch))
             .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+        created += new_deliveries;
         if taken < batch as i64 {
             break;
         }
     }
 
-    let capacity = gucs::concurrency().saturating_sub(in_flight.total());
-    let mut claimed_all = false;
-    let mut next_due = None;
-    if capacity > 0 {
-        let limit = capacity.min(batch as usize) as i32;
-        let counts: Vec<(i64, i32)> = in_flight
-            .by_subscription
-            .iter()
-            .map(|(s, n)| (*s, *n))
-            .collect();
-        // The next retry is looked up in the claim's transaction: both see the same now().
-        let (claimed, due) = BackgroundWorker::transaction(move || {
-            let claimed = queue::claim(
-                limit,
-                gucs::max_in_flight_per_endpoint(),
-                &counts,
-                gucs::timeout(),
-                gucs::max_response_bytes(),
-            )?;
-            Ok::<_, pgrx::spi::Error>((claimed, queue::seconds_until_next_due()?))
-        })
-        .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
-        claimed_all = (claimed.len() as i32) < limit;
-        next_due = due;
-        for c in claimed {
-            in_flight.add(&c);
-            pool.submit(c.job);
-        }
-    }
-
-    if last_housekeeping.elapsed() > Duration::from_secs(60) {
-        *last_housekeeping = Instant::now();
+    if state.last_housekeeping.elapsed() > Duration::from_secs(60) {
+        state.last_housekeeping = Instant::now();
         let retention = gucs::retention();
         BackgroundWorker::transaction(move || queue::apply_retention(&retention))
             .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
     }
 
-    if !claimed_all {
-        // More is due right now (or capacity ran out: an outcome will wake us).
-        return if in_flight.total() >= gucs::concurrency() {
-            gucs::poll_interval()
-        } else {
-            Duration::ZERO
-        };
+    // Claim only when something could have become claimable: new deliveries, a finished
+    // attempt (a freed slot, a released key), deliveries queued directly, or a timer.
+    let queue_changed = QUEUE_CHANGED.get().swap(false, Ordering::AcqRel);
+    if !(created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at) {
+        return state
+            .next_claim_at
+            .saturating_duration_since(Instant::now());
     }
+    let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch);
+    state.next_claim_at = Instant::now() + sleep;
+    sleep
+}
+
+/// Claim what is due and hand it to the HTTP threads; returns how long to sleep.
+fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -> Duration {
     let poll = gucs::poll_interval();
+    let capacity = gucs::concurrency().saturating_sub(in_flight.total());
+    if capacity == 0 {
+        // Every thread is busy: the next outcome wakes us.
+        return poll;
+    }
+    let limit = capacity.min(batch as usize) as i32;
+    let counts: Vec<(i64, i32)> = in_flight
+        .by_subscription
+        .iter()
+        .map(|(s, n)| (*s, *n))
+        .collect();
+    // The next retry is looked up in the claim's transaction: both see the same now().
+    let (claimed, next_due) = BackgroundWorker::transaction(move || {
+        let claimed = queue::claim(
+            limit,
+            gucs::max_in_flight_per_endpoint(),
+            &counts,
+            gucs::timeout(),
+            gucs::max_response_bytes(),
+        )?;
+        Ok::<_, pgrx::spi::Error>((claimed, queue::seconds_until_next_due()?))
+    })
+    .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
+    let more_due = claimed.len() as i32 == limit;
+    for c in claimed {
+        in_flight.add(&c);
+        pool.submit(c.job);
+    }
     match next_due {
+        _ if more_due => Duration::ZERO,
         // Round up, so the worker never wakes a hair before the retry is due.
         Some(s) => (Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(1)).min(poll),
         None => poll,
