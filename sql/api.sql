@@ -449,8 +449,9 @@ BEGIN
         SELECT ev.seq, p_id, now() FROM ev ORDER BY ev.seq
         RETURNING _deliveries.id, _deliveries.event_seq
     )
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key)
-    SELECT d.id, p_id, d.event_seq, CASE WHEN ev.key IS NOT NULL THEN v_batch || ev.entity || ':' || ev.key END
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+    SELECT d.id, p_id, d.event_seq, CASE WHEN ev.key IS NOT NULL THEN v_batch || ev.entity || ':' || ev.key END,
+           ev.key IS NULL OR row_number() OVER (PARTITION BY ev.entity, ev.key ORDER BY d.event_seq) = 1
       FROM d JOIN ev ON ev.seq = d.event_seq;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     IF v_count > 0 THEN

@@ -100,9 +100,13 @@ CREATE TABLE webhooks._queue (
     ordering_key    text,          -- entity:key; NULL = not ordered (tests, redeliveries, replays)
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    claimed_at      timestamptz
+    claimed_at      timestamptz,
+    -- The head of its (subscription, ordering_key), or unordered: only heads can be claimed.
+    -- Kept up to date when a delivery leaves the queue, so claiming never walks the rows
+    -- waiting behind a head.
+    head            boolean NOT NULL DEFAULT true
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 200);
-CREATE INDEX _queue_due_idx ON webhooks._queue (next_attempt_at);
+CREATE INDEX _queue_due_idx ON webhooks._queue (next_attempt_at, event_seq) WHERE head AND claimed_at IS NULL;
 CREATE INDEX _queue_order_idx ON webhooks._queue (subscription_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL;
 

@@ -28,28 +28,32 @@ WITH p AS (
        AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
      ORDER BY e.seq, s.id
     RETURNING id, event_seq, subscription_id
-), q AS (
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key)
+), k AS (
     SELECT d.id, d.subscription_id, d.event_seq,
-           CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END
+           CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
       FROM d JOIN e ON e.seq = d.event_seq
+), q AS (
+    -- A head: unordered, or the first of its key in this batch with nothing queued before it.
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+    SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
+           k.ordering_key IS NULL
+           OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
+               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
+                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
+      FROM k
     RETURNING 1
 )
 SELECT (SELECT pg_catalog.count(*) FROM p)::int8, (SELECT pg_catalog.count(*) FROM q)::int8";
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per
-/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). A delivery
-/// with an ordering key waits while an earlier one of the same key is still queued.
+/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Only heads
+/// are claimed: a delivery with an ordering key waits while an earlier one of its key is queued.
 const CLAIM: &str = "\
 WITH cand AS (
     SELECT q.delivery_id, q.subscription_id, q.next_attempt_at, q.event_seq
       FROM webhooks._queue q
       JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-     WHERE q.next_attempt_at <= now() AND q.claimed_at IS NULL
-       AND (q.ordering_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM webhooks._queue h
-             WHERE h.subscription_id = q.subscription_id AND h.ordering_key = q.ordering_key
-               AND h.event_seq < q.event_seq))
+     WHERE q.next_attempt_at <= now() AND q.claimed_at IS NULL AND q.head
      ORDER BY q.next_attempt_at, q.event_seq
      LIMIT $1 * 4
        FOR UPDATE OF q SKIP LOCKED
@@ -96,6 +100,16 @@ WITH r AS (
       FROM r WHERE d.id = r.delivery_id
 ), qd AS (
     DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
+    RETURNING q.subscription_id, q.ordering_key, q.event_seq
+), next_head AS (
+    -- The delivery that leaves releases its key: the next one of that key becomes the head.
+    UPDATE webhooks._queue q SET head = true
+      FROM (SELECT DISTINCT ON (n.subscription_id, n.ordering_key) n.delivery_id
+              FROM qd JOIN webhooks._queue n
+                ON n.subscription_id = qd.subscription_id AND n.ordering_key = qd.ordering_key
+               AND n.event_seq > qd.event_seq
+             ORDER BY n.subscription_id, n.ordering_key, n.event_seq) nh
+     WHERE q.delivery_id = nh.delivery_id
 ), qu AS (
     UPDATE webhooks._queue q
        SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL
@@ -316,7 +330,7 @@ pub fn seconds_until_next_due() -> SpiResult<Option<f64>> {
 
 const NEXT_DUE: &str = "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
            FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-          WHERE q.claimed_at IS NULL AND q.next_attempt_at > now()";
+          WHERE q.head AND q.claimed_at IS NULL AND q.next_attempt_at > now()";
 
 /// Delete finished history older than the retention interval, a bounded chunk at a time.
 pub fn apply_retention(retention: &str) -> SpiResult<()> {
