@@ -87,12 +87,27 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     let database = gucs::database();
     let mut worker: Option<DynamicBackgroundWorker> = None;
     let mut said_waiting = false;
+    let (mut failures, mut started, mut not_before) = (0u32, Instant::now(), Instant::now());
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let running = worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
         if running {
+            continue;
+        }
+        if worker.take().is_some() {
+            // A worker that keeps failing right after its start is restarted ever more slowly
+            // (up to a minute apart), so a persistent error does not flood the log.
+            failures = if started.elapsed() < Duration::from_secs(30) {
+                failures + 1
+            } else {
+                0
+            };
+            not_before =
+                Instant::now() + Duration::from_secs(1u64 << failures.saturating_sub(1).min(6));
+        }
+        if Instant::now() < not_before {
             continue;
         }
         if !database_exists(&database) {
@@ -118,6 +133,7 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
             .ok();
         if let Some(w) = &worker {
             let _ = w.wait_for_startup();
+            started = Instant::now();
         }
     }
 }
