@@ -46,6 +46,20 @@ AS $$
     END
 $$;
 
+-- TRUNCATE fires no row triggers: on a tracked table it would remove orders without a single
+-- event. Refuse it with a way out. API: Private
+CREATE FUNCTION webhooks._refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'cannot truncate %.%: it is tracked by pg_webhooks and TRUNCATE emits no events',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = 'DELETE the rows (each becomes a deleted event), or call webhooks.untrack() first.';
+END
+$$;
+
 CREATE FUNCTION webhooks.track(
     tbl regclass,
     entity text DEFAULT NULL,
@@ -136,6 +150,8 @@ BEGIN
     v_args := format('%L, %L, %L, %L, %L', entity, key_column, v_key_type, coalesce(status_column, ''), v_specs::text);
     EXECUTE format('CREATE TRIGGER webhooks_capture AFTER INSERT OR UPDATE OR DELETE ON %s
                     FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row(%s)', tbl, v_args);
+    EXECUTE format('CREATE TRIGGER webhooks_no_truncate BEFORE TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION webhooks._refuse_truncate()', tbl);
     FOR v_spec IN SELECT * FROM jsonb_array_elements(v_specs) LOOP
         EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
                         FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child(%s, %L, %L)',
@@ -167,6 +183,7 @@ BEGIN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS webhooks_no_truncate ON %s', tbl);
     FOR v_child IN
         SELECT value FROM webhooks._tracked t, jsonb_array_elements(t.children) WHERE t.relid = tbl
     LOOP
@@ -536,7 +553,7 @@ COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabl
 REVOKE ALL ON ALL TABLES IN SCHEMA webhooks FROM PUBLIC;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA webhooks FROM PUBLIC;
 -- Capture triggers run as the writing application's role.
-GRANT EXECUTE ON FUNCTION webhooks._capture_row(), webhooks._capture_child() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._capture_row(), webhooks._capture_child(), webhooks._refuse_truncate() TO PUBLIC;
 
 GRANT USAGE ON SCHEMA webhooks TO webhooks_reader, webhooks_admin;
 GRANT SELECT ON webhooks.subscriptions, webhooks.events, webhooks.deliveries, webhooks.attempts,
