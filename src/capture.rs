@@ -433,30 +433,32 @@ fn _capture_child<'a>(
 
 fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
     // Decide under the borrow, query without it (the queries may wait on a lock).
-    let (needs_snapshot, lock_query, snapshot_query) = with_table(parent, args, |tt| {
+    // The queries are built only for the first change of an existing parent's children.
+    let queries = with_table(parent, args, |tt| {
         let t = tt.touch(key, || Touch {
             existed_before: true,
             ..Touch::default()
         });
-        let needs = t.existed_before && !t.children_touched;
+        let needs_snapshot = t.existed_before && !t.children_touched;
         t.children_touched = true;
-        let filter = tt.cfg.key_filter();
-        (
-            needs,
-            format!(
-                "SELECT 1 {} WHERE {filter} FOR NO KEY UPDATE OF t",
-                tt.cfg.from_table
-            ),
-            format!(
-                "SELECT ({})::text {} WHERE {filter}",
-                tt.cfg.children_expr.as_deref().unwrap_or("NULL::jsonb"),
-                tt.cfg.from_table
-            ),
-        )
+        needs_snapshot.then(|| {
+            let filter = tt.cfg.key_filter();
+            (
+                format!(
+                    "SELECT 1 {} WHERE {filter} FOR NO KEY UPDATE OF t",
+                    tt.cfg.from_table
+                ),
+                format!(
+                    "SELECT ({})::text {} WHERE {filter}",
+                    tt.cfg.children_expr.as_deref().unwrap_or("NULL::jsonb"),
+                    tt.cfg.from_table
+                ),
+            )
+        })
     });
-    if !needs_snapshot {
+    let Some((lock_query, snapshot_query)) = queries else {
         return;
-    }
+    };
     let snapshot = as_extension_owner(|| {
         let arg = || -> pgrx::datum::DatumWithOid { key.to_string().into() };
         with_plan(&lock_query, &[pg_sys::TEXTOID], |plan| {

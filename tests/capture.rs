@@ -451,11 +451,23 @@ fn a_transaction_touching_many_rows_is_captured_whole() {
 #[test]
 fn truncating_a_tracked_table_is_refused_with_a_way_out() {
     let mut c = orders("trunc");
-    c.batch_execute("INSERT INTO trunc_orders (id) VALUES (1)").expect("insert");
-    let err = c.batch_execute("TRUNCATE trunc_orders CASCADE").expect_err("TRUNCATE must be refused");
+    c.batch_execute("INSERT INTO trunc_orders (id) VALUES (1)")
+        .expect("insert");
+    let err = c
+        .batch_execute("TRUNCATE trunc_orders CASCADE")
+        .expect_err("TRUNCATE must be refused");
     let db = err.as_db_error().expect("database error");
-    assert_eq!(db.code(), &postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE);
-    assert!(db.hint().unwrap_or_default().contains("untrack"), "{:?}", db.hint());
-    c.batch_execute("SELECT webhooks.untrack('trunc_orders')").expect("untrack");
-    c.batch_execute("TRUNCATE trunc_orders CASCADE").expect("untracked tables truncate as usual");
+    assert_eq!(
+        db.code(),
+        &postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
+    );
+    assert!(
+        db.hint().unwrap_or_default().contains("untrack"),
+        "{:?}",
+        db.hint()
+    );
+    c.batch_execute("SELECT webhooks.untrack('trunc_orders')")
+        .expect("untrack");
+    c.batch_execute("TRUNCATE trunc_orders CASCADE")
+        .expect("untracked tables truncate as usual");
 }
