@@ -12,6 +12,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_admin') THEN
         CREATE ROLE webhooks_admin NOLOGIN;
     END IF;
+    -- Capture writes events as this role: it can insert events and read its configuration,
+    -- nothing else. Nobody logs in as it or is granted it.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_capture') THEN
+        CREATE ROLE webhooks_capture NOLOGIN NOINHERIT;
+    END IF;
 END
 $$;
 GRANT webhooks_reader TO webhooks_admin;
@@ -68,54 +73,60 @@ CREATE FUNCTION webhooks.track(
     children jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
--- Invoker's rights and search_path: child table names resolve as the caller wrote them.
+-- Invoker's rights and search_path: child table names resolve as the caller wrote them, and
+-- creating the triggers needs the caller's own TRIGGER privilege. _register_tracked checks
+-- the caller's rights again before it writes _tracked.
 AS $$
 DECLARE
     v_kind     "char";
     v_relname  name;
-    v_key_type text;
+    v_key      smallint;
+    v_status   smallint;
     v_specs    jsonb := '[]'::jsonb;
     v_name     text;
     v_spec     jsonb;
     v_child    regclass;
-    v_fk       name;
-    v_order    text;
-    v_args     text;
+    v_fk       smallint;
 BEGIN
-    SELECT c.relkind, c.relname INTO v_kind, v_relname FROM pg_class c WHERE c.oid = tbl;
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relkind, c.relname INTO v_kind, v_relname FROM pg_catalog.pg_class c WHERE c.oid = tbl;
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
     IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is already tracked', tbl USING ERRCODE = 'duplicate_object',
-            HINT = 'Call webhooks.untrack(' || quote_literal(tbl::text) || ') first to change how it is tracked.';
+            HINT = 'Call webhooks.untrack(' || pg_catalog.quote_literal(tbl::text) || ') first to change how it is tracked.';
     END IF;
 
-    entity := coalesce(entity, webhooks._singular(lower(v_relname)));
-    IF entity !~ '^[a-z0-9_-]+$' THEN
+    entity := coalesce(entity, webhooks._singular(pg_catalog.lower(v_relname)));
+    IF entity !~ '^[a-z0-9_-]{1,63}$' THEN
         RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
             HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
     END IF;
 
-    SELECT format_type(a.atttypid, a.atttypmod) INTO v_key_type
-      FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
-    IF v_key_type IS NULL THEN
+    SELECT a.attnum INTO v_key
+      FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF v_key IS NULL THEN
         RAISE EXCEPTION 'column "%" does not exist in table %', key_column, tbl USING ERRCODE = 'undefined_column',
             HINT = 'Name the key column with key_column => ''...''.';
     END IF;
     IF NOT EXISTS (
-        SELECT 1 FROM pg_index i
+        SELECT 1 FROM pg_catalog.pg_index i
          WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
-           AND i.indkey[0] = (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column)
+           AND i.indkey[0] = v_key
     ) THEN
         RAISE EXCEPTION 'key column "%" of table % is not unique', key_column, tbl
             USING ERRCODE = 'invalid_column_reference',
             HINT = 'Events are keyed by this column: give it a primary key or a unique index.';
     END IF;
-    IF status_column IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = status_column AND a.attnum > 0 AND NOT a.attisdropped
-    ) THEN
-        RAISE EXCEPTION 'column "%" does not exist in table %', status_column, tbl USING ERRCODE = 'undefined_column';
+    IF status_column IS NOT NULL THEN
+        SELECT a.attnum INTO v_status
+          FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = status_column AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_status IS NULL THEN
+            RAISE EXCEPTION 'column "%" does not exist in table %', status_column, tbl USING ERRCODE = 'undefined_column';
+        END IF;
     END IF;
 
     IF children IS NOT NULL THEN
@@ -123,44 +134,43 @@ BEGIN
             RAISE EXCEPTION 'children must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
                 HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
         END IF;
-        FOR v_name, v_spec IN SELECT * FROM jsonb_each(children) LOOP
+        FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
             IF jsonb_typeof(v_spec) <> 'object'
                OR jsonb_typeof(v_spec -> 'table') IS DISTINCT FROM 'string'
-               OR jsonb_typeof(v_spec -> 'foreign_key') IS DISTINCT FROM 'string' THEN
+               OR jsonb_typeof(v_spec -> 'foreign_key') IS DISTINCT FROM 'string'
+               OR v_name = '' THEN
                 RAISE EXCEPTION 'children entry "%" needs "table" and "foreign_key" strings', v_name
                     USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
             END IF;
             v_child := (v_spec ->> 'table')::regclass;
-            v_fk := v_spec ->> 'foreign_key';
-            IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = v_child AND a.attname = v_fk AND a.attnum > 0 AND NOT a.attisdropped) THEN
-                RAISE EXCEPTION 'column "%" does not exist in table %', v_fk, v_child USING ERRCODE = 'undefined_column';
+            IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p') THEN
+                RAISE EXCEPTION 'child "%" (%) is not a table', v_name, v_child USING ERRCODE = 'wrong_object_type';
             END IF;
-            -- Children are listed in primary key order when they have one.
-            SELECT string_agg('c.' || quote_ident(a.attname), ', ' ORDER BY k.ord) INTO v_order
-              FROM pg_index i
-              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             WHERE i.indrelid = v_child AND i.indisprimary;
+            v_fk := NULL;
+            SELECT a.attnum INTO v_fk FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = v_child AND a.attname = (v_spec ->> 'foreign_key') AND a.attnum > 0 AND NOT a.attisdropped;
+            IF v_fk IS NULL THEN
+                RAISE EXCEPTION 'column "%" does not exist in table %', v_spec ->> 'foreign_key', v_child USING ERRCODE = 'undefined_column';
+            END IF;
             v_specs := v_specs || jsonb_build_array(jsonb_build_object(
-                'name', v_name, 'relid', v_child::oid::bigint, 'fk', v_fk, 'order_by', v_order));
+                'name', v_name, 'relid', v_child::oid::bigint, 'fk_attnum', v_fk));
         END LOOP;
     END IF;
 
-    v_args := format('%L, %L, %L, %L, %L', entity, key_column, v_key_type, coalesce(status_column, ''), v_specs::text);
+    -- The triggers carry no configuration (capture reads _tracked); a child trigger names its
+    -- parent, which capture checks against _tracked.
     EXECUTE format('CREATE TRIGGER webhooks_capture AFTER INSERT OR UPDATE OR DELETE ON %s
-                    FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row(%s)', tbl, v_args);
+                    FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row()', tbl);
     EXECUTE format('CREATE TRIGGER webhooks_no_truncate BEFORE TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION webhooks._refuse_truncate()', tbl);
-    FOR v_spec IN SELECT * FROM jsonb_array_elements(v_specs) LOOP
+    FOR v_spec IN SELECT * FROM pg_catalog.jsonb_array_elements(v_specs) LOOP
         EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child(%s, %L, %L)',
-                       'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass, v_args,
-                       tbl::oid::text, v_spec ->> 'fk');
+                        FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child(%L)',
+                       'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass, tbl::oid::text);
     END LOOP;
 
-    INSERT INTO webhooks._tracked (relid, entity, key_column, status_column, children)
-    VALUES (tbl, entity, key_column, status_column, v_specs);
+    PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
     IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
@@ -179,31 +189,71 @@ AS $$
 DECLARE
     v_child jsonb;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
+    IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_no_truncate ON %s', tbl);
     FOR v_child IN
-        SELECT value FROM webhooks._tracked t, jsonb_array_elements(t.children) WHERE t.relid = tbl
+        SELECT value FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) WHERE t.relid = tbl
     LOOP
-        IF EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = (v_child ->> 'relid')::oid) THEN
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = (v_child ->> 'relid')::oid) THEN
             EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'webhooks_child_' || tbl::oid, (v_child ->> 'relid')::oid::regclass);
         END IF;
     END LOOP;
-    DELETE FROM webhooks._tracked t WHERE t.relid = tbl;
+    PERFORM webhooks._unregister_tracked(tbl::oid);
 END
 $$;
 
--- Forget tables that are dropped (their triggers go with them).
+-- Keeps _tracked in step with DDL. It runs for every DROP in the database, by any role, so it
+-- runs with the extension owner's rights and touches nothing but the _tracked rows of objects
+-- PostgreSQL itself reports as dropped:
+--   a tracked table: forgotten (its triggers went with it);
+--   its status column: status events stop, other events go on;
+--   a child table, or a child's foreign key column: that child leaves the payload;
+--   its key column (only possible with CASCADE): refused, untrack the table first.
 CREATE FUNCTION webhooks._on_sql_drop() RETURNS event_trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_table text;
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked) THEN
+        RETURN;
+    END IF;
+
     DELETE FROM webhooks._tracked t
      USING pg_event_trigger_dropped_objects() d
-     WHERE d.classid = 'pg_class'::regclass AND d.objid = t.relid;
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = 0;
+
+    SELECT t.relid::regclass::text INTO v_table
+      FROM webhooks._tracked t, pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = t.key_attnum
+     LIMIT 1;
+    IF v_table IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop the key column of table %: it is tracked by pg_webhooks', v_table
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Call webhooks.untrack() on the table first.';
+    END IF;
+
+    UPDATE webhooks._tracked t SET status_attnum = NULL
+      FROM pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = t.status_attnum;
+
+    WITH gone AS (
+        SELECT d.objid, d.objsubid FROM pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass
+    )
+    UPDATE webhooks._tracked t
+       SET children = (SELECT coalesce(jsonb_agg(c.value ORDER BY c.ord), '[]'::jsonb)
+                         FROM jsonb_array_elements(t.children) WITH ORDINALITY AS c(value, ord)
+                        WHERE NOT EXISTS (SELECT 1 FROM gone
+                                           WHERE gone.objid = (c.value ->> 'relid')::oid
+                                             AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int)))
+     WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(t.children) c, gone
+                    WHERE gone.objid = (c.value ->> 'relid')::oid
+                      AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int));
 END
 $$;
 CREATE EVENT TRIGGER webhooks_forget_dropped_tables ON sql_drop
@@ -241,6 +291,16 @@ BEGIN
         END IF;
         IF v_name !~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]+$' THEN
             RAISE EXCEPTION 'invalid header name "%"', v_name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- CR, LF and other control characters (tab aside) would split or break the request:
+        -- refused here rather than failing every delivery.
+        IF (headers ->> v_name) ~ '[\x01-\x08\x0a-\x1f\x7f]' THEN
+            RAISE EXCEPTION 'header "%" has a control character (such as CR or LF) in its value', v_name
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF octet_length(headers ->> v_name) > 8192 THEN
+            RAISE EXCEPTION 'header "%" has a value longer than 8192 bytes', v_name
+                USING ERRCODE = 'invalid_parameter_value';
         END IF;
         IF lower(v_name) IN ('host', 'content-length', 'content-type', 'transfer-encoding', 'connection',
                              'webhook-id', 'webhook-timestamp', 'webhook-signature') THEN
@@ -559,7 +619,15 @@ GRANT USAGE ON SCHEMA webhooks TO webhooks_reader, webhooks_admin;
 GRANT SELECT ON webhooks.subscriptions, webhooks.events, webhooks.deliveries, webhooks.attempts,
                 webhooks.status_events TO webhooks_reader;
 GRANT INSERT, UPDATE, DELETE ON webhooks.status_events TO webhooks_admin;
-GRANT SELECT, INSERT, DELETE ON webhooks._tracked TO webhooks_admin;
+GRANT SELECT ON webhooks._tracked TO webhooks_admin;
+-- _tracked is written only through track/untrack (their Rust halves check the caller's rights).
+GRANT EXECUTE ON FUNCTION webhooks._register_tracked(oid, text, smallint, smallint, jsonb),
+                          webhooks._unregister_tracked(oid) TO webhooks_admin;
+-- The capture role: read the configuration, write events.
+GRANT USAGE ON SCHEMA webhooks TO webhooks_capture;
+GRANT SELECT ON webhooks._tracked, webhooks.status_events TO webhooks_capture;
+GRANT INSERT ON webhooks._events, webhooks._pending TO webhooks_capture;
+GRANT SELECT (seq, id) ON webhooks._events TO webhooks_capture;  -- INSERT ... RETURNING
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks.emit(text, jsonb, text),

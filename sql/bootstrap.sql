@@ -1,7 +1,8 @@
 -- pg_webhooks: tables. Runs first when the extension is created.
 --
 -- Layout, from the write path to the read path:
---   _tracked        which tables are captured (the triggers carry their own copy of the config)
+--   _tracked        which tables are captured and how: names as data, columns as attribute numbers
+--                   (capture reads it, never its triggers' arguments; only track/untrack write it)
 --   status_events   status value -> lifecycle event type, per entity (user-editable)
 --   _events         append-only event history, one row per event, primary key only (capture is lean)
 --   _pending        hot list of committed-but-not-yet-fanned-out events: one row per capturing
@@ -15,9 +16,9 @@
 CREATE TABLE webhooks._tracked (
     relid         oid PRIMARY KEY,
     entity        text NOT NULL,
-    key_column    name NOT NULL,
-    status_column name,
-    children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk, order_by}]
+    key_attnum    smallint NOT NULL,
+    status_attnum smallint,
+    children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk_attnum}]
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
@@ -45,6 +46,10 @@ CREATE TABLE webhooks._events (
 CREATE TABLE webhooks._pending (
     seqs bigint[] NOT NULL
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 200);
+-- Fan-out takes transactions in the order of their first event, which per ordering key is
+-- commit order (writers of one key serialize on its row lock, or on emit's key lock), never in
+-- heap order, which vacuum and space reuse shuffle.
+CREATE INDEX _pending_first_seq_idx ON webhooks._pending ((seqs[1]));
 
 -- API: Private
 CREATE TABLE webhooks._subscriptions (
@@ -107,6 +112,10 @@ CREATE TABLE webhooks._queue (
     head            boolean NOT NULL DEFAULT true
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 200);
 CREATE INDEX _queue_due_idx ON webhooks._queue (next_attempt_at, event_seq) WHERE head AND claimed_at IS NULL;
+-- Claims look at each active subscription's own due heads, so one endpoint's backlog never
+-- hides the others' work.
+CREATE INDEX _queue_sub_due_idx ON webhooks._queue (subscription_id, next_attempt_at, event_seq)
+    WHERE head AND claimed_at IS NULL;
 CREATE INDEX _queue_order_idx ON webhooks._queue (subscription_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL;
 

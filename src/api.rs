@@ -4,7 +4,7 @@
 use crate::error::{raise, raise_with_hint};
 use crate::{gucs, netcheck, patterns, schedule, signing};
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 /// Validates a subscription URL; returns it normalized. Raises 22023 on a bad one.
 #[pg_extern(stable, strict, parallel_safe)]
@@ -84,4 +84,193 @@ fn _check_event_patterns(patterns: Vec<Option<String>>) {
             );
         }
     }
+}
+
+/// A child table as `webhooks.track()` hands it to `_register_tracked`.
+#[derive(serde::Deserialize)]
+struct ChildArg {
+    name: String,
+    relid: u32,
+    fk_attnum: i16,
+}
+
+fn relation_name(relid: pg_sys::Oid) -> String {
+    unsafe {
+        let p = pg_sys::get_rel_name(relid);
+        if p.is_null() {
+            relid.to_u32().to_string()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn owner_of(relid: pg_sys::Oid) -> pg_sys::Oid {
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = $1",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            &format!("relation with OID {} does not exist", relid.to_u32()),
+        )
+    })
+}
+
+/// A plain or partitioned table on which `user` holds SELECT and TRIGGER: what creating the
+/// capture triggers and reading the rows into events both need.
+fn check_trackable(relid: pg_sys::Oid, user: pg_sys::Oid) {
+    let kind = unsafe { pg_sys::get_rel_relkind(relid) } as u8;
+    if kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE {
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            &format!("\"{}\" is not a table", relation_name(relid)),
+        );
+    }
+    for (mode, name) in [
+        (pg_sys::ACL_SELECT, "SELECT"),
+        (pg_sys::ACL_TRIGGER, "TRIGGER"),
+    ] {
+        if unsafe { pg_sys::pg_class_aclcheck(relid, user, mode as pg_sys::AclMode) }
+            != pg_sys::AclResult::ACLCHECK_OK
+        {
+            raise_with_hint(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                &format!("permission denied to track table {}", relation_name(relid)),
+                &format!("Tracking needs SELECT and TRIGGER on the table and its children; {name} is missing."),
+            );
+        }
+    }
+}
+
+fn column_exists(relid: pg_sys::Oid, attnum: i16) -> bool {
+    attnum > 0 && !unsafe { pg_sys::get_attname(relid, attnum, true) }.is_null()
+}
+
+/// Run `f` as the owner of the extension's tables (who alone may write `_tracked`).
+fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = Spi::get_one::<pg_sys::Oid>(
+        "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'webhooks._tracked'::pg_catalog.regclass",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "webhooks._tracked is missing"));
+    crate::capture::as_role(owner, f)
+}
+
+/// Registers a table for capture: called by `webhooks.track()` after it created the triggers,
+/// with the caller's rights, which are checked here again (the table and every child must be
+/// tables the caller may read and put triggers on, and the table's owner, whose rights
+/// capture reads with, must be able to read the children). `_tracked` holds only names as
+/// data and attribute numbers, so what it holds can never become code.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _register_tracked(
+    tbl: pg_sys::Oid,
+    entity: &str,
+    key_attnum: i16,
+    status_attnum: Option<i16>,
+    children: pgrx::JsonB,
+) {
+    let user = unsafe { pg_sys::GetUserId() };
+    check_trackable(tbl, user);
+    if entity.is_empty()
+        || entity.len() > 63
+        || !entity
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &format!("invalid entity name \"{entity}\""),
+        );
+    }
+    if !column_exists(tbl, key_attnum) || status_attnum.is_some_and(|a| !column_exists(tbl, a)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            "the key or status column does not exist",
+        );
+    }
+    let specs: Vec<ChildArg> = serde_json::from_value(children.0.clone()).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &format!("invalid children: {e}"),
+        )
+    });
+    let owner = owner_of(tbl);
+    for c in &specs {
+        let child = pg_sys::Oid::from(c.relid);
+        owner_of(child);
+        check_trackable(child, user);
+        if c.name.is_empty() || !column_exists(child, c.fk_attnum) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                &format!("invalid children entry \"{}\"", c.name),
+            );
+        }
+        if unsafe { pg_sys::pg_class_aclcheck(child, owner, pg_sys::ACL_SELECT as pg_sys::AclMode) }
+            != pg_sys::AclResult::ACLCHECK_OK
+        {
+            raise_with_hint(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                &format!(
+                    "the owner of {} cannot read its child table {}",
+                    relation_name(tbl),
+                    relation_name(child)
+                ),
+                "Capture reads the children with the rights of the tracked table's owner: GRANT SELECT on the child table to that owner.",
+            );
+        }
+    }
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO webhooks._tracked (relid, entity, key_attnum, status_attnum, children)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                tbl.into(),
+                entity.into(),
+                key_attnum.into(),
+                status_attnum.into(),
+                children.into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            &format!("pg_webhooks: {e}"),
+        )
+    });
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(tbl) };
+}
+
+/// Forgets a tracked table: called by `webhooks.untrack()`, for the table's owner only (who
+/// alone can drop its triggers).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _unregister_tracked(tbl: pg_sys::Oid) {
+    let user = unsafe { pg_sys::GetUserId() };
+    if !unsafe { pg_sys::pg_class_ownercheck(tbl, user) } {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            &format!(
+                "must be owner of table {} to untrack it",
+                relation_name(tbl)
+            ),
+        );
+    }
+    as_extension_owner(|| {
+        Spi::run_with_args(
+            "DELETE FROM webhooks._tracked WHERE relid = $1",
+            &[tbl.into()],
+        )
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            &format!("pg_webhooks: {e}"),
+        )
+    });
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(tbl) };
 }

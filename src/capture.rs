@@ -9,32 +9,41 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::with_plan;
+use crate::plans::{rows_with_snapshot, with_plan};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
+use std::rc::Rc;
 
-/// One dependent table embedded in the payload, as written by `webhooks.track()`.
+/// One dependent table embedded in the payload, as `webhooks.track()` registered it in
+/// `webhooks._tracked.children`: names are data, columns are attribute numbers.
 #[derive(Clone, Debug, serde::Deserialize)]
 struct ChildSpec {
     name: String,
     relid: u32,
-    fk: String,
-    order_by: Option<String>,
+    fk_attnum: i16,
 }
 
-/// A tracked table's configuration, carried by its trigger arguments.
-struct TableConfig {
+/// A tracked table's configuration. It comes from `webhooks._tracked` and the catalogs only,
+/// never from trigger arguments (which anyone who can create a trigger chooses), and every
+/// name in its SQL is quoted here, so nothing a caller writes can become code.
+pub(crate) struct TableConfig {
     relid: pg_sys::Oid,
+    /// Reads of the table and its children run as its owner, with a fixed search_path.
+    owner: pg_sys::Oid,
     entity: String,
-    key_col: String,
-    key_type: String,
-    status_col: Option<String>,
-    /// `FROM <table> t` plus the `jsonb_build_object(...)` of the children of row `t`.
-    from_table: String,
-    children_expr: Option<String>,
+    key_attnum: i32,
+    status_attnum: Option<i32>,
+    child_relids: Vec<pg_sys::Oid>,
+    child_fk_attnums: Vec<i32>,
+    /// Rows at commit: key, row JSON, status, children JSON.
+    rows_query: String,
+    /// Locks the parent row of a child change.
+    lock_query: String,
+    /// The children of one key, as JSON.
+    children_query: String,
 }
 
 /// SHA-256 of a row's (or its children's) JSON: enough to tell "changed" from "the same"
@@ -64,7 +73,7 @@ struct Touch {
 const COMMIT_CHUNK: usize = 5000;
 
 struct TableTouches {
-    cfg: TableConfig,
+    relid: pg_sys::Oid,
     keys: Vec<String>,
     touches: HashMap<String, Touch>,
 }
@@ -82,6 +91,11 @@ impl TableTouches {
 thread_local! {
     static TOUCHED: RefCell<Vec<TableTouches>> = const { RefCell::new(Vec::new()) };
     static WAKE_AT_COMMIT: Cell<Option<Wake>> = const { Cell::new(None) };
+    /// Configurations of tracked tables, dropped when the relcache entry of the table or of
+    /// one of its children is invalidated (track, untrack, renames, drops, owner changes).
+    static CONFIGS: RefCell<HashMap<pg_sys::Oid, Rc<TableConfig>>> = RefCell::new(HashMap::new());
+    static CONFIGS_STALE: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Why the worker is to be woken at commit.
@@ -122,111 +136,202 @@ fn quote_literal(s: &str) -> String {
     pgrx::spi::quote_literal(s)
 }
 
-/// Schema-qualified, quoted name of a relation, looked up now (so renames are followed).
-unsafe fn qualified_name(relid: pg_sys::Oid) -> String {
-    let rel = pg_sys::get_rel_name(relid);
-    if rel.is_null() {
-        raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            &format!(
-                "pg_webhooks: table with oid {} no longer exists",
-                relid.to_u32()
-            ),
-        );
-    }
-    let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
-    format!(
-        "{}.{}",
-        quote_ident(&CStr::from_ptr(nsp).to_string_lossy()),
-        quote_ident(&CStr::from_ptr(rel).to_string_lossy())
+fn not_usable(what: &str) -> ! {
+    raise_with_hint(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        &format!("pg_webhooks: {what}"),
+        "Run webhooks.untrack() and webhooks.track() on the table again.",
     )
 }
 
-impl TableConfig {
-    /// Trigger arguments: entity, key column, key type, status column ('' = none), children JSON.
-    unsafe fn from_trigger_args(relid: pg_sys::Oid, args: &[String]) -> TableConfig {
-        if args.len() < 5 {
-            raise_with_hint(
-                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-                "pg_webhooks: capture trigger has the wrong arguments",
-                "Run webhooks.untrack() and webhooks.track() on the table again.",
+/// Schema-qualified, quoted name of a relation, looked up now (so renames are followed).
+unsafe fn qualified_name(relid: pg_sys::Oid) -> Option<String> {
+    let rel = pg_sys::get_rel_name(relid);
+    if rel.is_null() {
+        return None;
+    }
+    let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+    Some(format!(
+        "{}.{}",
+        quote_ident(&CStr::from_ptr(nsp).to_string_lossy()),
+        quote_ident(&CStr::from_ptr(rel).to_string_lossy())
+    ))
+}
+
+/// Quoted name of a live column.
+unsafe fn column_name(relid: pg_sys::Oid, attnum: i32) -> Option<String> {
+    let p = pg_sys::get_attname(relid, attnum as pg_sys::AttrNumber, true);
+    (!p.is_null()).then(|| quote_ident(&CStr::from_ptr(p).to_string_lossy()))
+}
+
+/// The base type of a column, schema-qualified. Keys are compared as their base type, so a
+/// domain's CHECK (user code) never runs inside capture.
+unsafe fn base_type_name(relid: pg_sys::Oid, attnum: i32) -> String {
+    let typid = pg_sys::getBaseType(pg_sys::get_atttype(relid, attnum as pg_sys::AttrNumber));
+    let p = pg_sys::format_type_be_qualified(typid);
+    CStr::from_ptr(p).to_string_lossy().into_owned()
+}
+
+/// The role capture writes events as: it may insert events and read its configuration,
+/// nothing else.
+fn capture_role() -> pg_sys::Oid {
+    let oid = unsafe { pg_sys::get_role_oid(c"webhooks_capture".as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            "pg_webhooks: role webhooks_capture does not exist",
+            "Drop and create the extension again (it creates the role).",
+        );
+    }
+    oid
+}
+
+fn register_invalidation_callback() {
+    if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(forget_configs),
+                pg_sys::Datum::from(0usize),
             );
         }
-        let children: Vec<ChildSpec> = serde_json::from_str(&args[4]).unwrap_or_else(|e| {
-            raise_with_hint(
-                PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-                &format!("pg_webhooks: capture trigger has invalid children: {e}"),
-                "Run webhooks.untrack() and webhooks.track() on the table again.",
-            )
-        });
-        let from_table = format!("FROM {} t", qualified_name(relid));
-        let key_ref = format!("t.{}", quote_ident(&args[1]));
-        let children_expr = if children.is_empty() {
-            None
-        } else {
-            let parts: Vec<String> = children
-                .iter()
-                .map(|c| {
-                    let order = c.order_by.as_deref().map(|o| format!(" ORDER BY {o}")).unwrap_or_default();
-                    format!(
-                        "{}, (SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(c){order}), '[]'::jsonb) FROM {} c WHERE c.{} = {key_ref})",
-                        quote_literal(&c.name),
-                        qualified_name(pg_sys::Oid::from(c.relid)),
-                        quote_ident(&c.fk),
-                    )
-                })
-                .collect();
-            Some(format!(
-                "pg_catalog.jsonb_build_object({})",
-                parts.join(", ")
-            ))
-        };
-        TableConfig {
-            relid,
-            entity: args[0].clone(),
-            key_col: args[1].clone(),
-            key_type: args[2].clone(),
-            status_col: Some(args[3].clone()).filter(|s| !s.is_empty()),
-            from_table,
-            children_expr,
-        }
-    }
-
-    fn key_filter(&self) -> String {
-        format!(
-            "t.{} = $1::text::{}",
-            quote_ident(&self.key_col),
-            self.key_type
-        )
-    }
-
-    /// Rows at commit: key, row JSON, status, children JSON.
-    fn rows_at_commit_query(&self) -> String {
-        let status = self
-            .status_col
-            .as_deref()
-            .map(|s| format!("t.{}::text", quote_ident(s)))
-            .unwrap_or_else(|| "NULL::text".into());
-        let children = self.children_expr.as_deref().unwrap_or("NULL::jsonb");
-        format!(
-            "SELECT t.{key}::text, pg_catalog.row_to_json(t)::text, {status}, ({children})::text {from} \
-             WHERE t.{key} = ANY ($1::text[]::{ktype}[])",
-            key = quote_ident(&self.key_col),
-            from = self.from_table,
-            ktype = self.key_type,
-        )
     }
 }
 
-/// Run `f` with the extension's privileges, a safe search_path and generic plans, whoever the caller is:
-/// applications need no grant on the `webhooks` schema for their writes to be captured.
-pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    CONFIGS.with(|c| match c.try_borrow_mut() {
+        Ok(mut configs) if relid != pg_sys::InvalidOid => {
+            configs.retain(|_, cfg| cfg.relid != relid && !cfg.child_relids.contains(&relid))
+        }
+        Ok(mut configs) => configs.clear(),
+        // Invalidated while a configuration is being loaded: forget them all before the next use.
+        Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
+    });
+}
+
+/// The configuration of a tracked table, or None if `webhooks.track()` did not register it.
+pub(crate) fn config_for(relid: pg_sys::Oid) -> Option<Rc<TableConfig>> {
+    register_invalidation_callback();
+    if CONFIGS_STALE.with(|s| s.replace(false)) {
+        CONFIGS.with(|c| c.borrow_mut().clear());
+    }
+    if let Some(cfg) = CONFIGS.with(|c| c.borrow().get(&relid).cloned()) {
+        return Some(cfg);
+    }
+    let cfg = Rc::new(load_config(relid)?);
+    CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
+    Some(cfg)
+}
+
+fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
+    type Row = (String, i32, Option<i32>, String, pg_sys::Oid);
+    let row: Option<Row> = as_role(capture_role(), || {
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT t.entity, t.key_attnum::int4, t.status_attnum::int4, t.children::text, c.relowner
+                   FROM webhooks._tracked t JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                  WHERE t.relid = $1",
+                Some(1),
+                &[relid.into()],
+            )?;
+            let Some(r) = t.into_iter().next() else {
+                return Ok::<_, pgrx::spi::Error>(None);
+            };
+            Ok(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<i32>(2)?.unwrap_or(0),
+                r.get::<i32>(3)?,
+                r.get::<String>(4)?.unwrap_or_else(|| "[]".into()),
+                r.get::<pg_sys::Oid>(5)?.unwrap_or(pg_sys::InvalidOid),
+            )))
+        })
+    })
+    .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
+    let (entity, key_attnum, status_attnum, children_json, owner) = row?;
+    let children: Vec<ChildSpec> = serde_json::from_str(&children_json)
+        .unwrap_or_else(|e| not_usable(&format!("the tracked table's children are invalid: {e}")));
+    unsafe {
+        let table = qualified_name(relid)?;
+        let key = column_name(relid, key_attnum)
+            .unwrap_or_else(|| not_usable(&format!("the key column of {table} no longer exists")));
+        let key_type = base_type_name(relid, key_attnum);
+        let status = match status_attnum {
+            Some(a) => format!(
+                "t.{}::text",
+                column_name(relid, a).unwrap_or_else(|| not_usable(&format!(
+                    "the status column of {table} no longer exists"
+                )))
+            ),
+            None => "NULL::text".into(),
+        };
+        let mut parts = Vec::new();
+        for ch in &children {
+            let child = pg_sys::Oid::from(ch.relid);
+            let child_table = qualified_name(child).unwrap_or_else(|| {
+                not_usable(&format!("a child table of {table} no longer exists"))
+            });
+            let fk = column_name(child, ch.fk_attnum.into()).unwrap_or_else(|| {
+                not_usable(&format!(
+                    "the foreign key column of {child_table} no longer exists"
+                ))
+            });
+            let order = as_capture_role(|| primary_key_order(child));
+            parts.push(format!(
+                "{}, (SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(c){order}), '[]'::jsonb) FROM {child_table} c WHERE c.{fk} = t.{key})",
+                quote_literal(&ch.name),
+            ));
+        }
+        let children_expr = if parts.is_empty() {
+            "NULL::jsonb".to_string()
+        } else {
+            format!("pg_catalog.jsonb_build_object({})", parts.join(", "))
+        };
+        let one_key = format!("t.{key} = $1::text::{key_type}");
+        Some(TableConfig {
+            relid,
+            owner,
+            entity,
+            key_attnum,
+            status_attnum,
+            child_relids: children.iter().map(|c| pg_sys::Oid::from(c.relid)).collect(),
+            child_fk_attnums: children.iter().map(|c| i32::from(c.fk_attnum)).collect(),
+            rows_query: format!(
+                "SELECT t.{key}::text, pg_catalog.row_to_json(t)::text, {status}, ({children_expr})::text \
+                 FROM {table} t WHERE t.{key} = ANY ($1::text[]::{key_type}[])"
+            ),
+            lock_query: format!("SELECT 1 FROM {table} t WHERE {one_key} FOR NO KEY UPDATE OF t"),
+            children_query: format!("SELECT ({children_expr})::text FROM {table} t WHERE {one_key}"),
+        })
+    }
+}
+
+/// ` ORDER BY c.<pk columns>` for a child table with a primary key, else nothing.
+fn primary_key_order(child: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.string_agg('c.' || pg_catalog.quote_ident(a.attname), ', ' ORDER BY k.ord)
+           FROM pg_catalog.pg_index i
+          CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+          WHERE i.indrelid = $1 AND i.indisprimary",
+        &[child.into()],
+    )
+    .ok()
+    .flatten()
+    .map(|cols| format!(" ORDER BY {cols}"))
+    .unwrap_or_default()
+}
+
+/// Run `f` as `role`, in a security-restricted operation, with a fixed search_path and generic
+/// plans. Capture reads a table as its owner and writes events as `webhooks_capture`, so
+/// applications need no grant on the `webhooks` schema, and no caller's code runs with more
+/// rights than its author already has.
+pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     unsafe {
         let mut saved_user = pg_sys::InvalidOid;
         let mut saved_ctx = 0;
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
         pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            role,
             saved_ctx
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
@@ -257,17 +362,10 @@ pub fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-unsafe fn column_number(tupdesc: pg_sys::TupleDesc, name: &str) -> i32 {
-    let cname = CString::new(name).unwrap_or_default();
-    let n = pg_sys::SPI_fnumber(tupdesc, cname.as_ptr());
-    if n <= 0 {
-        raise_with_hint(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
-            &format!("pg_webhooks: column \"{name}\" of a tracked table no longer exists"),
-            "Run webhooks.untrack() and webhooks.track() on the table again.",
-        );
-    }
-    n
+/// Write our own tables (events, pending, configuration) as `role_of_table`'s owner or as
+/// the capture role: used by the SQL API's Rust helpers.
+pub fn as_capture_role<R>(f: impl FnOnce() -> R) -> R {
+    as_role(capture_role(), f)
 }
 
 unsafe fn column_text(
@@ -299,15 +397,14 @@ unsafe fn row_json(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc
     s
 }
 
-fn with_table<R>(relid: pg_sys::Oid, args: &[String], f: impl FnOnce(&mut TableTouches) -> R) -> R {
+fn with_table<R>(relid: pg_sys::Oid, f: impl FnOnce(&mut TableTouches) -> R) -> R {
     TOUCHED.with(|t| {
         let mut tables = t.borrow_mut();
-        let idx = match tables.iter().position(|tt| tt.cfg.relid == relid) {
+        let idx = match tables.iter().position(|tt| tt.relid == relid) {
             Some(i) => i,
             None => {
-                let cfg = unsafe { TableConfig::from_trigger_args(relid, args) };
                 tables.push(TableTouches {
-                    cfg,
+                    relid,
                     keys: Vec::new(),
                     touches: HashMap::new(),
                 });
@@ -318,22 +415,33 @@ fn with_table<R>(relid: pg_sys::Oid, args: &[String], f: impl FnOnce(&mut TableT
     })
 }
 
-/// AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW on a tracked table.
+/// Capture refuses to run on a table `webhooks.track()` did not register: a trigger that
+/// someone attached by hand does nothing but fail.
+fn registered_config(relid: pg_sys::Oid) -> Rc<TableConfig> {
+    config_for(relid).unwrap_or_else(|| {
+        let name = unsafe { qualified_name(relid) }.unwrap_or_else(|| relid.to_u32().to_string());
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            &format!("pg_webhooks: table {name} is not tracked"),
+            "Capture triggers are created by webhooks.track(); drop this trigger or track the table.",
+        )
+    })
+}
+
+/// AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW on a tracked table. Its arguments, if any,
+/// are ignored: the configuration comes from `webhooks._tracked`.
 #[pg_trigger]
 fn _capture_row<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let args = trigger.extra_args()?;
     let td = trigger.trigger_data();
     unsafe {
         let rel = td.tg_relation;
         let relid = (*rel).rd_id;
         let tupdesc = (*rel).rd_att;
-        let key_att = column_number(tupdesc, args.get(1).map(String::as_str).unwrap_or("id"));
-        let status_att = args
-            .get(3)
-            .filter(|s| !s.is_empty())
-            .map(|s| column_number(tupdesc, s));
+        let cfg = registered_config(relid);
+        let key_att = cfg.key_attnum;
+        let status_att = cfg.status_attnum;
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
         let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
@@ -345,22 +453,27 @@ fn _capture_row<'a>(
             ..Touch::default()
         };
         let note_inserted = |tt: &mut TableTouches, key: &str| {
-            tt.touch(key, || Touch {
+            let t = tt.touch(key, || Touch {
                 row_touched: true,
                 ..Touch::default()
             });
+            t.row_touched = true;
         };
         let note_before = |tt: &mut TableTouches, key: &str, tuple| {
             let t = tt.touch(key, || before(tuple));
             if !t.row_touched {
-                // Touched through its children only so far: this is its first own change.
+                // Touched through its children only so far: this is its first own change, and
+                // the row it changes was not inserted by this transaction (that would have
+                // been noted), so it existed before (a cascade from the parent's own delete
+                // may have hidden it from the child trigger's lock).
                 let b = before(tuple);
+                t.existed_before = true;
                 t.row_touched = true;
                 t.orig_row = b.orig_row;
                 t.orig_status = b.orig_status;
             }
         };
-        with_table(relid, &args, |tt| {
+        with_table(relid, |tt| {
             if pgrx::trigger_fired_by_insert(event) {
                 if let Some(key) = key_of(td.tg_trigtuple) {
                     note_inserted(tt, &key);
@@ -391,7 +504,8 @@ fn _capture_row<'a>(
     Ok(None)
 }
 
-/// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table.
+/// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table; its
+/// one argument names the parent, which must list this table among its registered children.
 /// Locks the parent row (so two transactions editing the same order's items serialize) and
 /// notes the parent's children as they were before this transaction first changed them.
 #[pg_trigger]
@@ -401,17 +515,29 @@ fn _capture_child<'a>(
     let args = trigger.extra_args()?;
     let td = trigger.trigger_data();
     let event = td.tg_event;
-    if args.len() < 7 {
-        raise_with_hint(
-            PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
-            "pg_webhooks: child capture trigger has the wrong arguments",
-            "Run webhooks.untrack() and webhooks.track() on the parent table again.",
-        );
-    }
-    let parent = pg_sys::Oid::from(args[5].parse::<u32>().unwrap_or(0));
     unsafe {
+        let child = (*td.tg_relation).rd_id;
+        let parent = args
+            .first()
+            .and_then(|a| a.parse::<u32>().ok())
+            .map(pg_sys::Oid::from)
+            .unwrap_or(pg_sys::InvalidOid);
+        let cfg = config_for(parent).filter(|c| c.child_relids.contains(&child));
+        let Some(cfg) = cfg else {
+            let name = qualified_name(child).unwrap_or_default();
+            raise_with_hint(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                &format!("pg_webhooks: table {name} is not a tracked child table"),
+                "Child capture triggers are created by webhooks.track(); drop this trigger or track the parent.",
+            )
+        };
+        let idx = cfg
+            .child_relids
+            .iter()
+            .position(|r| *r == child)
+            .expect("filtered above");
+        let fk_att = cfg.child_fk_attnums[idx];
         let tupdesc = (*td.tg_relation).rd_att;
-        let fk_att = column_number(tupdesc, &args[6]);
         // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
         let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
             .into_iter()
@@ -421,7 +547,7 @@ fn _capture_child<'a>(
         }
         parent_keys.dedup();
         for key in parent_keys {
-            note_child_change(parent, &args, &key);
+            note_child_change(&cfg, &key);
         }
     }
     Ok(if pgrx::trigger_fired_by_delete(event) {
@@ -431,63 +557,71 @@ fn _capture_child<'a>(
     })
 }
 
-fn note_child_change(parent: pg_sys::Oid, args: &[String], key: &str) {
-    // Decide under the borrow, query without it (the queries may wait on a lock).
-    // The queries are built only for the first change of an existing parent's children.
-    let queries = with_table(parent, args, |tt| {
+/// A snapshot that sees everything committed by now (plus this transaction's own work),
+/// even under REPEATABLE READ: capture describes rows as they are at commit.
+struct LatestSnapshot;
+
+impl LatestSnapshot {
+    fn push() -> LatestSnapshot {
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+        LatestSnapshot
+    }
+    fn get(&self) -> pg_sys::Snapshot {
+        unsafe { pg_sys::GetActiveSnapshot() }
+    }
+}
+
+impl Drop for LatestSnapshot {
+    fn drop(&mut self) {
+        // Not popped on an ERROR: aborting the transaction pops it.
+        if !std::thread::panicking() {
+            unsafe { pg_sys::PopActiveSnapshot() };
+        }
+    }
+}
+
+fn note_child_change(cfg: &TableConfig, key: &str) {
+    // Decide under the borrow, query without it (the queries may wait on a lock). The first
+    // change to a key's children locks its row and notes whether it existed and its children.
+    let first = with_table(cfg.relid, |tt| match tt.touches.get_mut(key) {
+        None => true,
+        Some(t) => {
+            let first = t.existed_before && !t.children_touched;
+            t.children_touched = true;
+            first
+        }
+    });
+    if !first {
+        return;
+    }
+    let arg = key.to_string().into_datum();
+    let (found, snapshot) = as_role(cfg.owner, || {
+        let latest = LatestSnapshot::push();
+        let locked = rows_with_snapshot(&cfg.lock_query, &[pg_sys::TEXTOID], &[arg], latest.get());
+        let children = if locked.is_empty() {
+            None
+        } else {
+            let latest = LatestSnapshot::push();
+            rows_with_snapshot(
+                &cfg.children_query,
+                &[pg_sys::TEXTOID],
+                &[arg],
+                latest.get(),
+            )
+            .into_iter()
+            .next()
+            .and_then(|mut r| r.swap_remove(0))
+        };
+        (!locked.is_empty(), children)
+    });
+    with_table(cfg.relid, |tt| {
         let t = tt.touch(key, || Touch {
-            existed_before: true,
+            // A child written before its parent (deferred foreign key): the parent is new.
+            existed_before: found,
             ..Touch::default()
         });
-        let needs_snapshot = t.existed_before && !t.children_touched;
         t.children_touched = true;
-        needs_snapshot.then(|| {
-            let filter = tt.cfg.key_filter();
-            (
-                format!(
-                    "SELECT 1 {} WHERE {filter} FOR NO KEY UPDATE OF t",
-                    tt.cfg.from_table
-                ),
-                format!(
-                    "SELECT ({})::text {} WHERE {filter}",
-                    tt.cfg.children_expr.as_deref().unwrap_or("NULL::jsonb"),
-                    tt.cfg.from_table
-                ),
-            )
-        })
-    });
-    let Some((lock_query, snapshot_query)) = queries else {
-        return;
-    };
-    let snapshot = as_extension_owner(|| {
-        let arg = || -> pgrx::datum::DatumWithOid { key.to_string().into() };
-        with_plan(&lock_query, &[pg_sys::TEXTOID], |plan| {
-            Spi::connect_mut(|c| c.update(plan, None, &[arg()]).map(|_| ()))
-        })
-        .unwrap_or_else(|e| {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                &format!("pg_webhooks: {e}"),
-            )
-        });
-        with_plan(&snapshot_query, &[pg_sys::TEXTOID], |plan| {
-            Spi::connect(|c| {
-                let table = c.select(plan, Some(1), &[arg()])?;
-                match table.into_iter().next() {
-                    Some(row) => row.get::<String>(1),
-                    None => Ok(None),
-                }
-            })
-        })
-        .unwrap_or_else(|e| {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                &format!("pg_webhooks: {e}"),
-            )
-        })
-    });
-    with_table(parent, args, |tt| {
-        if let Some(t) = tt.touches.get_mut(key) {
+        if t.existed_before {
             t.orig_children = snapshot.as_deref().map(digest);
         }
     });
@@ -560,7 +694,7 @@ fn net_events(
         }
         (true, Some(cur)) => {
             let status_changed =
-                cfg.status_col.is_some() && t.row_touched && t.orig_status != cur.status;
+                cfg.status_attnum.is_some() && t.row_touched && t.orig_status != cur.status;
             let row_changed = t.row_touched && t.orig_row != Some(digest(&cur.row));
             let children_changed =
                 t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
@@ -594,65 +728,61 @@ pub fn write_events_at_commit() {
     if tables.is_empty() {
         return;
     }
-    let wrote = as_extension_owner(|| unsafe {
-        // Pre-commit runs outside any statement: read the rows with a fresh snapshot.
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-        let mut events = Vec::new();
-        let mut wrote = false;
-        for tt in &tables {
-            for keys in tt.keys.chunks(COMMIT_CHUNK) {
-                let rows = rows_at_commit(tt, keys);
-                for key in keys {
-                    net_events(&tt.cfg, key, &tt.touches[key], rows.get(key), &mut events);
-                }
-                if events.len() >= COMMIT_CHUNK {
-                    wrote = true;
-                    insert_events(std::mem::take(&mut events));
-                }
+    // Pre-commit runs outside any statement: our statements need an active snapshot.
+    let _outer = LatestSnapshot::push();
+    let mut events = Vec::new();
+    let mut wrote = false;
+    for tt in &tables {
+        // Looked up again: the transaction may have untracked, renamed or dropped it since.
+        let Some(cfg) = config_for(tt.relid) else {
+            continue;
+        };
+        for keys in tt.keys.chunks(COMMIT_CHUNK) {
+            let rows = as_role(cfg.owner, || rows_at_commit(&cfg, keys));
+            for key in keys {
+                net_events(&cfg, key, &tt.touches[key], rows.get(key), &mut events);
+            }
+            if events.len() >= COMMIT_CHUNK {
+                wrote = true;
+                insert_events(std::mem::take(&mut events));
             }
         }
-        if !events.is_empty() {
-            wrote = true;
-            insert_events(events);
-        }
-        pg_sys::PopActiveSnapshot();
-        wrote
-    });
+    }
+    if !events.is_empty() {
+        wrote = true;
+        insert_events(events);
+    }
     if wrote {
         wake_worker_at_commit(Wake::Events);
     }
 }
 
-fn rows_at_commit(tt: &TableTouches, keys: &[String]) -> HashMap<String, RowAtCommit> {
-    let keys: pgrx::datum::DatumWithOid = keys.to_vec().into();
-    with_plan(
-        &tt.cfg.rows_at_commit_query(),
+fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCommit> {
+    let latest = LatestSnapshot::push();
+    let arg = keys.to_vec().into_datum();
+    let rows = rows_with_snapshot(
+        &cfg.rows_query,
         &[pg_sys::TEXTARRAYOID],
-        |plan| {
-            Spi::connect(|c| {
-                let mut out = HashMap::new();
-                for row in c.select(plan, None, &[keys])? {
-                    if let Some(key) = row.get::<String>(1)? {
-                        out.insert(
-                            key,
-                            RowAtCommit {
-                                row: row.get::<String>(2)?.unwrap_or_default(),
-                                status: row.get::<String>(3)?,
-                                children: row.get::<String>(4)?,
-                            },
-                        );
-                    }
-                }
-                Ok::<_, pgrx::spi::Error>(out)
-            })
-        },
-    )
-    .unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            &format!("pg_webhooks: capture failed: {e}"),
-        )
-    })
+        &[arg],
+        latest.get(),
+    );
+    let mut out = HashMap::with_capacity(rows.len());
+    for mut row in rows {
+        let children = row.pop().flatten();
+        let status = row.pop().flatten();
+        let json = row.pop().flatten().unwrap_or_default();
+        if let Some(key) = row.pop().flatten() {
+            out.insert(
+                key,
+                RowAtCommit {
+                    row: json,
+                    status,
+                    children,
+                },
+            );
+        }
+    }
+    out
 }
 
 fn insert_events(events: Vec<NewEvent>) {
@@ -667,8 +797,10 @@ fn insert_events(events: Vec<NewEvent>) {
         cols[6].push(e.mapped_status);
     }
     let args: Vec<pgrx::datum::DatumWithOid> = cols.into_iter().map(Into::into).collect();
-    with_plan(INSERT_EVENTS, &[pg_sys::TEXTARRAYOID; 7], |plan| {
-        Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
+    as_capture_role(|| {
+        with_plan(INSERT_EVENTS, &[pg_sys::TEXTARRAYOID; 7], |plan| {
+            Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
+        })
     })
     .unwrap_or_else(|e| {
         raise(
@@ -677,6 +809,9 @@ fn insert_events(events: Vec<NewEvent>) {
         )
     });
 }
+
+/// First half of the two-key advisory lock `emit` takes per ordering key ("pgwh").
+const EMIT_LOCK_CLASS: i32 = 0x7067_7768;
 
 /// `webhooks.emit()`: an event that is not a row change (inventory, products, reviews, ...).
 #[pg_extern(volatile, parallel_unsafe)]
@@ -695,7 +830,16 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
         );
     }
     let entity = event_type.split('.').next().unwrap_or_default().to_string();
-    let id = as_extension_owner(|| {
+    let id = as_capture_role(|| {
+        if let Some(key) = key {
+            // Events of one key are delivered in commit order, and their order is their seq:
+            // two transactions emitting for one key serialize here (as row locks serialize the
+            // writers of one tracked row), so the later seq always belongs to the later commit.
+            Spi::run_with_args(
+                "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
+                &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
+            )?;
+        }
         Spi::get_one_with_args::<pgrx::Uuid>(
             "WITH ins AS (INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq),
                   p AS (INSERT INTO webhooks._pending (seqs) SELECT ARRAY[seq] FROM ins)

@@ -143,6 +143,15 @@ pub struct Pool {
 impl Pool {
     /// Start `threads` HTTP threads sharing one keep-alive agent.
     pub fn start(threads: usize, allow_private: bool) -> std::io::Result<Pool> {
+        Pool::start_with(threads, allow_private, attempt)
+    }
+
+    /// As `start`, with the function that makes one attempt (tests hand in one that panics).
+    fn start_with(
+        threads: usize,
+        allow_private: bool,
+        attempt: fn(&ureq::Agent, &Job) -> Outcome,
+    ) -> std::io::Result<Pool> {
         let (wake_read, wake_write) = nonblocking_pipe()?;
         let wake_write = Arc::new(wake_write);
         let allow_private = Arc::new(AtomicBool::new(allow_private));
@@ -178,7 +187,12 @@ impl Pool {
                         },
                         Err(_) => return,
                     };
-                    let outcome = attempt(&agent, &job);
+                    // A panic while sending ends this attempt with an error (retried like any
+                    // other), never the thread: its slot is always given back.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        attempt(&agent, &job)
+                    }))
+                    .unwrap_or_else(|panic| panicked(&job, panic));
                     if out_tx.send(outcome).is_err() {
                         return;
                     }
@@ -266,6 +280,25 @@ fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
         Err(e) => outcome.error = Some(e),
     }
     outcome
+}
+
+/// The outcome of an attempt that panicked.
+fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    Outcome {
+        delivery_id: job.delivery_id,
+        subscription_id: job.subscription_id,
+        started_at: SystemTime::now(),
+        duration_ms: 0.0,
+        status: None,
+        response_body: None,
+        error: Some(format!("internal error in the HTTP thread: {what}")),
+        retry_after: None,
+    }
 }
 
 fn send(
@@ -363,6 +396,38 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&text).expect("the body is valid JSON");
         assert_eq!(v["data"]["items"][0]["sku"], "A");
+    }
+
+    fn panics_on_odd_ids(_agent: &ureq::Agent, job: &Job) -> Outcome {
+        if job.delivery_id % 2 == 1 {
+            panic!("injected panic for delivery {}", job.delivery_id);
+        }
+        panicked(job, Box::new("not really"))
+    }
+
+    #[test]
+    fn a_panicking_attempt_gives_back_its_slot_and_the_thread_goes_on() {
+        let pool = Pool::start_with(1, true, panics_on_odd_ids).expect("pool");
+        for id in 1..=6 {
+            let mut j = job("{}");
+            j.delivery_id = id;
+            assert!(pool.submit(j));
+        }
+        let mut outcomes = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outcomes.len() < 6 && Instant::now() < deadline {
+            outcomes.extend(pool.ready());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // One thread: had the first panic killed it, nothing after delivery 1 would come back.
+        let mut ids: Vec<i64> = outcomes.iter().map(|o| o.delivery_id).collect();
+        ids.sort();
+        assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
+        for o in outcomes.iter().filter(|o| o.delivery_id % 2 == 1) {
+            let e = o.error.as_deref().unwrap_or_default();
+            assert!(e.contains("injected panic for delivery"), "{e}");
+            assert_eq!(o.status, None);
+        }
     }
 
     #[test]

@@ -34,3 +34,83 @@ pub fn with_plan<R>(
         f(plans.get(query).expect("prepared above"))
     })
 }
+
+thread_local! {
+    static RAW_PLANS: RefCell<HashMap<String, std::ptr::NonNull<pg_sys::_SPI_plan>>> = RefCell::new(HashMap::new());
+}
+
+/// Run `query` (prepared once per backend and kept) with `args` under `snapshot`, and return
+/// its rows as text. Unlike an ordinary SPI call, which takes the transaction snapshot under
+/// REPEATABLE READ, this reads with exactly the snapshot given (capture reads "as at commit").
+pub fn rows_with_snapshot(
+    query: &str,
+    arg_types: &[pg_sys::Oid],
+    args: &[Option<pg_sys::Datum>],
+    snapshot: pg_sys::Snapshot,
+) -> Vec<Vec<Option<String>>> {
+    Spi::connect(|_client| unsafe {
+        let plan = RAW_PLANS.with(|plans| {
+            if let Some(p) = plans.borrow().get(query) {
+                return *p;
+            }
+            let cquery = std::ffi::CString::new(query).expect("no NUL in our SQL");
+            let mut types = arg_types.to_vec();
+            let plan = pg_sys::SPI_prepare(cquery.as_ptr(), types.len() as i32, types.as_mut_ptr());
+            let Some(plan) = std::ptr::NonNull::new(plan) else {
+                let code = pg_sys::SPI_result;
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    &format!("pg_webhooks: could not prepare a statement (SPI code {code})"),
+                )
+            };
+            pg_sys::SPI_keepplan(plan.as_ptr());
+            plans.borrow_mut().insert(query.to_string(), plan);
+            plan
+        });
+        let mut values: Vec<pg_sys::Datum> = args
+            .iter()
+            .map(|a| a.unwrap_or(pg_sys::Datum::from(0usize)))
+            .collect();
+        let nulls: Vec<std::ffi::c_char> = args
+            .iter()
+            .map(|a| if a.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+            .collect();
+        let rc = pg_sys::SPI_execute_snapshot(
+            plan.as_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            snapshot,
+            std::ptr::null_mut(),
+            false,
+            true,
+            0,
+        );
+        if rc < 0 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                &format!("pg_webhooks: a capture query failed (SPI code {rc})"),
+            );
+        }
+        let table = pg_sys::SPI_tuptable;
+        let mut rows = Vec::new();
+        if table.is_null() {
+            return rows;
+        }
+        let tupdesc = (*table).tupdesc;
+        let natts = (*tupdesc).natts;
+        for i in 0..pg_sys::SPI_processed as usize {
+            let tuple = *(*table).vals.add(i);
+            let mut row = Vec::with_capacity(natts as usize);
+            for col in 1..=natts {
+                let p = pg_sys::SPI_getvalue(tuple, tupdesc, col);
+                row.push(if p.is_null() {
+                    None
+                } else {
+                    Some(std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+                });
+            }
+            rows.push(row);
+        }
+        rows
+    })
+}

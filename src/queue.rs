@@ -10,11 +10,13 @@ use pgrx::spi::SpiResult;
 use std::time::Duration;
 
 /// Move up to `$1` committed transactions' events from `_pending` into deliveries for every
-/// subscription that matches them and was created before they committed.
+/// subscription that matches them and was created before they committed. Transactions are
+/// taken in the order of their first event: per ordering key that is commit order, so a key's
+/// deliveries are queued in commit order however the rows lie in the heap.
 const FAN_OUT: &str = "\
 WITH p AS (
     DELETE FROM webhooks._pending
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM webhooks._pending LIMIT $1 FOR UPDATE SKIP LOCKED))
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM webhooks._pending ORDER BY seqs[1] LIMIT $1 FOR UPDATE SKIP LOCKED))
     RETURNING seqs
 ), e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid
@@ -46,26 +48,28 @@ WITH p AS (
 SELECT (SELECT pg_catalog.count(*) FROM p)::int8, (SELECT pg_catalog.count(*) FROM q)::int8";
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per
-/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Only heads
-/// are claimed: a delivery with an ordering key waits while an earlier one of its key is queued.
+/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
+/// subscription with room is looked at on its own (an index probe each), so a slow endpoint's
+/// backlog can never fill the window and starve the others. Only heads are claimed: a delivery
+/// with an ordering key waits while an earlier one of its key is queued.
 const CLAIM: &str = "\
-WITH cand AS (
-    SELECT q.delivery_id, q.subscription_id, q.next_attempt_at, q.event_seq
-      FROM webhooks._queue q
-      JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-     WHERE q.next_attempt_at <= now() AND q.claimed_at IS NULL AND q.head
-     ORDER BY q.next_attempt_at, q.event_seq
-     LIMIT $1 * 4
-       FOR UPDATE OF q SKIP LOCKED
+WITH room AS (
+    SELECT s.id, $2 - COALESCE(f.n, 0) AS free
+      FROM webhooks._subscriptions s
+      LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = s.id
+     WHERE s.state = 'active' AND $2 - COALESCE(f.n, 0) > 0
+), cand AS (
+    SELECT c.delivery_id, c.next_attempt_at, c.event_seq
+      FROM room CROSS JOIN LATERAL (
+           SELECT q.delivery_id, q.next_attempt_at, q.event_seq
+             FROM webhooks._queue q
+            WHERE q.subscription_id = room.id AND q.head AND q.claimed_at IS NULL
+              AND q.next_attempt_at <= now()
+            ORDER BY q.next_attempt_at, q.event_seq
+            LIMIT LEAST(room.free, $1)
+              FOR UPDATE OF q SKIP LOCKED) c
 ), pick AS (
-    SELECT c.delivery_id
-      FROM (SELECT c.*, pg_catalog.row_number() OVER (PARTITION BY c.subscription_id
-                                                      ORDER BY c.next_attempt_at, c.event_seq) AS rn
-              FROM cand c) c
-      LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = c.subscription_id
-     WHERE c.rn <= $2 - COALESCE(f.n, 0)
-     ORDER BY c.next_attempt_at, c.event_seq
-     LIMIT $1
+    SELECT cand.delivery_id FROM cand ORDER BY cand.next_attempt_at, cand.event_seq LIMIT $1
 )
 UPDATE webhooks._queue q SET claimed_at = now()
   FROM pick, webhooks._events e, webhooks._subscriptions s, webhooks._secrets k
@@ -100,14 +104,21 @@ WITH r AS (
       FROM r WHERE d.id = r.delivery_id
 ), qd AS (
     DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
-    RETURNING q.subscription_id, q.ordering_key, q.event_seq
+    RETURNING q.delivery_id, q.subscription_id, q.ordering_key
 ), next_head AS (
-    -- The delivery that leaves releases its key: the next one of that key becomes the head.
+    -- The delivery that leaves releases its key: the earliest one left of that key becomes the
+    -- head, unless the key still has one. Every queued key always has a head, so no delivery
+    -- can wait forever, whatever order deliveries were queued in.
     UPDATE webhooks._queue q SET head = true
       FROM (SELECT DISTINCT ON (n.subscription_id, n.ordering_key) n.delivery_id
-              FROM qd JOIN webhooks._queue n
-                ON n.subscription_id = qd.subscription_id AND n.ordering_key = qd.ordering_key
-               AND n.event_seq > qd.event_seq
+              FROM (SELECT DISTINCT qd.subscription_id, qd.ordering_key FROM qd
+                     WHERE qd.ordering_key IS NOT NULL) k
+              JOIN webhooks._queue n
+                ON n.subscription_id = k.subscription_id AND n.ordering_key = k.ordering_key
+             WHERE n.delivery_id NOT IN (SELECT qd.delivery_id FROM qd)
+               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
+                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key
+                                  AND h.head AND h.delivery_id NOT IN (SELECT qd.delivery_id FROM qd))
              ORDER BY n.subscription_id, n.ordering_key, n.event_seq) nh
      WHERE q.delivery_id = nh.delivery_id
 ), qu AS (
@@ -332,22 +343,77 @@ const NEXT_DUE: &str = "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_
            FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
           WHERE q.head AND q.claimed_at IS NULL AND q.next_attempt_at > now()";
 
-/// Delete finished history older than the retention interval, a bounded chunk at a time.
-pub fn apply_retention(retention: &str) -> SpiResult<()> {
-    Spi::run_with_args(
-        "WITH old AS (
-             SELECT d.id FROM (SELECT id, status, created_at FROM webhooks._deliveries ORDER BY id LIMIT 5000) d
-              WHERE d.status IN ('succeeded', 'dead') AND d.created_at < now() - $1::interval
-         ), a AS (
-             DELETE FROM webhooks._attempts a USING old WHERE a.delivery_id = old.id
-         ), d AS (
-             DELETE FROM webhooks._deliveries d USING old WHERE d.id = old.id
-         )
-         DELETE FROM webhooks._events e
-          WHERE e.seq IN (SELECT seq FROM webhooks._events ORDER BY seq LIMIT 5000)
-            AND e.created_at < now() - $1::interval
-            AND NOT EXISTS (SELECT 1 FROM webhooks._deliveries d WHERE d.event_seq = e.seq AND d.id NOT IN (SELECT id FROM old))
-            AND NOT EXISTS (SELECT 1 FROM webhooks._pending p WHERE e.seq = ANY (p.seqs))",
-        &[retention.into()],
-    )
+/// One step of retention: how far it got.
+pub struct RetentionStep {
+    pub deleted: i64,
+    /// Where the next step starts (ids, or seqs, up to here were looked at).
+    pub cursor: i64,
+    /// Reached history that is not old enough yet (or still pending): nothing more to do now.
+    pub caught_up: bool,
+}
+
+/// Delete up to `$3` finished deliveries (and their attempts) older than the retention, among
+/// the next `$3` by id after `$2`. Held deliveries are stepped over, not waited for.
+const RETAIN_DELIVERIES: &str = "\
+WITH scan AS (
+    SELECT d.id, d.status, d.created_at < now() - $1::interval AS old
+      FROM webhooks._deliveries d WHERE d.id > $2 ORDER BY d.id LIMIT $3
+), gone AS (
+    SELECT scan.id FROM scan WHERE scan.old AND scan.status IN ('succeeded', 'dead')
+), a AS (
+    DELETE FROM webhooks._attempts a USING gone WHERE a.delivery_id = gone.id
+), d AS (
+    DELETE FROM webhooks._deliveries d USING gone WHERE d.id = gone.id RETURNING 1
+)
+SELECT (SELECT pg_catalog.count(*) FROM d)::int8,
+       COALESCE((SELECT pg_catalog.max(scan.id) FROM scan WHERE scan.old), $2)::int8,
+       (SELECT pg_catalog.count(*) FROM scan) < $3 OR EXISTS (SELECT 1 FROM scan WHERE NOT scan.old)";
+
+/// Delete up to `$3` events older than the retention that no delivery refers to any more,
+/// among the next `$3` by seq after `$2`, stopping at the first event still waiting for fan-out.
+const RETAIN_EVENTS: &str = "\
+WITH lim AS (
+    SELECT pg_catalog.min(p.seqs[1]) AS first_pending FROM webhooks._pending p
+), scan AS (
+    SELECT e.seq, e.created_at < now() - $1::interval AND (lim.first_pending IS NULL OR e.seq < lim.first_pending) AS old
+      FROM webhooks._events e, lim WHERE e.seq > $2 ORDER BY e.seq LIMIT $3
+), gone AS (
+    SELECT scan.seq FROM scan
+     WHERE scan.old AND NOT EXISTS (SELECT 1 FROM webhooks._deliveries d WHERE d.event_seq = scan.seq)
+), e AS (
+    DELETE FROM webhooks._events e USING gone WHERE e.seq = gone.seq RETURNING 1
+)
+SELECT (SELECT pg_catalog.count(*) FROM e)::int8,
+       COALESCE((SELECT pg_catalog.max(scan.seq) FROM scan WHERE scan.old), $2)::int8,
+       (SELECT pg_catalog.count(*) FROM scan) < $3 OR EXISTS (SELECT 1 FROM scan WHERE NOT scan.old)";
+
+fn retention_step(
+    query: &str,
+    retention: &str,
+    after: i64,
+    batch: i64,
+) -> SpiResult<RetentionStep> {
+    let types = [pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID];
+    with_plan(query, &types, |plan| {
+        Spi::connect_mut(|c| {
+            let row = c
+                .update(plan, None, &[retention.into(), after.into(), batch.into()])?
+                .first();
+            Ok(RetentionStep {
+                deleted: row.get::<i64>(1)?.unwrap_or(0),
+                cursor: row.get::<i64>(2)?.unwrap_or(after),
+                caught_up: row.get::<bool>(3)?.unwrap_or(true),
+            })
+        })
+    })
+}
+
+/// Delete up to `batch` finished deliveries older than `retention`, after delivery id `after`.
+pub fn retain_deliveries(retention: &str, after: i64, batch: i64) -> SpiResult<RetentionStep> {
+    retention_step(RETAIN_DELIVERIES, retention, after, batch)
+}
+
+/// Delete up to `batch` unreferenced events older than `retention`, after seq `after`.
+pub fn retain_events(retention: &str, after: i64, batch: i64) -> SpiResult<RetentionStep> {
+    retention_step(RETAIN_EVENTS, retention, after, batch)
 }

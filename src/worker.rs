@@ -13,11 +13,15 @@ use pgrx::bgworkers::*;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Address of the delivery worker's latch (0 while it is not running).
 static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_webhooks_worker_latch") };
+/// Pid of the delivery worker (0 while it is not running): a latch is set only while it still
+/// belongs to this pid, so a worker that died without clearing it can never make a backend
+/// set the latch of whatever process reused its PGPROC.
+static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_webhooks_worker_pid") };
 /// Set when deliveries were queued directly (not through new events): claim on the next turn.
 static QUEUE_CHANGED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_queue_changed") };
 
@@ -25,6 +29,7 @@ const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
 
 pub fn init_shared_memory() {
     pg_shmem_init!(WORKER_LATCH = AtomicU64::new(0));
+    pg_shmem_init!(WORKER_PID = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_CHANGED = AtomicBool::new(false));
 }
 
@@ -45,10 +50,48 @@ pub fn wake(queue_changed: bool) {
     if queue_changed {
         QUEUE_CHANGED.get().store(true, Ordering::Release);
     }
-    let latch = WORKER_LATCH.get().load(Ordering::Acquire);
-    if latch != 0 {
-        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    let pid = WORKER_PID.get().load(Ordering::Acquire);
+    let latch = WORKER_LATCH.get().load(Ordering::Acquire) as *mut pg_sys::Latch;
+    // The latch lives in the worker's PGPROC (shared memory, always mapped); it is ours to set
+    // only while that PGPROC still belongs to the worker.
+    if pid != 0 && !latch.is_null() && unsafe { (*latch).owner_pid } == pid {
+        unsafe { pg_sys::SetLatch(latch) };
     }
+}
+
+/// Publish (or, with None, withdraw) the running worker's latch.
+fn publish_latch(latch: Option<*mut pg_sys::Latch>) {
+    match latch {
+        Some(l) => {
+            WORKER_LATCH.get().store(l as u64, Ordering::Release);
+            WORKER_PID
+                .get()
+                .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+        }
+        None => {
+            // Only our own entry: a newer worker may already have published its latch.
+            let me = unsafe { pg_sys::MyProcPid };
+            if WORKER_PID
+                .get()
+                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                WORKER_LATCH.get().store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Runs however the worker exits (SIGTERM, ERROR, FATAL): its latch is withdrawn first.
+#[pg_guard]
+unsafe extern "C-unwind" fn withdraw_latch_at_exit(_code: i32, _arg: pg_sys::Datum) {
+    publish_latch(None);
+}
+
+/// The running delivery worker's pid, or NULL: what backends would wake at commit.
+#[pg_extern(volatile, parallel_safe)]
+fn _worker_pid() -> Option<i32> {
+    Some(WORKER_PID.get().load(Ordering::Acquire)).filter(|p| *p != 0)
 }
 
 /// Whether the database exists. The launcher is connected to no database, so it cannot use
@@ -141,7 +184,7 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
 /// What the delivery worker's main thread carries from one turn to the next.
 struct LoopState {
     in_flight: InFlight,
-    last_housekeeping: Instant,
+    retention: Retention,
     /// When the next claim is due even if nothing wakes the worker (retry timer, safety poll).
     next_claim_at: Instant,
 }
@@ -299,9 +342,10 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             return;
         }
     };
-    WORKER_LATCH
-        .get()
-        .store(unsafe { pg_sys::MyLatch } as u64, Ordering::Release);
+    unsafe {
+        pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), pg_sys::Datum::from(0usize));
+    }
+    publish_latch(Some(unsafe { pg_sys::MyLatch }));
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
@@ -310,11 +354,17 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             by_delivery: HashMap::new(),
             by_subscription: HashMap::new(),
         },
-        last_housekeeping: Instant::now() - Duration::from_secs(3600),
+        retention: Retention {
+            next_at: Instant::now(),
+            delivery_cursor: 0,
+            event_cursor: 0,
+            rewind_at: Instant::now() + RETENTION_REWIND,
+        },
         next_claim_at: Instant::now(),
     };
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
+        pgrx::check_for_interrupts!();
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             pool.set_allow_private(gucs::allow_private_network());
@@ -330,8 +380,11 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             });
         }
         sleep = run_once(&pool, &mut state);
+        // Our inserts and deletes reach the statistics autovacuum works from; before a long
+        // sleep, whatever is still pending is flushed now rather than at the next wake.
+        unsafe { pg_sys::pgstat_report_stat(sleep >= Duration::from_secs(1)) };
     }
-    WORKER_LATCH.get().store(0, Ordering::Release);
+    publish_latch(None);
     log!(
         "pg_webhooks: delivery worker stopping ({} requests in flight will be retried)",
         state.in_flight.total()
@@ -358,33 +411,123 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
     let batch = gucs::batch_size();
     let mut created = 0;
-    loop {
+    // A bounded number of fan-out batches per turn, so outcomes are recorded and claims made
+    // while a large backlog is fanned out; the next turn comes at once while there is more.
+    let mut more_pending = true;
+    for _ in 0..FAN_OUT_BATCHES_PER_TURN {
+        pgrx::check_for_interrupts!();
         let (taken, new_deliveries) = BackgroundWorker::transaction(|| queue::fan_out(batch))
             .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
         created += new_deliveries;
         if taken < batch as i64 {
+            more_pending = false;
             break;
         }
     }
 
-    if state.last_housekeeping.elapsed() > Duration::from_secs(60) {
-        state.last_housekeeping = Instant::now();
-        let retention = gucs::retention();
-        BackgroundWorker::transaction(move || queue::apply_retention(&retention))
-            .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
-    }
+    let retention_busy = state.retention.run();
 
     // Claim only when something could have become claimable: new deliveries, a finished
     // attempt (a freed slot, a released key), deliveries queued directly, or a timer.
     let queue_changed = QUEUE_CHANGED.get().swap(false, Ordering::AcqRel);
-    if !(created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at) {
-        return state
+    let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
+    {
+        let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch);
+        state.next_claim_at = Instant::now() + sleep;
+        sleep
+    } else {
+        state
             .next_claim_at
-            .saturating_duration_since(Instant::now());
+            .saturating_duration_since(Instant::now())
+    };
+    if more_pending {
+        Duration::ZERO
+    } else if retention_busy {
+        sleep.min(Duration::from_millis(10))
+    } else {
+        sleep.min(
+            state
+                .retention
+                .next_at
+                .saturating_duration_since(Instant::now()),
+        )
     }
-    let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch);
-    state.next_claim_at = Instant::now() + sleep;
-    sleep
+}
+
+/// Fan-out batches per turn of the loop, at most.
+const FAN_OUT_BATCHES_PER_TURN: usize = 16;
+/// How often retention looks for history to delete, once it has caught up.
+const RETENTION_EVERY: Duration = Duration::from_secs(10);
+/// How long one turn may spend deleting history before delivering again.
+const RETENTION_BUDGET: Duration = Duration::from_millis(250);
+/// Rows looked at per retention statement.
+const RETENTION_BATCH: i64 = 10_000;
+/// Retention steps over held deliveries; this often it starts again from the oldest row, to
+/// delete those that have finished since.
+const RETENTION_REWIND: Duration = Duration::from_secs(600);
+
+/// Deletes finished history older than `webhooks.retention` in steps of bounded size and
+/// time, as fast as history is made: while it is behind it runs every turn, for a bounded
+/// time, between deliveries. Held deliveries (and their events) are stepped over, never waited
+/// for.
+struct Retention {
+    next_at: Instant,
+    delivery_cursor: i64,
+    event_cursor: i64,
+    rewind_at: Instant,
+}
+
+impl Retention {
+    /// One turn's share of retention; returns whether it is still behind.
+    fn run(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next_at {
+            return false;
+        }
+        if now >= self.rewind_at {
+            self.delivery_cursor = 0;
+            self.event_cursor = 0;
+            self.rewind_at = now + RETENTION_REWIND;
+        }
+        let retention = gucs::retention();
+        let deadline = now + RETENTION_BUDGET;
+        let mut deliveries_done = false;
+        let mut events_done = false;
+        let mut deleted = 0;
+        while Instant::now() < deadline && !(deliveries_done && events_done) {
+            pgrx::check_for_interrupts!();
+            if !deliveries_done {
+                let (r, after) = (retention.clone(), self.delivery_cursor);
+                let step = BackgroundWorker::transaction(move || {
+                    queue::retain_deliveries(&r, after, RETENTION_BATCH)
+                })
+                .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
+                self.delivery_cursor = step.cursor;
+                deleted += step.deleted;
+                deliveries_done = step.caught_up;
+            } else {
+                let (r, after) = (retention.clone(), self.event_cursor);
+                let step = BackgroundWorker::transaction(move || {
+                    queue::retain_events(&r, after, RETENTION_BATCH)
+                })
+                .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
+                self.event_cursor = step.cursor;
+                deleted += step.deleted;
+                events_done = step.caught_up;
+            }
+        }
+        let behind = !(deliveries_done && events_done);
+        if deleted > 0 {
+            debug1!("pg_webhooks: retention deleted {deleted} rows (behind: {behind})");
+        }
+        if behind {
+            self.next_at = Instant::now();
+        } else {
+            // Caught up: the next round starts again where history is not old enough yet.
+            self.next_at = Instant::now() + RETENTION_EVERY;
+        }
+        behind
+    }
 }
 
 /// Claim what is due and hand it to the HTTP threads; returns how long to sleep.

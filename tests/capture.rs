@@ -303,7 +303,18 @@ fn editing_an_item_locks_its_order_so_the_last_event_has_the_current_items() {
         t2.batch_execute("UPDATE lock_items SET qty = 3 WHERE sku = 'B'")
             .expect("t2");
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // t2 is seen waiting on a lock (not merely slow) before t1 commits.
+    common::wait_for("t2 to wait for t1's lock", Duration::from_secs(30), || {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE lock_items%'",
+                &[],
+            )
+            .expect("pg_stat_activity")
+            .get(0);
+        (waiting == 1).then_some(())
+    });
     assert!(!t2.is_finished(), "t2 should wait for t1");
     t1.batch_execute("COMMIT").expect("commit t1");
     t2.join().expect("t2 thread");
@@ -470,4 +481,52 @@ fn truncating_a_tracked_table_is_refused_with_a_way_out() {
         .expect("untrack");
     c.batch_execute("TRUNCATE trunc_orders CASCADE")
         .expect("untracked tables truncate as usual");
+}
+
+#[test]
+fn a_repeatable_read_writer_sees_children_committed_while_it_ran() {
+    let mut c = orders("rr");
+    c.batch_execute("INSERT INTO rr_orders (id) VALUES (1); INSERT INTO rr_items (order_id, sku) VALUES (1, 'A');")
+        .expect("setup");
+    let mut t1 = cluster().connect();
+    t1.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM rr_items;")
+        .expect("t1 takes its snapshot");
+    // Committed after t1's snapshot: t1 cannot see it, but it exists when t1 commits.
+    c.batch_execute("INSERT INTO rr_items (order_id, sku) VALUES (1, 'B')")
+        .expect("t2");
+    t1.batch_execute("UPDATE rr_orders SET status = 'paid' WHERE id = 1; COMMIT;")
+        .expect("t1");
+    let ev = events(&mut c, "rr");
+    let (t, data) = ev.last().expect("events");
+    assert_eq!(t, "rr.paid");
+    let skus: Vec<&str> = data["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["sku"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(skus, ["A", "B"], "the payload is the order as at commit");
+    assert_eq!(ev[ev.len() - 2].0, "rr.status_updated");
+}
+
+#[test]
+fn a_child_written_before_its_parent_in_one_transaction_gives_created() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TABLE cbp_orders (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending');
+           CREATE TABLE cbp_items (id bigserial PRIMARY KEY,
+                                   order_id bigint REFERENCES cbp_orders DEFERRABLE INITIALLY DEFERRED, sku text);
+           SELECT webhooks.track('cbp_orders', entity => 'cbp', status_column => 'status',
+                  children => '{"items": {"table": "cbp_items", "foreign_key": "order_id"}}');
+           BEGIN;
+           INSERT INTO cbp_items (order_id, sku) VALUES (1, 'A');
+           INSERT INTO cbp_orders (id) VALUES (1);
+           INSERT INTO cbp_items (order_id, sku) VALUES (1, 'B');
+           COMMIT;"#,
+    )
+    .expect("child first");
+    let ev = events(&mut c, "cbp");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].0, "cbp.created");
+    assert_eq!(ev[0].1["items"].as_array().map(Vec::len), Some(2));
 }

@@ -129,14 +129,28 @@ impl Cluster {
     }
 
     pub fn connect_db(&self, db: &str) -> Client {
+        self.connect_as(db, "postgres")
+    }
+
+    /// A connection as `user` (trust authentication: tests play every role).
+    pub fn connect_as(&self, db: &str, user: &str) -> Client {
+        self.connect_as_result(db, user).expect("connect")
+    }
+
+    pub fn connect_as_result(&self, db: &str, user: &str) -> Result<Client, postgres::Error> {
         Client::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=postgres dbname={db}",
-                self.port
-            ),
+            &format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port),
             NoTls,
         )
-        .expect("connect")
+    }
+
+    /// Stop cleanly and start again (settings in postgresql.auto.conf are read anew).
+    pub fn restart(&self) {
+        self.pg_ctl(&["stop", "-m", "fast", "-w"], None);
+        self.pg_ctl(
+            &["start", "-w", "-t", "60", "-l"],
+            Some(&self.dir.join("server.log")),
+        );
     }
 
     /// A streaming standby of this cluster (pg_basebackup -R), started and in recovery.
@@ -262,19 +276,38 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub struct Receiver {
     pub port: u16,
     child: Child,
+    dir: PathBuf,
+}
+
+/// A new directory that no other receiver of any test binary, in this run or an earlier one,
+/// has used: `create_dir` fails on an existing one, so a port file can never be another's.
+fn private_dir(prefix: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("{prefix}_{}_{n}_{nanos}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("mkdir {}: {e}", dir.display()),
+        }
+    }
 }
 
 impl Receiver {
     pub fn start() -> Receiver {
-        let dir = std::env::temp_dir().join(format!(
-            "pg_webhooks_receiver_{}_{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        // Each receiver gets a directory of its own. The receivers of concurrent tests used to
+        // share one named after the test process and a port that had been free a moment
+        // before; two could pick the same name, and one then read the other's port file and
+        // talked to a receiver that its test stopped ("configure receiver: Connection refused").
+        let dir = private_dir("pg_webhooks_receiver");
         let port_file = dir.join("port");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/receiver.py");
-        let child = Command::new("python3")
+        let mut child = Command::new("python3")
             .arg(script)
             .arg("--port-file")
             .arg(&port_file)
@@ -283,11 +316,14 @@ impl Receiver {
             .spawn()
             .expect("start tests/receiver.py");
         let port = wait_for("the receiver to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("tests/receiver.py exited before listening: {status}");
+            }
             std::fs::read_to_string(&port_file)
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
         });
-        Receiver { port, child }
+        Receiver { port, child, dir }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -325,5 +361,6 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

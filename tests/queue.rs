@@ -1,0 +1,343 @@
+//! Queue invariants under backlog, concurrency and failure: per key commit order whatever the
+//! heap order, every delivery ends, one endpoint's backlog starves no other, retention keeps
+//! up and steps over held work, and the worker's own bookkeeping (latch, statistics) stays
+//! right when it exits. Each test that needs particular settings or stops the worker has a
+//! cluster of its own.
+
+mod common;
+
+use common::{shared_cluster, wait_for, Cluster, Receiver};
+use postgres::Client;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn shared() -> &'static Cluster {
+    shared_cluster("queue", &["webhooks.retry_schedule = '200ms,200ms'"])
+}
+
+fn subscribe(c: &mut Client, rx: &Receiver, path: &str, patterns: &str, answers: Value) -> i64 {
+    let row = c
+        .query_one(
+            "SELECT id, secret FROM webhooks.subscribe($1, $2::text::text[])",
+            &[&rx.url(path), &patterns],
+        )
+        .expect("subscribe");
+    let mut config = json!({"path": path, "secret": row.get::<_, String>(1)});
+    if let (Some(obj), Some(more)) = (config.as_object_mut(), answers.as_object()) {
+        obj.extend(more.clone());
+    }
+    rx.configure(config);
+    row.get(0)
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).expect(sql).get(0)
+}
+
+/// Per key, the `data.step` values in arrival order.
+fn steps_by_key(log: &[Value]) -> HashMap<String, Vec<i64>> {
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in log {
+        let d = &r["json"]["data"];
+        by_key
+            .entry(d["k"].to_string())
+            .or_default()
+            .push(d["step"].as_i64().unwrap_or(-1));
+    }
+    by_key
+}
+
+#[test]
+fn a_backlog_in_shuffled_heap_order_is_delivered_per_key_in_commit_order() {
+    // The worker serves another database while the backlog is made, so nothing is fanned out.
+    let own = Cluster::start(
+        "backlog",
+        &["webhooks.database = 'not_yet'", "webhooks.batch_size = 7"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/backlog", "{bk.*}", json!({}));
+    c.batch_execute(
+        "CREATE TABLE bk_orders (id int PRIMARY KEY, k int, step int, status text);
+         SELECT webhooks.track('bk_orders', entity => 'bk', status_column => 'status');",
+    )
+    .expect("table");
+    // 12 keys x 8 steps, one transaction each, interleaved: some steps are row changes,
+    // some are keyed emits (another entity, ordered on their own key).
+    let (keys, steps) = (12, 8);
+    for step in 0..steps {
+        for k in 0..keys {
+            if step == 0 {
+                c.execute("INSERT INTO bk_orders VALUES ($1, $1, 0, 'pending')", &[&k])
+                    .expect("insert");
+            } else if step % 3 == 0 {
+                c.execute(
+                    "SELECT webhooks.emit('bk.note', jsonb_build_object('k', 1000 + $1::int, 'step', $2::int), (1000 + $1::int)::text)",
+                    &[&k, &step],
+                )
+                .expect("emit");
+            } else {
+                c.execute(
+                    "UPDATE bk_orders SET step = $2::int, status = 's' || $2::int WHERE id = $1",
+                    &[&k, &step],
+                )
+                .expect("update");
+            }
+        }
+    }
+    let pending = count(&mut c, "SELECT count(*) FROM webhooks._pending");
+    assert_eq!(
+        pending,
+        keys as i64 * steps as i64,
+        "no worker has fanned anything out"
+    );
+    // Heap order is not commit order once vacuum lets rows reuse space: reverse it outright.
+    c.batch_execute(
+        "BEGIN;
+         CREATE TEMP TABLE shuffled AS SELECT seqs FROM webhooks._pending;
+         DELETE FROM webhooks._pending;
+         INSERT INTO webhooks._pending SELECT seqs FROM shuffled ORDER BY seqs[1] DESC;
+         COMMIT;",
+    )
+    .expect("shuffle");
+    let first_in_heap: i64 = count(&mut c, "SELECT seqs[1] FROM webhooks._pending LIMIT 1");
+    let lowest: i64 = count(&mut c, "SELECT min(seqs[1]) FROM webhooks._pending");
+    assert_ne!(
+        first_in_heap, lowest,
+        "the heap must start with a later transaction"
+    );
+
+    c.batch_execute("ALTER SYSTEM SET webhooks.database = 'postgres'")
+        .expect("serve this database");
+    drop(c);
+    own.restart();
+    let mut c = own.connect();
+    let expected = count(
+        &mut c,
+        "SELECT count(*) FROM webhooks.events e WHERE e.type LIKE 'bk.%'",
+    );
+    wait_for("every delivery to succeed", WAIT, || {
+        let done = count(
+            &mut c,
+            &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'"),
+        );
+        (done == expected).then_some(())
+    });
+    assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue"), 0);
+    let log = rx.log("/backlog");
+    assert_eq!(log.len() as i64, expected, "each delivered once");
+    for (key, got) in steps_by_key(&log) {
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(got, sorted, "key {key} arrived out of commit order");
+    }
+}
+
+#[test]
+fn concurrent_emits_for_one_key_are_delivered_in_commit_order() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let sub = subscribe(&mut c, &rx, "/emit-order", "{eo.*}", json!({}));
+    let mut t1 = shared().connect();
+    t1.batch_execute("BEGIN; SELECT webhooks.emit('eo.first', '{\"n\": 1}', 'same');")
+        .expect("t1 emits");
+    let t2 = std::thread::spawn(|| {
+        let mut t2 = shared().connect();
+        t2.batch_execute("BEGIN; SELECT webhooks.emit('eo.second', '{\"n\": 2}', 'same'); COMMIT;")
+            .expect("t2 emits and commits");
+    });
+    // t2's emit waits for t1's: it could otherwise take the later seq yet commit first.
+    wait_for("t2 to wait for t1", WAIT, || {
+        let waiting = count(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%eo.second%'",
+        );
+        (waiting == 1).then_some(())
+    });
+    // Other keys do not wait.
+    c.batch_execute("SELECT webhooks.emit('eo.other', '{\"n\": 3}', 'other')")
+        .expect("another key");
+    t1.batch_execute("COMMIT").expect("t1 commits");
+    t2.join().expect("t2");
+    let log = rx.wait_for_requests("/emit-order", 3, WAIT);
+    let same: Vec<&str> = log
+        .iter()
+        .filter(|r| r["json"]["type"] != "eo.other")
+        .map(|r| r["json"]["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(same, ["eo.first", "eo.second"]);
+    let _ = sub;
+}
+
+#[test]
+fn a_slow_endpoint_with_a_deep_backlog_does_not_starve_the_others() {
+    // Window of the landed claim: 4 x batch = 16 due heads of all subscriptions.
+    let own = Cluster::start(
+        "starve",
+        &[
+            "webhooks.concurrency = 4",
+            "webhooks.max_in_flight_per_endpoint = 2",
+            "webhooks.batch_size = 4",
+        ],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    subscribe(&mut c, &rx, "/slow", "{slow.*}", json!({"delay_ms": 400}));
+    subscribe(&mut c, &rx, "/fast", "{fast.*}", json!({}));
+    c.batch_execute(
+        "SELECT webhooks.emit('slow.e', jsonb_build_object('i', i)) FROM generate_series(1, 60) i",
+    )
+    .expect("the slow endpoint's backlog");
+    rx.wait_for_requests("/slow", 1, WAIT);
+    c.batch_execute(
+        "SELECT webhooks.emit('fast.e', jsonb_build_object('i', i)) FROM generate_series(1, 10) i",
+    )
+    .expect("work for the fast endpoint");
+    rx.wait_for_requests("/fast", 10, WAIT);
+    let slow_so_far = rx.log("/slow").len();
+    // 2 in flight x 400 ms: the slow one gets about 5 a second. Had the fast endpoint waited
+    // until the slow backlog fit the window, the slow one would have had 44 or more first.
+    assert!(
+        slow_so_far < 30,
+        "the fast endpoint waited for {slow_so_far} slow deliveries"
+    );
+}
+
+#[test]
+fn retention_keeps_up_with_a_large_history_and_steps_over_held_deliveries() {
+    let own = Cluster::start("retention_bulk", &["webhooks.retention = '1s'"]);
+    let mut c = own.connect();
+    // History made directly: 30 held deliveries (a paused subscription's backlog) at the
+    // lowest ids, then 60,000 finished ones, all old.
+    c.batch_execute(
+        "SELECT webhooks.pause(id) FROM webhooks.subscribe('http://127.0.0.1:9/held', '{ret.*}') ;
+         SELECT id FROM webhooks.subscribe('http://127.0.0.1:9/done', '{other.*}');
+         INSERT INTO webhooks._events (type, entity, data, created_at)
+         SELECT 'ret.held', 'ret', jsonb_build_object('i', i), now() - interval '1 hour' FROM generate_series(1, 30) i;
+         INSERT INTO webhooks._deliveries (event_seq, subscription_id, created_at)
+         SELECT e.seq, 1, now() - interval '1 hour' FROM webhooks._events e WHERE e.type = 'ret.held' ORDER BY e.seq;
+         INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq)
+         SELECT d.id, d.subscription_id, d.event_seq FROM webhooks._deliveries d;
+         INSERT INTO webhooks._events (type, entity, data, created_at)
+         SELECT 'other.done', 'other', jsonb_build_object('i', i), now() - interval '1 hour' FROM generate_series(1, 60000) i;
+         INSERT INTO webhooks._deliveries (event_seq, subscription_id, status, attempts, created_at, delivered_at)
+         SELECT e.seq, 2, 'succeeded', 1, now() - interval '1 hour', now() - interval '1 hour'
+           FROM webhooks._events e WHERE e.type = 'other.done' ORDER BY e.seq;
+         INSERT INTO webhooks._attempts (delivery_id, attempt, started_at, duration_ms, status_code)
+         SELECT d.id, 1, d.created_at, 1, 200 FROM webhooks._deliveries d WHERE d.status = 'succeeded';",
+    )
+    .expect("history");
+    // The landed retention deleted at most 5,000 a minute; this must be gone in well under one.
+    wait_for("the finished history to be deleted", WAIT, || {
+        let left = count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._deliveries WHERE status = 'succeeded'",
+        ) + count(&mut c, "SELECT count(*) FROM webhooks._attempts")
+            + count(
+                &mut c,
+                "SELECT count(*) FROM webhooks._events WHERE type = 'other.done'",
+            );
+        (left == 0).then_some(())
+    });
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM webhooks._deliveries"),
+        30,
+        "held deliveries stay"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue"), 30);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._events WHERE type = 'ret.held'"
+        ),
+        30,
+        "their events stay"
+    );
+}
+
+#[test]
+fn the_worker_reports_table_statistics_so_autovacuum_sees_its_deletes() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    subscribe(&mut c, &rx, "/stats", "{stats.*}", json!({}));
+    c.batch_execute("SELECT webhooks.emit('stats.e', '{}') FROM generate_series(1, 5)")
+        .expect("emit");
+    rx.wait_for_requests("/stats", 5, WAIT);
+    // The worker deleted 5 _pending rows (one per emit) and 5 _queue rows, and only the worker
+    // deletes from these tables; without pgstat_report_stat() a background worker reports
+    // its table statistics only when it exits.
+    wait_for("the worker's deletes to be counted", WAIT, || {
+        let deleted = count(
+            &mut c,
+            "SELECT coalesce(sum(n_tup_del), 0)::int8 FROM pg_stat_all_tables
+              WHERE relid IN ('webhooks._queue'::regclass, 'webhooks._pending'::regclass)",
+        );
+        (deleted >= 10).then_some(())
+    });
+}
+
+#[test]
+fn a_worker_that_fails_withdraws_its_latch_and_its_successor_delivers() {
+    let own = Cluster::start("worker_exit", &[]);
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    subscribe(&mut c, &rx, "/exit", "{exit.*}", json!({}));
+    let worker_pid = |c: &mut Client| -> Option<i32> {
+        c.query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_webhooks worker'",
+            &[],
+        )
+        .ok()
+        .map(|r| r.get(0))
+    };
+    let first = wait_for("the worker", WAIT, || worker_pid(&mut c));
+    let published: Option<i32> = c
+        .query_one("SELECT webhooks._worker_pid()", &[])
+        .expect("pid")
+        .get(0);
+    assert_eq!(published, Some(first), "backends wake the running worker");
+
+    // Make the worker's fan-out fail: it exits with an ERROR, not through its loop.
+    c.batch_execute(
+        "CREATE FUNCTION fail_fan_out() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'injected fan-out failure'; END $$;
+         CREATE TRIGGER fail_fan_out BEFORE INSERT ON webhooks._deliveries
+             FOR EACH ROW EXECUTE FUNCTION fail_fan_out();
+         SELECT webhooks.emit('exit.e', '{\"n\": 1}');",
+    )
+    .expect("break fan-out");
+    wait_for("the worker to exit with the error", WAIT, || {
+        own.server_log()
+            .contains("injected fan-out failure")
+            .then_some(())
+    });
+    wait_for("the failed worker to be gone", WAIT, || {
+        (worker_pid(&mut c) != Some(first)).then_some(())
+    });
+    // Whatever runs now, the published pid is never the dead worker's.
+    for _ in 0..20 {
+        let published: Option<i32> = c
+            .query_one("SELECT webhooks._worker_pid()", &[])
+            .expect("pid")
+            .get(0);
+        assert_ne!(
+            published,
+            Some(first),
+            "a dead worker's latch is still published"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.batch_execute("DROP TRIGGER fail_fan_out ON webhooks._deliveries")
+        .expect("repair");
+    let got = rx.wait_for_requests("/exit", 1, WAIT);
+    assert_eq!(got[0]["json"]["type"], "exit.e", "the event was not lost");
+    let now = wait_for("a new worker", WAIT, || worker_pid(&mut c));
+    let published: Option<i32> = c
+        .query_one("SELECT webhooks._worker_pid()", &[])
+        .expect("pid")
+        .get(0);
+    assert_eq!(published, Some(now));
+}

@@ -1,0 +1,400 @@
+//! Safe to install: no caller can make capture run SQL of its choosing, application roles'
+//! DDL works as without the extension, and bad header values are refused. Every test here
+//! acts as a non-superuser role: an application owning its tables, a member of
+//! `webhooks_admin` with CREATE on a schema of its own, and `webhooks_reader`.
+
+mod common;
+
+use common::{shared_cluster, Cluster};
+use postgres::error::SqlState;
+use postgres::Client;
+use serde_json::Value;
+
+fn cluster() -> &'static Cluster {
+    shared_cluster("security", &[])
+}
+
+/// Runs `sql`, which must fail with `state`; returns the message.
+fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
+    let e = c.batch_execute(sql).expect_err(sql);
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    assert_eq!(db.code(), &state, "{sql}: {}", db.message());
+    format!("{} {}", db.message(), db.hint().unwrap_or_default())
+}
+
+fn is_superuser(c: &mut Client, role: &str) -> bool {
+    c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+        .expect("role")
+        .get(0)
+}
+
+fn role_exists(c: &mut Client, role: &str) -> bool {
+    c.query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role])
+        .expect("role")
+        .get::<_, i64>(0)
+        == 1
+}
+
+/// (type, data) of every event of `entity`, in commit order.
+fn events(c: &mut Client, entity: &str) -> Vec<(String, Value)> {
+    c.query(
+        "SELECT type, data FROM webhooks.events WHERE entity = $1 ORDER BY seq",
+        &[&entity],
+    )
+    .expect("events")
+    .iter()
+    .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
+    .collect()
+}
+
+/// A login role that is a member of webhooks_admin (and so webhooks_reader) and owns a schema
+/// it can create tables, functions and triggers in: the attacker of the review.
+fn mallory(su: &mut Client, name: &str) -> Client {
+    su.batch_execute(&format!(
+        "CREATE ROLE {name} LOGIN; GRANT webhooks_admin TO {name};
+         CREATE SCHEMA {name} AUTHORIZATION {name};"
+    ))
+    .expect("create the attacker role");
+    cluster().connect_as("postgres", name)
+}
+
+#[test]
+fn forged_capture_trigger_arguments_run_no_sql_and_are_refused() {
+    let mut su = cluster().connect();
+    let mut m = mallory(&mut su, "mal1");
+    // What the landed code spliced into SQL run as the bootstrap superuser at commit: a
+    // function of the attacker's in the children's ORDER BY, and SQL in the key type.
+    m.batch_execute(
+        r#"CREATE FUNCTION mal1.escalate() RETURNS int LANGUAGE plpgsql AS $$
+           BEGIN
+               EXECUTE 'ALTER ROLE mal1 SUPERUSER';
+               RETURN 1;
+           END $$;
+           CREATE TABLE mal1.t (id int PRIMARY KEY, note text);
+           CREATE TABLE mal1.c (id int PRIMARY KEY, t_id int);
+           CREATE TRIGGER forged AFTER INSERT OR UPDATE OR DELETE ON mal1.t FOR EACH ROW
+               EXECUTE FUNCTION webhooks._capture_row('order', 'id', 'int[]) OR mal1.escalate() = 1 OR (true', '',
+                   '[{"name": "x", "relid": 1, "fk": "t_id", "order_by": "mal1.escalate()"}]');"#,
+    )
+    .expect("attach a forged capture trigger to an own table");
+    let msg = fails(
+        &mut m,
+        "INSERT INTO mal1.t VALUES (1, 'x')",
+        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+    );
+    assert!(msg.contains("not tracked"), "{msg}");
+    assert!(
+        !is_superuser(&mut su, "mal1"),
+        "the forged arguments ran as a superuser"
+    );
+
+    // The child trigger, pointed at a table that really is tracked (by someone else).
+    su.batch_execute(
+        "CREATE TABLE victim_orders (id int PRIMARY KEY, status text);
+         CREATE TABLE victim_items (id int PRIMARY KEY, order_id int);
+         SELECT webhooks.track('victim_orders', entity => 'victim', status_column => 'status',
+                children => '{\"items\": {\"table\": \"victim_items\", \"foreign_key\": \"order_id\"}}');",
+    )
+    .expect("a tracked table");
+    let victim: u32 = su
+        .query_one("SELECT 'victim_orders'::regclass::oid", &[])
+        .expect("oid")
+        .get(0);
+    m.batch_execute(&format!(
+        "CREATE TRIGGER forged_child BEFORE INSERT ON mal1.c FOR EACH ROW
+             EXECUTE FUNCTION webhooks._capture_child('{victim}', 'mal1.escalate()', 'int', 'status', '[]', '{victim}', 't_id');"
+    ))
+    .expect("attach a forged child trigger");
+    let msg = fails(
+        &mut m,
+        "INSERT INTO mal1.c VALUES (1, 1)",
+        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+    );
+    assert!(msg.contains("not a tracked child"), "{msg}");
+    assert!(!is_superuser(&mut su, "mal1"));
+
+    // The configuration is not writable by hand, and its writer checks the caller's rights.
+    fails(
+        &mut m,
+        "INSERT INTO webhooks._tracked (relid, entity, key_attnum) VALUES ('mal1.t'::regclass, 'x', 1)",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut m,
+        "DELETE FROM webhooks._tracked",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut m,
+        &format!("SELECT webhooks._register_tracked({victim}, 'x', 1::int2, NULL, '[]')"),
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    fails(
+        &mut m,
+        &format!("SELECT webhooks._unregister_tracked({victim})"),
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    // Tracking someone else's table as a child of one's own would copy it into events.
+    su.batch_execute("CREATE TABLE secrets (id int PRIMARY KEY, t_id int, password text); INSERT INTO secrets VALUES (1, 1, 'hunter2')")
+        .expect("a table mal1 cannot read");
+    let msg = fails(
+        &mut m,
+        r#"SELECT webhooks.track('mal1.t', entity => 'mal', children => '{"s": {"table": "public.secrets", "foreign_key": "t_id"}}')"#,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    assert!(
+        msg.contains("secrets") || msg.contains("permission"),
+        "{msg}"
+    );
+    assert_eq!(
+        su.query_one(
+            "SELECT count(*) FROM webhooks._tracked WHERE relid = 'mal1.t'::regclass",
+            &[]
+        )
+        .expect("count")
+        .get::<_, i64>(0),
+        0
+    );
+    // The victim's capture still works, for its own writer.
+    su.batch_execute("INSERT INTO victim_orders VALUES (1, 'pending')")
+        .expect("victim writes");
+    su.batch_execute("INSERT INTO victim_items VALUES (1, 1)")
+        .expect("victim writes");
+    let types: Vec<String> = events(&mut su, "victim").into_iter().map(|e| e.0).collect();
+    assert_eq!(types, ["victim.created", "victim.updated"]);
+}
+
+#[test]
+fn capture_of_an_attackers_own_table_runs_its_code_with_its_own_rights_only() {
+    let mut su = cluster().connect();
+    let mut m = mallory(&mut su, "mal2");
+    // Code the table owner controls, on every path capture reads: a key domain whose CHECK
+    // calls a function, a column default, children under a policy. Capture must never run
+    // any of it with more rights than the owner has.
+    m.batch_execute(
+        r#"CREATE FUNCTION mal2.escalate(v int) RETURNS boolean LANGUAGE plpgsql AS $$
+           BEGIN
+               BEGIN
+                   EXECUTE 'ALTER ROLE mal2 SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+               RETURN true;
+           END $$;
+           CREATE DOMAIN mal2.key AS int CHECK (mal2.escalate(VALUE));
+           CREATE TABLE mal2.t (id mal2.key PRIMARY KEY, status text, note text DEFAULT (mal2.escalate(1))::text);
+           CREATE TABLE mal2.c (id int PRIMARY KEY, t_id int, qty int CHECK (mal2.escalate(qty)));
+           CREATE POLICY p ON mal2.c USING (mal2.escalate(id));
+           ALTER TABLE mal2.c ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+           SELECT webhooks.track('mal2.t', entity => 'mal', status_column => 'status',
+                  children => '{"c": {"table": "mal2.c", "foreign_key": "t_id"}}');
+           BEGIN;
+           INSERT INTO mal2.t (id, status) VALUES (1, 'pending');
+           INSERT INTO mal2.c VALUES (1, 1, 2);
+           COMMIT;"#,
+    )
+    .expect("track and write an own table");
+    m.batch_execute("UPDATE mal2.t SET status = 'paid'")
+        .expect("status");
+    m.batch_execute("UPDATE mal2.c SET qty = 3").expect("child");
+    assert!(!is_superuser(&mut su, "mal2"));
+    let ev = events(&mut su, "mal");
+    let types: Vec<&str> = ev.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "mal.created",
+            "mal.status_updated",
+            "mal.paid",
+            "mal.updated"
+        ]
+    );
+    assert_eq!(ev[0].1["c"][0]["qty"], 2);
+    assert_eq!(ev[3].1["c"][0]["qty"], 3);
+}
+
+#[test]
+fn readers_and_admins_cannot_reach_what_is_not_theirs() {
+    let mut su = cluster().connect();
+    su.batch_execute(
+        "CREATE ROLE rdr LOGIN; GRANT webhooks_reader TO rdr;
+         CREATE TABLE rdr_orders (id int PRIMARY KEY);",
+    )
+    .expect("reader");
+    let mut r = cluster().connect_as("postgres", "rdr");
+    for sql in [
+        "SELECT webhooks.track('rdr_orders')",
+        "SELECT webhooks.emit('x.y', '{}')",
+        "SELECT webhooks.subscribe('https://example.com/')",
+        "SELECT * FROM webhooks._secrets",
+        "SELECT * FROM webhooks._events",
+        "INSERT INTO webhooks._pending VALUES ('{1}')",
+        "SELECT webhooks._register_tracked('rdr_orders'::regclass::oid, 'x', 1::int2, NULL, '[]')",
+    ] {
+        fails(&mut r, sql, SqlState::INSUFFICIENT_PRIVILEGE);
+    }
+    r.batch_execute(
+        "SELECT count(*) FROM webhooks.events; SELECT count(*) FROM webhooks.deliveries;",
+    )
+    .expect("a reader reads the logs");
+    // The capture role writes events but cannot log in, and is nobody's member.
+    let e = cluster()
+        .connect_as_result("postgres", "webhooks_capture")
+        .err()
+        .expect("webhooks_capture must not log in");
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("not permitted to log in"), "{e:?}");
+    assert_eq!(
+        su.query_one("SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid WHERE r.rolname = 'webhooks_capture'", &[])
+            .expect("members")
+            .get::<_, i64>(0),
+        0
+    );
+    // Header values that would split a request are refused like bad header names.
+    let mut admin = mallory(&mut su, "adm3");
+    for value in ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\u{1}b", "a\u{7f}b"] {
+        let headers = serde_json::json!({ "X-Custom": value }).to_string();
+        let e = admin
+            .query_one(
+                "SELECT id FROM webhooks.subscribe('http://127.0.0.1:9/x', headers => $1::text::jsonb)",
+                &[&headers],
+            )
+            .expect_err("a header value with a control character");
+        assert_eq!(
+            e.code(),
+            Some(&SqlState::INVALID_PARAMETER_VALUE),
+            "{value:?}: {e}"
+        );
+    }
+    admin
+        .query_one(
+            "SELECT id FROM webhooks.subscribe('http://127.0.0.1:9/x', headers => '{\"X-Tab\": \"a\\tb\"}')",
+            &[],
+        )
+        .expect("a tab is a legal header value character");
+}
+
+#[test]
+fn application_ddl_of_every_kind_works_for_a_non_superuser() {
+    let mut su = cluster().connect();
+    su.batch_execute(
+        "CREATE ROLE app LOGIN; CREATE SCHEMA app AUTHORIZATION app;
+         CREATE ROLE clerk LOGIN; GRANT USAGE ON SCHEMA app TO clerk;
+         ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA app GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO clerk;",
+    )
+    .expect("roles");
+    let mut app = cluster().connect_as("postgres", "app");
+    // Untracked tables: every kind of DDL, including every kind of DROP.
+    app.batch_execute(
+        "CREATE TABLE app.plain (id int PRIMARY KEY, a text, b text);
+         CREATE INDEX plain_a ON app.plain (a);
+         ALTER TABLE app.plain ADD COLUMN c int;
+         ALTER TABLE app.plain DROP COLUMN b;
+         ALTER TABLE app.plain RENAME COLUMN a TO aa;
+         ALTER TABLE app.plain ALTER COLUMN c TYPE bigint;
+         DROP INDEX app.plain_a;
+         CREATE VIEW app.v AS SELECT * FROM app.plain;
+         DROP VIEW app.v;
+         CREATE SEQUENCE app.s; DROP SEQUENCE app.s;
+         CREATE FUNCTION app.f() RETURNS int LANGUAGE sql AS 'SELECT 1'; DROP FUNCTION app.f();
+         CREATE TYPE app.mood AS ENUM ('ok'); DROP TYPE app.mood;
+         ALTER TABLE app.plain RENAME TO plain2;
+         TRUNCATE app.plain2;
+         DROP TABLE app.plain2;",
+    )
+    .expect("DDL on untracked tables");
+
+    // Tracked tables (tracked by an admin; the application owns them).
+    app.batch_execute(
+        "CREATE TABLE app.orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending', customer text, junk text);
+         CREATE TABLE app.items (id int PRIMARY KEY, order_id int REFERENCES app.orders, sku text);
+         CREATE TABLE app.notes (id int PRIMARY KEY, order_id int, body text);",
+    )
+    .expect("tables");
+    su.batch_execute(
+        r#"SELECT webhooks.track('app.orders', entity => 'ddl', status_column => 'status',
+               children => '{"items": {"table": "app.items", "foreign_key": "order_id"},
+                             "notes": {"table": "app.notes", "foreign_key": "order_id"}}')"#,
+    )
+    .expect("track");
+    let mut clerk = cluster().connect_as("postgres", "clerk");
+    let mut write = |sql: &str| {
+        clerk
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    };
+    write("INSERT INTO app.orders (id, customer) VALUES (1, 'ada'); INSERT INTO app.items VALUES (1, 1, 'A');");
+
+    app.batch_execute(
+        "ALTER TABLE app.orders ADD COLUMN note text;
+         CREATE INDEX orders_customer ON app.orders (customer);
+         DROP INDEX app.orders_customer;
+         ALTER TABLE app.orders RENAME COLUMN customer TO client;
+         ALTER TABLE app.orders RENAME COLUMN id TO order_no;
+         ALTER TABLE app.orders DROP COLUMN junk;
+         ALTER TABLE app.orders RENAME TO purchases;
+         ALTER TABLE app.items RENAME COLUMN sku TO article;",
+    )
+    .expect("DDL on tracked tables");
+    write("UPDATE app.purchases SET client = 'grace', status = 'paid' WHERE order_no = 1");
+    app.batch_execute("ALTER TABLE app.purchases ALTER COLUMN order_no TYPE bigint")
+        .expect("retype the key");
+    write("INSERT INTO app.purchases (order_no, client) VALUES (2, 'linus')");
+
+    // Dropping a child table, the status column, then the key (refused) and the table.
+    app.batch_execute("DROP TABLE app.notes; ALTER TABLE app.purchases DROP COLUMN status;")
+        .expect("drop a child table and the status column");
+    write("UPDATE app.purchases SET client = 'barbara' WHERE order_no = 2");
+    let msg = fails(
+        &mut app,
+        "ALTER TABLE app.purchases DROP COLUMN order_no CASCADE",
+        SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+    );
+    assert!(msg.contains("untrack"), "{msg}");
+    let ev = events(&mut su, "ddl");
+    let types: Vec<&str> = ev.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "ddl.created",
+            "ddl.status_updated",
+            "ddl.paid",
+            "ddl.created",
+            "ddl.updated"
+        ]
+    );
+    assert_eq!(ev[0].1["customer"], "ada");
+    assert_eq!(ev[0].1["items"][0]["sku"], "A");
+    assert_eq!(ev[1].1["client"], "grace", "renamed columns are followed");
+    assert_eq!(ev[1].1["order_no"], 1);
+    assert_eq!(ev[1].1["items"][0]["article"], "A");
+    assert!(ev[1].1.get("junk").is_none());
+    assert_eq!(ev[4].1["client"], "barbara");
+    assert!(
+        ev[4].1.get("notes").is_none(),
+        "the dropped child left the payload"
+    );
+    assert!(ev[4].1.get("items").is_some());
+
+    let oid: u32 = su
+        .query_one("SELECT 'app.purchases'::regclass::oid", &[])
+        .expect("oid")
+        .get(0);
+    app.batch_execute("DROP TABLE app.items; DROP TABLE app.purchases;")
+        .expect("drop the tracked tables");
+    assert_eq!(
+        su.query_one(
+            "SELECT count(*) FROM webhooks._tracked WHERE relid = $1",
+            &[&oid]
+        )
+        .expect("count")
+        .get::<_, i64>(0),
+        0,
+        "a dropped table is forgotten"
+    );
+    app.batch_execute("DROP SCHEMA app CASCADE")
+        .expect("drop the schema");
+    assert!(role_exists(&mut su, "app"));
+}
