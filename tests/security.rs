@@ -72,16 +72,26 @@ fn forged_capture_trigger_arguments_run_no_sql_and_are_refused() {
            END $$;
            CREATE TABLE mal1.t (id int PRIMARY KEY, note text);
            CREATE TABLE mal1.c (id int PRIMARY KEY, t_id int);
-           CREATE TRIGGER forged AFTER INSERT OR UPDATE OR DELETE ON mal1.t FOR EACH ROW
-               EXECUTE FUNCTION webhooks._capture_row('order', 'id', 'int[]) OR mal1.escalate() = 1 OR (true', '',
-                   '[{"name": "x", "relid": 1, "fk": "t_id", "order_by": "mal1.escalate()"}]');"#,
+           INSERT INTO mal1.c VALUES (1, 1);"#,
     )
+    .expect("an attacker's own tables");
+    let child: u32 = m
+        .query_one("SELECT 'mal1.c'::regclass::oid", &[])
+        .expect("oid")
+        .get(0);
+    m.batch_execute(&format!(
+        r#"CREATE TRIGGER forged AFTER INSERT OR UPDATE OR DELETE ON mal1.t FOR EACH ROW
+               EXECUTE FUNCTION webhooks._capture_row('order', 'id', 'int', '',
+                   '[{{"name": "x", "relid": {child}, "fk": "t_id", "order_by": "mal1.escalate()"}}]');"#
+    ))
     .expect("attach a forged capture trigger to an own table");
-    let msg = fails(
-        &mut m,
-        "INSERT INTO mal1.t VALUES (1, 'x')",
-        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-    );
+    let result = m.batch_execute("INSERT INTO mal1.t VALUES (1, 'x')");
+    // On the landed code this INSERT succeeded, and at its commit mal1.escalate() ran as the
+    // bootstrap superuser: mal1 became a superuser.
+    assert!(!is_superuser(&mut su, "mal1"), "the forged arguments ran as a superuser");
+    let e = result.expect_err("a forged capture trigger must not run");
+    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    assert_eq!(e.code(), Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{msg}");
     assert!(msg.contains("not tracked"), "{msg}");
     assert!(
         !is_superuser(&mut su, "mal1"),
