@@ -97,6 +97,21 @@ fn wait_until_all(c: &mut Client, sub: i64, n: usize, status: &str) -> Vec<(Stri
     })
 }
 
+/// A positive signal that the worker has taken every event committed so far as far as it
+/// would: a fence event, committed now, reaches a subscription of its own only after the
+/// worker has fanned out and claimed everything committed before it (fan-out goes in commit
+/// order, claims look at every subscription). Use it to show that something did *not* happen.
+fn fence(c: &mut Client, rx: &Receiver, name: &str) {
+    let path = format!("/fence-{name}");
+    let pattern = format!("{{fence_{name}.*}}");
+    subscribe(c, rx, &path, &pattern, "", json!({}));
+    c.batch_execute(&format!(
+        "SELECT webhooks.emit('fence_{name}.passed', '{{}}')"
+    ))
+    .expect("emit the fence");
+    rx.wait_for_requests(&path, 1, WAIT);
+}
+
 fn header<'a>(req: &'a Value, name: &str) -> &'a str {
     req["headers"][name].as_str().unwrap_or("")
 }
@@ -191,7 +206,7 @@ fn rolled_back_transactions_never_arrive() {
     c.batch_execute("BEGIN; INSERT INTO rbk_orders (id) VALUES (2); SAVEPOINT s; INSERT INTO rbk_orders (id) VALUES (3); ROLLBACK TO s; COMMIT;")
         .expect("savepoint");
     let got = rx.wait_for_requests("/rbk", 1, WAIT);
-    std::thread::sleep(Duration::from_millis(500));
+    fence(&mut c, &rx, "rbk");
     let got_after = rx.log("/rbk");
     assert_eq!(got.len(), got_after.len());
     let keys: Vec<i64> = got_after
@@ -410,7 +425,7 @@ fn a_410_disables_the_subscription_and_keeps_its_backlog_for_resume() {
     });
     c.batch_execute(r#"SELECT webhooks.emit('gone.second', '{}')"#)
         .expect("emit while disabled");
-    std::thread::sleep(Duration::from_millis(800));
+    fence(&mut c, &rx, "gone");
     assert_eq!(rx.log("/gone").len(), 1, "held while disabled");
     rx.configure(json!({"path": "/gone", "secret": secret, "default_status": 200}));
     c.execute("SELECT webhooks.resume($1)", &[&sub])
@@ -443,7 +458,7 @@ fn paused_subscriptions_hold_deliveries_until_resumed() {
     wait_for("deliveries to be queued", WAIT, || {
         (delivery_states(&mut c, sub).len() == 2).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(500));
+    fence(&mut c, &rx, "pause");
     assert!(rx.log("/pause").is_empty(), "nothing goes out while paused");
     c.execute("SELECT webhooks.resume($1)", &[&sub])
         .expect("resume");
@@ -474,7 +489,7 @@ fn patterns_and_filters_select_events_and_new_subscriptions_get_only_later_event
     .expect("emit");
     let exact = rx.wait_for_requests("/exact", 2, WAIT);
     let eu = rx.wait_for_requests("/eu", 2, WAIT);
-    std::thread::sleep(Duration::from_millis(500));
+    fence(&mut c, &rx, "flt");
     assert_eq!(rx.log("/exact").len(), 2);
     assert_eq!(
         rx.log("/eu").len(),
@@ -810,11 +825,27 @@ fn one_deadline_per_attempt_capped_bodies_and_no_redirects() {
 #[test]
 fn the_worker_waits_for_its_database_and_the_extension_without_crashing() {
     let own = Cluster::start("latedb", &["webhooks.database = 'shop_later'"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for("the launcher to wait for the database", WAIT, || {
+        own.server_log()
+            .contains("waiting for database \"shop_later\"")
+            .then_some(())
+    });
     own.connect()
         .batch_execute("CREATE DATABASE shop_later")
         .expect("create database");
-    std::thread::sleep(Duration::from_millis(1500));
+    // The worker is connected to the new database and waits for the extension there.
+    wait_for("the worker to wait in the new database", WAIT, || {
+        let n: i64 = own
+            .connect()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE backend_type = 'pg_webhooks worker' AND datname = 'shop_later'",
+                &[],
+            )
+            .expect("pg_stat_activity")
+            .get(0);
+        (n == 1).then_some(())
+    });
     let rx = Receiver::start();
     let mut c = own.connect_db("shop_later");
     c.batch_execute("CREATE EXTENSION pg_webhooks")

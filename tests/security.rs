@@ -88,10 +88,20 @@ fn forged_capture_trigger_arguments_run_no_sql_and_are_refused() {
     let result = m.batch_execute("INSERT INTO mal1.t VALUES (1, 'x')");
     // On the landed code this INSERT succeeded, and at its commit mal1.escalate() ran as the
     // bootstrap superuser: mal1 became a superuser.
-    assert!(!is_superuser(&mut su, "mal1"), "the forged arguments ran as a superuser");
+    assert!(
+        !is_superuser(&mut su, "mal1"),
+        "the forged arguments ran as a superuser"
+    );
     let e = result.expect_err("a forged capture trigger must not run");
-    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
-    assert_eq!(e.code(), Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE), "{msg}");
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{msg}"
+    );
     assert!(msg.contains("not tracked"), "{msg}");
     assert!(
         !is_superuser(&mut su, "mal1"),
