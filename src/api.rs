@@ -105,11 +105,19 @@ fn relation_name(relid: pg_sys::Oid) -> String {
     }
 }
 
+/// Run a catalog lookup with the caller's own rights but a fixed search_path, so no operator
+/// or function of the caller's can stand in for pg_catalog's.
+fn as_caller<R>(f: impl FnOnce() -> R) -> R {
+    crate::capture::as_role(unsafe { pg_sys::GetUserId() }, f)
+}
+
 fn owner_of(relid: pg_sys::Oid) -> pg_sys::Oid {
-    Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = $1",
-        &[relid.into()],
-    )
+    as_caller(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            &[relid.into()],
+        )
+    })
     .ok()
     .flatten()
     .unwrap_or_else(|| {
@@ -152,9 +160,11 @@ fn column_exists(relid: pg_sys::Oid, attnum: i16) -> bool {
 
 /// Run `f` as the owner of the extension's tables (who alone may write `_tracked`).
 fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'webhooks._tracked'::pg_catalog.regclass",
-    )
+    let owner = as_caller(|| {
+        Spi::get_one::<pg_sys::Oid>(
+            "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'webhooks._tracked'::pg_catalog.regclass",
+        )
+    })
     .ok()
     .flatten()
     .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE, "webhooks._tracked is missing"));

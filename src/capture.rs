@@ -95,6 +95,8 @@ thread_local! {
     /// one of its children is invalidated (track, untrack, renames, drops, owner changes).
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, Rc<TableConfig>>> = RefCell::new(HashMap::new());
     static CONFIGS_STALE: Cell<bool> = const { Cell::new(false) };
+    /// Parent of each partition looked up so far (dropped with the configurations).
+    static PARENTS: RefCell<HashMap<pg_sys::Oid, Option<pg_sys::Oid>>> = RefCell::new(HashMap::new());
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -200,13 +202,69 @@ fn register_invalidation_callback() {
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     CONFIGS.with(|c| match c.try_borrow_mut() {
-        Ok(mut configs) if relid != pg_sys::InvalidOid => {
-            configs.retain(|_, cfg| cfg.relid != relid && !cfg.child_relids.contains(&relid))
-        }
+        // A configuration is cached under the tracked table and under each of its partitions.
+        Ok(mut configs) if relid != pg_sys::InvalidOid => configs.retain(|key, cfg| {
+            *key != relid && cfg.relid != relid && !cfg.child_relids.contains(&relid)
+        }),
         Ok(mut configs) => configs.clear(),
         // Invalidated while a configuration is being loaded: forget them all before the next use.
         Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
     });
+    // Attaching or detaching a partition invalidates it.
+    PARENTS.with(|p| match p.try_borrow_mut() {
+        Ok(mut parents) if relid != pg_sys::InvalidOid => {
+            parents.remove(&relid);
+        }
+        Ok(mut parents) => parents.clear(),
+        Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
+    });
+}
+
+/// The partitioned table `relid` is a partition of, if it is one.
+fn partition_parent(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    if !unsafe { pg_sys::get_rel_relispartition(relid) } {
+        return None;
+    }
+    if let Some(p) = PARENTS.with(|p| p.borrow().get(&relid).copied()) {
+        return p;
+    }
+    let parent = as_capture_role(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = $1",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten();
+    PARENTS.with(|p| p.borrow_mut().insert(relid, parent));
+    parent
+}
+
+/// `relid` itself if it is in `among`, else its nearest partitioned ancestor that is.
+fn self_or_ancestor_in(relid: pg_sys::Oid, among: &[pg_sys::Oid]) -> Option<pg_sys::Oid> {
+    let mut rel = relid;
+    for _ in 0..64 {
+        if among.contains(&rel) {
+            return Some(rel);
+        }
+        rel = partition_parent(rel)?;
+    }
+    None
+}
+
+/// The attribute number in `rel` of the column that is `attnum` in `tracked` (a partition's
+/// columns may be numbered differently from its parent's).
+fn attnum_in(tracked: pg_sys::Oid, attnum: i32, rel: pg_sys::Oid) -> i32 {
+    if rel == tracked {
+        return attnum;
+    }
+    unsafe {
+        let name = pg_sys::get_attname(tracked, attnum as pg_sys::AttrNumber, true);
+        if name.is_null() {
+            return 0;
+        }
+        i32::from(pg_sys::get_attnum(rel, name))
+    }
 }
 
 /// The configuration of a tracked table, or None if `webhooks.track()` did not register it.
@@ -218,7 +276,11 @@ pub(crate) fn config_for(relid: pg_sys::Oid) -> Option<Rc<TableConfig>> {
     if let Some(cfg) = CONFIGS.with(|c| c.borrow().get(&relid).cloned()) {
         return Some(cfg);
     }
-    let cfg = Rc::new(load_config(relid)?);
+    let cfg = match load_config(relid) {
+        Some(cfg) => Rc::new(cfg),
+        // A partition of a tracked partitioned table is captured as that table.
+        None => config_for(partition_parent(relid)?)?,
+    };
     CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
     Some(cfg)
 }
@@ -440,15 +502,40 @@ fn _capture_row<'a>(
         let relid = (*rel).rd_id;
         let tupdesc = (*rel).rd_att;
         let cfg = registered_config(relid);
-        let key_att = cfg.key_attnum;
-        let status_att = cfg.status_attnum;
+        // On a partition, the tracked (partitioned) table's columns by their numbers here.
+        let key_att = attnum_in(cfg.relid, cfg.key_attnum, relid);
+        let status_att = cfg.status_attnum.map(|a| attnum_in(cfg.relid, a, relid));
+        if key_att <= 0 {
+            not_usable("the key column of a tracked table is missing from one of its partitions");
+        }
+        // Row JSON is always in the tracked table's column order: a partition's row is
+        // converted to its parent's row type first, so the before and at-commit images compare.
+        let (json_desc, conversion) = if relid == cfg.relid {
+            (tupdesc, std::ptr::null_mut())
+        } else {
+            let root = pg_sys::RelationIdGetRelation(cfg.relid);
+            let root_desc = pg_sys::CreateTupleDescCopy((*root).rd_att);
+            (*root_desc).tdtypeid = (*(*root).rd_att).tdtypeid;
+            pg_sys::RelationClose(root);
+            (
+                root_desc,
+                pg_sys::convert_tuples_by_name(tupdesc, root_desc),
+            )
+        };
+        let json_of = |tuple: *mut pg_sys::HeapTupleData| {
+            if conversion.is_null() {
+                row_json(tuple, json_desc)
+            } else {
+                row_json(pg_sys::execute_attr_map_tuple(tuple, conversion), json_desc)
+            }
+        };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
         let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
         let before = |tuple| Touch {
             existed_before: true,
             row_touched: true,
-            orig_row: Some(digest(&row_json(tuple, tupdesc))),
+            orig_row: Some(digest(&json_of(tuple))),
             orig_status: status_of(tuple),
             ..Touch::default()
         };
@@ -473,7 +560,7 @@ fn _capture_row<'a>(
                 t.orig_status = b.orig_status;
             }
         };
-        with_table(relid, |tt| {
+        with_table(cfg.relid, |tt| {
             if pgrx::trigger_fired_by_insert(event) {
                 if let Some(key) = key_of(td.tg_trigtuple) {
                     note_inserted(tt, &key);
@@ -486,7 +573,7 @@ fn _capture_row<'a>(
                     if new_key.as_ref() != Some(old_key) {
                         // The key itself changed: the old key is gone, the new one is born.
                         tt.touches.get_mut(old_key).expect("noted").deleted_row =
-                            Some(row_json(td.tg_trigtuple, tupdesc));
+                            Some(json_of(td.tg_trigtuple));
                     }
                 }
                 if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
@@ -496,7 +583,7 @@ fn _capture_row<'a>(
                 if let Some(key) = key_of(td.tg_trigtuple) {
                     note_before(tt, &key, td.tg_trigtuple);
                     tt.touches.get_mut(&key).expect("noted").deleted_row =
-                        Some(row_json(td.tg_trigtuple, tupdesc));
+                        Some(json_of(td.tg_trigtuple));
                 }
             }
         });
@@ -522,8 +609,10 @@ fn _capture_child<'a>(
             .and_then(|a| a.parse::<u32>().ok())
             .map(pg_sys::Oid::from)
             .unwrap_or(pg_sys::InvalidOid);
-        let cfg = config_for(parent).filter(|c| c.child_relids.contains(&child));
-        let Some(cfg) = cfg else {
+        // The child itself, or (for a partition of a partitioned child) its registered ancestor.
+        let found = config_for(parent)
+            .and_then(|c| self_or_ancestor_in(child, &c.child_relids).map(|r| (c, r)));
+        let Some((cfg, registered)) = found else {
             let name = qualified_name(child).unwrap_or_default();
             raise_with_hint(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -534,9 +623,9 @@ fn _capture_child<'a>(
         let idx = cfg
             .child_relids
             .iter()
-            .position(|r| *r == child)
-            .expect("filtered above");
-        let fk_att = cfg.child_fk_attnums[idx];
+            .position(|r| *r == registered)
+            .expect("found above");
+        let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
         let tupdesc = (*td.tg_relation).rd_att;
         // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
         let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)

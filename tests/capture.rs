@@ -530,3 +530,63 @@ fn a_child_written_before_its_parent_in_one_transaction_gives_created() {
     assert_eq!(ev[0].0, "cbp.created");
     assert_eq!(ev[0].1["items"].as_array().map(Vec::len), Some(2));
 }
+
+#[test]
+fn partitioned_tables_and_partitioned_children_are_captured_as_one_table() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TABLE part_orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending', note text)
+               PARTITION BY RANGE (id);
+           CREATE TABLE part_orders_low PARTITION OF part_orders FOR VALUES FROM (0) TO (100);
+           -- A partition whose columns are numbered differently from its parent's.
+           CREATE TABLE part_orders_high (note text, extra int, status text NOT NULL DEFAULT 'pending', id int NOT NULL);
+           ALTER TABLE part_orders_high DROP COLUMN extra;
+           ALTER TABLE part_orders ATTACH PARTITION part_orders_high FOR VALUES FROM (100) TO (200);
+           CREATE TABLE part_items (order_id int, id int, sku text, PRIMARY KEY (order_id, id)) PARTITION BY RANGE (order_id);
+           CREATE TABLE part_items_low PARTITION OF part_items FOR VALUES FROM (0) TO (100);
+           CREATE TABLE part_items_high PARTITION OF part_items FOR VALUES FROM (100) TO (200);
+           SELECT webhooks.track('part_orders', entity => 'part', status_column => 'status',
+                  children => '{"items": {"table": "part_items", "foreign_key": "order_id"}}');"#,
+    )
+    .expect("partitioned tables");
+    c.batch_execute(
+        "BEGIN; INSERT INTO part_orders (id) VALUES (1), (150);
+         INSERT INTO part_items VALUES (1, 1, 'A'), (150, 1, 'B'); COMMIT;",
+    )
+    .expect("insert");
+    c.batch_execute("UPDATE part_orders SET status = 'paid' WHERE id = 150")
+        .expect("status");
+    c.batch_execute("UPDATE part_items SET sku = 'C' WHERE order_id = 150")
+        .expect("child");
+    c.batch_execute("UPDATE part_orders SET note = note WHERE id IN (1, 150)")
+        .expect("no-op, also in the partition whose columns are numbered differently");
+    c.batch_execute(
+        "DELETE FROM part_items WHERE order_id = 150; DELETE FROM part_orders WHERE id = 150",
+    )
+    .expect("delete");
+    let ev = events(&mut c, "part");
+    let summary: Vec<(String, i64)> = ev
+        .iter()
+        .map(|(t, d)| (t.clone(), d["id"].as_i64().unwrap_or(-1)))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("part.created".to_string(), 1),
+            ("part.created".to_string(), 150),
+            ("part.status_updated".to_string(), 150),
+            ("part.paid".to_string(), 150),
+            ("part.updated".to_string(), 150),
+            ("part.deleted".to_string(), 150),
+        ]
+    );
+    let deleted_keys: Vec<&String> = ev[5].1.as_object().expect("row").keys().collect();
+    assert_eq!(
+        deleted_keys,
+        ["id", "note", "status"],
+        "the parent's columns (jsonb orders keys)"
+    );
+    assert_eq!(ev[1].1["items"][0]["sku"], "B");
+    assert_eq!(ev[2].1["previous_status"], "pending");
+    assert_eq!(ev[4].1["items"][0]["sku"], "C");
+}
