@@ -95,6 +95,10 @@ BEGIN
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '"%" is a temporary table', tbl USING ERRCODE = 'wrong_object_type',
+            HINT = 'Only permanent tables can be tracked.';
+    END IF;
     IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is already tracked', tbl USING ERRCODE = 'duplicate_object',
             HINT = 'Call webhooks.untrack(' || pg_catalog.quote_literal(tbl::text) || ') first to change how it is tracked.';
@@ -104,6 +108,12 @@ BEGIN
     IF entity !~ '^[a-z0-9_-]{1,63}$' THEN
         RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
             HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = track.entity) THEN
+        RAISE EXCEPTION 'entity "%" is already used by table %', entity,
+            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = track.entity)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Each tracked table needs an entity of its own: its events are ordered per entity and key.';
     END IF;
 
     SELECT a.attnum INTO v_key
@@ -144,8 +154,15 @@ BEGIN
                     HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
             END IF;
             v_child := (v_spec ->> 'table')::regclass;
-            IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p') THEN
-                RAISE EXCEPTION 'child "%" (%) is not a table', v_name, v_child USING ERRCODE = 'wrong_object_type';
+            IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p')
+               OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
+                RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
+            END IF;
+            IF (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = v_child)
+               <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
+                RAISE EXCEPTION 'child table % is not owned by the owner of %', v_child, tbl
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'Capture reads a table and its children with the rights of their one owner.';
             END IF;
             v_fk := NULL;
             SELECT a.attnum INTO v_fk FROM pg_catalog.pg_attribute a
@@ -211,15 +228,18 @@ $$;
 --   a tracked table: forgotten (its triggers went with it);
 --   its status column: status events stop, other events go on;
 --   a child table, or a child's foreign key column: that child leaves the payload;
---   its key column (only possible with CASCADE): refused, untrack the table first.
+--   its key column: refused, untrack the table first;
+--   and child triggers whose parent or foreign key column went are dropped.
 CREATE FUNCTION webhooks._on_sql_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_table text;
+    v_table   text;
+    v_trigger record;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked) THEN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
 
@@ -254,6 +274,21 @@ BEGIN
      WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(t.children) c, gone
                     WHERE gone.objid = (c.value ->> 'relid')::oid
                       AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int));
+
+    -- Child triggers left behind by what was dropped (their parent, or the child's foreign
+    -- key column) would make every write to the child fail: they go too.
+    FOR v_trigger IN
+        SELECT g.tgname, g.tgrelid::regclass::text AS rel
+          FROM pg_trigger g, pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass
+           AND g.tgfoid = 'webhooks._capture_child'::regproc
+           AND (g.tgrelid = d.objid OR (d.objsubid = 0 AND g.tgname = 'webhooks_child_' || d.objid))
+           AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, jsonb_array_elements(t.children) c
+                            WHERE g.tgname = 'webhooks_child_' || t.relid
+                              AND (c.value ->> 'relid')::oid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger.tgname, v_trigger.rel);
+    END LOOP;
 END
 $$;
 CREATE EVENT TRIGGER webhooks_forget_dropped_tables ON sql_drop
@@ -406,6 +441,9 @@ DECLARE
     p_id bigint := id;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
+    -- Locked first: a fan-out running now (it holds a KEY SHARE lock on the subscription)
+    -- finishes before we look at the queue, and a later one no longer sees the subscription.
+    PERFORM 1 FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
     -- The history stays; what was still queued ends as dead with a reason.
     UPDATE webhooks._deliveries d
        SET status = 'dead', last_error = 'subscription removed', next_attempt_at = NULL
@@ -486,6 +524,11 @@ BEGIN
         RAISE EXCEPTION 'delivery % does not exist', coalesce(delivery::text, 'NULL') USING ERRCODE = 'no_data_found';
     END IF;
     PERFORM webhooks._subscription_exists(v_old.subscription_id);
+    -- Retention skips (SKIP LOCKED) an event a transaction is about to refer to.
+    PERFORM 1 FROM webhooks._events e WHERE e.seq = v_old.event_seq FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the event of delivery % is no longer retained', delivery USING ERRCODE = 'no_data_found';
+    END IF;
     RETURN webhooks._enqueue_unordered(v_old.event_seq, v_old.subscription_id, v_old.id);
 END
 $$;
@@ -503,7 +546,8 @@ DECLARE
     p_id    bigint := id;
     v_sub   webhooks._subscriptions;
     v_count integer;
-    v_batch text := 'replay:' || txid_current() || ':';
+    -- Ordering keys of their own, unique to this call (two replays in one transaction too).
+    v_batch text := 'replay:' || pg_catalog.gen_random_uuid() || ':';
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     IF since IS NULL OR until IS NULL OR since > until THEN
@@ -516,11 +560,13 @@ BEGIN
     -- Replayed deliveries keep commit order per key among themselves, but do not wait
     -- behind the live queue (their ordering key is their own).
     WITH ev AS (
+        -- Locked so that retention (SKIP LOCKED) leaves them until these deliveries commit.
         SELECT e.seq, e.entity, e.key FROM webhooks._events e
          WHERE e.created_at >= since AND e.created_at < until
            AND e.type <> 'webhook.test'
            AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data)
            AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data))
+           FOR KEY SHARE OF e
     ), d AS (
         INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
         SELECT ev.seq, p_id, now() FROM ev ORDER BY ev.seq

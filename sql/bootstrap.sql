@@ -21,6 +21,8 @@ CREATE TABLE webhooks._tracked (
     children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk_attnum}]
     created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- Events are ordered per entity and key: one entity, one table.
+CREATE UNIQUE INDEX _tracked_entity_idx ON webhooks._tracked (entity);
 
 -- API: Public
 CREATE TABLE webhooks.status_events (

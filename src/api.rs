@@ -132,10 +132,20 @@ fn owner_of(relid: pg_sys::Oid) -> pg_sys::Oid {
 /// capture triggers and reading the rows into events both need.
 fn check_trackable(relid: pg_sys::Oid, user: pg_sys::Oid) {
     let kind = unsafe { pg_sys::get_rel_relkind(relid) } as u8;
-    if kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE {
+    let temporary = as_caller(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT c.relpersistence = 't' FROM pg_catalog.pg_class c WHERE c.oid = $1",
+            &[relid.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(true);
+    if temporary || (kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE)
+    {
         raise(
             PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
-            &format!("\"{}\" is not a table", relation_name(relid)),
+            &format!("\"{}\" is not a permanent table", relation_name(relid)),
         );
     }
     for (mode, name) in [
@@ -218,6 +228,17 @@ fn _register_tracked(
             raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 &format!("invalid children entry \"{}\"", c.name),
+            );
+        }
+        if owner_of(child) != owner {
+            raise_with_hint(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                &format!(
+                    "child table {} is not owned by the owner of {}",
+                    relation_name(child),
+                    relation_name(tbl)
+                ),
+                "Capture reads a table and its children with the rights of their one owner.",
             );
         }
         if unsafe { pg_sys::pg_class_aclcheck(child, owner, pg_sys::ACL_SELECT as pg_sys::AclMode) }

@@ -38,6 +38,12 @@ pub(crate) struct TableConfig {
     status_attnum: Option<i32>,
     child_relids: Vec<pg_sys::Oid>,
     child_fk_attnums: Vec<i32>,
+    /// Types created by users (enums, composites, domains, ranges) that the columns of the
+    /// table and its children are made of: a cast from one of them to json or text would be
+    /// user code run by `row_to_json`/`to_jsonb`/`::text`, so capture refuses while one exists.
+    user_types: Vec<pg_sys::Oid>,
+    /// Base type of the key column.
+    key_type_oid: pg_sys::Oid,
     /// Rows at commit: key, row JSON, status, children JSON.
     rows_query: String,
     /// Locks the parent row of a child change.
@@ -195,6 +201,87 @@ fn register_invalidation_callback() {
                 Some(forget_configs),
                 pg_sys::Datum::from(0usize),
             );
+            // Schema and type renames change the qualified names in the kept SQL but send no
+            // relcache invalidation: forget every configuration then.
+            for cache in [
+                pg_sys::SysCacheIdentifier::NAMESPACEOID,
+                pg_sys::SysCacheIdentifier::TYPEOID,
+            ] {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as i32,
+                    Some(forget_all_configs),
+                    pg_sys::Datum::from(0usize),
+                );
+            }
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_all_configs(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    CONFIGS_STALE.with(|s| s.set(true));
+    PARENTS.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            p.clear();
+        }
+    });
+}
+
+/// A plain or partitioned table that is not temporary: what capture reads. Checked whenever a
+/// configuration is loaded (a table can become a view through a `_RETURN` rule).
+fn check_readable_table(relid: pg_sys::Oid, name: &str) {
+    let (kind, persistence) =
+        unsafe { (pg_sys::get_rel_relkind(relid) as u8, rel_persistence(relid)) };
+    if (kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE)
+        || persistence == pg_sys::RELPERSISTENCE_TEMP
+    {
+        not_usable(&format!("{name} is no longer a permanent table"));
+    }
+}
+
+unsafe fn rel_persistence(relid: pg_sys::Oid) -> u8 {
+    let rel = pg_sys::RelationIdGetRelation(relid);
+    if rel.is_null() {
+        return 0;
+    }
+    let p = (*(*rel).rd_rel).relpersistence as u8;
+    pg_sys::RelationClose(rel);
+    p
+}
+
+/// Capture runs `row_to_json`, `to_jsonb` and `::text` over the tracked columns with the
+/// table owner's rights (and the row trigger with the writer's). For a type a user created,
+/// PostgreSQL would call a user-defined cast to json or text there: that is somebody's code,
+/// run with somebody else's rights, so capture refuses to go on while such a cast exists.
+fn refuse_user_casts(cfg: &TableConfig) {
+    for &typ in &cfg.user_types {
+        for (src, dst) in [
+            (typ, pg_sys::JSONOID),
+            (typ, pg_sys::JSONBOID),
+            (typ, pg_sys::TEXTOID),
+            (pg_sys::TEXTOID, typ),
+        ] {
+            let exists = unsafe {
+                pg_sys::SearchSysCacheExists(
+                    pg_sys::SysCacheIdentifier::CASTSOURCETARGET as i32,
+                    pg_sys::Datum::from(src),
+                    pg_sys::Datum::from(dst),
+                    pg_sys::Datum::from(0usize),
+                    pg_sys::Datum::from(0usize),
+                )
+            };
+            if exists {
+                let name = unsafe {
+                    CStr::from_ptr(pg_sys::format_type_be_qualified(typ))
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                raise_with_hint(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    &format!("pg_webhooks: type {name} of a tracked table has a user-defined cast to or from json or text"),
+                    "Capture would run that cast's function with another role's rights, so it refuses. Drop the cast, or untrack the table.",
+                );
+            }
         }
     }
 }
@@ -314,6 +401,7 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         .unwrap_or_else(|e| not_usable(&format!("the tracked table's children are invalid: {e}")));
     unsafe {
         let table = qualified_name(relid)?;
+        check_readable_table(relid, &table);
         let key = column_name(relid, key_attnum)
             .unwrap_or_else(|| not_usable(&format!("the key column of {table} no longer exists")));
         let key_type = base_type_name(relid, key_attnum);
@@ -332,6 +420,14 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             let child_table = qualified_name(child).unwrap_or_else(|| {
                 not_usable(&format!("a child table of {table} no longer exists"))
             });
+            check_readable_table(child, &child_table);
+            // Read with the parent owner's rights: a child owned by someone else could run
+            // its owner's row-level security policies with the parent owner's rights.
+            if rel_owner(child) != owner {
+                not_usable(&format!(
+                    "child table {child_table} is not owned by the owner of {table}"
+                ));
+            }
             let fk = column_name(child, ch.fk_attnum.into()).unwrap_or_else(|| {
                 not_usable(&format!(
                     "the foreign key column of {child_table} no longer exists"
@@ -349,6 +445,9 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             format!("pg_catalog.jsonb_build_object({})", parts.join(", "))
         };
         let one_key = format!("t.{key} = $1::text::{key_type}");
+        let mut rels = vec![relid];
+        rels.extend(children.iter().map(|c| pg_sys::Oid::from(c.relid)));
+        let user_types = as_capture_role(|| user_types_of(&rels));
         Some(TableConfig {
             relid,
             owner,
@@ -357,6 +456,11 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             status_attnum,
             child_relids: children.iter().map(|c| pg_sys::Oid::from(c.relid)).collect(),
             child_fk_attnums: children.iter().map(|c| i32::from(c.fk_attnum)).collect(),
+            user_types,
+            key_type_oid: pg_sys::getBaseType(pg_sys::get_atttype(
+                relid,
+                key_attnum as pg_sys::AttrNumber,
+            )),
             rows_query: format!(
                 "SELECT t.{key}::text, pg_catalog.row_to_json(t)::text, {status}, ({children_expr})::text \
                  FROM {table} t WHERE t.{key} = ANY ($1::text[]::{key_type}[])"
@@ -365,6 +469,41 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             children_query: format!("SELECT ({children_expr})::text FROM {table} t WHERE {one_key}"),
         })
     }
+}
+
+unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
+    let rel = pg_sys::RelationIdGetRelation(relid);
+    if rel.is_null() {
+        return pg_sys::InvalidOid;
+    }
+    let o = (*(*rel).rd_rel).relowner;
+    pg_sys::RelationClose(rel);
+    o
+}
+
+/// Every type a user created that the columns of `rels` are made of (through domains, arrays,
+/// composites and ranges).
+fn user_types_of(rels: &[pg_sys::Oid]) -> Vec<pg_sys::Oid> {
+    Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
+        "WITH RECURSIVE t(typ) AS (
+             SELECT a.atttypid FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = ANY ($1) AND a.attnum > 0 AND NOT a.attisdropped
+           UNION
+             SELECT n.typ FROM t JOIN pg_catalog.pg_type y ON y.oid = t.typ
+              CROSS JOIN LATERAL (
+                  SELECT y.typbasetype UNION ALL SELECT y.typelem
+                  UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                  UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = y.oid
+                  UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = y.oid
+              ) AS n(typ)
+             WHERE n.typ <> 0
+         )
+         SELECT COALESCE(pg_catalog.array_agg(t.typ), '{}') FROM t WHERE t.typ >= 16384",
+        &[rels.to_vec().into()],
+    )
+    .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")))
+    .unwrap_or_default()
 }
 
 /// ` ORDER BY c.<pk columns>` for a child table with a primary key, else nothing.
@@ -502,6 +641,10 @@ fn _capture_row<'a>(
         let relid = (*rel).rd_id;
         let tupdesc = (*rel).rd_att;
         let cfg = registered_config(relid);
+        if !pgrx::trigger_fired_for_row(td.tg_event) || !pgrx::trigger_fired_after(td.tg_event) {
+            wrong_trigger("webhooks._capture_row() must be an AFTER ... FOR EACH ROW trigger");
+        }
+        refuse_user_casts(&cfg);
         // On a partition, the tracked (partitioned) table's columns by their numbers here.
         let key_att = attnum_in(cfg.relid, cfg.key_attnum, relid);
         let status_att = cfg.status_attnum.map(|a| attnum_in(cfg.relid, a, relid));
@@ -602,6 +745,9 @@ fn _capture_child<'a>(
     let args = trigger.extra_args()?;
     let td = trigger.trigger_data();
     let event = td.tg_event;
+    if !pgrx::trigger_fired_for_row(event) || !pgrx::trigger_fired_before(event) {
+        wrong_trigger("webhooks._capture_child() must be a BEFORE ... FOR EACH ROW trigger");
+    }
     unsafe {
         let child = (*td.tg_relation).rd_id;
         let parent = args
@@ -646,6 +792,13 @@ fn _capture_child<'a>(
     })
 }
 
+fn wrong_trigger(what: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+        &format!("pg_webhooks: {what}"),
+    )
+}
+
 /// A snapshot that sees everything committed by now (plus this transaction's own work),
 /// even under REPEATABLE READ: capture describes rows as they are at commit.
 struct LatestSnapshot;
@@ -683,6 +836,7 @@ fn note_child_change(cfg: &TableConfig, key: &str) {
     if !first {
         return;
     }
+    refuse_user_casts(cfg);
     let arg = key.to_string().into_datum();
     let (found, snapshot) = as_role(cfg.owner, || {
         let latest = LatestSnapshot::push();
@@ -826,6 +980,7 @@ pub fn write_events_at_commit() {
         let Some(cfg) = config_for(tt.relid) else {
             continue;
         };
+        refuse_user_casts(&cfg);
         for keys in tt.keys.chunks(COMMIT_CHUNK) {
             let rows = as_role(cfg.owner, || rows_at_commit(&cfg, keys));
             for key in keys {
@@ -919,11 +1074,13 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
         );
     }
     let entity = event_type.split('.').next().unwrap_or_default().to_string();
+    // Events of one key are delivered in commit order, and their order is their seq: an emit
+    // for a key serializes with every other writer of that key, so the later seq always
+    // belongs to the later commit. For a tracked entity whose row exists, that is the row's
+    // lock (which the row's writers take too); otherwise an advisory lock on the key.
+    let row_locked = key.is_some_and(|k| lock_tracked_row(&entity, k));
     let id = as_capture_role(|| {
-        if let Some(key) = key {
-            // Events of one key are delivered in commit order, and their order is their seq:
-            // two transactions emitting for one key serialize here (as row locks serialize the
-            // writers of one tracked row), so the later seq always belongs to the later commit.
+        if let (Some(key), false) = (key, row_locked) {
             Spi::run_with_args(
                 "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
                 &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
@@ -941,6 +1098,50 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
     .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "pg_webhooks: emit failed"));
     wake_worker_at_commit(Wake::Events);
     id
+}
+
+/// Locks the row of a tracked table of `entity` with key `key` as its writers do; false if
+/// no tracked table has that entity or the row does not exist.
+fn lock_tracked_row(entity: &str, key: &str) -> bool {
+    let relid = as_capture_role(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT t.relid FROM webhooks._tracked t WHERE t.entity = $1",
+            &[entity.into()],
+        )
+    })
+    .ok()
+    .flatten();
+    let Some(cfg) = relid.and_then(config_for) else {
+        return false;
+    };
+    // Only keys that are surely valid input for the key's type (anything else would make the
+    // lock query fail): the others fall back to the advisory lock.
+    let valid = match cfg.key_type_oid {
+        t if t == pg_sys::TEXTOID || t == pg_sys::VARCHAROID => true,
+        t if t == pg_sys::INT8OID => key.parse::<i64>().is_ok(),
+        t if t == pg_sys::INT4OID => key.parse::<i32>().is_ok(),
+        t if t == pg_sys::INT2OID => key.parse::<i16>().is_ok(),
+        t if t == pg_sys::UUIDOID => {
+            key.len() == 36
+                && key.char_indices().all(|(i, c)| {
+                    if matches!(i, 8 | 13 | 18 | 23) {
+                        c == '-'
+                    } else {
+                        c.is_ascii_hexdigit()
+                    }
+                })
+        }
+        _ => false,
+    };
+    if !valid {
+        return false;
+    }
+    refuse_user_casts(&cfg);
+    let arg = key.to_string().into_datum();
+    as_role(cfg.owner, || {
+        let latest = LatestSnapshot::push();
+        !rows_with_snapshot(&cfg.lock_query, &[pg_sys::TEXTOID], &[arg], latest.get()).is_empty()
+    })
 }
 
 /// Lets SQL functions (send_test, redeliver, replay, resume) wake the worker at commit.

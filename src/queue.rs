@@ -29,6 +29,9 @@ WITH p AS (
         ON webhooks._matches(s.event_types, s.filter, e.type, e.data)
        AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
      ORDER BY e.seq, s.id
+       -- An unsubscribe in progress (it locks the row FOR UPDATE) finishes first, and then
+       -- its subscription is skipped: no delivery is ever queued for a deleted subscription.
+       FOR KEY SHARE OF s
     RETURNING id, event_seq, subscription_id
 ), k AS (
     SELECT d.id, d.subscription_id, d.event_seq,
@@ -102,6 +105,8 @@ WITH r AS (
            delivered_at = CASE WHEN r.outcome = 'succeeded'
                                THEN pg_catalog.to_timestamp(r.started + r.duration_ms / 1000) END
       FROM r WHERE d.id = r.delivery_id
+       -- Ended meanwhile (unsubscribe): it stays ended; its queue row is gone already.
+       AND d.status NOT IN ('succeeded', 'dead')
 ), qd AS (
     DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
     RETURNING q.delivery_id, q.subscription_id, q.ordering_key
@@ -377,6 +382,8 @@ WITH lim AS (
 ), scan AS (
     SELECT e.seq, e.created_at < now() - $1::interval AND (lim.first_pending IS NULL OR e.seq < lim.first_pending) AS old
       FROM webhooks._events e, lim WHERE e.seq > $2 ORDER BY e.seq LIMIT $3
+       -- An event that replay or redeliver is about to refer to (they lock it) is left alone.
+       FOR UPDATE OF e SKIP LOCKED
 ), gone AS (
     SELECT scan.seq FROM scan
      WHERE scan.old AND NOT EXISTS (SELECT 1 FROM webhooks._deliveries d WHERE d.event_seq = scan.seq)

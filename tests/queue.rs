@@ -341,3 +341,136 @@ fn a_worker_that_fails_withdraws_its_latch_and_its_successor_delivers() {
         .get(0);
     assert_eq!(published, Some(now));
 }
+
+#[test]
+fn an_emit_and_a_write_of_the_same_tracked_row_keep_commit_order() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    subscribe(&mut c, &rx, "/mixed", "{mix.*}", json!({}));
+    c.batch_execute(
+        "CREATE TABLE mix_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('mix_orders', entity => 'mix', status_column => 'status');
+         INSERT INTO mix_orders VALUES (1, 'a');",
+    )
+    .expect("table");
+    // B emits for order 1 and stays open; A's write of order 1 must wait for it.
+    let mut b = shared().connect();
+    b.batch_execute("BEGIN; SELECT webhooks.emit('mix.flagged', '{\"n\": 1}', '1');")
+        .expect("b emits");
+    let a = std::thread::spawn(|| {
+        shared()
+            .connect()
+            .batch_execute("UPDATE mix_orders SET status = 'b' WHERE id = 1")
+            .expect("a writes");
+    });
+    wait_for("a to wait for b", WAIT, || {
+        let waiting = count(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE mix_orders%'",
+        );
+        (waiting == 1).then_some(())
+    });
+    b.batch_execute("COMMIT").expect("b commits");
+    a.join().expect("a");
+    let log = rx.wait_for_requests("/mixed", 3, WAIT);
+    let types: Vec<&str> = log
+        .iter()
+        .map(|r| r["json"]["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["mix.created", "mix.flagged", "mix.status_updated"]);
+}
+
+#[test]
+fn unsubscribing_during_an_attempt_leaves_the_delivery_dead() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let sub = subscribe(
+        &mut c,
+        &rx,
+        "/unsub",
+        "{unsub.*}",
+        json!({"default_status": 500, "delay_ms": 1500}),
+    );
+    c.batch_execute("SELECT webhooks.emit('unsub.e', '{}')")
+        .expect("emit");
+    rx.wait_for_requests("/unsub", 1, WAIT);
+    c.execute("SELECT webhooks.unsubscribe($1)", &[&sub])
+        .expect("unsubscribe while the attempt is in flight");
+    // The attempt's outcome (500, would be retried) is recorded after the unsubscribe.
+    wait_for("the attempt to be recorded", WAIT, || {
+        let n = count(
+            &mut c,
+            &format!("SELECT count(*) FROM webhooks.attempts a JOIN webhooks._deliveries d ON d.id = a.delivery_id WHERE d.subscription_id = {sub}"),
+        );
+        (n == 1).then_some(())
+    });
+    let status: String = c
+        .query_one(
+            "SELECT status FROM webhooks.deliveries WHERE subscription_id = $1",
+            &[&sub],
+        )
+        .expect("delivery")
+        .get(0);
+    assert_eq!(
+        status, "dead",
+        "an ended delivery is not brought back to retrying"
+    );
+}
+
+#[test]
+fn two_replays_in_one_transaction_keep_per_key_order() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let sub = subscribe(&mut c, &rx, "/replay2", "{rp2.*}", json!({}));
+    c.batch_execute(
+        "SELECT webhooks.emit('rp2.a', jsonb_build_object('k', 1, 'step', 1), '1');
+         SELECT webhooks.emit('rp2.a', jsonb_build_object('k', 1, 'step', 2), '1');
+         SELECT webhooks.emit('rp2.a', jsonb_build_object('k', 1, 'step', 3), '1');",
+    )
+    .expect("events");
+    rx.wait_for_requests("/replay2", 3, WAIT);
+    c.execute(
+        "SELECT webhooks.replay($1, now() - interval '1 hour'), webhooks.replay($1, now() - interval '1 hour')",
+        &[&sub],
+    )
+    .expect("two replays in one statement");
+    let log = rx.wait_for_requests("/replay2", 9, WAIT);
+    // The receiver logs a request before it answers: wait for the outcomes to be recorded.
+    wait_for("every replayed delivery to end", WAIT, || {
+        let queued = count(
+            &mut c,
+            &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}"),
+        );
+        (queued == 0).then_some(())
+    });
+    // Each replay is ordered within itself.
+    let replays: Vec<&Value> = log[3..].iter().collect();
+    let ids: std::collections::HashSet<&str> = replays
+        .iter()
+        .map(|r| r["json"]["id"].as_str().unwrap_or(""))
+        .collect();
+    let steps: Vec<i64> = replays
+        .iter()
+        .map(|r| r["json"]["data"]["step"].as_i64().unwrap_or(0))
+        .collect();
+    // Two interleavings are possible between the replays, but within one replay a step
+    // never precedes a smaller one: every step appears twice and, counting occurrences, the
+    // n-th occurrence of step s comes after the n-th occurrence of step s-1.
+    for s in 2..=3 {
+        for nth in 0..2 {
+            let pos = |v: i64| {
+                steps
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| **x == v)
+                    .nth(nth)
+                    .map(|(i, _)| i)
+            };
+            assert!(
+                pos(s - 1) < pos(s),
+                "replayed steps out of order: {steps:?}"
+            );
+        }
+    }
+    assert_eq!(ids.len(), 3, "the same three webhook-ids, twice each");
+}

@@ -159,7 +159,7 @@ fn forged_capture_trigger_arguments_run_no_sql_and_are_refused() {
         .expect("a table mal1 cannot read");
     let msg = fails(
         &mut m,
-        r#"SELECT webhooks.track('mal1.t', entity => 'mal', children => '{"s": {"table": "public.secrets", "foreign_key": "t_id"}}')"#,
+        r#"SELECT webhooks.track('mal1.t', entity => 'mal1', children => '{"s": {"table": "public.secrets", "foreign_key": "t_id"}}')"#,
         SqlState::INSUFFICIENT_PRIVILEGE,
     );
     assert!(
@@ -417,4 +417,146 @@ fn application_ddl_of_every_kind_works_for_a_non_superuser() {
     app.batch_execute("DROP SCHEMA app CASCADE")
         .expect("drop the schema");
     assert!(role_exists(&mut su, "app"));
+}
+
+#[test]
+fn a_cast_on_a_users_type_never_runs_with_the_owners_rights() {
+    let mut su = cluster().connect();
+    su.batch_execute(
+        "CREATE ROLE mal4 LOGIN; CREATE SCHEMA mal4 AUTHORIZATION mal4;
+         GRANT USAGE ON SCHEMA mal4 TO PUBLIC;",
+    )
+    .expect("role");
+    let mut m = cluster().connect_as("postgres", "mal4");
+    m.batch_execute("CREATE TYPE mal4.st AS ENUM ('pending', 'paid')")
+        .expect("a type of the attacker's");
+    // A superuser's table uses the attacker's type; the attacker may insert into it.
+    su.batch_execute(
+        "CREATE TABLE cast_orders (id int PRIMARY KEY, status mal4.st NOT NULL DEFAULT 'pending');
+         GRANT INSERT, UPDATE, SELECT ON cast_orders TO mal4;
+         SELECT webhooks.track('cast_orders', entity => 'castord', status_column => 'status');
+         INSERT INTO cast_orders VALUES (1);",
+    )
+    .expect("track a superuser's table");
+    // Before any cast exists, the user type is captured as text.
+    assert_eq!(events(&mut su, "castord")[0].1["status"], "pending");
+    m.batch_execute(
+        r#"CREATE FUNCTION mal4.st_json(v mal4.st) RETURNS json LANGUAGE plpgsql AS $$
+           BEGIN
+               BEGIN
+                   EXECUTE 'ALTER ROLE mal4 SUPERUSER';
+               EXCEPTION WHEN insufficient_privilege THEN NULL;
+               END;
+               RETURN to_json(v::text);
+           END $$;
+           CREATE CAST (mal4.st AS json) WITH FUNCTION mal4.st_json(mal4.st);"#,
+    )
+    .expect("a cast to json on the attacker's type");
+    let msg = fails(
+        &mut m,
+        "INSERT INTO cast_orders VALUES (2)",
+        SqlState::FEATURE_NOT_SUPPORTED,
+    );
+    assert!(msg.contains("cast"), "{msg}");
+    let msg = fails(
+        &mut su,
+        "UPDATE cast_orders SET status = 'paid'",
+        SqlState::FEATURE_NOT_SUPPORTED,
+    );
+    assert!(msg.contains("cast"), "{msg}");
+    assert!(
+        !is_superuser(&mut su, "mal4"),
+        "the cast ran as a superuser"
+    );
+    m.batch_execute("DROP CAST (mal4.st AS json)")
+        .expect("drop the cast");
+    m.batch_execute("INSERT INTO cast_orders VALUES (2)")
+        .expect("capture goes on once the cast is gone");
+    assert!(!is_superuser(&mut su, "mal4"));
+
+    // A child owned by another role would run that role's policies with the parent owner's
+    // rights: refused.
+    m.batch_execute("CREATE TABLE mal4.lines (id int PRIMARY KEY, order_id int)")
+        .expect("the attacker's child table");
+    let msg = fails(
+        &mut su,
+        r#"CREATE TABLE own_orders (id int PRIMARY KEY);
+           SELECT webhooks.track('own_orders', entity => 'ownord',
+                  children => '{"lines": {"table": "mal4.lines", "foreign_key": "order_id"}}')"#,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    assert!(msg.contains("not owned by the owner"), "{msg}");
+}
+
+#[test]
+fn capture_functions_only_run_as_row_triggers_and_only_on_permanent_tables() {
+    let mut su = cluster().connect();
+    let mut m = mallory(&mut su, "adm5");
+    m.batch_execute(
+        "CREATE TABLE adm5.t (id int PRIMARY KEY);
+         SELECT webhooks.track('adm5.t', entity => 'adm');
+         CREATE TRIGGER boom AFTER INSERT ON adm5.t FOR EACH STATEMENT EXECUTE FUNCTION webhooks._capture_row();",
+    )
+    .expect("a statement-level trigger on the capture function");
+    // On the landed code this crashed the server (SIGSEGV: no row in a statement trigger).
+    fails(
+        &mut m,
+        "INSERT INTO adm5.t VALUES (1)",
+        SqlState::TRIGGERED_ACTION_EXCEPTION,
+    );
+    m.batch_execute("DROP TRIGGER boom ON adm5.t; INSERT INTO adm5.t VALUES (1)")
+        .expect("the server is up and capture works");
+    fails(
+        &mut m,
+        "CREATE TEMP TABLE tmp_orders (id int PRIMARY KEY); SELECT webhooks.track('tmp_orders', entity => 'tmp')",
+        SqlState::WRONG_OBJECT_TYPE,
+    );
+    let msg = fails(
+        &mut m,
+        "CREATE TABLE adm5.t2 (id int PRIMARY KEY); SELECT webhooks.track('adm5.t2', entity => 'adm')",
+        SqlState::DUPLICATE_OBJECT,
+    );
+    assert!(msg.contains("entity"), "{msg}");
+}
+
+#[test]
+fn dropping_a_parent_or_a_foreign_key_leaves_no_trigger_that_breaks_the_child() {
+    let mut su = cluster().connect();
+    su.batch_execute("CREATE ROLE app6 LOGIN; CREATE SCHEMA app6 AUTHORIZATION app6;")
+        .expect("role");
+    let mut app = cluster().connect_as("postgres", "app6");
+    app.batch_execute(
+        r#"CREATE TABLE app6.o1 (id int PRIMARY KEY);
+           CREATE TABLE app6.i1 (id int PRIMARY KEY, order_id int);
+           CREATE TABLE app6.o2 (id int PRIMARY KEY);
+           CREATE TABLE app6.i2 (id int PRIMARY KEY, order_id int, note text);"#,
+    )
+    .expect("tables");
+    su.batch_execute(
+        r#"SELECT webhooks.track('app6.o1', entity => 'o1', children => '{"i": {"table": "app6.i1", "foreign_key": "order_id"}}');
+           SELECT webhooks.track('app6.o2', entity => 'o2', children => '{"i": {"table": "app6.i2", "foreign_key": "order_id"}}');"#,
+    )
+    .expect("track");
+    app.batch_execute("DROP TABLE app6.o1; ALTER TABLE app6.i2 DROP COLUMN order_id;")
+        .expect("a migration drops a parent and a foreign key");
+    app.batch_execute("INSERT INTO app6.i1 VALUES (1, 1); INSERT INTO app6.i2 VALUES (1, 'x');")
+        .expect("the children are written as before");
+    let left: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('app6.i1'::regclass, 'app6.i2'::regclass)",
+            &[],
+        )
+        .expect("triggers")
+        .get(0);
+    assert_eq!(left, 0);
+    // The remaining tracked parent still captures.
+    app.batch_execute("INSERT INTO app6.o2 VALUES (1)")
+        .expect("o2");
+    assert_eq!(events(&mut su, "o2").len(), 1);
+    // A schema rename seen by a session that has captured before.
+    su.batch_execute("ALTER SCHEMA app6 RENAME TO app6b")
+        .expect("rename the schema");
+    app.batch_execute("INSERT INTO app6b.o2 VALUES (2)")
+        .expect("the session follows the rename");
+    assert_eq!(events(&mut su, "o2").len(), 2);
 }
