@@ -17,6 +17,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_capture') THEN
         CREATE ROLE webhooks_capture NOLOGIN NOINHERIT;
     END IF;
+    -- A role with no rights at all: rows are turned into JSON as it whenever their columns are
+    -- made of types users created (row_to_json would call their owners' casts to json).
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_untrusted') THEN
+        CREATE ROLE webhooks_untrusted NOLOGIN NOINHERIT;
+    END IF;
 END
 $$;
 GRANT webhooks_reader TO webhooks_admin;
@@ -170,6 +175,22 @@ BEGIN
             IF v_fk IS NULL THEN
                 RAISE EXCEPTION 'column "%" does not exist in table %', v_spec ->> 'foreign_key', v_child USING ERRCODE = 'undefined_column';
             END IF;
+            -- c.fk = t.key must be a built-in operator (or one type made by a user on both
+            -- sides): no implicit cast a user made can run inside capture.
+            IF NOT EXISTS (
+                SELECT 1
+                  FROM (SELECT coalesce(nullif(y.typbasetype, 0), y.oid) AS t FROM pg_catalog.pg_attribute a
+                          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = v_child AND a.attnum = v_fk) f,
+                       (SELECT coalesce(nullif(y.typbasetype, 0), y.oid) AS t FROM pg_catalog.pg_attribute a
+                          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = tbl AND a.attnum = v_key) k
+                 WHERE (f.t = k.t AND f.t >= 16384)
+                    OR EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
+                                WHERE o.oprname = '=' AND o.oprleft = f.t AND o.oprright = k.t
+                                  AND o.oprnamespace = 'pg_catalog'::regnamespace)
+            ) THEN
+                RAISE EXCEPTION 'foreign key column "%" of % cannot be compared with key column "%" of %',
+                    v_spec ->> 'foreign_key', v_child, key_column, tbl USING ERRCODE = 'datatype_mismatch';
+            END IF;
             v_specs := v_specs || jsonb_build_array(jsonb_build_object(
                 'name', v_name, 'relid', v_child::oid::bigint, 'fk_attnum', v_fk));
         END LOOP;
@@ -282,6 +303,7 @@ BEGIN
           FROM pg_trigger g, pg_event_trigger_dropped_objects() d
          WHERE d.classid = 'pg_catalog.pg_class'::regclass
            AND g.tgfoid = 'webhooks._capture_child'::regproc
+           AND g.tgparentid = 0  -- clones on partitions go with their parent trigger
            AND (g.tgrelid = d.objid OR (d.objsubid = 0 AND g.tgname = 'webhooks_child_' || d.objid))
            AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, jsonb_array_elements(t.children) c
                             WHERE g.tgname = 'webhooks_child_' || t.relid
@@ -674,6 +696,7 @@ GRANT USAGE ON SCHEMA webhooks TO webhooks_capture;
 GRANT SELECT ON webhooks._tracked, webhooks.status_events TO webhooks_capture;
 GRANT INSERT ON webhooks._events, webhooks._pending TO webhooks_capture;
 GRANT SELECT (seq, id) ON webhooks._events TO webhooks_capture;  -- INSERT ... RETURNING
+GRANT UPDATE (seq) ON webhooks._events TO webhooks_capture;       -- emit's seq, at commit
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks.emit(text, jsonb, text),

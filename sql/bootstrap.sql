@@ -120,6 +120,9 @@ CREATE INDEX _queue_sub_due_idx ON webhooks._queue (subscription_id, next_attemp
     WHERE head AND claimed_at IS NULL;
 CREATE INDEX _queue_order_idx ON webhooks._queue (subscription_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL;
+-- The worker ends deliveries left queued for a removed subscription; it finds the queue's
+-- subscriptions through this index, one probe each.
+CREATE INDEX _queue_subscription_idx ON webhooks._queue (subscription_id);
 
 -- API: Private
 CREATE TABLE webhooks._attempts (

@@ -9,7 +9,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{rows_with_snapshot, with_plan};
+use crate::plans::{rows_with_snapshot, with_plan, Column};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -38,18 +38,87 @@ pub(crate) struct TableConfig {
     status_attnum: Option<i32>,
     child_relids: Vec<pg_sys::Oid>,
     child_fk_attnums: Vec<i32>,
-    /// Types created by users (enums, composites, domains, ranges) that the columns of the
-    /// table and its children are made of: a cast from one of them to json or text would be
-    /// user code run by `row_to_json`/`to_jsonb`/`::text`, so capture refuses while one exists.
-    user_types: Vec<pg_sys::Oid>,
-    /// Base type of the key column.
+    /// Names of the children in the payload, in the order of `child_relids`.
+    child_names: Vec<String>,
+    /// Whether the columns of the table or its children are made of a type a user created
+    /// (an enum, composite, domain, range...). For such a type, `row_to_json` calls a cast
+    /// to json if its owner made one: that cast is somebody's code, so capture then turns
+    /// rows into JSON as `webhooks_untrusted`, a role with no rights at all.
+    has_user_types: bool,
+    /// Base type of the key column: keys are bound as values of it, never cast from text.
     key_type_oid: pg_sys::Oid,
-    /// Rows at commit: key, row JSON, status, children JSON.
+    key_input: (pg_sys::Oid, pg_sys::Oid),
+    key_array_type: pg_sys::Oid,
+    /// Hash values (namespace syscache) of the schemas named in the SQL below.
+    namespace_hashes: Vec<u32>,
+    /// Rows at commit: key, the row, status, then one array of rows per child.
     rows_query: String,
     /// Locks the parent row of a child change.
     lock_query: String,
-    /// The children of one key, as JSON.
+    /// The children of one key: one array of rows per child.
     children_query: String,
+}
+
+impl TableConfig {
+    /// The key as a value of the key's base type (its input function, never a cast).
+    fn key_datum(&self, key: &str) -> Option<pg_sys::Datum> {
+        let c = std::ffi::CString::new(key).ok()?;
+        Some(unsafe {
+            pg_sys::OidInputFunctionCall(
+                self.key_input.0,
+                c.as_ptr().cast_mut(),
+                self.key_input.1,
+                -1,
+            )
+        })
+    }
+
+    /// Keys as an array of the key's base type.
+    fn keys_datum(&self, keys: &[String]) -> pg_sys::Datum {
+        unsafe {
+            let mut datums: Vec<pg_sys::Datum> = keys
+                .iter()
+                .map(|k| {
+                    self.key_datum(k)
+                        .unwrap_or_else(|| not_usable("a key has a NUL byte"))
+                })
+                .collect();
+            let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+            pg_sys::get_typlenbyvalalign(self.key_type_oid, &mut len, &mut byval, &mut align);
+            let array = pg_sys::construct_array(
+                datums.as_mut_ptr(),
+                datums.len() as i32,
+                self.key_type_oid,
+                len.into(),
+                byval,
+                align,
+            );
+            pg_sys::Datum::from(array)
+        }
+    }
+
+    /// The role rows are turned into JSON as (None: as whoever runs, no user code possible).
+    fn json_role(&self) -> Option<pg_sys::Oid> {
+        self.has_user_types.then(untrusted_role)
+    }
+
+    /// `{"name": [...], ...}` from the children arrays' JSON, in declaration order.
+    fn children_json(&self, arrays: &[Option<String>]) -> Option<String> {
+        if self.child_names.is_empty() {
+            return None;
+        }
+        let mut out = String::from("{");
+        for (i, name) in self.child_names.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::to_string(name).unwrap_or_default());
+            out.push(':');
+            out.push_str(arrays.get(i).and_then(|a| a.as_deref()).unwrap_or("[]"));
+        }
+        out.push('}');
+        Some(out)
+    }
 }
 
 /// SHA-256 of a row's (or its children's) JSON: enough to tell "changed" from "the same"
@@ -97,10 +166,16 @@ impl TableTouches {
 thread_local! {
     static TOUCHED: RefCell<Vec<TableTouches>> = const { RefCell::new(Vec::new()) };
     static WAKE_AT_COMMIT: Cell<Option<Wake>> = const { Cell::new(None) };
+    /// Seqs of the events `emit` wrote in this transaction: they are given new seqs at
+    /// pre-commit, so that their order is the order of commits, as capture's events.
+    static EMITTED: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
     /// Configurations of tracked tables, dropped when the relcache entry of the table or of
     /// one of its children is invalidated (track, untrack, renames, drops, owner changes).
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, Rc<TableConfig>>> = RefCell::new(HashMap::new());
     static CONFIGS_STALE: Cell<bool> = const { Cell::new(false) };
+    /// Bumped by every invalidation: a configuration loaded while it moved may be stale and
+    /// is not kept.
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Parent of each partition looked up so far (dropped with the configurations).
     static PARENTS: RefCell<HashMap<pg_sys::Oid, Option<pg_sys::Oid>>> = RefCell::new(HashMap::new());
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
@@ -133,15 +208,12 @@ pub fn take_wake_request() -> Option<Wake> {
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
     TOUCHED.with(|t| t.borrow_mut().clear());
+    EMITTED.with(|e| e.borrow_mut().clear());
     WAKE_AT_COMMIT.with(|w| w.set(None));
 }
 
 fn quote_ident(s: &str) -> String {
     pgrx::spi::quote_identifier(s)
-}
-
-fn quote_literal(s: &str) -> String {
-    pgrx::spi::quote_literal(s)
 }
 
 fn not_usable(what: &str) -> ! {
@@ -172,22 +244,26 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i32) -> Option<String> {
     (!p.is_null()).then(|| quote_ident(&CStr::from_ptr(p).to_string_lossy()))
 }
 
-/// The base type of a column, schema-qualified. Keys are compared as their base type, so a
-/// domain's CHECK (user code) never runs inside capture.
-unsafe fn base_type_name(relid: pg_sys::Oid, attnum: i32) -> String {
-    let typid = pg_sys::getBaseType(pg_sys::get_atttype(relid, attnum as pg_sys::AttrNumber));
-    let p = pg_sys::format_type_be_qualified(typid);
-    CStr::from_ptr(p).to_string_lossy().into_owned()
-}
-
 /// The role capture writes events as: it may insert events and read its configuration,
 /// nothing else.
 fn capture_role() -> pg_sys::Oid {
-    let oid = unsafe { pg_sys::get_role_oid(c"webhooks_capture".as_ptr(), true) };
+    role_oid(c"webhooks_capture")
+}
+
+/// A role with no rights: user-defined casts to json run as it.
+fn untrusted_role() -> pg_sys::Oid {
+    role_oid(c"webhooks_untrusted")
+}
+
+fn role_oid(name: &CStr) -> pg_sys::Oid {
+    let oid = unsafe { pg_sys::get_role_oid(name.as_ptr(), true) };
     if oid == pg_sys::InvalidOid {
         raise_with_hint(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            "pg_webhooks: role webhooks_capture does not exist",
+            &format!(
+                "pg_webhooks: role {} does not exist",
+                name.to_string_lossy()
+            ),
             "Drop and create the extension again (it creates the role).",
         );
     }
@@ -201,30 +277,43 @@ fn register_invalidation_callback() {
                 Some(forget_configs),
                 pg_sys::Datum::from(0usize),
             );
-            // Schema and type renames change the qualified names in the kept SQL but send no
-            // relcache invalidation: forget every configuration then.
-            for cache in [
-                pg_sys::SysCacheIdentifier::NAMESPACEOID,
-                pg_sys::SysCacheIdentifier::TYPEOID,
-            ] {
-                pg_sys::CacheRegisterSyscacheCallback(
-                    cache as i32,
-                    Some(forget_all_configs),
-                    pg_sys::Datum::from(0usize),
-                );
-            }
+            // Schema renames change the qualified names in the kept SQL but send no relcache
+            // invalidation: forget the configurations that name the schema then.
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+                Some(forget_configs_in_namespace),
+                pg_sys::Datum::from(0usize),
+            );
         }
     }
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn forget_all_configs(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
-    CONFIGS_STALE.with(|s| s.set(true));
-    PARENTS.with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            p.clear();
+unsafe extern "C-unwind" fn forget_configs_in_namespace(
+    _arg: pg_sys::Datum,
+    _cache: i32,
+    hash: u32,
+) {
+    GENERATION.with(|g| g.set(g.get() + 1));
+    CONFIGS.with(|c| match c.try_borrow_mut() {
+        Ok(mut configs) if hash != 0 => {
+            configs.retain(|_, cfg| !cfg.namespace_hashes.contains(&hash))
         }
+        Ok(mut configs) => configs.clear(),
+        Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
     });
+}
+
+fn namespace_hash(relid: pg_sys::Oid) -> u32 {
+    unsafe {
+        pg_sys::GetSysCacheHashValue(
+            pg_sys::SysCacheIdentifier::NAMESPACEOID as i32,
+            pg_sys::Datum::from(pg_sys::get_rel_namespace(relid)),
+            pg_sys::Datum::from(0usize),
+            pg_sys::Datum::from(0usize),
+            pg_sys::Datum::from(0usize),
+        )
+    }
 }
 
 /// A plain or partitioned table that is not temporary: what capture reads. Checked whenever a
@@ -249,45 +338,9 @@ unsafe fn rel_persistence(relid: pg_sys::Oid) -> u8 {
     p
 }
 
-/// Capture runs `row_to_json`, `to_jsonb` and `::text` over the tracked columns with the
-/// table owner's rights (and the row trigger with the writer's). For a type a user created,
-/// PostgreSQL would call a user-defined cast to json or text there: that is somebody's code,
-/// run with somebody else's rights, so capture refuses to go on while such a cast exists.
-fn refuse_user_casts(cfg: &TableConfig) {
-    for &typ in &cfg.user_types {
-        for (src, dst) in [
-            (typ, pg_sys::JSONOID),
-            (typ, pg_sys::JSONBOID),
-            (typ, pg_sys::TEXTOID),
-            (pg_sys::TEXTOID, typ),
-        ] {
-            let exists = unsafe {
-                pg_sys::SearchSysCacheExists(
-                    pg_sys::SysCacheIdentifier::CASTSOURCETARGET as i32,
-                    pg_sys::Datum::from(src),
-                    pg_sys::Datum::from(dst),
-                    pg_sys::Datum::from(0usize),
-                    pg_sys::Datum::from(0usize),
-                )
-            };
-            if exists {
-                let name = unsafe {
-                    CStr::from_ptr(pg_sys::format_type_be_qualified(typ))
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                raise_with_hint(
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    &format!("pg_webhooks: type {name} of a tracked table has a user-defined cast to or from json or text"),
-                    "Capture would run that cast's function with another role's rights, so it refuses. Drop the cast, or untrack the table.",
-                );
-            }
-        }
-    }
-}
-
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    GENERATION.with(|g| g.set(g.get() + 1));
     CONFIGS.with(|c| match c.try_borrow_mut() {
         // A configuration is cached under the tracked table and under each of its partitions.
         Ok(mut configs) if relid != pg_sys::InvalidOid => configs.retain(|key, cfg| {
@@ -363,12 +416,17 @@ pub(crate) fn config_for(relid: pg_sys::Oid) -> Option<Rc<TableConfig>> {
     if let Some(cfg) = CONFIGS.with(|c| c.borrow().get(&relid).cloned()) {
         return Some(cfg);
     }
+    let generation = GENERATION.with(|g| g.get());
     let cfg = match load_config(relid) {
         Some(cfg) => Rc::new(cfg),
         // A partition of a tracked partitioned table is captured as that table.
         None => config_for(partition_parent(relid)?)?,
     };
-    CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
+    // An invalidation that arrived while loading may concern what was just read: use this
+    // configuration once, but load it again next time.
+    if GENERATION.with(|g| g.get()) == generation {
+        CONFIGS.with(|c| c.borrow_mut().insert(relid, cfg.clone()));
+    }
     Some(cfg)
 }
 
@@ -404,17 +462,29 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         check_readable_table(relid, &table);
         let key = column_name(relid, key_attnum)
             .unwrap_or_else(|| not_usable(&format!("the key column of {table} no longer exists")));
-        let key_type = base_type_name(relid, key_attnum);
+        let key_type_oid =
+            pg_sys::getBaseType(pg_sys::get_atttype(relid, key_attnum as pg_sys::AttrNumber));
+        let key_array_type = pg_sys::get_array_type(key_type_oid);
+        if key_array_type == pg_sys::InvalidOid {
+            not_usable(&format!(
+                "the key column of {table} has a type without an array type"
+            ));
+        }
+        let (mut typinput, mut typioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(key_type_oid, &mut typinput, &mut typioparam);
+        // Status and keys come out through their types' output functions (never a cast), the
+        // row and the children as values that are turned into JSON afterwards.
         let status = match status_attnum {
             Some(a) => format!(
-                "t.{}::text",
+                "t.{}",
                 column_name(relid, a).unwrap_or_else(|| not_usable(&format!(
                     "the status column of {table} no longer exists"
                 )))
             ),
             None => "NULL::text".into(),
         };
-        let mut parts = Vec::new();
+        let mut arrays = Vec::new();
+        let mut namespace_hashes = vec![namespace_hash(relid)];
         for ch in &children {
             let child = pg_sys::Oid::from(ch.relid);
             let child_table = qualified_name(child).unwrap_or_else(|| {
@@ -433,40 +503,51 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
                     "the foreign key column of {child_table} no longer exists"
                 ))
             });
+            let fk_type = pg_sys::getBaseType(pg_sys::get_atttype(child, ch.fk_attnum));
+            if !as_capture_role(|| builtin_equality(fk_type, key_type_oid)) {
+                not_usable(&format!(
+                    "the foreign key column of {child_table} cannot be compared with the key of {table} by a built-in operator"
+                ));
+            }
+            namespace_hashes.push(namespace_hash(child));
             let order = as_capture_role(|| primary_key_order(child));
-            parts.push(format!(
-                "{}, (SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(c){order}), '[]'::jsonb) FROM {child_table} c WHERE c.{fk} = t.{key})",
-                quote_literal(&ch.name),
+            arrays.push(format!(
+                "ARRAY(SELECT c FROM {child_table} c WHERE c.{fk} = t.{key}{order})"
             ));
         }
-        let children_expr = if parts.is_empty() {
-            "NULL::jsonb".to_string()
+        let arrays_sql = arrays.iter().map(|a| format!(", {a}")).collect::<String>();
+        let children_sql = if arrays.is_empty() {
+            "NULL::text".to_string()
         } else {
-            format!("pg_catalog.jsonb_build_object({})", parts.join(", "))
+            arrays.join(", ")
         };
-        let one_key = format!("t.{key} = $1::text::{key_type}");
         let mut rels = vec![relid];
         rels.extend(children.iter().map(|c| pg_sys::Oid::from(c.relid)));
-        let user_types = as_capture_role(|| user_types_of(&rels));
+        let has_user_types = as_capture_role(|| has_user_types(&rels));
         Some(TableConfig {
             relid,
             owner,
             entity,
             key_attnum,
             status_attnum,
-            child_relids: children.iter().map(|c| pg_sys::Oid::from(c.relid)).collect(),
+            child_relids: children
+                .iter()
+                .map(|c| pg_sys::Oid::from(c.relid))
+                .collect(),
             child_fk_attnums: children.iter().map(|c| i32::from(c.fk_attnum)).collect(),
-            user_types,
-            key_type_oid: pg_sys::getBaseType(pg_sys::get_atttype(
-                relid,
-                key_attnum as pg_sys::AttrNumber,
-            )),
+            child_names: children.iter().map(|c| c.name.clone()).collect(),
+            has_user_types,
+            key_type_oid,
+            key_input: (typinput, typioparam),
+            key_array_type,
+            namespace_hashes,
             rows_query: format!(
-                "SELECT t.{key}::text, pg_catalog.row_to_json(t)::text, {status}, ({children_expr})::text \
-                 FROM {table} t WHERE t.{key} = ANY ($1::text[]::{key_type}[])"
+                "SELECT t.{key}, t, {status}{arrays_sql} FROM {table} t WHERE t.{key} = ANY ($1)"
             ),
-            lock_query: format!("SELECT 1 FROM {table} t WHERE {one_key} FOR NO KEY UPDATE OF t"),
-            children_query: format!("SELECT ({children_expr})::text FROM {table} t WHERE {one_key}"),
+            lock_query: format!(
+                "SELECT 1 FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
+            ),
+            children_query: format!("SELECT {children_sql} FROM {table} t WHERE t.{key} = $1"),
         })
     }
 }
@@ -481,10 +562,10 @@ unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     o
 }
 
-/// Every type a user created that the columns of `rels` are made of (through domains, arrays,
-/// composites and ranges).
-fn user_types_of(rels: &[pg_sys::Oid]) -> Vec<pg_sys::Oid> {
-    Spi::get_one_with_args::<Vec<pg_sys::Oid>>(
+/// Whether the columns of `rels` are made of a type that is not built in (through domains,
+/// arrays, composites and ranges).
+fn has_user_types(rels: &[pg_sys::Oid]) -> bool {
+    Spi::get_one_with_args::<bool>(
         "WITH RECURSIVE t(typ) AS (
              SELECT a.atttypid FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = ANY ($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -499,11 +580,27 @@ fn user_types_of(rels: &[pg_sys::Oid]) -> Vec<pg_sys::Oid> {
               ) AS n(typ)
              WHERE n.typ <> 0
          )
-         SELECT COALESCE(pg_catalog.array_agg(t.typ), '{}') FROM t WHERE t.typ >= 16384",
+         SELECT EXISTS (SELECT 1 FROM t WHERE t.typ >= 16384)",
         &[rels.to_vec().into()],
     )
     .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")))
-    .unwrap_or_default()
+    .unwrap_or(true)
+}
+
+/// Whether `left = right` is a built-in operator: then `c.fk = t.key` resolves to it exactly
+/// (search_path is pg_catalog), with no implicit cast that a user could have made.
+fn builtin_equality(left: pg_sys::Oid, right: pg_sys::Oid) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
+                         WHERE o.oprname = '=' AND o.oprleft = $1 AND o.oprright = $2
+                           AND o.oprnamespace = 'pg_catalog'::pg_catalog.regnamespace)",
+        &[left.into(), right.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+        // Enums (and other types a user made) compare with the polymorphic built-in one.
+        || (left == right && left.to_u32() >= pg_sys::FirstNormalObjectId)
 }
 
 /// ` ORDER BY c.<pk columns>` for a child table with a primary key, else nothing.
@@ -584,20 +681,6 @@ unsafe fn column_text(
     }
 }
 
-/// `row_to_json(row)::text`, the same text the commit-time query produces for an equal row.
-unsafe fn row_json(tuple: *mut pg_sys::HeapTupleData, tupdesc: pg_sys::TupleDesc) -> String {
-    let composite = pg_sys::heap_copy_tuple_as_datum(tuple, tupdesc);
-    let json = pg_sys::OidFunctionCall1Coll(
-        pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
-        pg_sys::InvalidOid,
-        composite,
-    );
-    let c = pg_sys::text_to_cstring(json.cast_mut_ptr());
-    let s = CStr::from_ptr(c).to_string_lossy().into_owned();
-    pg_sys::pfree(c.cast());
-    s
-}
-
 fn with_table<R>(relid: pg_sys::Oid, f: impl FnOnce(&mut TableTouches) -> R) -> R {
     TOUCHED.with(|t| {
         let mut tables = t.borrow_mut();
@@ -644,7 +727,7 @@ fn _capture_row<'a>(
         if !pgrx::trigger_fired_for_row(td.tg_event) || !pgrx::trigger_fired_after(td.tg_event) {
             wrong_trigger("webhooks._capture_row() must be an AFTER ... FOR EACH ROW trigger");
         }
-        refuse_user_casts(&cfg);
+        let json_role = cfg.json_role();
         // On a partition, the tracked (partitioned) table's columns by their numbers here.
         let key_att = attnum_in(cfg.relid, cfg.key_attnum, relid);
         let status_att = cfg.status_attnum.map(|a| attnum_in(cfg.relid, a, relid));
@@ -666,11 +749,16 @@ fn _capture_row<'a>(
             )
         };
         let json_of = |tuple: *mut pg_sys::HeapTupleData| {
-            if conversion.is_null() {
-                row_json(tuple, json_desc)
+            let tuple = if conversion.is_null() {
+                tuple
             } else {
-                row_json(pg_sys::execute_attr_map_tuple(tuple, conversion), json_desc)
-            }
+                pg_sys::execute_attr_map_tuple(tuple, conversion)
+            };
+            crate::plans::json_text(
+                pg_sys::heap_copy_tuple_as_datum(tuple, json_desc),
+                pg_sys::RECORDOID,
+                json_role,
+            )
         };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
@@ -836,24 +924,35 @@ fn note_child_change(cfg: &TableConfig, key: &str) {
     if !first {
         return;
     }
-    refuse_user_casts(cfg);
-    let arg = key.to_string().into_datum();
+    let Some(arg) = cfg.key_datum(key) else {
+        return;
+    };
     let (found, snapshot) = as_role(cfg.owner, || {
         let latest = LatestSnapshot::push();
-        let locked = rows_with_snapshot(&cfg.lock_query, &[pg_sys::TEXTOID], &[arg], latest.get());
+        let locked = rows_with_snapshot(
+            &cfg.lock_query,
+            &[cfg.key_type_oid],
+            &[Some(arg)],
+            latest.get(),
+            &[],
+            None,
+        );
         let children = if locked.is_empty() {
             None
         } else {
             let latest = LatestSnapshot::push();
+            let columns = vec![Column::Json; cfg.child_relids.len()];
             rows_with_snapshot(
                 &cfg.children_query,
-                &[pg_sys::TEXTOID],
-                &[arg],
+                &[cfg.key_type_oid],
+                &[Some(arg)],
                 latest.get(),
+                &columns,
+                cfg.json_role(),
             )
             .into_iter()
             .next()
-            .and_then(|mut r| r.swap_remove(0))
+            .and_then(|arrays| cfg.children_json(&arrays))
         };
         (!locked.is_empty(), children)
     });
@@ -968,11 +1067,24 @@ struct RowAtCommit {
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
 pub fn write_events_at_commit() {
     let tables = TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()));
-    if tables.is_empty() {
+    let emitted = EMITTED.with(|e| std::mem::take(&mut *e.borrow_mut()));
+    if tables.is_empty() && emitted.is_empty() {
         return;
     }
     // Pre-commit runs outside any statement: our statements need an active snapshot.
     let _outer = LatestSnapshot::push();
+    if !emitted.is_empty() {
+        // Events emitted by work rolled back to a savepoint are gone and are not found.
+        as_capture_role(|| {
+            Spi::run_with_args(
+                "WITH u AS (UPDATE webhooks._events e SET seq = DEFAULT WHERE e.seq = ANY ($1) RETURNING e.seq)
+                 INSERT INTO webhooks._pending (seqs)
+                 SELECT pg_catalog.array_agg(u.seq ORDER BY u.seq) FROM u HAVING pg_catalog.count(*) > 0",
+                &[emitted.into()],
+            )
+        })
+        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: emit failed at commit: {e}")));
+    }
     let mut events = Vec::new();
     let mut wrote = false;
     for tt in &tables {
@@ -980,7 +1092,6 @@ pub fn write_events_at_commit() {
         let Some(cfg) = config_for(tt.relid) else {
             continue;
         };
-        refuse_user_casts(&cfg);
         for keys in tt.keys.chunks(COMMIT_CHUNK) {
             let rows = as_role(cfg.owner, || rows_at_commit(&cfg, keys));
             for key in keys {
@@ -1003,25 +1114,30 @@ pub fn write_events_at_commit() {
 
 fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCommit> {
     let latest = LatestSnapshot::push();
-    let arg = keys.to_vec().into_datum();
+    let mut columns = vec![Column::Text, Column::Json, Column::Text];
+    columns.extend(std::iter::repeat_n(Column::Json, cfg.child_relids.len()));
     let rows = rows_with_snapshot(
         &cfg.rows_query,
-        &[pg_sys::TEXTARRAYOID],
-        &[arg],
+        &[cfg.key_array_type],
+        &[Some(cfg.keys_datum(keys))],
         latest.get(),
+        &columns,
+        cfg.json_role(),
     );
     let mut out = HashMap::with_capacity(rows.len());
-    for mut row in rows {
-        let children = row.pop().flatten();
-        let status = row.pop().flatten();
-        let json = row.pop().flatten().unwrap_or_default();
-        if let Some(key) = row.pop().flatten() {
+    for row in rows {
+        let mut it = row.into_iter();
+        let key = it.next().flatten();
+        let json = it.next().flatten().unwrap_or_default();
+        let status = it.next().flatten();
+        let arrays: Vec<Option<String>> = it.collect();
+        if let Some(key) = key {
             out.insert(
                 key,
                 RowAtCommit {
                     row: json,
                     status,
-                    children,
+                    children: cfg.children_json(&arrays),
                 },
             );
         }
@@ -1086,16 +1202,16 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
                 &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
             )?;
         }
-        Spi::get_one_with_args::<pgrx::Uuid>(
-            "WITH ins AS (INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq),
-                  p AS (INSERT INTO webhooks._pending (seqs) SELECT ARRAY[seq] FROM ins)
-             SELECT id FROM ins",
+        Spi::get_two_with_args::<pgrx::Uuid, i64>(
+            "INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq",
             &[event_type.into(), entity.into(), key.into(), data.into()],
         )
     })
     .ok()
-    .flatten()
+    .and_then(|(id, seq)| Some((id?, seq?)))
     .unwrap_or_else(|| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "pg_webhooks: emit failed"));
+    EMITTED.with(|e| e.borrow_mut().push(id.1));
+    let id = id.0;
     wake_worker_at_commit(Wake::Events);
     id
 }
@@ -1114,6 +1230,17 @@ fn lock_tracked_row(entity: &str, key: &str) -> bool {
     let Some(cfg) = relid.and_then(config_for) else {
         return false;
     };
+    // Only for a caller who may update the row (locking it is what an update does first).
+    if unsafe {
+        pg_sys::pg_class_aclcheck(
+            cfg.relid,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_UPDATE as pg_sys::AclMode,
+        )
+    } != pg_sys::AclResult::ACLCHECK_OK
+    {
+        return false;
+    }
     // Only keys that are surely valid input for the key's type (anything else would make the
     // lock query fail): the others fall back to the advisory lock.
     let valid = match cfg.key_type_oid {
@@ -1136,11 +1263,20 @@ fn lock_tracked_row(entity: &str, key: &str) -> bool {
     if !valid {
         return false;
     }
-    refuse_user_casts(&cfg);
-    let arg = key.to_string().into_datum();
+    let Some(arg) = cfg.key_datum(key) else {
+        return false;
+    };
     as_role(cfg.owner, || {
         let latest = LatestSnapshot::push();
-        !rows_with_snapshot(&cfg.lock_query, &[pg_sys::TEXTOID], &[arg], latest.get()).is_empty()
+        !rows_with_snapshot(
+            &cfg.lock_query,
+            &[cfg.key_type_oid],
+            &[Some(arg)],
+            latest.get(),
+            &[],
+            None,
+        )
+        .is_empty()
     })
 }
 

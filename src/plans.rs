@@ -39,6 +39,16 @@ thread_local! {
     static RAW_PLANS: RefCell<HashMap<String, std::ptr::NonNull<pg_sys::_SPI_plan>>> = RefCell::new(HashMap::new());
 }
 
+/// How a result column becomes text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// The type's output function (never a cast: no user code).
+    Text,
+    /// `row_to_json` of a composite, or `array_to_json` of an array, called as `json_role`:
+    /// for a type a user created they call that user's cast to json, if there is one.
+    Json,
+}
+
 /// Run `query` (prepared once per backend and kept) with `args` under `snapshot`, and return
 /// its rows as text. Unlike an ordinary SPI call, which takes the transaction snapshot under
 /// REPEATABLE READ, this reads with exactly the snapshot given (capture reads "as at commit").
@@ -47,6 +57,8 @@ pub fn rows_with_snapshot(
     arg_types: &[pg_sys::Oid],
     args: &[Option<pg_sys::Datum>],
     snapshot: pg_sys::Snapshot,
+    columns: &[Column],
+    json_role: Option<pg_sys::Oid>,
 ) -> Vec<Vec<Option<String>>> {
     Spi::connect(|_client| unsafe {
         let plan = RAW_PLANS.with(|plans| {
@@ -102,6 +114,17 @@ pub fn rows_with_snapshot(
             let tuple = *(*table).vals.add(i);
             let mut row = Vec::with_capacity(natts as usize);
             for col in 1..=natts {
+                let kind = columns
+                    .get(col as usize - 1)
+                    .copied()
+                    .unwrap_or(Column::Text);
+                if kind == Column::Json {
+                    let mut isnull = false;
+                    let d = pg_sys::SPI_getbinval(tuple, tupdesc, col, &mut isnull);
+                    let typid = pg_sys::SPI_gettypeid(tupdesc, col);
+                    row.push((!isnull).then(|| json_text(d, typid, json_role)));
+                    continue;
+                }
                 let p = pg_sys::SPI_getvalue(tuple, tupdesc, col);
                 row.push(if p.is_null() {
                     None
@@ -113,4 +136,25 @@ pub fn rows_with_snapshot(
         }
         rows
     })
+}
+
+/// JSON text of a composite (`row_to_json`) or an array (`array_to_json`) datum, computed as
+/// `role` when given (see `Column::Json`).
+pub fn json_text(datum: pg_sys::Datum, typid: pg_sys::Oid, role: Option<pg_sys::Oid>) -> String {
+    let convert = || unsafe {
+        let func = if pg_sys::get_element_type(typid) != pg_sys::InvalidOid {
+            pg_sys::Oid::from(pg_sys::F_ARRAY_TO_JSON_ANYARRAY)
+        } else {
+            pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD)
+        };
+        let json = pg_sys::OidFunctionCall1Coll(func, pg_sys::InvalidOid, datum);
+        let c = pg_sys::text_to_cstring(json.cast_mut_ptr());
+        let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c.cast());
+        s
+    };
+    match role {
+        Some(role) => crate::capture::as_role(role, convert),
+        None => convert(),
+    }
 }

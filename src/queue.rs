@@ -29,9 +29,6 @@ WITH p AS (
         ON webhooks._matches(s.event_types, s.filter, e.type, e.data)
        AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
      ORDER BY e.seq, s.id
-       -- An unsubscribe in progress (it locks the row FOR UPDATE) finishes first, and then
-       -- its subscription is skipped: no delivery is ever queued for a deleted subscription.
-       FOR KEY SHARE OF s
     RETURNING id, event_seq, subscription_id
 ), k AS (
     SELECT d.id, d.subscription_id, d.event_seq,
@@ -423,4 +420,31 @@ pub fn retain_deliveries(retention: &str, after: i64, batch: i64) -> SpiResult<R
 /// Delete up to `batch` unreferenced events older than `retention`, after seq `after`.
 pub fn retain_events(retention: &str, after: i64, batch: i64) -> SpiResult<RetentionStep> {
     retention_step(RETAIN_EVENTS, retention, after, batch)
+}
+
+/// Deliveries still queued for a subscription that no longer exists (an unsubscribe that
+/// raced a fan-out, a replay or a test delivery) end as dead. Finds the subscriptions of the
+/// queue with one index probe each.
+const END_ORPHANS: &str = "\
+WITH RECURSIVE subs(id) AS (
+    SELECT pg_catalog.min(q.subscription_id) FROM webhooks._queue q
+  UNION ALL
+    SELECT (SELECT pg_catalog.min(q.subscription_id) FROM webhooks._queue q WHERE q.subscription_id > subs.id)
+      FROM subs WHERE subs.id IS NOT NULL
+), gone AS (
+    SELECT subs.id FROM subs
+     WHERE subs.id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE s.id = subs.id)
+), q AS (
+    DELETE FROM webhooks._queue q USING gone WHERE q.subscription_id = gone.id
+    RETURNING q.delivery_id
+)
+UPDATE webhooks._deliveries d
+   SET status = 'dead', last_error = 'subscription removed', next_attempt_at = NULL
+  FROM q WHERE d.id = q.delivery_id AND d.status NOT IN ('succeeded', 'dead')";
+
+pub fn end_orphans() -> SpiResult<()> {
+    with_plan(END_ORPHANS, &[], |plan| {
+        Spi::connect_mut(|c| c.update(plan, None, &[]).map(|_| ()))
+    })
 }

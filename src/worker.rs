@@ -489,6 +489,8 @@ impl Retention {
             self.event_cursor = 0;
             self.rewind_at = now + RETENTION_REWIND;
         }
+        BackgroundWorker::transaction(queue::end_orphans)
+            .unwrap_or_else(|e| error!("pg_webhooks: ending orphaned deliveries failed: {e}"));
         let retention = gucs::retention();
         let deadline = now + RETENTION_BUDGET;
         let mut deliveries_done = false;

@@ -55,7 +55,7 @@ fn a_backlog_in_shuffled_heap_order_is_delivered_per_key_in_commit_order() {
     // The worker serves another database while the backlog is made, so nothing is fanned out.
     let own = Cluster::start(
         "backlog",
-        &["webhooks.database = 'not_yet'", "webhooks.batch_size = 7"],
+        &["webhooks.database = 'not_yet'", "webhooks.batch_size = 5"],
     );
     let rx = Receiver::start();
     let mut c = own.connect();
@@ -65,9 +65,10 @@ fn a_backlog_in_shuffled_heap_order_is_delivered_per_key_in_commit_order() {
          SELECT webhooks.track('bk_orders', entity => 'bk', status_column => 'status');",
     )
     .expect("table");
-    // 12 keys x 8 steps, one transaction each, interleaved: some steps are row changes,
-    // some are keyed emits (another entity, ordered on their own key).
-    let (keys, steps) = (12, 8);
+    // 12 keys x 30 steps, one transaction each, interleaved: some steps are row changes,
+    // some are keyed emits (another entity, ordered on their own key). 360 transactions are
+    // 72 fan-out batches, more than one turn of the worker's loop fans out.
+    let (keys, steps) = (12, 30);
     for step in 0..steps {
         for k in 0..keys {
             if step == 0 {
@@ -129,6 +130,21 @@ fn a_backlog_in_shuffled_heap_order_is_delivered_per_key_in_commit_order() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue"), 0);
     let log = rx.log("/backlog");
     assert_eq!(log.len() as i64, expected, "each delivered once");
+    // Fan-out is bounded per turn: the first deliveries went out while the backlog was still
+    // being fanned out, not after all of it.
+    let interleaved: bool = c
+        .query_one(
+            "SELECT (SELECT min(a.started_at) FROM webhooks.attempts a JOIN webhooks._deliveries d ON d.id = a.delivery_id
+                      WHERE d.subscription_id = $1)
+                  < (SELECT max(d.created_at) FROM webhooks._deliveries d WHERE d.subscription_id = $1)",
+            &[&sub],
+        )
+        .expect("timing")
+        .get(0);
+    assert!(
+        interleaved,
+        "no delivery was attempted before the whole backlog was fanned out"
+    );
     for (key, got) in steps_by_key(&log) {
         let mut sorted = got.clone();
         sorted.sort();
@@ -473,4 +489,85 @@ fn two_replays_in_one_transaction_keep_per_key_order() {
         }
     }
     assert_eq!(ids.len(), 3, "the same three webhook-ids, twice each");
+}
+
+#[test]
+fn deliveries_queued_for_a_subscription_removed_meanwhile_end_dead() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let other = subscribe(&mut c, &rx, "/orphan-other", "{orph.*}", json!({}));
+    let sub = subscribe(&mut c, &rx, "/orphan", "{orph.*}", json!({}));
+    c.execute("SELECT webhooks.pause($1)", &[&sub])
+        .expect("pause");
+    // A test delivery and a replay in a transaction that commits after the unsubscribe.
+    let mut t1 = shared().connect();
+    t1.execute("BEGIN", &[]).expect("begin");
+    t1.execute("SELECT webhooks.send_test($1)", &[&sub])
+        .expect("send_test");
+    // An unsubscribe left open does not hold up the other subscriptions' deliveries.
+    let mut t2 = shared().connect();
+    t2.execute("BEGIN", &[]).expect("begin");
+    t2.execute("SELECT webhooks.unsubscribe($1)", &[&sub])
+        .expect("unsubscribe");
+    c.batch_execute("SELECT webhooks.emit('orph.e', '{}')")
+        .expect("emit");
+    rx.wait_for_requests("/orphan-other", 1, WAIT);
+    t2.execute("COMMIT", &[]).expect("unsubscribe commits");
+    t1.execute("COMMIT", &[]).expect("send_test commits");
+    wait_for("the orphaned test delivery to end dead", WAIT, || {
+        let left = count(
+            &mut c,
+            &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}"),
+        );
+        let dead = count(
+            &mut c,
+            &format!(
+                "SELECT count(*) FROM webhooks._deliveries WHERE subscription_id = {sub}
+                  AND status = 'dead' AND last_error = 'subscription removed'"
+            ),
+        );
+        (left == 0 && dead >= 1).then_some(())
+    });
+    assert!(rx.log("/orphan").is_empty());
+    let _ = other;
+}
+
+#[test]
+fn an_emit_takes_its_place_in_commit_order_at_commit() {
+    let mut c = shared().connect();
+    c.batch_execute(
+        "CREATE TABLE late_orders (id int PRIMARY KEY);
+         SELECT webhooks.track('late_orders', entity => 'lateo');
+         CREATE ROLE emitter LOGIN; GRANT webhooks_admin TO emitter;",
+    )
+    .expect("table");
+    // T1 inserts order 7 and stays open; T2 emits about order 7 (it cannot see the row).
+    let mut t1 = shared().connect();
+    t1.batch_execute("BEGIN; INSERT INTO late_orders VALUES (7);")
+        .expect("t1");
+    let mut t2 = shared().connect_as("postgres", "emitter");
+    t2.batch_execute("BEGIN; SELECT webhooks.emit('lateo.note', '{\"n\": 1}', '7');")
+        .expect("t2");
+    t1.batch_execute("COMMIT").expect("t1 commits first");
+    t2.batch_execute("COMMIT").expect("t2 commits second");
+    let types: Vec<String> = c
+        .query(
+            "SELECT type FROM webhooks.events WHERE entity = 'lateo' ORDER BY seq",
+            &[],
+        )
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["lateo.created", "lateo.note"]);
+    // Without UPDATE on the table, an emit does not lock its row: the writer does not wait.
+    let mut holder = shared().connect_as("postgres", "emitter");
+    holder
+        .batch_execute("BEGIN; SELECT webhooks.emit('lateo.note', '{\"n\": 2}', '7');")
+        .expect("emit and stay open");
+    c.batch_execute(
+        "SET lock_timeout = '5s'; UPDATE late_orders SET id = 7 WHERE id = 7; RESET lock_timeout;",
+    )
+    .expect("the writer is not blocked by an emit of a role that cannot write the row");
+    holder.batch_execute("COMMIT").expect("commit");
 }
