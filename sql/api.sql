@@ -127,6 +127,15 @@ BEGIN
         RAISE EXCEPTION 'column "%" does not exist in table %', key_column, tbl USING ERRCODE = 'undefined_column',
             HINT = 'Name the key column with key_column => ''...''.';
     END IF;
+    IF (SELECT coalesce(nullif(y.typbasetype, 0), y.oid) FROM pg_catalog.pg_attribute a
+          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = tbl AND a.attnum = v_key)
+       NOT IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'numeric'::regtype, 'text'::regtype,
+               'varchar'::regtype, 'bpchar'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION 'key column "%" of table % has type %, which cannot be an event key', key_column, tbl,
+            (SELECT format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum = v_key)
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Event keys are integers, numerics, text or uuids (types whose text form does not depend on settings).';
+    END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_index i
          WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
@@ -586,6 +595,8 @@ BEGIN
         SELECT e.seq, e.entity, e.key FROM webhooks._events e
          WHERE e.created_at >= since AND e.created_at < until
            AND e.type <> 'webhook.test'
+           -- Not this transaction's own emits: they get their final seq at commit.
+           AND e.xid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()
            AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data)
            AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data))
            FOR KEY SHARE OF e
@@ -697,6 +708,7 @@ GRANT SELECT ON webhooks._tracked, webhooks.status_events TO webhooks_capture;
 GRANT INSERT ON webhooks._events, webhooks._pending TO webhooks_capture;
 GRANT SELECT (seq, id) ON webhooks._events TO webhooks_capture;  -- INSERT ... RETURNING
 GRANT UPDATE (seq) ON webhooks._events TO webhooks_capture;       -- emit's seq, at commit
+GRANT USAGE ON SEQUENCE webhooks._events_seq_seq TO webhooks_capture;
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks.emit(text, jsonb, text),

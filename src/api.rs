@@ -207,6 +207,16 @@ fn _register_tracked(
             &format!("invalid entity name \"{entity}\""),
         );
     }
+    if column_exists(tbl, key_attnum)
+        && !crate::capture::supported_key_type(unsafe {
+            pg_sys::getBaseType(pg_sys::get_atttype(tbl, key_attnum))
+        })
+    {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "the key column's type cannot be an event key",
+        );
+    }
     if !column_exists(tbl, key_attnum) || status_attnum.is_some_and(|a| !column_exists(tbl, a)) {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,

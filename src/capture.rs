@@ -464,6 +464,11 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             .unwrap_or_else(|| not_usable(&format!("the key column of {table} no longer exists")));
         let key_type_oid =
             pg_sys::getBaseType(pg_sys::get_atttype(relid, key_attnum as pg_sys::AttrNumber));
+        if !supported_key_type(key_type_oid) {
+            not_usable(&format!(
+                "the key column of {table} has a type capture does not support"
+            ));
+        }
         let key_array_type = pg_sys::get_array_type(key_type_oid);
         if key_array_type == pg_sys::InvalidOid {
             not_usable(&format!(
@@ -587,6 +592,22 @@ fn has_user_types(rels: &[pg_sys::Oid]) -> bool {
     .unwrap_or(true)
 }
 
+/// Key types are built in and have one text form whatever the session's settings (a date or a
+/// timestamp would not), since keys are noted as text and bound again at commit.
+pub(crate) fn supported_key_type(typid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::NUMERICOID,
+        pg_sys::TEXTOID,
+        pg_sys::VARCHAROID,
+        pg_sys::BPCHAROID,
+        pg_sys::UUIDOID,
+    ]
+    .contains(&typid)
+}
+
 /// Whether `left = right` is a built-in operator: then `c.fk = t.key` resolves to it exactly
 /// (search_path is pg_catalog), with no implicit cast that a user could have made.
 fn builtin_equality(left: pg_sys::Oid, right: pg_sys::Oid) -> bool {
@@ -652,9 +673,11 @@ pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
                 false,
             );
         }
-        // An ERROR inside `f` aborts the (sub)transaction, which restores both.
+        // An ERROR inside `f` aborts the (sub)transaction, which restores both. Settings that
+        // code run inside changed (even with a plain SET, which would outlive a function) are
+        // undone, as PostgreSQL does after maintenance commands that run users' code.
         let result = f();
-        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::AtEOXact_GUC(false, nest);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
         result
     }
@@ -763,61 +786,67 @@ fn _capture_row<'a>(
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
         let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
-        let before = |tuple| Touch {
-            existed_before: true,
-            row_touched: true,
-            orig_row: Some(digest(&json_of(tuple))),
-            orig_status: status_of(tuple),
-            ..Touch::default()
+        // The JSON of a row is computed outside any borrow of the notes: it may run a user's
+        // cast (as webhooks_untrusted), which may write a tracked table and come back here.
+        let needs_before = |key: &str| {
+            with_table(cfg.relid, |tt| {
+                tt.touches.get(key).is_none_or(|t| !t.row_touched)
+            })
         };
-        let note_inserted = |tt: &mut TableTouches, key: &str| {
-            let t = tt.touch(key, || Touch {
-                row_touched: true,
-                ..Touch::default()
+        let note_before = |key: &str, tuple| {
+            let b = needs_before(key).then(|| (digest(&json_of(tuple)), status_of(tuple)));
+            with_table(cfg.relid, |tt| {
+                let t = tt.touch(key, || Touch {
+                    existed_before: true,
+                    ..Touch::default()
+                });
+                if let (false, Some((row, status))) = (t.row_touched, b) {
+                    // First own change of this row. It was not inserted by this transaction
+                    // (that would have been noted), so it existed before, also when it was
+                    // touched through its children first (a cascade from its own delete may
+                    // have hidden it from the child trigger's lock).
+                    t.existed_before = true;
+                    t.row_touched = true;
+                    t.orig_row = Some(row);
+                    t.orig_status = status;
+                }
             });
-            t.row_touched = true;
         };
-        let note_before = |tt: &mut TableTouches, key: &str, tuple| {
-            let t = tt.touch(key, || before(tuple));
-            if !t.row_touched {
-                // Touched through its children only so far: this is its first own change, and
-                // the row it changes was not inserted by this transaction (that would have
-                // been noted), so it existed before (a cascade from the parent's own delete
-                // may have hidden it from the child trigger's lock).
-                let b = before(tuple);
-                t.existed_before = true;
-                t.row_touched = true;
-                t.orig_row = b.orig_row;
-                t.orig_status = b.orig_status;
+        let note_inserted = |key: &str| {
+            with_table(cfg.relid, |tt| {
+                tt.touch(key, Touch::default).row_touched = true;
+            });
+        };
+        let note_deleted = |key: &str, json: String| {
+            with_table(cfg.relid, |tt| {
+                if let Some(t) = tt.touches.get_mut(key) {
+                    t.deleted_row = Some(json);
+                }
+            });
+        };
+        if pgrx::trigger_fired_by_insert(event) {
+            if let Some(key) = key_of(td.tg_trigtuple) {
+                note_inserted(&key);
             }
-        };
-        with_table(cfg.relid, |tt| {
-            if pgrx::trigger_fired_by_insert(event) {
-                if let Some(key) = key_of(td.tg_trigtuple) {
-                    note_inserted(tt, &key);
-                }
-            } else if pgrx::trigger_fired_by_update(event) {
-                let old_key = key_of(td.tg_trigtuple);
-                let new_key = key_of(td.tg_newtuple);
-                if let Some(old_key) = &old_key {
-                    note_before(tt, old_key, td.tg_trigtuple);
-                    if new_key.as_ref() != Some(old_key) {
-                        // The key itself changed: the old key is gone, the new one is born.
-                        tt.touches.get_mut(old_key).expect("noted").deleted_row =
-                            Some(json_of(td.tg_trigtuple));
-                    }
-                }
-                if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
-                    note_inserted(tt, &new_key);
-                }
-            } else if pgrx::trigger_fired_by_delete(event) {
-                if let Some(key) = key_of(td.tg_trigtuple) {
-                    note_before(tt, &key, td.tg_trigtuple);
-                    tt.touches.get_mut(&key).expect("noted").deleted_row =
-                        Some(json_of(td.tg_trigtuple));
+        } else if pgrx::trigger_fired_by_update(event) {
+            let old_key = key_of(td.tg_trigtuple);
+            let new_key = key_of(td.tg_newtuple);
+            if let Some(old_key) = &old_key {
+                note_before(old_key, td.tg_trigtuple);
+                if new_key.as_ref() != Some(old_key) {
+                    // The key itself changed: the old key is gone, the new one is born.
+                    note_deleted(old_key, json_of(td.tg_trigtuple));
                 }
             }
-        });
+            if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
+                note_inserted(&new_key);
+            }
+        } else if pgrx::trigger_fired_by_delete(event) {
+            if let Some(key) = key_of(td.tg_trigtuple) {
+                note_before(&key, td.tg_trigtuple);
+                note_deleted(&key, json_of(td.tg_trigtuple));
+            }
+        }
     }
     Ok(None)
 }
@@ -1066,24 +1095,48 @@ struct RowAtCommit {
 
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
 pub fn write_events_at_commit() {
-    let tables = TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()));
-    let emitted = EMITTED.with(|e| std::mem::take(&mut *e.borrow_mut()));
-    if tables.is_empty() && emitted.is_empty() {
-        return;
+    // What capture runs at commit may (through a user's cast, as webhooks_untrusted, or an
+    // owner's policy) write tracked tables or emit again: go on until nothing new is noted.
+    for _ in 0..100 {
+        let tables = TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()));
+        let emitted = EMITTED.with(|e| std::mem::take(&mut *e.borrow_mut()));
+        if tables.is_empty() && emitted.is_empty() {
+            return;
+        }
+        write_events(tables, emitted);
     }
+    raise(
+        PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        "pg_webhooks: capture at commit keeps causing new changes to tracked tables",
+    );
+}
+
+fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
     // Pre-commit runs outside any statement: our statements need an active snapshot.
     let _outer = LatestSnapshot::push();
     if !emitted.is_empty() {
-        // Events emitted by work rolled back to a savepoint are gone and are not found.
+        // New seqs in the order of the emits; events emitted by work rolled back to a
+        // savepoint are gone and are not found.
         as_capture_role(|| {
             Spi::run_with_args(
-                "WITH u AS (UPDATE webhooks._events e SET seq = DEFAULT WHERE e.seq = ANY ($1) RETURNING e.seq)
+                "WITH n AS (
+                     SELECT o.old, pg_catalog.nextval('webhooks._events_seq_seq'::pg_catalog.regclass) AS new
+                       FROM pg_catalog.unnest($1::int8[]) WITH ORDINALITY AS o(old, ord)
+                 ), u AS (
+                     UPDATE webhooks._events e SET seq = n.new FROM n WHERE e.seq = n.old RETURNING e.seq
+                 )
                  INSERT INTO webhooks._pending (seqs)
                  SELECT pg_catalog.array_agg(u.seq ORDER BY u.seq) FROM u HAVING pg_catalog.count(*) > 0",
                 &[emitted.into()],
             )
         })
-        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: emit failed at commit: {e}")));
+        .unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                &format!("pg_webhooks: emit failed at commit: {e}"),
+            )
+        });
+        wake_worker_at_commit(Wake::Events);
     }
     let mut events = Vec::new();
     let mut wrote = false;

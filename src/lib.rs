@@ -59,6 +59,8 @@ unsafe extern "C-unwind" fn on_transaction_event(
             if let Some(why) = capture::take_wake_request() {
                 worker::wake(why == capture::Wake::Queue);
             }
+            // Nothing noted in this transaction may reach the next one.
+            capture::reset();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}

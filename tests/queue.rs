@@ -571,3 +571,42 @@ fn an_emit_takes_its_place_in_commit_order_at_commit() {
     .expect("the writer is not blocked by an emit of a role that cannot write the row");
     holder.batch_execute("COMMIT").expect("commit");
 }
+
+#[test]
+fn a_replay_in_the_transaction_that_emits_leaves_nothing_stuck() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let sub = subscribe(&mut c, &rx, "/replay-emit", "{rpe.*}", json!({}));
+    c.batch_execute("SELECT webhooks.emit('rpe.before', '{}', 'A')")
+        .expect("an earlier event");
+    rx.wait_for_requests("/replay-emit", 1, WAIT);
+    c.batch_execute(
+        "BEGIN;
+         SELECT webhooks.emit('rpe.x', '{}', 'A');
+         SELECT webhooks.emit('rpe.y', '{}', 'A');",
+    )
+    .expect("emits");
+    c.execute(
+        "SELECT webhooks.replay($1, now() - interval '1 hour', now() + interval '1 hour')",
+        &[&sub],
+    )
+    .expect("replay in the same transaction");
+    c.batch_execute("COMMIT").expect("commit");
+    // before, then x and y (fanned out), and the replay of before (own emits are not replayed).
+    rx.wait_for_requests("/replay-emit", 4, WAIT);
+    wait_for("nothing left queued", WAIT, || {
+        let queued = count(
+            &mut c,
+            &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}"),
+        );
+        (queued == 0).then_some(())
+    });
+    let dangling = count(
+        &mut c,
+        "SELECT count(*) FROM webhooks._deliveries d WHERE NOT EXISTS (SELECT 1 FROM webhooks._events e WHERE e.seq = d.event_seq)",
+    );
+    assert_eq!(
+        dangling, 0,
+        "a delivery refers to an event that does not exist"
+    );
+}

@@ -28,6 +28,15 @@ fn is_superuser(c: &mut Client, role: &str) -> bool {
         .get(0)
 }
 
+fn count_events(c: &mut Client, entity: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM webhooks.events WHERE entity = $1",
+        &[&entity],
+    )
+    .expect("events")
+    .get(0)
+}
+
 fn role_exists(c: &mut Client, role: &str) -> bool {
     c.query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role])
         .expect("role")
@@ -429,11 +438,17 @@ fn a_cast_on_a_users_type_never_runs_with_the_owners_or_the_writers_rights() {
     .expect("role");
     let mut m = cluster().connect_as("postgres", "mal4");
     m.batch_execute(
-        "CREATE TYPE mal4.st AS ENUM ('pending', 'paid');
-         CREATE TABLE mal4.seen (who text);
-         GRANT INSERT ON mal4.seen TO PUBLIC;",
+        r#"CREATE TYPE mal4.st AS ENUM ('pending', 'paid');
+           CREATE TABLE mal4.seen (who text);
+           GRANT INSERT ON mal4.seen TO PUBLIC;
+           CREATE TABLE mal4.mlog (id bigserial PRIMARY KEY);
+           CREATE FUNCTION mal4.log_it() RETURNS void LANGUAGE sql SECURITY DEFINER
+               SET search_path = pg_catalog AS 'INSERT INTO mal4.mlog DEFAULT VALUES';
+           GRANT EXECUTE ON FUNCTION mal4.log_it() TO PUBLIC;"#,
     )
     .expect("a type of the attacker's");
+    su.batch_execute("SELECT webhooks.track('mal4.mlog', entity => 'mlog')")
+        .expect("track the attacker's log table");
     // A superuser's table uses the attacker's type; the attacker may write to it.
     su.batch_execute(
         "CREATE TABLE cast_orders (id int PRIMARY KEY, status mal4.st NOT NULL DEFAULT 'pending');
@@ -451,6 +466,10 @@ fn a_cast_on_a_users_type_never_runs_with_the_owners_or_the_writers_rights() {
         r#"CREATE FUNCTION mal4.st_json(v mal4.st) RETURNS json LANGUAGE plpgsql AS $$
            BEGIN
                INSERT INTO mal4.seen VALUES (current_user);
+               -- Settings changed here must not outlive capture in the writer's session.
+               PERFORM set_config('search_path', 'mal4, pg_catalog, public', false);
+               -- A write to a tracked table from inside capture gets its event too.
+               PERFORM mal4.log_it();
                BEGIN
                    EXECUTE 'ALTER ROLE mal4 SUPERUSER';
                EXCEPTION WHEN insufficient_privilege THEN NULL;
@@ -470,6 +489,23 @@ fn a_cast_on_a_users_type_never_runs_with_the_owners_or_the_writers_rights() {
     assert!(
         !is_superuser(&mut su, "mal4"),
         "the cast ran as a superuser"
+    );
+    for c in [&mut su, &mut m, &mut open] {
+        let path: String = c.query_one("SHOW search_path", &[]).expect("path").get(0);
+        assert_eq!(
+            path, "\"$user\", public",
+            "a setting changed inside capture outlived it"
+        );
+    }
+    let rows: i64 = su
+        .query_one("SELECT count(*) FROM mal4.mlog", &[])
+        .expect("mlog")
+        .get(0);
+    assert!(rows >= 1, "the cast ran");
+    assert_eq!(
+        count_events(&mut su, "mlog"),
+        rows,
+        "every row written from inside capture has its event"
     );
     let who: Vec<String> = su
         .query("SELECT DISTINCT who FROM mal4.seen", &[])
@@ -504,7 +540,7 @@ fn a_cast_on_a_users_type_never_runs_with_the_owners_or_the_writers_rights() {
 }
 
 #[test]
-fn extension_types_and_mismatched_foreign_keys() {
+fn extension_types_mismatched_foreign_keys_and_unsupported_keys() {
     let mut su = cluster().connect();
     su.batch_execute(
         "CREATE EXTENSION IF NOT EXISTS citext;
@@ -522,6 +558,20 @@ fn extension_types_and_mismatched_foreign_keys() {
                   children => '{"items": {"table": "fk_items", "foreign_key": "order_id"}}')"#,
         SqlState::DATATYPE_MISMATCH,
     );
+    // Keys are noted as text: types whose text depends on settings, or whose input could run
+    // a domain's CHECK inside a composite, are refused.
+    su.batch_execute("CREATE TYPE ci_pair AS (a int)")
+        .expect("type");
+    for (i, ty) in ["timestamptz", "date", "ci_pair"].iter().enumerate() {
+        fails(
+            &mut su,
+            &format!(
+                "CREATE TABLE bad_key{i} (k {ty} PRIMARY KEY);
+                 SELECT webhooks.track('bad_key{i}', entity => 'badkey{i}', key_column => 'k')"
+            ),
+            SqlState::FEATURE_NOT_SUPPORTED,
+        );
+    }
 }
 
 #[test]
