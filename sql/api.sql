@@ -17,11 +17,6 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_capture') THEN
         CREATE ROLE webhooks_capture NOLOGIN NOINHERIT;
     END IF;
-    -- A role with no rights at all: rows are turned into JSON as it whenever their columns are
-    -- made of types users created (row_to_json would call their owners' casts to json).
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_untrusted') THEN
-        CREATE ROLE webhooks_untrusted NOLOGIN NOINHERIT;
-    END IF;
 END
 $$;
 GRANT webhooks_reader TO webhooks_admin;
@@ -100,6 +95,10 @@ BEGIN
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
+        RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
+            HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
+    END IF;
     IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 't' THEN
         RAISE EXCEPTION '"%" is a temporary table', tbl USING ERRCODE = 'wrong_object_type',
             HINT = 'Only permanent tables can be tracked.';
@@ -129,12 +128,15 @@ BEGIN
     END IF;
     IF (SELECT coalesce(nullif(y.typbasetype, 0), y.oid) FROM pg_catalog.pg_attribute a
           JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = tbl AND a.attnum = v_key)
-       NOT IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'numeric'::regtype, 'text'::regtype,
-               'varchar'::regtype, 'bpchar'::regtype, 'uuid'::regtype) THEN
+       NOT IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
+               'varchar'::regtype, 'bpchar'::regtype, 'uuid'::regtype)
+       OR (SELECT NOT c.collisdeterministic FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation
+            WHERE a.attrelid = tbl AND a.attnum = v_key) THEN
         RAISE EXCEPTION 'key column "%" of table % has type %, which cannot be an event key', key_column, tbl,
             (SELECT format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum = v_key)
             USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Event keys are integers, numerics, text or uuids (types whose text form does not depend on settings).';
+                  HINT = 'Event keys are integers, text (with a deterministic collation) or uuids: one value, one spelling.';
     END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_index i
@@ -171,6 +173,11 @@ BEGIN
             IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p')
                OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
                 RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
+            END IF;
+            IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
+                RAISE EXCEPTION 'child table % forces row-level security on its owner', v_child
+                    USING ERRCODE = 'feature_not_supported',
+                          HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
             END IF;
             IF (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = v_child)
                <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN

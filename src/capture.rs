@@ -31,7 +31,9 @@ struct ChildSpec {
 /// name in its SQL is quoted here, so nothing a caller writes can become code.
 pub(crate) struct TableConfig {
     relid: pg_sys::Oid,
-    /// Reads of the table and its children run as its owner, with a fixed search_path.
+    /// Reads of the table and its children run as its owner (who owns the children too), with
+    /// a fixed search_path. Owners bypass row-level security, and tables whose owner forces it
+    /// on themselves are refused, so no policy (somebody's function) runs inside capture.
     owner: pg_sys::Oid,
     entity: String,
     key_attnum: i32,
@@ -41,10 +43,14 @@ pub(crate) struct TableConfig {
     /// Names of the children in the payload, in the order of `child_relids`.
     child_names: Vec<String>,
     /// Whether the columns of the table or its children are made of a type a user created
-    /// (an enum, composite, domain, range...). For such a type, `row_to_json` calls a cast
-    /// to json if its owner made one: that cast is somebody's code, so capture then turns
-    /// rows into JSON as `webhooks_untrusted`, a role with no rights at all.
+    /// (an enum, composite, domain, range...). For such a type `row_to_json` would call a
+    /// cast to json if its owner made one, which is somebody's code: capture then builds the
+    /// JSON with `to_jsonb` of the built-in columns and the output text of the others, in
+    /// SQL of its own (`row_json_query`, the same in the trigger and at commit).
     has_user_types: bool,
+    /// With `has_user_types`: the JSON of one row, `$1` being a row of the table's type.
+    row_json_query: String,
+    rowtype: pg_sys::Oid,
     /// Base type of the key column: keys are bound as values of it, never cast from text.
     key_type_oid: pg_sys::Oid,
     key_input: (pg_sys::Oid, pg_sys::Oid),
@@ -97,9 +103,13 @@ impl TableConfig {
         }
     }
 
-    /// The role rows are turned into JSON as (None: as whoever runs, no user code possible).
-    fn json_role(&self) -> Option<pg_sys::Oid> {
-        self.has_user_types.then(untrusted_role)
+    /// How the row and children columns of the capture queries become text.
+    fn json_column(&self) -> Column {
+        if self.has_user_types {
+            Column::Text
+        } else {
+            Column::Json
+        }
     }
 
     /// `{"name": [...], ...}` from the children arrays' JSON, in declaration order.
@@ -151,6 +161,8 @@ struct TableTouches {
     relid: pg_sys::Oid,
     keys: Vec<String>,
     touches: HashMap<String, Touch>,
+    /// A child's foreign key as the child spells it -> the key as the table spells it.
+    child_keys: HashMap<String, String>,
 }
 
 impl TableTouches {
@@ -205,6 +217,17 @@ pub fn take_wake_request() -> Option<Wake> {
     WAKE_AT_COMMIT.with(|w| w.replace(None))
 }
 
+/// At COMMIT: nothing may be left noted (a library whose pre-commit callback ran after ours
+/// and wrote a tracked table); say so rather than lose it silently, then forget.
+pub fn forget_at_commit() {
+    let left = TOUCHED.with(|t| t.borrow().iter().map(|tt| tt.keys.len()).sum::<usize>())
+        + EMITTED.with(|e| e.borrow().len());
+    if left > 0 {
+        warning!("pg_webhooks: {left} changes to tracked tables were made after capture ran at commit and have no events");
+    }
+    reset();
+}
+
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
     TOUCHED.with(|t| t.borrow_mut().clear());
@@ -248,11 +271,6 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i32) -> Option<String> {
 /// nothing else.
 fn capture_role() -> pg_sys::Oid {
     role_oid(c"webhooks_capture")
-}
-
-/// A role with no rights: user-defined casts to json run as it.
-fn untrusted_role() -> pg_sys::Oid {
-    role_oid(c"webhooks_untrusted")
 }
 
 fn role_oid(name: &CStr) -> pg_sys::Oid {
@@ -319,6 +337,13 @@ fn namespace_hash(relid: pg_sys::Oid) -> u32 {
 /// A plain or partitioned table that is not temporary: what capture reads. Checked whenever a
 /// configuration is loaded (a table can become a view through a `_RETURN` rule).
 fn check_readable_table(relid: pg_sys::Oid, name: &str) {
+    if unsafe { rel_forces_row_security(relid) } {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            &format!("pg_webhooks: {name} forces row-level security on its owner"),
+            "Capture reads a tracked table and its children as their owner and runs no policy: turn FORCE ROW LEVEL SECURITY off, or untrack the table.",
+        );
+    }
     let (kind, persistence) =
         unsafe { (pg_sys::get_rel_relkind(relid) as u8, rel_persistence(relid)) };
     if (kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE)
@@ -326,6 +351,16 @@ fn check_readable_table(relid: pg_sys::Oid, name: &str) {
     {
         not_usable(&format!("{name} is no longer a permanent table"));
     }
+}
+
+unsafe fn rel_forces_row_security(relid: pg_sys::Oid) -> bool {
+    let rel = pg_sys::RelationIdGetRelation(relid);
+    if rel.is_null() {
+        return false;
+    }
+    let f = (*(*rel).rd_rel).relforcerowsecurity;
+    pg_sys::RelationClose(rel);
+    f
 }
 
 unsafe fn rel_persistence(relid: pg_sys::Oid) -> u8 {
@@ -488,7 +523,7 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             ),
             None => "NULL::text".into(),
         };
-        let mut arrays = Vec::new();
+        let mut children_sql = Vec::new();
         let mut namespace_hashes = vec![namespace_hash(relid)];
         for ch in &children {
             let child = pg_sys::Oid::from(ch.relid);
@@ -516,19 +551,46 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             }
             namespace_hashes.push(namespace_hash(child));
             let order = as_capture_role(|| primary_key_order(child));
-            arrays.push(format!(
-                "ARRAY(SELECT c FROM {child_table} c WHERE c.{fk} = t.{key}{order})"
+            children_sql.push((
+                child,
+                format!("FROM {child_table} c WHERE c.{fk} = t.{key}{order}"),
             ));
         }
+        let mut rels = vec![relid];
+        rels.extend(children.iter().map(|c| pg_sys::Oid::from(c.relid)));
+        let user_typed = as_capture_role(|| user_typed_columns(&rels));
+        let has_user_types = !user_typed.is_empty();
+        let row_expr = |rel: pg_sys::Oid, alias: &str| json_object_expr(rel, alias, &user_typed);
+        let arrays: Vec<String> = children_sql
+            .iter()
+            .map(|(child, from)| {
+                if has_user_types {
+                    // ORDER BY inside the aggregate: the pk order comes last in `from`.
+                    let (cond, order) = match from.find(" ORDER BY ") {
+                        Some(i) => (&from[..i], &from[i..]),
+                        None => (from.as_str(), ""),
+                    };
+                    format!(
+                        "COALESCE((SELECT pg_catalog.jsonb_agg({}{order}) {cond}), '[]'::jsonb)",
+                        row_expr(*child, "c")
+                    )
+                } else {
+                    format!("ARRAY(SELECT c {from})")
+                }
+            })
+            .collect();
         let arrays_sql = arrays.iter().map(|a| format!(", {a}")).collect::<String>();
         let children_sql = if arrays.is_empty() {
             "NULL::text".to_string()
         } else {
             arrays.join(", ")
         };
-        let mut rels = vec![relid];
-        rels.extend(children.iter().map(|c| pg_sys::Oid::from(c.relid)));
-        let has_user_types = as_capture_role(|| has_user_types(&rels));
+        let row_sql = if has_user_types {
+            row_expr(relid, "t")
+        } else {
+            "t".into()
+        };
+        let rowtype = pg_sys::get_rel_type_id(relid);
         Some(TableConfig {
             relid,
             owner,
@@ -542,15 +604,19 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             child_fk_attnums: children.iter().map(|c| i32::from(c.fk_attnum)).collect(),
             child_names: children.iter().map(|c| c.name.clone()).collect(),
             has_user_types,
+            row_json_query: format!("SELECT {}", row_expr(relid, "($1)")),
+            rowtype,
             key_type_oid,
             key_input: (typinput, typioparam),
             key_array_type,
             namespace_hashes,
             rows_query: format!(
-                "SELECT t.{key}, t, {status}{arrays_sql} FROM {table} t WHERE t.{key} = ANY ($1)"
+                "SELECT t.{key}, {row_sql}, {status}{arrays_sql} FROM {table} t WHERE t.{key} = ANY ($1)"
             ),
+            // Returns the key as the table writes it: a child's foreign key may spell it
+            // otherwise (char(8) against char(4), say).
             lock_query: format!(
-                "SELECT 1 FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
+                "SELECT t.{key} FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
             ),
             children_query: format!("SELECT {children_sql} FROM {table} t WHERE t.{key} = $1"),
         })
@@ -567,29 +633,74 @@ unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     o
 }
 
-/// Whether the columns of `rels` are made of a type that is not built in (through domains,
-/// arrays, composites and ranges).
-fn has_user_types(rels: &[pg_sys::Oid]) -> bool {
-    Spi::get_one_with_args::<bool>(
-        "WITH RECURSIVE t(typ) AS (
-             SELECT a.atttypid FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = ANY ($1) AND a.attnum > 0 AND NOT a.attisdropped
-           UNION
-             SELECT n.typ FROM t JOIN pg_catalog.pg_type y ON y.oid = t.typ
-              CROSS JOIN LATERAL (
-                  SELECT y.typbasetype UNION ALL SELECT y.typelem
-                  UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
-                             WHERE a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
-                  UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = y.oid
-                  UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = y.oid
-              ) AS n(typ)
-             WHERE n.typ <> 0
-         )
-         SELECT EXISTS (SELECT 1 FROM t WHERE t.typ >= 16384)",
-        &[rels.to_vec().into()],
-    )
+/// The columns of `rels` that are made of a type that is not built in (through domains,
+/// arrays, composites and ranges), as (relation, attribute number).
+fn user_typed_columns(rels: &[pg_sys::Oid]) -> Vec<(pg_sys::Oid, i32)> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "WITH RECURSIVE t(rel, att, typ) AS (
+                 SELECT a.attrelid, a.attnum::int4, a.atttypid FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = ANY ($1) AND a.attnum > 0 AND NOT a.attisdropped
+               UNION
+                 SELECT t.rel, t.att, n.typ FROM t JOIN pg_catalog.pg_type y ON y.oid = t.typ
+                  CROSS JOIN LATERAL (
+                      SELECT y.typbasetype UNION ALL SELECT y.typelem
+                      UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                                 WHERE a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                      UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = y.oid
+                      UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = y.oid
+                  ) AS n(typ)
+                 WHERE n.typ <> 0
+             )
+             SELECT DISTINCT t.rel, t.att FROM t WHERE t.typ >= 16384",
+            None,
+            &[rels.to_vec().into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let (Some(rel), Some(att)) = (r.get::<pg_sys::Oid>(1)?, r.get::<i32>(2)?) {
+                out.push((rel, att));
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
     .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")))
-    .unwrap_or(true)
+}
+
+/// A row of `rel` (named `alias`) as jsonb, in SQL that runs no user code: `to_jsonb` of
+/// each built-in column, and for a column of a type a user made, its output text (`format`
+/// calls the type's output function; a cast could be anybody's code).
+fn json_object_expr(rel: pg_sys::Oid, alias: &str, user_typed: &[(pg_sys::Oid, i32)]) -> String {
+    let natts = unsafe {
+        let r = pg_sys::RelationIdGetRelation(rel);
+        let n = (*(*r).rd_att).natts;
+        pg_sys::RelationClose(r);
+        n
+    };
+    let mut pairs = Vec::new();
+    for att in 1..=natts {
+        let name = unsafe { pg_sys::get_attname(rel, att as pg_sys::AttrNumber, true) };
+        if name.is_null() {
+            continue; // dropped
+        }
+        let name = unsafe { CStr::from_ptr(name).to_string_lossy().into_owned() };
+        let col = format!("{alias}.{}", quote_ident(&name));
+        let value = if user_typed.contains(&(rel, att)) {
+            format!("CASE WHEN pg_catalog.num_nulls({col}) = 0 THEN pg_catalog.to_jsonb(pg_catalog.format('%s', {col})) END")
+        } else {
+            format!("pg_catalog.to_jsonb({col})")
+        };
+        pairs.push(format!("{}, {value}", pgrx::spi::quote_literal(&name)));
+    }
+    if pairs.is_empty() {
+        return "'{}'::jsonb".into();
+    }
+    // At most 100 arguments to a function: objects of 50 columns, concatenated.
+    pairs
+        .chunks(50)
+        .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" OPERATOR(pg_catalog.||) ")
 }
 
 /// Key types are built in and have one text form whatever the session's settings (a date or a
@@ -599,7 +710,6 @@ pub(crate) fn supported_key_type(typid: pg_sys::Oid) -> bool {
         pg_sys::INT2OID,
         pg_sys::INT4OID,
         pg_sys::INT8OID,
-        pg_sys::NUMERICOID,
         pg_sys::TEXTOID,
         pg_sys::VARCHAROID,
         pg_sys::BPCHAROID,
@@ -714,6 +824,7 @@ fn with_table<R>(relid: pg_sys::Oid, f: impl FnOnce(&mut TableTouches) -> R) -> 
                     relid,
                     keys: Vec::new(),
                     touches: HashMap::new(),
+                    child_keys: HashMap::new(),
                 });
                 tables.len() - 1
             }
@@ -750,7 +861,7 @@ fn _capture_row<'a>(
         if !pgrx::trigger_fired_for_row(td.tg_event) || !pgrx::trigger_fired_after(td.tg_event) {
             wrong_trigger("webhooks._capture_row() must be an AFTER ... FOR EACH ROW trigger");
         }
-        let json_role = cfg.json_role();
+
         // On a partition, the tracked (partitioned) table's columns by their numbers here.
         let key_att = attnum_in(cfg.relid, cfg.key_attnum, relid);
         let status_att = cfg.status_attnum.map(|a| attnum_in(cfg.relid, a, relid));
@@ -777,17 +888,29 @@ fn _capture_row<'a>(
             } else {
                 pg_sys::execute_attr_map_tuple(tuple, conversion)
             };
-            crate::plans::json_text(
-                pg_sys::heap_copy_tuple_as_datum(tuple, json_desc),
-                pg_sys::RECORDOID,
-                json_role,
-            )
+            let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
+            if cfg.has_user_types {
+                // The same SQL as at commit, which runs no user code.
+                rows_with_snapshot(
+                    &cfg.row_json_query,
+                    &[cfg.rowtype],
+                    &[Some(row)],
+                    pg_sys::GetActiveSnapshot(),
+                    &[],
+                )
+                .into_iter()
+                .next()
+                .and_then(|mut r| r.swap_remove(0))
+                .unwrap_or_default()
+            } else {
+                crate::plans::json_text(row, pg_sys::RECORDOID)
+            }
         };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
         let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
-        // The JSON of a row is computed outside any borrow of the notes: it may run a user's
-        // cast (as webhooks_untrusted), which may write a tracked table and come back here.
+        // The JSON of a row is computed outside any borrow of the notes (computing it runs SQL;
+        // nothing it runs may find the notes borrowed).
         let needs_before = |key: &str| {
             with_table(cfg.relid, |tt| {
                 tt.touches.get(key).is_none_or(|t| !t.row_touched)
@@ -939,61 +1062,70 @@ impl Drop for LatestSnapshot {
     }
 }
 
-fn note_child_change(cfg: &TableConfig, key: &str) {
-    // Decide under the borrow, query without it (the queries may wait on a lock). The first
-    // change to a key's children locks its row and notes whether it existed and its children.
-    let first = with_table(cfg.relid, |tt| match tt.touches.get_mut(key) {
-        None => true,
-        Some(t) => {
-            let first = t.existed_before && !t.children_touched;
-            t.children_touched = true;
-            first
-        }
-    });
-    if !first {
+fn note_child_change(cfg: &TableConfig, fk_key: &str) {
+    // Decide under the borrow, query without it (the queries may wait on a lock).
+    let known = with_table(cfg.relid, |tt| tt.child_keys.get(fk_key).cloned());
+    if let Some(key) = known {
+        with_table(cfg.relid, |tt| {
+            if let Some(t) = tt.touches.get_mut(&key) {
+                t.children_touched = true;
+            }
+        });
         return;
     }
-    let Some(arg) = cfg.key_datum(key) else {
+    let Some(arg) = cfg.key_datum(fk_key) else {
         return;
     };
-    let (found, snapshot) = as_role(cfg.owner, || {
+    // The first change under this spelling locks the parent row, which also gives the key as
+    // the table spells it; the first change to an existing parent's children notes them.
+    let (locked_key, snapshot) = as_role(cfg.owner, || {
         let latest = LatestSnapshot::push();
-        let locked = rows_with_snapshot(
+        let locked_key = rows_with_snapshot(
             &cfg.lock_query,
             &[cfg.key_type_oid],
             &[Some(arg)],
             latest.get(),
             &[],
-            None,
-        );
-        let children = if locked.is_empty() {
-            None
-        } else {
+        )
+        .into_iter()
+        .next()
+        .and_then(|mut r| r.swap_remove(0));
+        let needs_snapshot = locked_key.as_ref().is_some_and(|k| {
+            with_table(cfg.relid, |tt| {
+                tt.touches
+                    .get(k)
+                    .is_none_or(|t| t.existed_before && !t.children_touched)
+            })
+        });
+        let children = if needs_snapshot {
             let latest = LatestSnapshot::push();
-            let columns = vec![Column::Json; cfg.child_relids.len()];
+            let columns = vec![cfg.json_column(); cfg.child_relids.len()];
             rows_with_snapshot(
                 &cfg.children_query,
                 &[cfg.key_type_oid],
                 &[Some(arg)],
                 latest.get(),
                 &columns,
-                cfg.json_role(),
             )
             .into_iter()
             .next()
-            .and_then(|arrays| cfg.children_json(&arrays))
+            .map(|arrays| cfg.children_json(&arrays))
+        } else {
+            None
         };
-        (!locked.is_empty(), children)
+        (locked_key, children)
     });
+    let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
     with_table(cfg.relid, |tt| {
-        let t = tt.touch(key, || Touch {
+        tt.child_keys.insert(fk_key.to_string(), key.clone());
+        let t = tt.touch(&key, || Touch {
             // A child written before its parent (deferred foreign key): the parent is new.
-            existed_before: found,
+            existed_before: locked_key.is_some(),
             ..Touch::default()
         });
         t.children_touched = true;
-        if t.existed_before {
-            t.orig_children = snapshot.as_deref().map(digest);
+        if let Some(children) = snapshot {
+            t.orig_children = children.as_deref().map(digest);
         }
     });
 }
@@ -1095,8 +1227,8 @@ struct RowAtCommit {
 
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
 pub fn write_events_at_commit() {
-    // What capture runs at commit may (through a user's cast, as webhooks_untrusted, or an
-    // owner's policy) write tracked tables or emit again: go on until nothing new is noted.
+    // Capture runs no user code, but should anything it runs write a tracked table or emit
+    // (a future change, another extension's hook), go on until nothing new is noted.
     for _ in 0..100 {
         let tables = TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()));
         let emitted = EMITTED.with(|e| std::mem::take(&mut *e.borrow_mut()));
@@ -1167,15 +1299,17 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
 
 fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCommit> {
     let latest = LatestSnapshot::push();
-    let mut columns = vec![Column::Text, Column::Json, Column::Text];
-    columns.extend(std::iter::repeat_n(Column::Json, cfg.child_relids.len()));
+    let mut columns = vec![Column::Text, cfg.json_column(), Column::Text];
+    columns.extend(std::iter::repeat_n(
+        cfg.json_column(),
+        cfg.child_relids.len(),
+    ));
     let rows = rows_with_snapshot(
         &cfg.rows_query,
         &[cfg.key_array_type],
         &[Some(cfg.keys_datum(keys))],
         latest.get(),
         &columns,
-        cfg.json_role(),
     );
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -1327,7 +1461,6 @@ fn lock_tracked_row(entity: &str, key: &str) -> bool {
             &[Some(arg)],
             latest.get(),
             &[],
-            None,
         )
         .is_empty()
     })

@@ -60,7 +60,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
                 worker::wake(why == capture::Wake::Queue);
             }
             // Nothing noted in this transaction may reach the next one.
-            capture::reset();
+            capture::forget_at_commit();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}

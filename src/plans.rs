@@ -44,8 +44,7 @@ thread_local! {
 pub enum Column {
     /// The type's output function (never a cast: no user code).
     Text,
-    /// `row_to_json` of a composite, or `array_to_json` of an array, called as `json_role`:
-    /// for a type a user created they call that user's cast to json, if there is one.
+    /// `row_to_json` of a composite, or `array_to_json` of an array (built-in types only).
     Json,
 }
 
@@ -58,7 +57,6 @@ pub fn rows_with_snapshot(
     args: &[Option<pg_sys::Datum>],
     snapshot: pg_sys::Snapshot,
     columns: &[Column],
-    json_role: Option<pg_sys::Oid>,
 ) -> Vec<Vec<Option<String>>> {
     Spi::connect(|_client| unsafe {
         let plan = RAW_PLANS.with(|plans| {
@@ -122,7 +120,7 @@ pub fn rows_with_snapshot(
                     let mut isnull = false;
                     let d = pg_sys::SPI_getbinval(tuple, tupdesc, col, &mut isnull);
                     let typid = pg_sys::SPI_gettypeid(tupdesc, col);
-                    row.push((!isnull).then(|| json_text(d, typid, json_role)));
+                    row.push((!isnull).then(|| json_text(d, typid)));
                     continue;
                 }
                 let p = pg_sys::SPI_getvalue(tuple, tupdesc, col);
@@ -138,10 +136,11 @@ pub fn rows_with_snapshot(
     })
 }
 
-/// JSON text of a composite (`row_to_json`) or an array (`array_to_json`) datum, computed as
-/// `role` when given (see `Column::Json`).
-pub fn json_text(datum: pg_sys::Datum, typid: pg_sys::Oid, role: Option<pg_sys::Oid>) -> String {
-    let convert = || unsafe {
+/// JSON text of a composite (`row_to_json`) or an array (`array_to_json`) datum. Only for
+/// values of built-in types (and rows and arrays of them): for those these functions never
+/// look up a cast, so no user code runs.
+pub fn json_text(datum: pg_sys::Datum, typid: pg_sys::Oid) -> String {
+    unsafe {
         let func = if pg_sys::get_element_type(typid) != pg_sys::InvalidOid {
             pg_sys::Oid::from(pg_sys::F_ARRAY_TO_JSON_ANYARRAY)
         } else {
@@ -152,9 +151,5 @@ pub fn json_text(datum: pg_sys::Datum, typid: pg_sys::Oid, role: Option<pg_sys::
         let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
         pg_sys::pfree(c.cast());
         s
-    };
-    match role {
-        Some(role) => crate::capture::as_role(role, convert),
-        None => convert(),
     }
 }
