@@ -40,6 +40,8 @@ pub(crate) struct TableConfig {
     status_attnum: Option<i32>,
     child_relids: Vec<pg_sys::Oid>,
     child_fk_attnums: Vec<i32>,
+    /// Partitions of the table and of its children (their owner changes invalidate this).
+    partition_relids: Vec<pg_sys::Oid>,
     /// Names of the children in the payload, in the order of `child_relids`.
     child_names: Vec<String>,
     /// Whether the columns of the table or its children are made of a type a user created
@@ -68,6 +70,17 @@ pub(crate) struct TableConfig {
 impl TableConfig {
     /// The key as a value of the key's base type (its input function, never a cast).
     fn key_datum(&self, key: &str) -> Option<pg_sys::Datum> {
+        // A child's foreign key may be a wider integer than the key: out of the key's range,
+        // it names no parent (and the key type's input function would raise).
+        let fits = match self.key_type_oid {
+            t if t == pg_sys::INT2OID => key.parse::<i16>().is_ok(),
+            t if t == pg_sys::INT4OID => key.parse::<i32>().is_ok(),
+            t if t == pg_sys::INT8OID => key.parse::<i64>().is_ok(),
+            _ => true,
+        };
+        if !fits {
+            return None;
+        }
         let c = std::ffi::CString::new(key).ok()?;
         Some(unsafe {
             pg_sys::OidInputFunctionCall(
@@ -103,13 +116,10 @@ impl TableConfig {
         }
     }
 
-    /// How the row and children columns of the capture queries become text.
+    /// How the row and children columns of the capture queries become text (they are JSON
+    /// already, built in SQL).
     fn json_column(&self) -> Column {
-        if self.has_user_types {
-            Column::Text
-        } else {
-            Column::Json
-        }
+        Column::Text
     }
 
     /// `{"name": [...], ...}` from the children arrays' JSON, in declaration order.
@@ -379,7 +389,10 @@ unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::O
     CONFIGS.with(|c| match c.try_borrow_mut() {
         // A configuration is cached under the tracked table and under each of its partitions.
         Ok(mut configs) if relid != pg_sys::InvalidOid => configs.retain(|key, cfg| {
-            *key != relid && cfg.relid != relid && !cfg.child_relids.contains(&relid)
+            *key != relid
+                && cfg.relid != relid
+                && !cfg.child_relids.contains(&relid)
+                && !cfg.partition_relids.contains(&relid)
         }),
         Ok(mut configs) => configs.clear(),
         // Invalidated while a configuration is being loaded: forget them all before the next use.
@@ -544,7 +557,7 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
                 ))
             });
             let fk_type = pg_sys::getBaseType(pg_sys::get_atttype(child, ch.fk_attnum));
-            if !as_capture_role(|| builtin_equality(fk_type, key_type_oid)) {
+            if key_family(fk_type).is_none() || key_family(fk_type) != key_family(key_type_oid) {
                 not_usable(&format!(
                     "the foreign key column of {child_table} cannot be compared with the key of {table} by a built-in operator"
                 ));
@@ -558,6 +571,18 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         }
         let mut rels = vec![relid];
         rels.extend(children.iter().map(|c| pg_sys::Oid::from(c.relid)));
+        // Planning the reads opens every partition (and constant-folds its index
+        // expressions) with the owner's rights: every partition must be the owner's (or a
+        // superuser's) too.
+        let partitions = as_capture_role(|| partitions_of(&rels));
+        for &(part, part_owner) in &partitions {
+            if part_owner != owner && !pg_sys::superuser_arg(part_owner) {
+                not_usable(&format!(
+                    "partition {} of a tracked table is not owned by the owner of {table}",
+                    qualified_name(part).unwrap_or_default()
+                ));
+            }
+        }
         let user_typed = as_capture_role(|| user_typed_columns(&rels));
         let has_user_types = !user_typed.is_empty();
         let row_expr = |rel: pg_sys::Oid, alias: &str| json_object_expr(rel, alias, &user_typed);
@@ -575,7 +600,14 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
                         row_expr(*child, "c")
                     )
                 } else {
-                    format!("ARRAY(SELECT c {from})")
+                    // `c.*` inside a call is the whole row even if a column is named c.
+                    let (cond, order) = match from.find(" ORDER BY ") {
+                        Some(i) => (&from[..i], &from[i..]),
+                        None => (from.as_str(), ""),
+                    };
+                    format!(
+                        "COALESCE((SELECT pg_catalog.array_to_json(pg_catalog.array_agg(c.*{order})) {cond}), '[]'::json)"
+                    )
                 }
             })
             .collect();
@@ -585,10 +617,11 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         } else {
             arrays.join(", ")
         };
+        // `t.*` inside a call is the whole row even if a column is named t.
         let row_sql = if has_user_types {
             row_expr(relid, "t")
         } else {
-            "t".into()
+            "pg_catalog.row_to_json(t.*)".into()
         };
         let rowtype = pg_sys::get_rel_type_id(relid);
         Some(TableConfig {
@@ -597,6 +630,7 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             entity,
             key_attnum,
             status_attnum,
+            partition_relids: partitions.iter().map(|p| p.0).collect(),
             child_relids: children
                 .iter()
                 .map(|c| pg_sys::Oid::from(c.relid))
@@ -671,19 +705,27 @@ fn user_typed_columns(rels: &[pg_sys::Oid]) -> Vec<(pg_sys::Oid, i32)> {
 /// each built-in column, and for a column of a type a user made, its output text (`format`
 /// calls the type's output function; a cast could be anybody's code).
 fn json_object_expr(rel: pg_sys::Oid, alias: &str, user_typed: &[(pg_sys::Oid, i32)]) -> String {
-    let natts = unsafe {
+    let columns: Vec<(i32, String)> = unsafe {
         let r = pg_sys::RelationIdGetRelation(rel);
-        let n = (*(*r).rd_att).natts;
+        let desc = (*r).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let live = attrs
+            .iter()
+            .filter(|a| !a.attisdropped)
+            .map(|a| {
+                (
+                    i32::from(a.attnum),
+                    CStr::from_ptr(a.attname.data.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            })
+            .collect();
         pg_sys::RelationClose(r);
-        n
+        live
     };
     let mut pairs = Vec::new();
-    for att in 1..=natts {
-        let name = unsafe { pg_sys::get_attname(rel, att as pg_sys::AttrNumber, true) };
-        if name.is_null() {
-            continue; // dropped
-        }
-        let name = unsafe { CStr::from_ptr(name).to_string_lossy().into_owned() };
+    for (att, name) in columns {
         let col = format!("{alias}.{}", quote_ident(&name));
         let value = if user_typed.contains(&(rel, att)) {
             format!("CASE WHEN pg_catalog.num_nulls({col}) = 0 THEN pg_catalog.to_jsonb(pg_catalog.format('%s', {col})) END")
@@ -718,20 +760,44 @@ pub(crate) fn supported_key_type(typid: pg_sys::Oid) -> bool {
     .contains(&typid)
 }
 
-/// Whether `left = right` is a built-in operator: then `c.fk = t.key` resolves to it exactly
-/// (search_path is pg_catalog), with no implicit cast that a user could have made.
-fn builtin_equality(left: pg_sys::Oid, right: pg_sys::Oid) -> bool {
-    Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_operator o
-                         WHERE o.oprname = '=' AND o.oprleft = $1 AND o.oprright = $2
-                           AND o.oprnamespace = 'pg_catalog'::pg_catalog.regnamespace)",
-        &[left.into(), right.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
-        // Enums (and other types a user made) compare with the polymorphic built-in one.
-        || (left == right && left.to_u32() >= pg_sys::FirstNormalObjectId)
+/// Every partition below `rels` (at any depth), with its owner.
+fn partitions_of(rels: &[pg_sys::Oid]) -> Vec<(pg_sys::Oid, pg_sys::Oid)> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT p.relid, k.relowner
+               FROM pg_catalog.unnest($1::oid[]) AS r(oid)
+              CROSS JOIN LATERAL pg_catalog.pg_partition_tree(r.oid) AS p
+               JOIN pg_catalog.pg_class k ON k.oid = p.relid
+              WHERE p.level > 0",
+            None,
+            &[rels.to_vec().into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let (Some(p), Some(o)) = (r.get::<pg_sys::Oid>(1)?, r.get::<pg_sys::Oid>(2)?) {
+                out.push((p, o));
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            &format!("pg_webhooks: {e}"),
+        )
+    })
+}
+
+/// The family a key type compares within: `c.fk = t.key` then resolves to a built-in
+/// operator (int24eq, texteq, ...), with no implicit cast that a user could have made.
+pub(crate) fn key_family(typid: pg_sys::Oid) -> Option<u8> {
+    match typid {
+        t if t == pg_sys::INT2OID || t == pg_sys::INT4OID || t == pg_sys::INT8OID => Some(1),
+        t if t == pg_sys::TEXTOID || t == pg_sys::VARCHAROID => Some(2),
+        t if t == pg_sys::BPCHAROID => Some(3),
+        t if t == pg_sys::UUIDOID => Some(4),
+        _ => None,
+    }
 }
 
 /// ` ORDER BY c.<pk columns>` for a child table with a primary key, else nothing.
@@ -766,29 +832,56 @@ pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
         let nest = pg_sys::NewGUCNestLevel();
-        for (name, value) in [
+        set_options(&[
             (c"search_path", c"pg_catalog, pg_temp"),
             // Our statements are prepared once per backend; a custom plan per commit (which
             // PostgreSQL picks for `= ANY($1)`, thinking it cheaper) costs more than it saves.
             (c"plan_cache_mode", c"force_generic_plan"),
-        ] {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                0,
-                false,
-            );
-        }
+        ]);
+        set_options(OUTPUT_SETTINGS);
         // An ERROR inside `f` aborts the (sub)transaction, which restores both. Settings that
         // code run inside changed (even with a plain SET, which would outlive a function) are
         // undone, as PostgreSQL does after maintenance commands that run users' code.
         let result = f();
         pg_sys::AtEOXact_GUC(false, nest);
         pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
+        result
+    }
+}
+
+/// Settings that change how values are written as text: fixed while capture turns rows into
+/// JSON, in the trigger and at commit alike, so that a session changing them in between
+/// neither loses nor invents an event (and payloads do not depend on the writer's session).
+const OUTPUT_SETTINGS: &[(&CStr, &CStr)] = &[
+    (c"TimeZone", c"UTC"),
+    (c"DateStyle", c"ISO, MDY"),
+    (c"IntervalStyle", c"postgres"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+];
+
+unsafe fn set_options(options: &[(&CStr, &CStr)]) {
+    for (name, value) in options {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+/// Run `f` with `OUTPUT_SETTINGS`, restoring the session's own afterwards.
+fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        set_options(OUTPUT_SETTINGS);
+        let result = f();
+        pg_sys::AtEOXact_GUC(false, nest);
         result
     }
 }
@@ -883,32 +976,36 @@ fn _capture_row<'a>(
             )
         };
         let json_of = |tuple: *mut pg_sys::HeapTupleData| {
-            let tuple = if conversion.is_null() {
-                tuple
-            } else {
-                pg_sys::execute_attr_map_tuple(tuple, conversion)
-            };
-            let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
-            if cfg.has_user_types {
-                // The same SQL as at commit, which runs no user code.
-                rows_with_snapshot(
-                    &cfg.row_json_query,
-                    &[cfg.rowtype],
-                    &[Some(row)],
-                    pg_sys::GetActiveSnapshot(),
-                    &[],
-                )
-                .into_iter()
-                .next()
-                .and_then(|mut r| r.swap_remove(0))
-                .unwrap_or_default()
-            } else {
-                crate::plans::json_text(row, pg_sys::RECORDOID)
-            }
+            with_output_settings(|| {
+                let tuple = if conversion.is_null() {
+                    tuple
+                } else {
+                    pg_sys::execute_attr_map_tuple(tuple, conversion)
+                };
+                let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
+                if cfg.has_user_types {
+                    // The same SQL as at commit, which runs no user code.
+                    rows_with_snapshot(
+                        &cfg.row_json_query,
+                        &[cfg.rowtype],
+                        &[Some(row)],
+                        pg_sys::GetActiveSnapshot(),
+                        &[],
+                    )
+                    .into_iter()
+                    .next()
+                    .and_then(|mut r| r.swap_remove(0))
+                    .unwrap_or_default()
+                } else {
+                    crate::plans::json_text(row, pg_sys::RECORDOID)
+                }
+            })
         };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
-        let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
+        let status_of = |tuple| {
+            status_att.and_then(|a| with_output_settings(|| column_text(tuple, tupdesc, a)))
+        };
         // The JSON of a row is computed outside any borrow of the notes (computing it runs SQL;
         // nothing it runs may find the notes borrowed).
         let needs_before = |key: &str| {

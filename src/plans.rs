@@ -59,8 +59,10 @@ pub fn rows_with_snapshot(
     columns: &[Column],
 ) -> Vec<Vec<Option<String>>> {
     Spi::connect(|_client| unsafe {
+        // Kept per query and argument types: one text may be prepared for several row types.
+        let cache_key = format!("{query}\u{0}{arg_types:?}");
         let plan = RAW_PLANS.with(|plans| {
-            if let Some(p) = plans.borrow().get(query) {
+            if let Some(p) = plans.borrow().get(&cache_key) {
                 return *p;
             }
             let cquery = std::ffi::CString::new(query).expect("no NUL in our SQL");
@@ -74,7 +76,7 @@ pub fn rows_with_snapshot(
                 )
             };
             pg_sys::SPI_keepplan(plan.as_ptr());
-            plans.borrow_mut().insert(query.to_string(), plan);
+            plans.borrow_mut().insert(cache_key.clone(), plan);
             plan
         });
         let mut values: Vec<pg_sys::Datum> = args

@@ -3,22 +3,12 @@
 
 mod common;
 
-use common::{shared_cluster, Cluster};
+use common::{fails, shared_cluster, Cluster};
 use postgres::error::SqlState;
 use postgres::Client;
 
 fn cluster() -> &'static Cluster {
     shared_cluster("api", &[])
-}
-
-/// Runs `sql`, expects it to fail with `state`, returns the message and hint.
-fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
-    let err = c.batch_execute(sql).expect_err(sql);
-    let db = err
-        .as_db_error()
-        .unwrap_or_else(|| panic!("{sql}: not a database error: {err}"));
-    assert_eq!(db.code(), &state, "{sql}: {}", db.message());
-    format!("{} {}", db.message(), db.hint().unwrap_or_default())
 }
 
 /// Counts of everything a failed call could have left half-written.

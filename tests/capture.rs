@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{shared_cluster, Cluster};
+use common::{events, shared_cluster, Cluster};
 use postgres::Client;
-use serde_json::Value;
 use std::time::Duration;
 
 fn cluster() -> &'static Cluster {
@@ -26,18 +25,6 @@ fn orders(entity: &str) -> Client {
     ))
     .expect("create and track tables");
     c
-}
-
-/// (type, data) of every event of `entity`, in commit order.
-fn events(c: &mut Client, entity: &str) -> Vec<(String, Value)> {
-    c.query(
-        "SELECT type, data FROM webhooks.events WHERE entity = $1 ORDER BY seq",
-        &[&entity],
-    )
-    .expect("events")
-    .iter()
-    .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
-    .collect()
 }
 
 fn types(c: &mut Client, entity: &str) -> Vec<String> {
@@ -589,4 +576,108 @@ fn partitioned_tables_and_partitioned_children_are_captured_as_one_table() {
     assert_eq!(ev[1].1["items"][0]["sku"], "B");
     assert_eq!(ev[2].1["previous_status"], "pending");
     assert_eq!(ev[4].1["items"][0]["sku"], "C");
+}
+
+#[test]
+fn awkward_schemas_are_captured_right() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TYPE awk_mood AS ENUM ('ok', 'sad');
+           CREATE TYPE awk_mood2 AS ENUM ('ok', 'sad');
+           -- Columns named like capture's aliases; a dropped column; a column of a user type.
+           CREATE TABLE awk_orders (id int PRIMARY KEY, t int, gone int, mood awk_mood, x float8, at timestamptz);
+           ALTER TABLE awk_orders DROP COLUMN gone;
+           CREATE TABLE awk_items (id int PRIMARY KEY, c text, order_id bigint);
+           SELECT webhooks.track('awk_orders', entity => 'awk',
+                  children => '{"items": {"table": "awk_items", "foreign_key": "order_id"}}');
+           -- Another table whose row JSON query has the same text but another row type.
+           CREATE TABLE awk_other (id int PRIMARY KEY, t int, gone int, mood awk_mood2, x float8, at timestamptz);
+           ALTER TABLE awk_other DROP COLUMN gone;
+           SELECT webhooks.track('awk_other', entity => 'awko');
+           INSERT INTO awk_orders VALUES (1, 5, 'ok', 0.1, '2026-01-01 00:00:00+00');
+           INSERT INTO awk_items VALUES (1, 'hello', 1);
+           INSERT INTO awk_other VALUES (1, 5, 'ok', 0.1, '2026-01-01 00:00:00+00');"#,
+    )
+    .expect("tables");
+    // Both tables in one session, one after the other (their trigger-side plans differ).
+    c.batch_execute("UPDATE awk_orders SET mood = 'sad'; UPDATE awk_other SET mood = 'sad';")
+        .expect("updates of two tables with look-alike queries");
+    // A foreign key wider than the key, out of the key's range: no parent, no failure.
+    c.batch_execute("INSERT INTO awk_items VALUES (2, 'far', 3000000000)")
+        .expect("a child whose key no parent can have");
+    // Settings changed between the write and the commit neither invent nor lose events.
+    c.batch_execute(
+        "BEGIN; UPDATE awk_orders SET at = at; SET LOCAL TimeZone = 'Asia/Tokyo'; COMMIT;",
+    )
+    .expect("no-op, then another time zone");
+    c.batch_execute("BEGIN; UPDATE awk_orders SET x = 0.1000000000000001; SET LOCAL extra_float_digits = 0; COMMIT;")
+        .expect("a change, then fewer float digits");
+    let ev = events(&mut c, "awk");
+    let types: Vec<&str> = ev.iter().map(|e| e.0.as_str()).collect();
+    // created; the mood; nothing for the far child or the no-op; the float.
+    assert_eq!(
+        types,
+        ["awk.created", "awk.updated", "awk.updated"],
+        "{ev:?}"
+    );
+    assert_eq!(ev[0].1["t"], 5, "a column named t is a column");
+    assert_eq!(
+        ev[0].1["items"][0]["c"], "hello",
+        "a child column named c is a column"
+    );
+    assert_eq!(ev[1].1["mood"], "sad");
+    assert!(ev[1].1.get("gone").is_none());
+    assert_eq!(ev[2].1["x"].to_string(), "0.1000000000000001");
+    assert_eq!(
+        ev[2].1["at"], "2026-01-01T00:00:00+00:00",
+        "timestamps in UTC"
+    );
+    let other: Vec<String> = events(&mut c, "awko").into_iter().map(|e| e.0).collect();
+    assert_eq!(other, ["awko.created", "awko.updated"]);
+}
+
+#[test]
+fn a_partition_owned_by_another_role_is_not_read_with_the_owners_rights() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE ROLE part_o; CREATE ROLE part_p;
+           GRANT CREATE, USAGE ON SCHEMA public TO part_o, part_p;
+           CREATE TABLE part_log (who text); GRANT INSERT ON part_log TO PUBLIC;
+           CREATE TABLE pown (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+           CREATE TABLE pown_1 PARTITION OF pown FOR VALUES FROM (0) TO (100);
+           CREATE TABLE pown_2 PARTITION OF pown FOR VALUES FROM (100) TO (200);
+           ALTER TABLE pown OWNER TO part_o; ALTER TABLE pown_1 OWNER TO part_o;
+           SELECT webhooks.track('pown', entity => 'pown');
+           INSERT INTO pown VALUES (1, 'a');"#,
+    )
+    .expect("setup");
+    c.batch_execute(
+        r#"-- Given away to another role, whose index expression would run as the owner.
+           ALTER TABLE pown_2 OWNER TO part_p;
+           SET ROLE part_p;
+           CREATE FUNCTION part_log_it() RETURNS void LANGUAGE sql VOLATILE AS
+               'INSERT INTO part_log VALUES (current_user)';
+           CREATE FUNCTION part_seen() RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+               $$ BEGIN PERFORM part_log_it(); RETURN 0; END $$;
+           CREATE INDEX ON pown_2 ((id + part_seen()));
+           RESET ROLE;
+           DELETE FROM part_log;"#,
+    )
+    .expect("setup");
+    let e = c
+        .batch_execute("INSERT INTO pown VALUES (2, 'b')")
+        .expect_err("capture refuses to read it");
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{e:?}"
+    );
+    let ran_as_owner: i64 = c
+        .query_one("SELECT count(*) FROM part_log WHERE who = 'part_o'", &[])
+        .expect("log")
+        .get(0);
+    assert_eq!(
+        ran_as_owner, 0,
+        "the other role's code ran with the owner's rights"
+    );
 }

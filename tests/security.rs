@@ -5,21 +5,12 @@
 
 mod common;
 
-use common::{shared_cluster, Cluster};
+use common::{events, fails, shared_cluster, Cluster};
 use postgres::error::SqlState;
 use postgres::Client;
-use serde_json::Value;
 
 fn cluster() -> &'static Cluster {
     shared_cluster("security", &[])
-}
-
-/// Runs `sql`, which must fail with `state`; returns the message.
-fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
-    let e = c.batch_execute(sql).expect_err(sql);
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
-    assert_eq!(db.code(), &state, "{sql}: {}", db.message());
-    format!("{} {}", db.message(), db.hint().unwrap_or_default())
 }
 
 fn is_superuser(c: &mut Client, role: &str) -> bool {
@@ -33,18 +24,6 @@ fn role_exists(c: &mut Client, role: &str) -> bool {
         .expect("role")
         .get::<_, i64>(0)
         == 1
-}
-
-/// (type, data) of every event of `entity`, in commit order.
-fn events(c: &mut Client, entity: &str) -> Vec<(String, Value)> {
-    c.query(
-        "SELECT type, data FROM webhooks.events WHERE entity = $1 ORDER BY seq",
-        &[&entity],
-    )
-    .expect("events")
-    .iter()
-    .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
-    .collect()
 }
 
 /// A login role that is a member of webhooks_admin (and so webhooks_reader) and owns a schema

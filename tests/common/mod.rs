@@ -3,6 +3,7 @@
 //! verifies signatures with the official `standardwebhooks` library.
 #![allow(dead_code)]
 
+use postgres::error::SqlState;
 use postgres::{Client, NoTls};
 use serde_json::Value;
 use std::net::TcpListener;
@@ -363,4 +364,26 @@ impl Drop for Receiver {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// (type, data) of every event of `entity`, in commit order.
+pub fn events(c: &mut Client, entity: &str) -> Vec<(String, Value)> {
+    c.query(
+        "SELECT type, data FROM webhooks.events WHERE entity = $1 ORDER BY seq",
+        &[&entity],
+    )
+    .expect("events")
+    .iter()
+    .map(|r| (r.get::<_, String>(0), r.get::<_, Value>(1)))
+    .collect()
+}
+
+/// Runs `sql`, which must fail with `state`; returns the message and hint.
+pub fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
+    let err = c.batch_execute(sql).expect_err(sql);
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{sql}: not a database error: {err}"));
+    assert_eq!(db.code(), &state, "{sql}: {}", db.message());
+    format!("{} {}", db.message(), db.hint().unwrap_or_default())
 }
