@@ -431,7 +431,7 @@ BEGIN
         END IF;
         PERFORM webhooks._check_headers(jsonb_build_object(signature_header, ''));
     END IF;
-    IF timeout IS NOT NULL AND (timeout <= interval '0' OR timeout > interval '10 minutes') THEN
+    IF timeout IS NOT NULL AND (timeout < interval '1 millisecond' OR timeout > interval '10 minutes') THEN
         RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF retry_schedule IS NOT NULL THEN
@@ -482,15 +482,17 @@ DECLARE
     p_id bigint := id;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
-    -- Locked first: a fan-out running now (it holds a KEY SHARE lock on the subscription)
-    -- finishes before we look at the queue, and a later one no longer sees the subscription.
-    PERFORM 1 FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
-    -- The history stays; what was still queued ends as dead with a reason.
+    -- The history stays; what was still queued ends as dead with a reason. Queue rows first,
+    -- in the worker's order (it deletes a queue row, then updates its delivery), and only
+    -- deliveries that have not ended meanwhile. Deliveries queued by transactions that commit
+    -- after this one (a fan-out, send_test or replay racing it) are ended by the worker.
+    WITH q AS (
+        DELETE FROM webhooks._queue q WHERE q.subscription_id = p_id RETURNING q.delivery_id
+    )
     UPDATE webhooks._deliveries d
        SET status = 'dead', last_error = 'subscription removed', next_attempt_at = NULL
-      FROM webhooks._queue q
-     WHERE q.subscription_id = p_id AND d.id = q.delivery_id;
-    DELETE FROM webhooks._queue q WHERE q.subscription_id = p_id;
+      FROM q
+     WHERE d.id = q.delivery_id AND d.status NOT IN ('succeeded', 'dead');
     DELETE FROM webhooks._subscriptions s WHERE s.id = p_id;
 END
 $$;
@@ -734,4 +736,5 @@ GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
 SELECT pg_catalog.pg_extension_config_dump('webhooks._tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks.status_events', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks._subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('webhooks._subscriptions_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks._secrets', '');

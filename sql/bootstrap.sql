@@ -14,7 +14,7 @@
 
 -- API: Private
 CREATE TABLE webhooks._tracked (
-    relid         oid PRIMARY KEY,
+    relid         regclass PRIMARY KEY,  -- regclass: pg_dump writes it by name, a restore maps it to the new table
     entity        text NOT NULL,
     key_attnum    smallint NOT NULL,
     status_attnum smallint,

@@ -179,6 +179,9 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
             started = Instant::now();
         }
     }
+    // Terminated (not by a shutdown, which restarts nothing anyway): exit with 1, so that the
+    // postmaster starts the launcher again; with 0 it would be gone for good.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// What the delivery worker's main thread carries from one turn to the next.
@@ -326,6 +329,18 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // One delivery worker per database: two would release each other's claims and fan out
+    // the same keys concurrently. A session lock, gone with the process however it ends.
+    let alone = BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT pg_catalog.pg_try_advisory_lock(1885828969, 1)")
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !alone {
+        log!("pg_webhooks: another delivery worker is running for database \"{database}\"; this one exits");
+        return;
+    }
     unsafe {
         pg_sys::SetConfigOption(
             c"application_name".as_ptr(),

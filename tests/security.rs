@@ -693,3 +693,81 @@ fn dropping_a_parent_or_a_foreign_key_leaves_no_trigger_that_breaks_the_child() 
         .expect("the session follows the rename");
     assert_eq!(events(&mut su, "o2").len(), 2);
 }
+
+#[test]
+fn a_dump_restored_into_a_new_database_keeps_capturing() {
+    let mut su = cluster().connect();
+    su.batch_execute("CREATE DATABASE dump_src").expect("db");
+    let mut src = cluster().connect_db("dump_src");
+    src.batch_execute(
+        "CREATE EXTENSION pg_webhooks;
+         CREATE TABLE filler (id int); DROP TABLE filler;
+         CREATE TABLE d_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('d_orders', entity => 'dord', status_column => 'status');
+         SELECT webhooks.subscribe('http://127.0.0.1:9/x');
+         INSERT INTO d_orders VALUES (1, 'new');",
+    )
+    .expect("source");
+    su.batch_execute("CREATE DATABASE dump_dst").expect("db");
+    let bindir = common::pg_bindir().display().to_string();
+    let port = cluster().port.to_string();
+    let dump = std::process::Command::new(format!("{bindir}/pg_dump"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "dump_src"])
+        .output()
+        .expect("pg_dump");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let mut restore = std::process::Command::new(format!("{bindir}/psql"))
+        .args([
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "dump_dst",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        restore
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&dump.stdout)
+            .expect("feed the dump");
+    }
+    assert!(
+        restore.wait().expect("psql").success(),
+        "the restore failed"
+    );
+    let mut dst = cluster().connect_db("dump_dst");
+    dst.batch_execute(
+        "UPDATE d_orders SET status = 'paid' WHERE id = 1; INSERT INTO d_orders VALUES (2, 'new');",
+    )
+    .expect("the restored table is written and captured");
+    let types: Vec<String> = dst
+        .query(
+            "SELECT type FROM webhooks.events WHERE entity = 'dord' ORDER BY seq",
+            &[],
+        )
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["dord.status_updated", "dord.paid", "dord.created"]);
+    dst.query_one(
+        "SELECT id FROM webhooks.subscribe('http://127.0.0.1:9/y')",
+        &[],
+    )
+    .expect("a new subscription after the restore (its id sequence was restored too)");
+}

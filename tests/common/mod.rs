@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn pg_bindir() -> PathBuf {
+pub fn pg_bindir() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
     let out = Command::new(&pg_config)
         .arg("--bindir")
