@@ -9,7 +9,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{rows_with_snapshot, with_plan, Column};
+use crate::plans::{row_json, rows_with_snapshot, with_plan};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -114,12 +114,6 @@ impl TableConfig {
             );
             pg_sys::Datum::from(array)
         }
-    }
-
-    /// How the row and children columns of the capture queries become text (they are JSON
-    /// already, built in SQL).
-    fn json_column(&self) -> Column {
-        Column::Text
     }
 
     /// `{"name": [...], ...}` from the children arrays' JSON, in declaration order.
@@ -347,15 +341,24 @@ fn namespace_hash(relid: pg_sys::Oid) -> u32 {
 /// A plain or partitioned table that is not temporary: what capture reads. Checked whenever a
 /// configuration is loaded (a table can become a view through a `_RETURN` rule).
 fn check_readable_table(relid: pg_sys::Oid, name: &str) {
-    if unsafe { rel_forces_row_security(relid) } {
+    let (forced, kind, persistence) = unsafe {
+        with_relation(relid, |rel| {
+            let c = &*(*rel).rd_rel;
+            (
+                c.relforcerowsecurity,
+                c.relkind as u8,
+                c.relpersistence as u8,
+            )
+        })
+    }
+    .unwrap_or((false, 0, 0));
+    if forced {
         raise_with_hint(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             &format!("pg_webhooks: {name} forces row-level security on its owner"),
             "Capture reads a tracked table and its children as their owner and runs no policy: turn FORCE ROW LEVEL SECURITY off, or untrack the table.",
         );
     }
-    let (kind, persistence) =
-        unsafe { (pg_sys::get_rel_relkind(relid) as u8, rel_persistence(relid)) };
     if (kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE)
         || persistence == pg_sys::RELPERSISTENCE_TEMP
     {
@@ -363,24 +366,15 @@ fn check_readable_table(relid: pg_sys::Oid, name: &str) {
     }
 }
 
-unsafe fn rel_forces_row_security(relid: pg_sys::Oid) -> bool {
+/// `f` of the relcache entry of `relid`, if the relation exists.
+unsafe fn with_relation<R>(relid: pg_sys::Oid, f: impl FnOnce(pg_sys::Relation) -> R) -> Option<R> {
     let rel = pg_sys::RelationIdGetRelation(relid);
     if rel.is_null() {
-        return false;
+        return None;
     }
-    let f = (*(*rel).rd_rel).relforcerowsecurity;
+    let result = f(rel);
     pg_sys::RelationClose(rel);
-    f
-}
-
-unsafe fn rel_persistence(relid: pg_sys::Oid) -> u8 {
-    let rel = pg_sys::RelationIdGetRelation(relid);
-    if rel.is_null() {
-        return 0;
-    }
-    let p = (*(*rel).rd_rel).relpersistence as u8;
-    pg_sys::RelationClose(rel);
-    p
+    Some(result)
 }
 
 #[pg_guard]
@@ -546,7 +540,7 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             check_readable_table(child, &child_table);
             // Read with the parent owner's rights: a child owned by someone else could run
             // its owner's row-level security policies with the parent owner's rights.
-            if rel_owner(child) != owner {
+            if with_relation(child, |rel| (*(*rel).rd_rel).relowner) != Some(owner) {
                 not_usable(&format!(
                     "child table {child_table} is not owned by the owner of {table}"
                 ));
@@ -657,16 +651,6 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
     }
 }
 
-unsafe fn rel_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
-    let rel = pg_sys::RelationIdGetRelation(relid);
-    if rel.is_null() {
-        return pg_sys::InvalidOid;
-    }
-    let o = (*(*rel).rd_rel).relowner;
-    pg_sys::RelationClose(rel);
-    o
-}
-
 /// The columns of `rels` that are made of a type that is not built in (through domains,
 /// arrays, composites and ranges), as (relation, attribute number).
 fn user_typed_columns(rels: &[pg_sys::Oid]) -> Vec<(pg_sys::Oid, i32)> {
@@ -706,23 +690,24 @@ fn user_typed_columns(rels: &[pg_sys::Oid]) -> Vec<(pg_sys::Oid, i32)> {
 /// calls the type's output function; a cast could be anybody's code).
 fn json_object_expr(rel: pg_sys::Oid, alias: &str, user_typed: &[(pg_sys::Oid, i32)]) -> String {
     let columns: Vec<(i32, String)> = unsafe {
-        let r = pg_sys::RelationIdGetRelation(rel);
-        let desc = (*r).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        let live = attrs
-            .iter()
-            .filter(|a| !a.attisdropped)
-            .map(|a| {
-                (
-                    i32::from(a.attnum),
-                    CStr::from_ptr(a.attname.data.as_ptr())
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            })
-            .collect();
-        pg_sys::RelationClose(r);
-        live
+        with_relation(rel, |r| {
+            let desc = (*r).rd_att;
+            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let live = attrs
+                .iter()
+                .filter(|a| !a.attisdropped)
+                .map(|a| {
+                    (
+                        i32::from(a.attnum),
+                        CStr::from_ptr(a.attname.data.as_ptr())
+                            .to_string_lossy()
+                            .into_owned(),
+                    )
+                })
+                .collect::<Vec<_>>();
+            live
+        })
+        .unwrap_or_default()
     };
     let mut pairs = Vec::new();
     for (att, name) in columns {
@@ -966,46 +951,44 @@ fn _capture_row<'a>(
         let (json_desc, conversion) = if relid == cfg.relid {
             (tupdesc, std::ptr::null_mut())
         } else {
-            let root = pg_sys::RelationIdGetRelation(cfg.relid);
-            let root_desc = pg_sys::CreateTupleDescCopy((*root).rd_att);
-            (*root_desc).tdtypeid = (*(*root).rd_att).tdtypeid;
-            pg_sys::RelationClose(root);
+            let root_desc = with_relation(cfg.relid, |root| {
+                let desc = pg_sys::CreateTupleDescCopy((*root).rd_att);
+                (*desc).tdtypeid = (*(*root).rd_att).tdtypeid;
+                desc
+            })
+            .unwrap_or_else(|| not_usable("the tracked table no longer exists"));
             (
                 root_desc,
                 pg_sys::convert_tuples_by_name(tupdesc, root_desc),
             )
         };
+        // Both run under `with_output_settings` (once per row, by their callers below).
         let json_of = |tuple: *mut pg_sys::HeapTupleData| {
-            with_output_settings(|| {
-                let tuple = if conversion.is_null() {
-                    tuple
-                } else {
-                    pg_sys::execute_attr_map_tuple(tuple, conversion)
-                };
-                let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
-                if cfg.has_user_types {
-                    // The same SQL as at commit, which runs no user code.
-                    rows_with_snapshot(
-                        &cfg.row_json_query,
-                        &[cfg.rowtype],
-                        &[Some(row)],
-                        pg_sys::GetActiveSnapshot(),
-                        &[],
-                    )
-                    .into_iter()
-                    .next()
-                    .and_then(|mut r| r.swap_remove(0))
-                    .unwrap_or_default()
-                } else {
-                    crate::plans::json_text(row, pg_sys::RECORDOID)
-                }
-            })
+            let tuple = if conversion.is_null() {
+                tuple
+            } else {
+                pg_sys::execute_attr_map_tuple(tuple, conversion)
+            };
+            let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
+            if cfg.has_user_types {
+                // The same SQL as at commit, which runs no user code.
+                rows_with_snapshot(
+                    &cfg.row_json_query,
+                    &[cfg.rowtype],
+                    &[Some(row)],
+                    pg_sys::GetActiveSnapshot(),
+                )
+                .into_iter()
+                .next()
+                .and_then(|mut r| r.swap_remove(0))
+                .unwrap_or_default()
+            } else {
+                row_json(row)
+            }
         };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
-        let status_of = |tuple| {
-            status_att.and_then(|a| with_output_settings(|| column_text(tuple, tupdesc, a)))
-        };
+        let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
         // The JSON of a row is computed outside any borrow of the notes (computing it runs SQL;
         // nothing it runs may find the notes borrowed).
         let needs_before = |key: &str| {
@@ -1014,7 +997,8 @@ fn _capture_row<'a>(
             })
         };
         let note_before = |key: &str, tuple| {
-            let b = needs_before(key).then(|| (digest(&json_of(tuple)), status_of(tuple)));
+            let b = needs_before(key)
+                .then(|| with_output_settings(|| (digest(&json_of(tuple)), status_of(tuple))));
             with_table(cfg.relid, |tt| {
                 let t = tt.touch(key, || Touch {
                     existed_before: true,
@@ -1055,7 +1039,7 @@ fn _capture_row<'a>(
                 note_before(old_key, td.tg_trigtuple);
                 if new_key.as_ref() != Some(old_key) {
                     // The key itself changed: the old key is gone, the new one is born.
-                    note_deleted(old_key, json_of(td.tg_trigtuple));
+                    note_deleted(old_key, with_output_settings(|| json_of(td.tg_trigtuple)));
                 }
             }
             if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
@@ -1064,7 +1048,7 @@ fn _capture_row<'a>(
         } else if pgrx::trigger_fired_by_delete(event) {
             if let Some(key) = key_of(td.tg_trigtuple) {
                 note_before(&key, td.tg_trigtuple);
-                note_deleted(&key, json_of(td.tg_trigtuple));
+                note_deleted(&key, with_output_settings(|| json_of(td.tg_trigtuple)));
             }
         }
     }
@@ -1182,7 +1166,6 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
             &[cfg.key_type_oid],
             &[Some(arg)],
             latest.get(),
-            &[],
         )
         .into_iter()
         .next()
@@ -1196,13 +1179,11 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
         });
         let children = if needs_snapshot {
             let latest = LatestSnapshot::push();
-            let columns = vec![cfg.json_column(); cfg.child_relids.len()];
             rows_with_snapshot(
                 &cfg.children_query,
                 &[cfg.key_type_oid],
                 &[Some(arg)],
                 latest.get(),
-                &columns,
             )
             .into_iter()
             .next()
@@ -1396,17 +1377,11 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
 
 fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCommit> {
     let latest = LatestSnapshot::push();
-    let mut columns = vec![Column::Text, cfg.json_column(), Column::Text];
-    columns.extend(std::iter::repeat_n(
-        cfg.json_column(),
-        cfg.child_relids.len(),
-    ));
     let rows = rows_with_snapshot(
         &cfg.rows_query,
         &[cfg.key_array_type],
         &[Some(cfg.keys_datum(keys))],
         latest.get(),
-        &columns,
     );
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -1557,7 +1532,6 @@ fn lock_tracked_row(entity: &str, key: &str) -> bool {
             &[cfg.key_type_oid],
             &[Some(arg)],
             latest.get(),
-            &[],
         )
         .is_empty()
     })

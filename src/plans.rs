@@ -39,15 +39,6 @@ thread_local! {
     static RAW_PLANS: RefCell<HashMap<String, std::ptr::NonNull<pg_sys::_SPI_plan>>> = RefCell::new(HashMap::new());
 }
 
-/// How a result column becomes text.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Column {
-    /// The type's output function (never a cast: no user code).
-    Text,
-    /// `row_to_json` of a composite, or `array_to_json` of an array (built-in types only).
-    Json,
-}
-
 /// Run `query` (prepared once per backend and kept) with `args` under `snapshot`, and return
 /// its rows as text. Unlike an ordinary SPI call, which takes the transaction snapshot under
 /// REPEATABLE READ, this reads with exactly the snapshot given (capture reads "as at commit").
@@ -56,7 +47,6 @@ pub fn rows_with_snapshot(
     arg_types: &[pg_sys::Oid],
     args: &[Option<pg_sys::Datum>],
     snapshot: pg_sys::Snapshot,
-    columns: &[Column],
 ) -> Vec<Vec<Option<String>>> {
     Spi::connect(|_client| unsafe {
         // Kept per query and argument types: one text may be prepared for several row types.
@@ -114,17 +104,6 @@ pub fn rows_with_snapshot(
             let tuple = *(*table).vals.add(i);
             let mut row = Vec::with_capacity(natts as usize);
             for col in 1..=natts {
-                let kind = columns
-                    .get(col as usize - 1)
-                    .copied()
-                    .unwrap_or(Column::Text);
-                if kind == Column::Json {
-                    let mut isnull = false;
-                    let d = pg_sys::SPI_getbinval(tuple, tupdesc, col, &mut isnull);
-                    let typid = pg_sys::SPI_gettypeid(tupdesc, col);
-                    row.push((!isnull).then(|| json_text(d, typid)));
-                    continue;
-                }
                 let p = pg_sys::SPI_getvalue(tuple, tupdesc, col);
                 row.push(if p.is_null() {
                     None
@@ -138,17 +117,15 @@ pub fn rows_with_snapshot(
     })
 }
 
-/// JSON text of a composite (`row_to_json`) or an array (`array_to_json`) datum. Only for
-/// values of built-in types (and rows and arrays of them): for those these functions never
-/// look up a cast, so no user code runs.
-pub fn json_text(datum: pg_sys::Datum, typid: pg_sys::Oid) -> String {
+/// `row_to_json` of a row (a composite datum). Only for rows of built-in types: for those it
+/// never looks up a cast, so no user code runs.
+pub fn row_json(row: pg_sys::Datum) -> String {
     unsafe {
-        let func = if pg_sys::get_element_type(typid) != pg_sys::InvalidOid {
-            pg_sys::Oid::from(pg_sys::F_ARRAY_TO_JSON_ANYARRAY)
-        } else {
-            pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD)
-        };
-        let json = pg_sys::OidFunctionCall1Coll(func, pg_sys::InvalidOid, datum);
+        let json = pg_sys::OidFunctionCall1Coll(
+            pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
+            pg_sys::InvalidOid,
+            row,
+        );
         let c = pg_sys::text_to_cstring(json.cast_mut_ptr());
         let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
         pg_sys::pfree(c.cast());

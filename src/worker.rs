@@ -481,6 +481,9 @@ const RETENTION_BATCH: i64 = 10_000;
 /// delete those that have finished since.
 const RETENTION_REWIND: Duration = Duration::from_secs(600);
 
+/// One retention statement: deliveries or events, from a cursor.
+type RetentionStep = fn(&str, i64, i64) -> pgrx::spi::SpiResult<queue::RetentionStep>;
+
 /// Deletes finished history older than `webhooks.retention` in steps of bounded size and
 /// time, as fast as history is made: while it is behind it runs every turn, for a bounded
 /// time, between deliveries. Held deliveries (and their events) are stepped over, never waited
@@ -508,32 +511,29 @@ impl Retention {
             .unwrap_or_else(|e| error!("pg_webhooks: ending orphaned deliveries failed: {e}"));
         let retention = gucs::retention();
         let deadline = now + RETENTION_BUDGET;
-        let mut deliveries_done = false;
-        let mut events_done = false;
+        // Deliveries (with their attempts) first, then the events they no longer refer to.
+        let steps: [(RetentionStep, &mut i64); 2] = [
+            (queue::retain_deliveries, &mut self.delivery_cursor),
+            (queue::retain_events, &mut self.event_cursor),
+        ];
+        let mut caught_up = 0;
         let mut deleted = 0;
-        while Instant::now() < deadline && !(deliveries_done && events_done) {
-            pgrx::check_for_interrupts!();
-            if !deliveries_done {
-                let (r, after) = (retention.clone(), self.delivery_cursor);
-                let step = BackgroundWorker::transaction(move || {
-                    queue::retain_deliveries(&r, after, RETENTION_BATCH)
-                })
-                .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
-                self.delivery_cursor = step.cursor;
+        for (step_fn, cursor) in steps {
+            while Instant::now() < deadline {
+                pgrx::check_for_interrupts!();
+                let (r, after) = (retention.clone(), *cursor);
+                let step =
+                    BackgroundWorker::transaction(move || step_fn(&r, after, RETENTION_BATCH))
+                        .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
+                *cursor = step.cursor;
                 deleted += step.deleted;
-                deliveries_done = step.caught_up;
-            } else {
-                let (r, after) = (retention.clone(), self.event_cursor);
-                let step = BackgroundWorker::transaction(move || {
-                    queue::retain_events(&r, after, RETENTION_BATCH)
-                })
-                .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
-                self.event_cursor = step.cursor;
-                deleted += step.deleted;
-                events_done = step.caught_up;
+                if step.caught_up {
+                    caught_up += 1;
+                    break;
+                }
             }
         }
-        let behind = !(deliveries_done && events_done);
+        let behind = caught_up < 2;
         if deleted > 0 {
             debug1!("pg_webhooks: retention deleted {deleted} rows (behind: {behind})");
         }
