@@ -13,8 +13,8 @@
 # 3. A throwaway cluster (port 28830, 127.0.0.1 only, pg_webhooks preloaded, webhooks.database
 #    = bench) with two identical schemas in one database: plain.* (untracked) and tracked.*
 #    (webhooks.track on tracked.orders with tracked.order_items as the "items" child).
-#    No subscriptions: the delivery worker only fans each transaction out to nobody (it still
-#    deletes the _pending row of every capturing transaction).
+#    No subscriptions in the main runs: the delivery worker has nothing to fan out to, and its
+#    CPU is reported.
 # 4. pgbench, 8 clients / 2 threads, fixed duration, two workloads (order insert = order +
 #    3 items in one transaction; status update = one UPDATE of a random existing order to a
 #    random status), plain and tracked alternated (plain, tracked, tracked, plain, ...), and
@@ -23,8 +23,9 @@
 #
 # Knobs (environment): BENCH_PORT (28830), BENCH_DURATION seconds per run (20), BENCH_ROUNDS (3),
 # BENCH_WARMUP seconds per variant, not counted (5), BENCH_ORDERS preloaded orders per schema
-# (100000), BENCH_FSYNC on|off (off: fsync and synchronous_commit off, so the runs are CPU-bound
-# and show the capture's CPU cost undiluted by WAL flush waits), BENCH_SHARED_BUFFERS (512MB),
+# (100000), BENCH_FSYNC "off on" (the settings measured, in this order, on the same cluster and
+# data: off = fsync and synchronous_commit off, CPU-bound, the capture's CPU cost undiluted by
+# WAL flush waits; on = both on, what production runs), BENCH_SHARED_BUFFERS (512MB),
 # BENCH_MAX_SECONDS budget for everything after the build (600), BENCH_KEEP=1 keeps the temp
 # dir (server log, pgbench output), BENCH_SKIP_BUILD=1 reuses target/release as it is.
 # PGOPTIONS is passed on by libpq to every session (e.g. '-c plan_cache_mode=force_generic_plan'
@@ -37,19 +38,22 @@ DURATION=${BENCH_DURATION:-20}
 ROUNDS=${BENCH_ROUNDS:-3}
 WARMUP=${BENCH_WARMUP:-5}
 ORDERS=${BENCH_ORDERS:-100000}
-FSYNC=${BENCH_FSYNC:-off}
+FSYNC_LIST=${BENCH_FSYNC:-off on}
+SINK_PORT=${BENCH_SINK_PORT:-28831}
 SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-512MB}
-MAX_SECONDS=${BENCH_MAX_SECONDS:-600}
+MAX_SECONDS=${BENCH_MAX_SECONDS:-1500}
 CLIENTS=8
 THREADS=2
 DB=bench
-TARGET_INSERT=0.85
-TARGET_UPDATE=0.75
+# Targets per setting: durable (fsync on) and CPU-bound (fsync off).
+declare -A TARGET_INSERT=([on]=0.85 [off]=0.70)
+declare -A TARGET_UPDATE=([on]=0.75 [off]=0.50)
 
 say() { printf '\n=== %s\n' "$*"; }
 die() { echo "bench: $*" >&2; exit 1; }
 cfg() { python3 scripts/config.py "$1"; }
-case "$FSYNC" in on|off) ;; *) die "BENCH_FSYNC must be on or off" ;; esac
+for f in $FSYNC_LIST; do case "$f" in on|off) ;; *) die "BENCH_FSYNC must list on and/or off" ;; esac; done
+FSYNC=${FSYNC_LIST%% *}
 
 machine_load() {   # what else is running: load average and the busiest processes right now
     echo "    $(uptime)"
@@ -77,6 +81,7 @@ if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
         timeout 1800 cargo pgrx install --release --pg-config "$PG_CONFIG" --sudo
     fi
 fi
+timeout 900 cargo build --release --example sink >/dev/null 2>&1 || die "could not build the sink (examples/sink.rs)"
 START=$SECONDS   # the time budget covers everything after the build
 
 # Private install tree: same PostgreSQL, our own $libdir/pg_webhooks.so and extension SQL.
@@ -89,6 +94,7 @@ cleanup() {
         "${AS[@]}" "$BINDIR/pg_ctl" -D "$DIR/data" stop -m fast -w -t 30 >/dev/null 2>&1 ||
             "${AS[@]}" "$BINDIR/pg_ctl" -D "$DIR/data" stop -m immediate -w >/dev/null 2>&1 || true
     fi
+    [ -z "${SINK_PID:-}" ] || kill "$SINK_PID" 2>/dev/null || true
     if [ "${BENCH_KEEP:-0}" = 1 ]; then
         echo "bench: kept $DIR"
     else
@@ -335,72 +341,138 @@ run_pgbench() {   # workload schema seconds label -> one line in results.tsv (un
     printf '    %-7s %-8s %-7s %10.1f tps  %8s tx  lat %6s ms  failed %s  worker %s cores  other load %s cores\n' \
         "$w" "$s" "$label" "$tps" "$n" "$lat" "${failed:-0}" "$wk1" "$other"
     if [ "$label" != warmup ]; then
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" "$wk1" >>"$RESULTS"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" "$wk1" "$FSYNC" >>"$RESULTS"
     else
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$s" "$label" "$tps" "$n" "$lat" "$other" "$wk1" >>"$DIR/warmup.tsv"
     fi
 }
 
-say "Load on the machine before the runs"
-machine_load
-say "pgbench: $CLIENTS clients, $THREADS threads, -M prepared, ${DURATION}s per run, $ROUNDS rounds, plain/tracked/outbox rotated"
-for w in insert update; do
-    run_pgbench "$w" plain "$WARMUP" warmup
-    run_pgbench "$w" tracked "$WARMUP" warmup
-    run_pgbench "$w" outbox "$WARMUP" warmup
-    for r in $(seq 1 "$ROUNDS"); do
-        case $((r % 3)) in
-            1) order="plain tracked outbox" ;;
-            2) order="tracked outbox plain" ;;
-            *) order="outbox plain tracked" ;;
-        esac
-        for s in $order; do
-            run_pgbench "$w" "$s" "$DURATION" "round$r"
+psql_at() { "${SQL[@]}" -At -c "$1"; }
+set_fsync() {   # fsync is reloadable, synchronous_commit a session default: no restart
+    "${SQL[@]}" -c "ALTER SYSTEM SET fsync = $1" -c "ALTER SYSTEM SET synchronous_commit = $1" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 1
+    [ "$(psql_at 'SHOW fsync')" = "$1" ] || die "fsync did not become $1"
+    FSYNC=$1
+}
+run_rounds() {   # all workloads and schemas for the current fsync setting
+    local w r s order
+    for w in insert update; do
+        run_pgbench "$w" plain "$WARMUP" warmup
+        run_pgbench "$w" tracked "$WARMUP" warmup
+        run_pgbench "$w" outbox "$WARMUP" warmup
+        for r in $(seq 1 "$ROUNDS"); do
+            case $((r % 3)) in
+                1) order="plain tracked outbox" ;;
+                2) order="tracked outbox plain" ;;
+                *) order="outbox plain tracked" ;;
+            esac
+            for s in $order; do
+                run_pgbench "$w" "$s" "$DURATION" "round$r"
+            done
         done
     done
+}
+queued() { psql_at "SELECT count(*) FROM webhooks._queue"; }
+run_delivering() {   # tracked, with one subscription delivered to the sink during the run
+    local w=$1 backlog t0 drained
+    run_pgbench "$w" tracked "$DURATION" delivering
+    backlog=$(queued)
+    # Events the worker has not fanned out yet count as backlog too.
+    backlog=$((backlog + $(psql_at "SELECT count(*) FROM webhooks._events e WHERE e.type LIKE 'order.%' AND NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))")))
+    t0=$(date +%s%N)
+    for _ in $(seq 600); do
+        [ "$(queued)" = 0 ] && [ "$(psql_at "SELECT count(*) FROM webhooks._events e WHERE NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))")" = 0 ] && break
+        sleep 0.1
+    done
+    drained=$(( ($(date +%s%N) - t0) / 1000000 ))
+    printf '%s\t%s\t%s\t%s\n' "$FSYNC" "$w" "$backlog" "$drained" >>"$DIR/delivering.tsv"
+    echo "    backlog when the writers stopped: $backlog; drained in $drained ms"
+}
+
+say "Load on the machine before the runs"
+machine_load
+"${SQL[@]}" -c "ALTER SYSTEM SET webhooks.allow_http = on" -c "ALTER SYSTEM SET webhooks.allow_private_network = on" \
+    -c "ALTER SYSTEM SET webhooks.concurrency = 32" -c "ALTER SYSTEM SET webhooks.max_in_flight_per_endpoint = 32" \
+    -c "SELECT pg_reload_conf()" >/dev/null
+: >"$DIR/delivering.tsv"
+for f in $FSYNC_LIST; do
+    set_fsync "$f"
+    say "fsync=$f: pgbench, $CLIENTS clients, $THREADS threads, -M prepared, ${DURATION}s per run, $ROUNDS rounds, plain/tracked/outbox rotated, no subscription"
+    run_rounds
+    say "fsync=$f: tracked, with one subscription (order.*) delivered to a sink on 127.0.0.1 during the run"
+    target/release/examples/sink "$SINK_PORT" >/dev/null 2>&1 &
+    SINK_PID=$!
+    sleep 0.5
+    SUB=$(psql_at "SELECT id FROM webhooks.subscribe('http://127.0.0.1:$SINK_PORT/in', '{order.*}')")
+    for w in insert update; do
+        run_delivering "$w"
+    done
+    psql_at "SELECT webhooks.unsubscribe($SUB)" >/dev/null
+    kill "$SINK_PID" 2>/dev/null || true
+    wait "$SINK_PID" 2>/dev/null || true
+    SINK_PID=""
 done
 say "Load on the machine after the runs"
 machine_load
 
-say "Sanity: capture ran (events written; the worker drained _pending)"
+say "Sanity: capture ran (events written; the worker caught up)"
 for _ in $(seq 60); do
-    [ "$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._pending")" = 0 ] && break
+    [ "$(psql_at "SELECT count(*) FROM webhooks._events e WHERE NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))")" = 0 ] && break
     sleep 0.5
 done
 "${SQL[@]}" -c "SELECT type, count(*) AS events FROM webhooks._events GROUP BY type ORDER BY type"
-read -r EVENTS PENDING DELIVERIES < <("${SQL[@]}" -At -F ' ' -c \
-    "SELECT (SELECT count(*) FROM webhooks._events), (SELECT count(*) FROM webhooks._pending), (SELECT count(*) FROM webhooks._deliveries)")
+read -r EVENTS WAITING DELIVERIES < <("${SQL[@]}" -At -F ' ' -c \
+    "SELECT (SELECT count(*) FROM webhooks._events),
+            (SELECT count(*) FROM webhooks._events e WHERE NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))),
+            (SELECT count(*) FROM webhooks._deliveries)")
 TRACKED_INSERT_TX=$(cat "$RESULTS" "$DIR/warmup.tsv" 2>/dev/null | awk -F'\t' '$1 == "insert" && $2 == "tracked" {n += $5} END {print n + 0}')
-CREATED=$("${SQL[@]}" -At -c "SELECT count(*) FROM webhooks._events WHERE type = 'order.created'")
-echo "    webhooks._events: $EVENTS rows; _pending left: $PENDING; _deliveries: $DELIVERIES"
+CREATED=$(psql_at "SELECT count(*) FROM webhooks._events WHERE type = 'order.created'")
+echo "    webhooks._events: $EVENTS rows; not yet fanned out: $WAITING; _deliveries: $DELIVERIES"
 echo "    order.created events: $CREATED; tracked order-insert transactions committed (pgbench, incl. warm-up): $TRACKED_INSERT_TX"
 [ "$EVENTS" -gt 0 ] || die "no events were written: capture did not run"
 [ "$CREATED" = "$TRACKED_INSERT_TX" ] || echo "    WARNING: order.created events != tracked insert transactions"
+DELIVERED_OK=$(psql_at "SELECT count(*) FROM webhooks._deliveries WHERE status = 'succeeded'")
+echo "    deliveries to the sink: $DELIVERED_OK succeeded of $DELIVERIES"
 
-say "Result (median of $ROUNDS runs of ${DURATION}s; fsync=$FSYNC; build md5 $SO_MD5)"
-python3 - "$RESULTS" "$TARGET_INSERT" "$TARGET_UPDATE" <<'PY'
-import statistics, sys
+say "Result (medians of $ROUNDS runs of ${DURATION}s; build md5 $SO_MD5)"
+python3 - "$RESULTS" "$DIR/delivering.tsv" "${TARGET_INSERT[on]}" "${TARGET_UPDATE[on]}" "${TARGET_INSERT[off]}" "${TARGET_UPDATE[off]}" <<'PY'
+import os, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-targets = {"insert": float(sys.argv[2]), "update": float(sys.argv[3])}
+deliv = [l.rstrip("\n").split("\t") for l in open(sys.argv[2]) if l.strip()]
+targets = {("on", "insert"): float(sys.argv[3]), ("on", "update"): float(sys.argv[4]),
+           ("off", "insert"): float(sys.argv[5]), ("off", "update"): float(sys.argv[6])}
 names = {"insert": "order insert (order + 3 items)", "update": "status update (1 UPDATE)"}
-print(f"    {'workload':<32} {'plain tps':>10} {'tracked tps':>12} {'ratio':>7} {'outbox tps':>11} {'ratio':>7} {'target':>7}  verdict")
-for w in ("insert", "update"):
-    tps = {s: [float(r[3]) for r in rows if r[0] == w and r[1] == s] for s in ("plain", "tracked", "outbox")}
-    if not tps["plain"] or not tps["tracked"] or not tps["outbox"]:
-        print(f"    {names[w]:<32} (not measured)")
+titles = {"on": "durable: fsync and synchronous_commit on", "off": "CPU-bound: fsync and synchronous_commit off"}
+for f in ("on", "off"):
+    fr = [r for r in rows if r[8] == f]
+    if not fr:
         continue
-    p, t, o = (statistics.median(tps[s]) for s in ("plain", "tracked", "outbox"))
-    ratio, oratio = t / p, o / p
-    verdict = ("meets" if ratio >= targets[w] else "BELOW") + (", beats outbox" if t > o else ", loses to outbox")
-    print(f"    {names[w]:<32} {p:>10.1f} {t:>12.1f} {ratio:>7.3f} {o:>11.1f} {oratio:>7.3f} {'>= ' + str(targets[w]):>7}  {verdict}")
-    print("        runs plain / tracked / outbox: " + " / ".join(" ".join(f"{x:.0f}" for x in tps[s]) for s in ("plain", "tracked", "outbox")))
-for w in ("insert", "update"):
-    wk = [float(r[7]) for r in rows if r[0] == w and r[1] == "tracked" and r[7] != "?"]
-    if wk:
-        print(f"    delivery worker CPU during tracked {w} runs: median {statistics.median(wk):.2f} cores (of {__import__('os').cpu_count()})")
+    print(f"\n    {titles[f]}")
+    print(f"    {'workload':<32} {'plain tps':>10} {'tracked tps':>12} {'ratio':>7} {'outbox tps':>11} {'ratio':>7} {'target':>7}  verdict")
+    for w in ("insert", "update"):
+        tps = {s: [float(r[3]) for r in fr if r[0] == w and r[1] == s and r[2].startswith("round")] for s in ("plain", "tracked", "outbox")}
+        if not all(tps.values()):
+            print(f"    {names[w]:<32} (not measured)")
+            continue
+        p, t, o = (statistics.median(tps[s]) for s in ("plain", "tracked", "outbox"))
+        ratio, oratio = t / p, o / p
+        tgt = targets[(f, w)]
+        verdict = ("meets" if ratio >= tgt else "BELOW") + (", beats outbox" if t > o else ", loses to outbox")
+        print(f"    {names[w]:<32} {p:>10.1f} {t:>12.1f} {ratio:>7.3f} {o:>11.1f} {oratio:>7.3f} {'>= ' + str(tgt):>7}  {verdict}")
+        print("        runs plain / tracked / outbox: " + " / ".join(" ".join(f"{x:.0f}" for x in tps[s]) for s in ("plain", "tracked", "outbox")))
+        wk = [float(r[7]) for r in fr if r[0] == w and r[1] == "tracked" and r[2].startswith("round") and r[7] != "?"]
+        if wk:
+            print(f"        delivery worker CPU during the tracked runs (nothing subscribed): median {statistics.median(wk):.2f} cores (of {os.cpu_count()})")
+        d = [r for r in rows if r[8] == f and r[0] == w and r[2] == "delivering"]
+        dl = [r for r in deliv if r[0] == f and r[1] == w]
+        if d and dl:
+            dt = float(d[0][3])
+            print(f"        with one subscription delivered to the sink: {dt:.1f} tps = {dt / p:.3f} of plain; "
+                  f"worker {d[0][7]} cores; backlog when the writers stopped {dl[0][2]}, drained in {int(dl[0][3]) / 1000:.1f} s")
 other = [float(r[6]) for r in rows]
 if other:
-    print(f"    other load during the runs (CPU not used by this cluster or pgbench): "
+    print(f"\n    other load during the runs (CPU not used by this cluster or pgbench): "
           f"max {max(other):.2f} cores, median {statistics.median(other):.2f} cores")
 PY
 [ ! -f "$DIR/skipped" ] || echo "    NOTE: some runs were skipped for time (BENCH_MAX_SECONDS)"

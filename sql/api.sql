@@ -546,10 +546,12 @@ DECLARE
     v_seq bigint;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
-    -- A test event is delivered to this subscription only, so it is not put on _pending.
-    INSERT INTO webhooks._events (type, entity, key, data)
+    -- A test event is delivered to this subscription only: transaction id 0, which is in no
+    -- batch the fan-out takes.
+    INSERT INTO webhooks._events (type, entity, key, data, xid)
     VALUES ('webhook.test', 'webhook', NULL,
-            jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'))
+            jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'),
+            '0'::xid8)
     RETURNING seq INTO v_seq;
     RETURN webhooks._enqueue_unordered(v_seq, p_id, NULL);
 END
@@ -686,6 +688,9 @@ COMMENT ON FUNCTION webhooks.send_test(bigint) IS 'Queue a webhook.test delivery
 COMMENT ON FUNCTION webhooks.redeliver(bigint) IS 'Queue a new delivery of the same event (same webhook-id); returns its id.';
 COMMENT ON FUNCTION webhooks.replay(bigint, timestamptz, timestamptz, text[]) IS
     'Queue new deliveries, in commit order, of the events in [since, until) that match the subscription now.';
+-- Capture keeps a copy of status_events in each backend; a change to it drops every copy.
+CREATE TRIGGER status_events_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON webhooks.status_events
+    FOR EACH STATEMENT EXECUTE FUNCTION webhooks._status_events_changed();
 COMMENT ON TABLE webhooks.status_events IS 'Status value -> lifecycle event type, per entity. Edit freely.';
 COMMENT ON VIEW webhooks.subscriptions IS 'Subscriptions, without secrets or header values; URL credentials masked.';
 COMMENT ON VIEW webhooks.events IS 'Every event, in commit order (seq).';
@@ -717,7 +722,7 @@ GRANT EXECUTE ON FUNCTION webhooks._register_tracked(oid, text, smallint, smalli
 -- The capture role: read the configuration, write events.
 GRANT USAGE ON SCHEMA webhooks TO webhooks_capture;
 GRANT SELECT ON webhooks._tracked, webhooks.status_events TO webhooks_capture;
-GRANT INSERT ON webhooks._events, webhooks._pending TO webhooks_capture;
+GRANT INSERT ON webhooks._events TO webhooks_capture;
 GRANT SELECT (seq, id) ON webhooks._events TO webhooks_capture;  -- INSERT ... RETURNING
 GRANT UPDATE (seq) ON webhooks._events TO webhooks_capture;       -- emit's seq, at commit
 GRANT USAGE ON SEQUENCE webhooks._events_seq_seq TO webhooks_capture;

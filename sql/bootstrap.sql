@@ -5,8 +5,8 @@
 --                   (capture reads it, never its triggers' arguments; only track/untrack write it)
 --   status_events   status value -> lifecycle event type, per entity (user-editable)
 --   _events         append-only event history, one row per event, primary key only (capture is lean)
---   _pending        hot list of committed-but-not-yet-fanned-out events: one row per capturing
---                   transaction, deleted by the worker in the same transaction that fans out
+--   _fanout         the worker's place in the stream of committed transactions (one row): a
+--                   snapshot that every transaction fanned out so far is visible in (PgQ's tick)
 --   _subscriptions  endpoints; _secrets holds their secrets and header values (superuser only)
 --   _deliveries     append-mostly delivery history (event x subscription), final state per delivery
 --   _queue          hot queue of deliveries still to attempt (small; rows leave when a delivery ends)
@@ -41,18 +41,30 @@ CREATE TABLE webhooks._events (
     entity     text,
     key        text,
     data       jsonb NOT NULL,
+    -- The writing transaction (top level): fan-out takes events by it. 0 for send_test's
+    -- events, which are for one subscription only and never fanned out.
     xid        xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 
 -- API: Private
-CREATE TABLE webhooks._pending (
-    seqs bigint[] NOT NULL
-) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 200);
--- Fan-out takes transactions in the order of their first event, which per ordering key is
--- commit order (writers of one key serialize on its row lock, or on emit's key lock), never in
--- heap order, which vacuum and space reuse shuffle.
-CREATE INDEX _pending_first_seq_idx ON webhooks._pending ((seqs[1]));
+-- Fan-out finds committed events by their transaction, as PgQ does: the events to fan out are
+-- those whose transaction is visible in a new snapshot of the worker's (`batch`) and was not in
+-- the last one it finished (`done`), i.e. was running then (in its xip list) or started after
+-- it (at or past its xmax). Writers keep no bookkeeping row and nothing waits for a long
+-- transaction but that transaction's own events. Within a batch, transactions are taken in the
+-- order of their first event, which per ordering key is commit order; a large transaction is
+-- taken in pieces, and (batch_first_seq, batch_seq) say how far the batch has got.
+CREATE TABLE webhooks._fanout (
+    one             boolean PRIMARY KEY DEFAULT true CHECK (one),
+    done            pg_snapshot NOT NULL DEFAULT pg_catalog.pg_current_snapshot(),
+    batch           pg_snapshot,
+    batch_first_seq bigint NOT NULL DEFAULT 0,  -- the transaction (by its first event) being taken
+    batch_seq       bigint NOT NULL DEFAULT 0   -- its last event taken; max int8 = all of it
+);
+INSERT INTO webhooks._fanout DEFAULT VALUES;
+-- Events of the transactions of a batch, in their order: capture writes no other row.
+CREATE INDEX _events_xid_idx ON webhooks._events (xid, seq);
 
 -- API: Private
 CREATE TABLE webhooks._subscriptions (

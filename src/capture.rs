@@ -3,13 +3,14 @@
 //! Row triggers only take notes in backend memory: which keys of which tracked tables the
 //! transaction touched, and what those rows (and their children) looked like before. At
 //! pre-commit, one prepared query per tracked table reads the touched rows as they are at
-//! commit, the net effect is worked out here, and one INSERT writes every event of the
-//! transaction plus one `_pending` row for the worker. Comparing "before the transaction"
+//! commit, the net effect is worked out here, and the events are written straight into
+//! `webhooks._events` (see `direct.rs`), tagged with the transaction's id, by which the worker
+//! finds them once the transaction is visible (no bookkeeping row per transaction). Comparing "before the transaction"
 //! with "at commit" is what makes savepoint rollbacks, insert-then-delete and changes that
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{row_json, rows_with_snapshot, with_plan};
+use crate::plans::{row_json, rows_with_snapshot};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -273,8 +274,28 @@ unsafe fn column_name(relid: pg_sys::Oid, attnum: i32) -> Option<String> {
 
 /// The role capture writes events as: it may insert events and read its configuration,
 /// nothing else.
-fn capture_role() -> pg_sys::Oid {
+pub(crate) fn capture_role() -> pg_sys::Oid {
     role_oid(c"webhooks_capture")
+}
+
+/// Run `f` with `role` as the current user and nothing else changed: for single calls into
+/// PostgreSQL that check a privilege (nextval) and run no SQL.
+pub(crate) fn with_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut saved_user = pg_sys::InvalidOid;
+        let mut saved_ctx = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
+        pg_sys::SetUserIdAndSecContext(
+            role,
+            saved_ctx
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        // An ERROR aborts the (sub)transaction, which restores the user.
+        let result = f();
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
+        result
+    }
 }
 
 fn role_oid(name: &CStr) -> pg_sys::Oid {
@@ -380,6 +401,13 @@ unsafe fn with_relation<R>(relid: pg_sys::Oid, f: impl FnOnce(pg_sys::Relation) 
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     GENERATION.with(|g| g.set(g.get() + 1));
+    if relid == pg_sys::InvalidOid || relid == STATUS_EVENTS_RELID.with(|r| r.get()) {
+        STATUS_EVENTS.with(|m| {
+            if let Ok(mut m) = m.try_borrow_mut() {
+                *m = None;
+            }
+        });
+    }
     CONFIGS.with(|c| match c.try_borrow_mut() {
         // A configuration is cached under the tracked table and under each of its partitions.
         Ok(mut configs) if relid != pg_sys::InvalidOid => configs.retain(|key, cfg| {
@@ -1219,25 +1247,6 @@ struct NewEvent {
     mapped_status: Option<String>,
 }
 
-const INSERT_EVENTS: &str = "\
-WITH ev AS (
-    SELECT u.ord, u.type, u.entity, u.key, u.mapped_status,
-           u.rowj::jsonb || COALESCE(u.childj::jsonb, '{}'::jsonb) || COALESCE(u.extra::jsonb, '{}'::jsonb) AS data
-      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-           WITH ORDINALITY AS u(type, entity, key, rowj, childj, extra, mapped_status, ord)
-), all_ev AS (
-    SELECT ev.ord * 2 AS o, ev.type, ev.entity, ev.key, ev.data FROM ev
-    UNION ALL
-    SELECT ev.ord * 2 + 1, se.event_type, ev.entity, ev.key, ev.data
-      FROM ev JOIN webhooks.status_events se ON se.entity = ev.entity AND se.status = ev.mapped_status
-), ins AS (
-    INSERT INTO webhooks._events (type, entity, key, data)
-    SELECT type, entity, key, data FROM all_ev ORDER BY o
-    RETURNING seq
-)
-INSERT INTO webhooks._pending (seqs)
-SELECT pg_catalog.array_agg(seq ORDER BY seq) FROM ins HAVING pg_catalog.count(*) > 0";
-
 /// The rule book: what the net effect of a transaction on one row is.
 fn net_events(
     cfg: &TableConfig,
@@ -1332,11 +1341,8 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
                 "WITH n AS (
                      SELECT o.old, pg_catalog.nextval('webhooks._events_seq_seq'::pg_catalog.regclass) AS new
                        FROM pg_catalog.unnest($1::int8[]) WITH ORDINALITY AS o(old, ord)
-                 ), u AS (
-                     UPDATE webhooks._events e SET seq = n.new FROM n WHERE e.seq = n.old RETURNING e.seq
                  )
-                 INSERT INTO webhooks._pending (seqs)
-                 SELECT pg_catalog.array_agg(u.seq ORDER BY u.seq) FROM u HAVING pg_catalog.count(*) > 0",
+                 UPDATE webhooks._events e SET seq = n.new FROM n WHERE e.seq = n.old",
                 &[emitted.into()],
             )
         })
@@ -1405,28 +1411,120 @@ fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCo
 }
 
 fn insert_events(events: Vec<NewEvent>) {
-    let mut cols: [Vec<Option<String>>; 7] = Default::default();
+    let mut rows = Vec::with_capacity(events.len());
     for e in events {
-        cols[0].push(Some(e.event_type));
-        cols[1].push(Some(e.entity));
-        cols[2].push(Some(e.key));
-        cols[3].push(Some(e.row));
-        cols[4].push(e.children);
-        cols[5].push(e.extra);
-        cols[6].push(e.mapped_status);
+        let data = merge_objects(&[
+            Some(e.row.as_str()),
+            e.children.as_deref(),
+            e.extra.as_deref(),
+        ]);
+        let mapped = e
+            .mapped_status
+            .as_deref()
+            .and_then(|status| mapped_event_type(&e.entity, status));
+        rows.push(crate::direct::EventRow {
+            event_type: e.event_type,
+            entity: Some(e.entity.clone()),
+            key: Some(e.key.clone()),
+            data: data.clone(),
+        });
+        if let Some(event_type) = mapped {
+            rows.push(crate::direct::EventRow {
+                event_type,
+                entity: Some(e.entity),
+                key: Some(e.key),
+                data,
+            });
+        }
     }
-    let args: Vec<pgrx::datum::DatumWithOid> = cols.into_iter().map(Into::into).collect();
-    as_capture_role(|| {
-        with_plan(INSERT_EVENTS, &[pg_sys::TEXTARRAYOID; 7], |plan| {
-            Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
+    crate::direct::insert_events(&rows);
+}
+
+/// One JSON object from several (each valid JSON object text), in order: a key that appears
+/// again takes its later value (jsonb keeps the last of duplicate keys), as `a || b || c`.
+fn merge_objects(parts: &[Option<&str>]) -> String {
+    let mut out = String::from("{");
+    for part in parts.iter().flatten() {
+        let inner = part.trim();
+        let inner = inner
+            .strip_prefix('{')
+            .and_then(|p| p.strip_suffix('}'))
+            .unwrap_or("")
+            .trim();
+        if inner.is_empty() {
+            continue;
+        }
+        if out.len() > 1 {
+            out.push(',');
+        }
+        out.push_str(inner);
+    }
+    out.push('}');
+    out
+}
+
+thread_local! {
+    /// `webhooks.status_events` as (entity, status) -> event type, loaded when first needed
+    /// and dropped when the table changes (its statement trigger invalidates its relcache
+    /// entry, which every backend hears of).
+    static STATUS_EVENTS: RefCell<Option<HashMap<(String, String), String>>> = const { RefCell::new(None) };
+    static STATUS_EVENTS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+}
+
+/// The lifecycle event type `webhooks.status_events` maps this entity's status to.
+fn mapped_event_type(entity: &str, status: &str) -> Option<String> {
+    register_invalidation_callback();
+    if STATUS_EVENTS.with(|m| m.borrow().is_none()) {
+        let generation = GENERATION.with(|g| g.get());
+        let relid = unsafe {
+            pg_sys::get_relname_relid(
+                c"status_events".as_ptr(),
+                pg_sys::get_namespace_oid(c"webhooks".as_ptr(), false),
+            )
+        };
+        STATUS_EVENTS_RELID.with(|r| r.set(relid));
+        let map = as_capture_role(|| {
+            Spi::connect(|c| {
+                let mut map = HashMap::new();
+                for r in c.select(
+                    "SELECT s.entity, s.status, s.event_type FROM webhooks.status_events s",
+                    None,
+                    &[],
+                )? {
+                    if let (Some(e), Some(st), Some(t)) =
+                        (r.get::<String>(1)?, r.get::<String>(2)?, r.get::<String>(3)?)
+                    {
+                        map.insert((e, st), t);
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(map)
+            })
         })
+        .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
+        let found = map.get(&(entity.to_string(), status.to_string())).cloned();
+        // Changed while loading: use it this once, load it again next time.
+        if GENERATION.with(|g| g.get()) == generation {
+            STATUS_EVENTS.with(|m| *m.borrow_mut() = Some(map));
+        }
+        return found;
+    }
+    STATUS_EVENTS.with(|m| {
+        m.borrow()
+            .as_ref()
+            .and_then(|map| map.get(&(entity.to_string(), status.to_string())).cloned())
     })
-    .unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            &format!("pg_webhooks: capture failed: {e}"),
-        )
-    });
+}
+
+/// AFTER ... FOR EACH STATEMENT on `webhooks.status_events`: every backend's cached copy of
+/// the table is dropped when this transaction commits.
+#[pg_trigger]
+fn _status_events_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    unsafe {
+        pg_sys::CacheInvalidateRelcacheByRelid((*trigger.trigger_data().tg_relation).rd_id);
+    }
+    Ok(None)
 }
 
 /// First half of the two-key advisory lock `emit` takes per ordering key ("pgwh").

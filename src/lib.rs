@@ -8,6 +8,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 
 mod api;
 mod capture;
+mod direct;
 mod error;
 mod gucs;
 mod http;

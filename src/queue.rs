@@ -9,19 +9,16 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::time::Duration;
 
-/// Move up to `$1` committed transactions' events from `_pending` into deliveries for every
-/// subscription that matches them and was created before they committed. Transactions are
-/// taken in the order of their first event: per ordering key that is commit order, so a key's
-/// deliveries are queued in commit order however the rows lie in the heap.
+/// Fan out the events of the transactions `$1` (xid8 as text), those after seq `$2`, at most
+/// `$3` of them, in seq order: deliveries for every subscription that matches them and was
+/// created before they committed. Returns how many events were taken and the last one's seq.
 const FAN_OUT: &str = "\
-WITH p AS (
-    DELETE FROM webhooks._pending
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM webhooks._pending ORDER BY seqs[1] LIMIT $1 FOR UPDATE SKIP LOCKED))
-    RETURNING seqs
-), e AS (
+WITH e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid
       FROM webhooks._events ev
-     WHERE ev.seq = ANY (ARRAY(SELECT unnest(p.seqs) FROM p))
+     WHERE ev.xid = ANY ($1::text[]::xid8[]) AND ev.seq > $2
+     ORDER BY ev.xid, ev.seq
+     LIMIT $3
 ), d AS (
     INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
     SELECT e.seq, s.id, now()
@@ -45,7 +42,168 @@ WITH p AS (
       FROM k
     RETURNING 1
 )
-SELECT (SELECT pg_catalog.count(*) FROM p)::int8, (SELECT pg_catalog.count(*) FROM q)::int8";
+SELECT (SELECT pg_catalog.count(*) FROM e)::int8, (SELECT pg_catalog.max(e.seq) FROM e)::int8,
+       (SELECT pg_catalog.count(*) FROM q)::int8";
+
+/// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
+/// last batch done), with their first event's seq and their number of events, in the order of
+/// their first event. Found through `_events_xid_idx`: transactions that were running at `$1`
+/// one probe each, the others a range of xids.
+const BATCH_TRANSACTIONS: &str = "\
+SELECT ev.xid::text, pg_catalog.min(ev.seq), pg_catalog.count(*)
+  FROM webhooks._events ev
+ WHERE ((ev.xid >= pg_catalog.pg_snapshot_xmax($1::pg_snapshot) AND ev.xid < pg_catalog.pg_snapshot_xmax($2::pg_snapshot))
+        OR ev.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_snapshot))))
+   AND pg_catalog.pg_visible_in_snapshot(ev.xid, $2::pg_snapshot)
+ GROUP BY ev.xid
+ ORDER BY 2";
+
+/// A batch being fanned out: its transactions in order, and how far it has got.
+pub struct Batch {
+    snapshot: String,
+    done_snapshot: String,
+    /// (xid, first seq, events), in the order of their first event.
+    transactions: Vec<(String, i64, i64)>,
+}
+
+/// What one fan-out step did.
+pub struct FanOutStep {
+    /// Events taken.
+    pub events: i64,
+    /// Deliveries created.
+    pub deliveries: i64,
+    /// Whether committed events may be left for another step.
+    pub more: bool,
+}
+
+/// One fan-out step, in the caller's transaction: up to about `limit` events of committed
+/// transactions become deliveries, and `_fanout` records how far the stream has been taken.
+/// `cache` keeps the transactions of the batch in progress between steps (a batch of a huge
+/// transaction is taken in many steps; its transactions are listed once).
+pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
+    let idle = FanOutStep { events: 0, deliveries: 0, more: false };
+    let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
+        let row = c
+            .update(
+                "SELECT f.done::text, f.batch::text, f.batch_first_seq, f.batch_seq
+                   FROM webhooks._fanout f FOR UPDATE",
+                Some(1),
+                &[],
+            )?
+            .first();
+        Ok::<_, pgrx::spi::Error>((
+            row.get::<String>(1)?,
+            row.get::<String>(2)?,
+            row.get::<i64>(3)?.unwrap_or(0),
+            row.get::<i64>(4)?.unwrap_or(0),
+        ))
+    })?;
+    let Some(done) = done else {
+        // The row is gone (someone deleted it): start again from now.
+        Spi::run("INSERT INTO webhooks._fanout DEFAULT VALUES ON CONFLICT DO NOTHING")?;
+        return Ok(idle);
+    };
+    let batch = match batch {
+        Some(b) => b,
+        None => {
+            // A new batch: everything committed by now. With no subscription at all, nothing
+            // is owed to anybody (a subscription receives what commits after it was created):
+            // the stream is taken as it is.
+            let (snapshot, subscribed) = Spi::get_two::<String, bool>(
+                "SELECT pg_catalog.pg_current_snapshot()::text,
+                        EXISTS (SELECT 1 FROM webhooks._subscriptions)",
+            )?;
+            let snapshot = snapshot.unwrap_or_default();
+            if !subscribed.unwrap_or(false) || snapshot == done {
+                if snapshot != done {
+                    Spi::run_with_args(
+                        "UPDATE webhooks._fanout SET done = $1::pg_snapshot",
+                        &[snapshot.into()],
+                    )?;
+                }
+                *cache = None;
+                return Ok(idle);
+            }
+            Spi::run_with_args(
+                "UPDATE webhooks._fanout SET batch = $1::pg_snapshot, batch_first_seq = 0, batch_seq = 0",
+                &[snapshot.clone().into()],
+            )?;
+            *cache = None;
+            snapshot
+        }
+    };
+    if cache.as_ref().is_none_or(|c| c.snapshot != batch || c.done_snapshot != done) {
+        let transactions = with_plan(BATCH_TRANSACTIONS, &[pg_sys::TEXTOID, pg_sys::TEXTOID], |plan| {
+            Spi::connect(|c| {
+                let mut out = Vec::new();
+                for r in c.select(plan, None, &[done.clone().into(), batch.clone().into()])? {
+                    if let (Some(x), Some(first), Some(n)) =
+                        (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?)
+                    {
+                        out.push((x, first, n));
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(out)
+            })
+        })?;
+        *cache = Some(Batch { snapshot: batch.clone(), done_snapshot: done.clone(), transactions });
+    }
+    let txns = &cache.as_ref().expect("set above").transactions;
+    // The transactions still to take: after the one in progress (by first seq), or from it.
+    let start = txns.partition_point(|t| t.1 < first_seq);
+    let mut todo = &txns[start..];
+    let mut after = 0i64;
+    if let Some(t) = todo.first() {
+        if t.1 == first_seq {
+            if last_seq == i64::MAX {
+                todo = &todo[1..];
+            } else {
+                after = last_seq;
+            }
+        }
+    }
+    if todo.is_empty() {
+        Spi::run(
+            "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
+        )?;
+        *cache = None;
+        return Ok(FanOutStep { events: 0, deliveries: 0, more: true });
+    }
+    // Whole transactions while they fit in `limit` (at least one), or part of a large one.
+    let mut take = 0;
+    let mut events = 0i64;
+    for t in todo {
+        if take > 0 && events + t.2 > limit as i64 {
+            break;
+        }
+        take += 1;
+        events += t.2;
+    }
+    let partial = take == 1 && (after > 0 || events > limit as i64);
+    let xids: Vec<String> = todo[..take].iter().map(|t| t.0.clone()).collect();
+    let step_limit = if partial { limit as i64 } else { events.max(1) };
+    let types = [pg_sys::TEXTARRAYOID, pg_sys::INT8OID, pg_sys::INT8OID];
+    let (taken, max_seq, deliveries) = with_plan(FAN_OUT, &types, |plan| {
+        Spi::connect_mut(|c| {
+            let row = c
+                .update(plan, None, &[xids.into(), after.into(), step_limit.into()])?
+                .first();
+            Ok::<_, pgrx::spi::Error>((
+                row.get::<i64>(1)?.unwrap_or(0),
+                row.get::<i64>(2)?,
+                row.get::<i64>(3)?.unwrap_or(0),
+            ))
+        })
+    })?;
+    let last = todo[take - 1].1;
+    // A partial step that took a full `limit` may have left some of the transaction.
+    let seq = if partial && taken >= step_limit { max_seq.unwrap_or(after) } else { i64::MAX };
+    Spi::run_with_args(
+        "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
+        &[last.into(), seq.into()],
+    )?;
+    Ok(FanOutStep { events: taken, deliveries, more: true })
+}
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per
 /// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
@@ -169,19 +327,6 @@ pub struct Recorded {
     pub body: Option<String>,
     pub error: Option<String>,
     pub verdict: Verdict,
-}
-
-/// Returns (pending transactions taken, deliveries created).
-pub fn fan_out(batch: i32) -> SpiResult<(i64, i64)> {
-    with_plan(FAN_OUT, &[pg_sys::INT4OID], |plan| {
-        Spi::connect_mut(|c| {
-            let row = c.update(plan, None, &[batch.into()])?.first();
-            Ok((
-                row.get::<i64>(1)?.unwrap_or(0),
-                row.get::<i64>(2)?.unwrap_or(0),
-            ))
-        })
-    })
 }
 
 pub fn claim(
@@ -372,13 +517,13 @@ SELECT (SELECT pg_catalog.count(*) FROM d)::int8,
        (SELECT pg_catalog.count(*) FROM scan) < $3 OR EXISTS (SELECT 1 FROM scan WHERE NOT scan.old)";
 
 /// Delete up to `$3` events older than the retention that no delivery refers to any more,
-/// among the next `$3` by seq after `$2`, stopping at the first event still waiting for fan-out.
+/// among the next `$3` by seq after `$2`, stepping over events still waiting for fan-out.
 const RETAIN_EVENTS: &str = "\
-WITH lim AS (
-    SELECT pg_catalog.min(p.seqs[1]) AS first_pending FROM webhooks._pending p
-), scan AS (
-    SELECT e.seq, e.created_at < now() - $1::interval AND (lim.first_pending IS NULL OR e.seq < lim.first_pending) AS old
-      FROM webhooks._events e, lim WHERE e.seq > $2 ORDER BY e.seq LIMIT $3
+WITH scan AS (
+    -- Not fanned out yet: its transaction is not visible in the snapshot fan-out has done.
+    SELECT e.seq, e.created_at < now() - $1::interval
+                  AND pg_catalog.pg_visible_in_snapshot(e.xid, (SELECT f.done FROM webhooks._fanout f)) AS old
+      FROM webhooks._events e WHERE e.seq > $2 ORDER BY e.seq LIMIT $3
        -- An event that replay or redeliver is about to refer to (they lock it) is left alone.
        FOR UPDATE OF e SKIP LOCKED
 ), gone AS (

@@ -24,6 +24,10 @@ static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_webhooks_
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_webhooks_worker_pid") };
 /// Set when deliveries were queued directly (not through new events): claim on the next turn.
 static QUEUE_CHANGED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_queue_changed") };
+/// Set by the commit of a transaction that wrote events, cleared by the worker before it fans
+/// out. Only the commit that sets it wakes the worker: under load, one wake per fan-out round,
+/// not one signal per commit; an idle worker is woken by the first commit at once.
+static EVENTS_PENDING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_events_pending") };
 
 const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
 
@@ -31,6 +35,7 @@ pub fn init_shared_memory() {
     pg_shmem_init!(WORKER_LATCH = AtomicU64::new(0));
     pg_shmem_init!(WORKER_PID = AtomicI32::new(0));
     pg_shmem_init!(QUEUE_CHANGED = AtomicBool::new(false));
+    pg_shmem_init!(EVENTS_PENDING = AtomicBool::new(false));
 }
 
 pub fn register() {
@@ -45,10 +50,15 @@ pub fn register() {
         .load();
 }
 
-/// Set the delivery worker's latch (called at the commit of an enqueuing transaction).
+/// Set the delivery worker's latch (called at the commit of an enqueuing transaction, after
+/// it became visible to new snapshots).
 pub fn wake(queue_changed: bool) {
     if queue_changed {
-        QUEUE_CHANGED.get().store(true, Ordering::Release);
+        QUEUE_CHANGED.get().store(true, Ordering::SeqCst);
+    }
+    if EVENTS_PENDING.get().swap(true, Ordering::SeqCst) && !queue_changed {
+        // The worker has not fanned out since the last wake: it will see this commit too.
+        return;
     }
     let pid = WORKER_PID.get().load(Ordering::Acquire);
     let latch = WORKER_LATCH.get().load(Ordering::Acquire) as *mut pg_sys::Latch;
@@ -190,6 +200,13 @@ struct LoopState {
     retention: Retention,
     /// When the next claim is due even if nothing wakes the worker (retry timer, safety poll).
     next_claim_at: Instant,
+    /// Fan-out: when it runs even if no commit wakes the worker (safety poll), the earliest it
+    /// runs again after a round that found events (the batch window), whether the last round
+    /// left work, and the transactions of the batch in progress.
+    next_fan_out_at: Instant,
+    fan_out_not_before: Instant,
+    fan_out_more: bool,
+    batch: Option<queue::Batch>,
 }
 
 /// In-flight bookkeeping of the delivery worker's main thread.
@@ -376,6 +393,10 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             rewind_at: Instant::now() + RETENTION_REWIND,
         },
         next_claim_at: Instant::now(),
+        next_fan_out_at: Instant::now(),
+        fan_out_not_before: Instant::now(),
+        fan_out_more: true,
+        batch: None,
     };
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
@@ -426,19 +447,45 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
     let batch = gucs::batch_size();
     let mut created = 0;
-    // A bounded number of fan-out batches per turn, so outcomes are recorded and claims made
-    // while a large backlog is fanned out; the next turn comes at once while there is more.
-    let mut more_pending = true;
-    for _ in 0..FAN_OUT_BATCHES_PER_TURN {
-        pgrx::check_for_interrupts!();
-        let (taken, new_deliveries) = BackgroundWorker::transaction(|| queue::fan_out(batch))
-            .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
-        created += new_deliveries;
-        if taken < batch as i64 {
-            more_pending = false;
-            break;
+    let now = Instant::now();
+    // Fan out when a commit asked for it (at most once per batch window: commits that come
+    // meanwhile are taken together), while the last round left work, or on the safety poll.
+    let asked = EVENTS_PENDING.get().load(Ordering::SeqCst);
+    let due = state.fan_out_more
+        || now >= state.next_fan_out_at
+        || (asked && now >= state.fan_out_not_before);
+    let mut window = None;
+    if due {
+        // Cleared before the snapshot is taken: a commit after this wakes the worker again.
+        EVENTS_PENDING.get().store(false, Ordering::SeqCst);
+        state.fan_out_more = false;
+        let mut events = 0;
+        // A bounded number of steps per turn, so outcomes are recorded and claims made while
+        // a large backlog is fanned out; the next turn comes at once while there is more.
+        for _ in 0..FAN_OUT_BATCHES_PER_TURN {
+            pgrx::check_for_interrupts!();
+            let cache = std::panic::AssertUnwindSafe(&mut state.batch);
+            let step = BackgroundWorker::transaction(move || {
+                let cache = cache;
+                queue::fan_out(batch, cache.0)
+            })
+                .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+            created += step.deliveries;
+            events += step.events;
+            state.fan_out_more = step.more;
+            if !step.more {
+                break;
+            }
         }
+        let now = Instant::now();
+        state.next_fan_out_at = now + gucs::poll_interval();
+        if events > 0 {
+            state.fan_out_not_before = now + FAN_OUT_WINDOW;
+        }
+    } else if asked {
+        window = Some(state.fan_out_not_before.saturating_duration_since(now));
     }
+    let more_pending = state.fan_out_more;
 
     let retention_busy = state.retention.run();
 
@@ -455,6 +502,9 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             .next_claim_at
             .saturating_duration_since(Instant::now())
     };
+    let sleep = sleep
+        .min(window.unwrap_or(Duration::MAX))
+        .min(state.next_fan_out_at.saturating_duration_since(Instant::now()));
     if more_pending {
         Duration::ZERO
     } else if retention_busy {
@@ -469,8 +519,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     }
 }
 
-/// Fan-out batches per turn of the loop, at most.
+/// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
+/// After a fan-out round that found events, the next waits this long for more commits, so that
+/// under load one round (and one wake) serves many commits. An idle worker fans out at once.
+const FAN_OUT_WINDOW: Duration = Duration::from_millis(5);
 /// How often retention looks for history to delete, once it has caught up.
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 /// How long one turn may spend deleting history before delivering again.
