@@ -60,8 +60,13 @@ pub(crate) struct TableConfig {
     key_array_type: pg_sys::Oid,
     /// Hash values (namespace syscache) of the schemas named in the SQL below.
     namespace_hashes: Vec<u32>,
-    /// Rows at commit: key, the row, status, then one array of rows per child.
-    rows_query: String,
+    /// Where the visible row of each key is: key, tableoid, ctid.
+    locate_query: String,
+    /// The children of each key: key, then one array of rows per child.
+    children_rows_query: String,
+    /// Whether the status column's text depends on settings (dates, floats...): it is then
+    /// taken under the output settings capture fixes.
+    status_needs_settings: bool,
     /// Locks the parent row of a child change.
     lock_query: String,
     /// The children of one key: one array of rows per child.
@@ -136,9 +141,78 @@ impl TableConfig {
     }
 }
 
-/// SHA-256 of a row's (or its children's) JSON: enough to tell "changed" from "the same"
-/// while keeping what a large transaction holds in memory small and fixed per row.
+/// SHA-256 of a row's binary image (or of its children's JSON): enough to tell "changed"
+/// from "the same" while keeping what a large transaction holds in memory small and fixed per
+/// row.
 type Digest = [u8; 32];
+
+/// Digest of a row's values as stored (each column's null flag and bytes, out of line values
+/// fetched and decompressed first), in the order of `desc`: equal exactly when `record_image_eq`
+/// says so, as a materialized view's concurrent refresh compares rows.
+unsafe fn image_digest(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc) -> Digest {
+    use sha2::Digest as _;
+    let natts = (*desc).natts as usize;
+    let mut values = vec![pg_sys::Datum::from(0usize); natts];
+    let mut nulls = vec![false; natts];
+    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    let attrs = (*desc).attrs.as_slice(natts);
+    let mut h = sha2::Sha256::new();
+    for (i, att) in attrs.iter().enumerate() {
+        if att.attisdropped {
+            continue;
+        }
+        if nulls[i] {
+            h.update([0u8]);
+            continue;
+        }
+        h.update([1u8]);
+        let v = values[i];
+        if att.attbyval {
+            let len = (att.attlen as usize).min(8);
+            h.update(&v.value().to_le_bytes()[..len]);
+        } else if att.attlen > 0 {
+            h.update(std::slice::from_raw_parts(v.cast_mut_ptr::<u8>(), att.attlen as usize));
+        } else if att.attlen == -1 {
+            let raw = v.cast_mut_ptr::<pg_sys::varlena>();
+            let plain = pg_sys::pg_detoast_datum_packed(raw);
+            let len = pgrx::varlena::varsize_any_exhdr(plain);
+            h.update((len as u64).to_le_bytes());
+            h.update(std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(plain).cast::<u8>(),
+                len,
+            ));
+            if plain != raw {
+                pg_sys::pfree(plain.cast());
+            }
+        } else {
+            let c = std::ffi::CStr::from_ptr(v.cast_mut_ptr::<std::ffi::c_char>());
+            h.update((c.to_bytes().len() as u64).to_le_bytes());
+            h.update(c.to_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
+/// The JSON of a row of the tracked table (a composite datum of its row type), as capture
+/// writes it: `row_to_json`, or capture's own SQL for tables with columns of users' types.
+/// Called under the output settings.
+fn row_json_of(cfg: &TableConfig, row: pg_sys::Datum) -> String {
+    if cfg.has_user_types {
+        // SQL of capture's own, which runs no user code.
+        rows_with_snapshot(
+            &cfg.row_json_query,
+            &[cfg.rowtype],
+            &[Some(row)],
+            unsafe { pg_sys::GetActiveSnapshot() },
+        )
+        .into_iter()
+        .next()
+        .and_then(|mut r| r.swap_remove(0))
+        .unwrap_or_default()
+    } else {
+        row_json(row)
+    }
+}
 
 fn digest(json: &str) -> Digest {
     use sha2::Digest as _;
@@ -156,6 +230,8 @@ struct Touch {
     orig_children: Option<Digest>,
     /// The row as deleted (the payload of `E.deleted`); only kept for deleted rows.
     deleted_row: Option<String>,
+    /// Where the transaction's newest version of the row is (relation, item pointer).
+    version: Option<(pg_sys::Oid, pg_sys::ItemPointerData)>,
 }
 
 /// Keys read back, and events written, per statement at commit: bounds the memory a
@@ -549,15 +625,11 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         pg_sys::getTypeInputInfo(key_type_oid, &mut typinput, &mut typioparam);
         // Status and keys come out through their types' output functions (never a cast), the
         // row and the children as values that are turned into JSON afterwards.
-        let status = match status_attnum {
-            Some(a) => format!(
-                "t.{}",
-                column_name(relid, a).unwrap_or_else(|| not_usable(&format!(
-                    "the status column of {table} no longer exists"
-                )))
-            ),
-            None => "NULL::text".into(),
-        };
+        if let Some(a) = status_attnum {
+            if column_name(relid, a).is_none() {
+                not_usable(&format!("the status column of {table} no longer exists"));
+            }
+        }
         let mut children_sql = Vec::new();
         let mut namespace_hashes = vec![namespace_hash(relid)];
         for ch in &children {
@@ -639,12 +711,6 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
         } else {
             arrays.join(", ")
         };
-        // `t.*` inside a call is the whole row even if a column is named t.
-        let row_sql = if has_user_types {
-            row_expr(relid, "t")
-        } else {
-            "pg_catalog.row_to_json(t.*)".into()
-        };
         let rowtype = pg_sys::get_rel_type_id(relid);
         Some(TableConfig {
             relid,
@@ -666,9 +732,15 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             key_input: (typinput, typioparam),
             key_array_type,
             namespace_hashes,
-            rows_query: format!(
-                "SELECT t.{key}, {row_sql}, {status}{arrays_sql} FROM {table} t WHERE t.{key} = ANY ($1)"
+            locate_query: format!(
+                "SELECT t.{key}, t.tableoid, t.ctid FROM {table} t WHERE t.{key} = ANY ($1)"
             ),
+            children_rows_query: format!(
+                "SELECT t.{key}{arrays_sql} FROM {table} t WHERE t.{key} = ANY ($1)"
+            ),
+            status_needs_settings: status_attnum.is_some_and(|a| {
+                !settings_free_type(pg_sys::getBaseType(pg_sys::get_atttype(relid, a as pg_sys::AttrNumber)))
+            }),
             // Returns the key as the table writes it: a child's foreign key may spell it
             // otherwise (char(8) against char(4), say).
             lock_query: format!(
@@ -756,6 +828,24 @@ fn json_object_expr(rel: pg_sys::Oid, alias: &str, user_typed: &[(pg_sys::Oid, i
         .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
         .collect::<Vec<_>>()
         .join(" OPERATOR(pg_catalog.||) ")
+}
+
+/// Types whose text form no setting changes (unlike dates, times, floats, bytea, money).
+fn settings_free_type(typid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::TEXTOID,
+        pg_sys::VARCHAROID,
+        pg_sys::BPCHAROID,
+        pg_sys::NAMEOID,
+        pg_sys::CHAROID,
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::BOOLOID,
+        pg_sys::UUIDOID,
+    ]
+    .contains(&typid)
+        || unsafe { pg_sys::get_typtype(typid) } == pg_sys::TYPTYPE_ENUM as std::ffi::c_char
 }
 
 /// Key types are built in and have one text form whatever the session's settings (a date or a
@@ -990,43 +1080,35 @@ fn _capture_row<'a>(
                 pg_sys::convert_tuples_by_name(tupdesc, root_desc),
             )
         };
-        // Both run under `with_output_settings` (once per row, by their callers below).
-        let json_of = |tuple: *mut pg_sys::HeapTupleData| {
-            let tuple = if conversion.is_null() {
+        let to_root = |tuple: *mut pg_sys::HeapTupleData| {
+            if conversion.is_null() {
                 tuple
             } else {
                 pg_sys::execute_attr_map_tuple(tuple, conversion)
-            };
-            let row = pg_sys::heap_copy_tuple_as_datum(tuple, json_desc);
-            if cfg.has_user_types {
-                // The same SQL as at commit, which runs no user code.
-                rows_with_snapshot(
-                    &cfg.row_json_query,
-                    &[cfg.rowtype],
-                    &[Some(row)],
-                    pg_sys::GetActiveSnapshot(),
-                )
-                .into_iter()
-                .next()
-                .and_then(|mut r| r.swap_remove(0))
-                .unwrap_or_default()
-            } else {
-                row_json(row)
             }
         };
         let event = td.tg_event;
         let key_of = |tuple| column_text(tuple, tupdesc, key_att);
-        let status_of = |tuple| status_att.and_then(|a| column_text(tuple, tupdesc, a));
-        // The JSON of a row is computed outside any borrow of the notes (computing it runs SQL;
-        // nothing it runs may find the notes borrowed).
+        let status_of = |tuple| {
+            status_att.and_then(|a| {
+                if cfg.status_needs_settings {
+                    with_output_settings(|| column_text(tuple, tupdesc, a))
+                } else {
+                    column_text(tuple, tupdesc, a)
+                }
+            })
+        };
+        let location = |tuple: *mut pg_sys::HeapTupleData| Some((relid, (*tuple).t_self));
         let needs_before = |key: &str| {
             with_table(cfg.relid, |tt| {
                 tt.touches.get(key).is_none_or(|t| !t.row_touched)
             })
         };
+        // The first image of a row is kept as a digest of its binary values (compared with
+        // the row at commit the same way): no JSON, no settings, no SQL per row.
         let note_before = |key: &str, tuple| {
             let b = needs_before(key)
-                .then(|| with_output_settings(|| (digest(&json_of(tuple)), status_of(tuple))));
+                .then(|| (image_digest(to_root(tuple), json_desc), status_of(tuple)));
             with_table(cfg.relid, |tt| {
                 let t = tt.touch(key, || Touch {
                     existed_before: true,
@@ -1044,21 +1126,38 @@ fn _capture_row<'a>(
                 }
             });
         };
-        let note_inserted = |key: &str| {
+        // Where the row's newest version is: at commit it is read from there, if it is
+        // still the visible one (a savepoint rolled back may have undone it).
+        let note_version = |key: &str, tuple| {
             with_table(cfg.relid, |tt| {
-                tt.touch(key, Touch::default).row_touched = true;
+                if let Some(t) = tt.touches.get_mut(key) {
+                    t.version = location(tuple);
+                }
             });
+        };
+        let note_inserted = |key: &str, tuple| {
+            with_table(cfg.relid, |tt| {
+                let t = tt.touch(key, Touch::default);
+                t.row_touched = true;
+                t.version = location(tuple);
+            });
+        };
+        // A deleted row's payload is its JSON as deleted (in the settings capture fixes).
+        let json_of = |tuple| {
+            let tuple = to_root(tuple);
+            with_output_settings(|| row_json_of(&cfg, pg_sys::heap_copy_tuple_as_datum(tuple, json_desc)))
         };
         let note_deleted = |key: &str, json: String| {
             with_table(cfg.relid, |tt| {
                 if let Some(t) = tt.touches.get_mut(key) {
                     t.deleted_row = Some(json);
+                    t.version = None;
                 }
             });
         };
         if pgrx::trigger_fired_by_insert(event) {
             if let Some(key) = key_of(td.tg_trigtuple) {
-                note_inserted(&key);
+                note_inserted(&key, td.tg_trigtuple);
             }
         } else if pgrx::trigger_fired_by_update(event) {
             let old_key = key_of(td.tg_trigtuple);
@@ -1067,16 +1166,18 @@ fn _capture_row<'a>(
                 note_before(old_key, td.tg_trigtuple);
                 if new_key.as_ref() != Some(old_key) {
                     // The key itself changed: the old key is gone, the new one is born.
-                    note_deleted(old_key, with_output_settings(|| json_of(td.tg_trigtuple)));
+                    note_deleted(old_key, json_of(td.tg_trigtuple));
+                } else {
+                    note_version(old_key, td.tg_newtuple);
                 }
             }
             if let Some(new_key) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
-                note_inserted(&new_key);
+                note_inserted(&new_key, td.tg_newtuple);
             }
         } else if pgrx::trigger_fired_by_delete(event) {
             if let Some(key) = key_of(td.tg_trigtuple) {
                 note_before(&key, td.tg_trigtuple);
-                note_deleted(&key, with_output_settings(|| json_of(td.tg_trigtuple)));
+                note_deleted(&key, json_of(td.tg_trigtuple));
             }
         }
     }
@@ -1285,7 +1386,7 @@ fn net_events(
         (true, Some(cur)) => {
             let status_changed =
                 cfg.status_attnum.is_some() && t.row_touched && t.orig_status != cur.status;
-            let row_changed = t.row_touched && t.orig_row != Some(digest(&cur.row));
+            let row_changed = t.row_touched && t.orig_row != Some(cur.image);
             let children_changed =
                 t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
             if status_changed {
@@ -1308,6 +1409,8 @@ fn net_events(
 
 struct RowAtCommit {
     row: String,
+    /// Digest of the row's binary image, as the trigger took of the row before.
+    image: Digest,
     status: Option<String>,
     children: Option<String>,
 }
@@ -1331,6 +1434,9 @@ pub fn write_events_at_commit() {
 }
 
 fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
+    // The last statement's rows become visible to the snapshots below (an autocommit
+    // statement is not followed by a command counter increment before its commit).
+    unsafe { pg_sys::CommandCounterIncrement() };
     // Pre-commit runs outside any statement: our statements need an active snapshot.
     let _outer = LatestSnapshot::push();
     if !emitted.is_empty() {
@@ -1362,7 +1468,7 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
             continue;
         };
         for keys in tt.keys.chunks(COMMIT_CHUNK) {
-            let rows = as_role(cfg.owner, || rows_at_commit(&cfg, keys));
+            let rows = rows_at_commit(&cfg, keys, &tt.touches);
             for key in keys {
                 net_events(&cfg, key, &tt.touches[key], rows.get(key), &mut events);
             }
@@ -1381,33 +1487,158 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
     }
 }
 
-fn rows_at_commit(cfg: &TableConfig, keys: &[String]) -> HashMap<String, RowAtCommit> {
+/// The rows of `keys` as they are at commit. A row this transaction wrote is read where the
+/// trigger saw its newest version, if that version is still the visible one (nobody else can
+/// have changed a row this transaction holds locked); others (touched through their children
+/// only, or whose version a savepoint rollback undid) are looked up by key. Children come from
+/// one query per chunk of keys.
+fn rows_at_commit(
+    cfg: &TableConfig,
+    keys: &[String],
+    touches: &HashMap<String, Touch>,
+) -> HashMap<String, RowAtCommit> {
     let latest = LatestSnapshot::push();
-    let rows = rows_with_snapshot(
-        &cfg.rows_query,
-        &[cfg.key_array_type],
-        &[Some(cfg.keys_datum(keys))],
-        latest.get(),
-    );
-    let mut out = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let mut it = row.into_iter();
-        let key = it.next().flatten();
-        let json = it.next().flatten().unwrap_or_default();
-        let status = it.next().flatten();
-        let arrays: Vec<Option<String>> = it.collect();
-        if let Some(key) = key {
-            out.insert(
-                key,
-                RowAtCommit {
-                    row: json,
-                    status,
-                    children: cfg.children_json(&arrays),
-                },
-            );
+    let snapshot = latest.get();
+    let mut located: Vec<(String, pg_sys::Oid, pg_sys::ItemPointerData)> = Vec::with_capacity(keys.len());
+    let mut missing: Vec<String> = Vec::new();
+    for key in keys {
+        match touches.get(key).and_then(|t| t.version) {
+            Some((rel, tid)) => located.push((key.clone(), rel, tid)),
+            None => missing.push(key.clone()),
         }
     }
+    let mut out = HashMap::with_capacity(keys.len());
+    let mut fetched: Vec<(String, pg_sys::HeapTuple, pg_sys::Oid)> = Vec::with_capacity(keys.len());
+    unsafe {
+        let mut retry = Vec::new();
+        for (key, rel, tid) in located {
+            match fetch_visible(rel, tid, snapshot) {
+                Some(t) => fetched.push((key, t, rel)),
+                None => retry.push(key),
+            }
+        }
+        missing.extend(retry);
+        if !missing.is_empty() {
+            // Key -> (relation, ctid) of the visible row, as the owner.
+            let rows = as_role(cfg.owner, || {
+                rows_with_snapshot(
+                    &cfg.locate_query,
+                    &[cfg.key_array_type],
+                    &[Some(cfg.keys_datum(&missing))],
+                    snapshot,
+                )
+            });
+            for r in rows {
+                let mut it = r.into_iter();
+                let (Some(key), Some(rel), Some(ctid)) = (
+                    it.next().flatten(),
+                    it.next().flatten().and_then(|o| o.parse::<u32>().ok()),
+                    it.next().flatten().and_then(|c| parse_ctid(&c)),
+                ) else {
+                    continue;
+                };
+                let rel = pg_sys::Oid::from(rel);
+                if let Some(t) = fetch_visible(rel, ctid, snapshot) {
+                    fetched.push((key, t, rel));
+                }
+            }
+        }
+        if fetched.is_empty() {
+            return out;
+        }
+        let children = if cfg.child_relids.is_empty() {
+            HashMap::new()
+        } else {
+            let fetched_keys: Vec<String> = fetched.iter().map(|f| f.0.clone()).collect();
+            as_role(cfg.owner, || {
+                rows_with_snapshot(
+                    &cfg.children_rows_query,
+                    &[cfg.key_array_type],
+                    &[Some(cfg.keys_datum(&fetched_keys))],
+                    snapshot,
+                )
+            })
+            .into_iter()
+            .filter_map(|r| {
+                let mut it = r.into_iter();
+                let key = it.next().flatten()?;
+                let arrays: Vec<Option<String>> = it.collect();
+                Some((key, cfg.children_json(&arrays)))
+            })
+            .collect::<HashMap<_, _>>()
+        };
+        let root_desc = with_relation(cfg.relid, |root| {
+            let desc = pg_sys::CreateTupleDescCopy((*root).rd_att);
+            (*desc).tdtypeid = (*(*root).rd_att).tdtypeid;
+            desc
+        })
+        .unwrap_or_else(|| not_usable("the tracked table no longer exists"));
+        let mut maps: HashMap<pg_sys::Oid, *mut pg_sys::TupleConversionMap> = HashMap::new();
+        let status_att = cfg.status_attnum.unwrap_or(0);
+        with_output_settings(|| {
+            for (key, tuple, rel) in fetched {
+                let root_tuple = if rel == cfg.relid {
+                    tuple
+                } else {
+                    let map = *maps.entry(rel).or_insert_with(|| {
+                        with_relation(rel, |r| pg_sys::convert_tuples_by_name((*r).rd_att, root_desc))
+                            .unwrap_or(std::ptr::null_mut())
+                    });
+                    if map.is_null() { tuple } else { pg_sys::execute_attr_map_tuple(tuple, map) }
+                };
+                // The key as the row spells it now (the one the notes use).
+                if column_text(root_tuple, root_desc, cfg.key_attnum).as_deref() != Some(key.as_str()) {
+                    continue;
+                }
+                let image = image_digest(root_tuple, root_desc);
+                let status = (status_att > 0).then(|| column_text(root_tuple, root_desc, status_att)).flatten();
+                let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
+                let children = children.get(&key).cloned().unwrap_or_else(|| cfg.children_json(&[]));
+                out.insert(key, RowAtCommit { row, image, status, children });
+            }
+        });
+    }
     out
+}
+
+/// A copy of the tuple at `tid` in `rel` if it is visible in `snapshot`.
+unsafe fn fetch_visible(
+    rel: pg_sys::Oid,
+    tid: pg_sys::ItemPointerData,
+    snapshot: pg_sys::Snapshot,
+) -> Option<pg_sys::HeapTuple> {
+    let r = pg_sys::try_relation_open(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    if r.is_null() {
+        return None;
+    }
+    let kind = (*(*r).rd_rel).relkind as u8;
+    let mut found = None;
+    if kind == pg_sys::RELKIND_RELATION {
+        let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+        tuple.t_self = tid;
+        let mut buffer: pg_sys::Buffer = 0;
+        let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
+        if block < pg_sys::RelationGetNumberOfBlocksInFork(r, pg_sys::ForkNumber::MAIN_FORKNUM)
+            && pg_sys::heap_fetch(r, snapshot, &mut tuple, &mut buffer, false)
+        {
+            found = Some(pg_sys::heap_copytuple(&mut tuple));
+            pg_sys::ReleaseBuffer(buffer);
+        }
+    }
+    pg_sys::relation_close(r, pg_sys::NoLock as pg_sys::LOCKMODE);
+    found
+}
+
+/// `(block,offset)` as `tid` output writes it.
+fn parse_ctid(s: &str) -> Option<pg_sys::ItemPointerData> {
+    let inner = s.strip_prefix('(')?.strip_suffix(')')?;
+    let (b, o) = inner.split_once(',')?;
+    let (block, offset) = (b.parse::<u32>().ok()?, o.parse::<u16>().ok()?);
+    let mut tid: pg_sys::ItemPointerData = unsafe { std::mem::zeroed() };
+    tid.ip_blkid.bi_hi = (block >> 16) as u16;
+    tid.ip_blkid.bi_lo = (block & 0xffff) as u16;
+    tid.ip_posid = offset;
+    Some(tid)
 }
 
 fn insert_events(events: Vec<NewEvent>) {

@@ -68,8 +68,6 @@ pub struct Batch {
 
 /// What one fan-out step did.
 pub struct FanOutStep {
-    /// Events taken.
-    pub events: i64,
     /// Deliveries created.
     pub deliveries: i64,
     /// Whether committed events may be left for another step.
@@ -81,7 +79,7 @@ pub struct FanOutStep {
 /// `cache` keeps the transactions of the batch in progress between steps (a batch of a huge
 /// transaction is taken in many steps; its transactions are listed once).
 pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
-    let idle = FanOutStep { events: 0, deliveries: 0, more: false };
+    let idle = FanOutStep { deliveries: 0, more: false };
     let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
         let row = c
             .update(
@@ -167,7 +165,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
             "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
         )?;
         *cache = None;
-        return Ok(FanOutStep { events: 0, deliveries: 0, more: true });
+        return Ok(FanOutStep { deliveries: 0, more: true });
     }
     // Whole transactions while they fit in `limit` (at least one), or part of a large one.
     let mut take = 0;
@@ -202,7 +200,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
         "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into()],
     )?;
-    Ok(FanOutStep { events: taken, deliveries, more: true })
+    Ok(FanOutStep { deliveries, more: true })
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per

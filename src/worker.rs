@@ -459,7 +459,6 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
         EVENTS_PENDING.get().store(false, Ordering::SeqCst);
         state.fan_out_more = false;
-        let mut events = 0;
         // A bounded number of steps per turn, so outcomes are recorded and claims made while
         // a large backlog is fanned out; the next turn comes at once while there is more.
         for _ in 0..FAN_OUT_BATCHES_PER_TURN {
@@ -471,7 +470,6 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
             created += step.deliveries;
-            events += step.events;
             state.fan_out_more = step.more;
             if !step.more {
                 break;
@@ -479,9 +477,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         }
         let now = Instant::now();
         state.next_fan_out_at = now + gucs::poll_interval();
-        if events > 0 {
-            state.fan_out_not_before = now + FAN_OUT_WINDOW;
-        }
+        state.fan_out_not_before = now + FAN_OUT_WINDOW;
     } else if asked {
         window = Some(state.fan_out_not_before.saturating_duration_since(now));
     }
@@ -521,8 +517,8 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
-/// After a fan-out round that found events, the next waits this long for more commits, so that
-/// under load one round (and one wake) serves many commits. An idle worker fans out at once.
+/// After a fan-out round, the next waits this long for more commits, so that under load one
+/// round (and one wake) serves many commits. An idle worker fans out at once.
 const FAN_OUT_WINDOW: Duration = Duration::from_millis(5);
 /// How often retention looks for history to delete, once it has caught up.
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
