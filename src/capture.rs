@@ -978,8 +978,24 @@ unsafe fn set_options(options: &[(&CStr, &CStr)]) {
     }
 }
 
+/// Whether the session's settings already write values as `OUTPUT_SETTINGS` do (the
+/// defaults do, but for the time zone's name), so that nothing needs to be set.
+fn output_settings_in_force() -> bool {
+    OUTPUT_SETTINGS.iter().all(|(name, value)| {
+        let current = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
+        if current.is_null() {
+            return false;
+        }
+        let current = unsafe { CStr::from_ptr(current) };
+        current == *value || (*name == c"TimeZone" && current == c"Etc/UTC")
+    })
+}
+
 /// Run `f` with `OUTPUT_SETTINGS`, restoring the session's own afterwards.
 fn with_output_settings<R>(f: impl FnOnce() -> R) -> R {
+    if output_settings_in_force() {
+        return f();
+    }
     unsafe {
         let nest = pg_sys::NewGUCNestLevel();
         set_options(OUTPUT_SETTINGS);
@@ -1282,6 +1298,27 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
             }
         });
         return;
+    }
+    // A parent this transaction inserted (and has not deleted): nobody else can see it, so
+    // there is nothing to lock or to remember, if the child spells its key the same way (the
+    // text of integers and uuids is canonical, text is compared as it is; char is padded).
+    if cfg.key_type_oid != pg_sys::BPCHAROID {
+        let own_new = with_table(cfg.relid, |tt| {
+            let own = tt
+                .touches
+                .get(fk_key)
+                .is_some_and(|t| !t.existed_before && t.version.is_some());
+            if own {
+                tt.child_keys.insert(fk_key.to_string(), fk_key.to_string());
+                if let Some(t) = tt.touches.get_mut(fk_key) {
+                    t.children_touched = true;
+                }
+            }
+            own
+        });
+        if own_new {
+            return;
+        }
     }
     let Some(arg) = cfg.key_datum(fk_key) else {
         return;

@@ -120,6 +120,16 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
         // Each row's values and index tuples live in the per-tuple context, reset after the row:
         // a commit writing many events needs no more memory than one.
         let per_row = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
+        // The data of consecutive events that share it (a status change and its mapped event)
+        // is parsed once.
+        let per_data = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"pg_webhooks event data".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let mut last_data: Option<(&str, pg_sys::Datum)> = None;
         let mut seqs = Vec::with_capacity(rows.len());
         for row in rows {
             let outer = pg_sys::MemoryContextSwitchTo(per_row);
@@ -149,21 +159,29 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
             if let Some(k) = &row.key {
                 set(cols.key, text_datum(k));
             }
-            let json = CString::new(row.data.as_str()).unwrap_or_else(|_| {
-                raise(
-                    PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
-                    "pg_webhooks: event data has a NUL byte",
-                )
-            });
-            set(
-                cols.data,
-                pg_sys::OidInputFunctionCall(
-                    pg_sys::Oid::from(pg_sys::F_JSONB_IN),
-                    json.as_ptr().cast_mut(),
-                    pg_sys::JSONBOID,
-                    -1,
-                ),
-            );
+            let data = match last_data {
+                Some((text, datum)) if text == row.data.as_str() => datum,
+                _ => {
+                    let json = CString::new(row.data.as_str()).unwrap_or_else(|_| {
+                        raise(
+                            PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+                            "pg_webhooks: event data has a NUL byte",
+                        )
+                    });
+                    pg_sys::MemoryContextReset(per_data);
+                    pg_sys::MemoryContextSwitchTo(per_data);
+                    let datum = pg_sys::OidInputFunctionCall(
+                        pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+                        json.as_ptr().cast_mut(),
+                        pg_sys::JSONBOID,
+                        -1,
+                    );
+                    pg_sys::MemoryContextSwitchTo(per_row);
+                    last_data = Some((row.data.as_str(), datum));
+                    datum
+                }
+            };
+            set(cols.data, data);
             set(cols.xid, pg_sys::Datum::from(xid));
             set(cols.created_at, pg_sys::Datum::from(now));
             pg_sys::ExecStoreVirtualTuple(slot);
@@ -184,6 +202,7 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
             pg_sys::MemoryContextReset(per_row);
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::MemoryContextDelete(per_data);
         pg_sys::ExecCloseIndices(rri);
         pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);

@@ -68,6 +68,8 @@ pub struct Batch {
 
 /// What one fan-out step did.
 pub struct FanOutStep {
+    /// Whether any subscription exists.
+    pub subscribed: bool,
     /// Deliveries created.
     pub deliveries: i64,
     /// Whether committed events may be left for another step.
@@ -78,8 +80,10 @@ pub struct FanOutStep {
 /// transactions become deliveries, and `_fanout` records how far the stream has been taken.
 /// `cache` keeps the transactions of the batch in progress between steps (a batch of a huge
 /// transaction is taken in many steps; its transactions are listed once).
-pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
-    let idle = FanOutStep { deliveries: 0, more: false };
+/// With nothing subscribed, the stream is only moved on when `advance` (the worker does it now
+/// and then: it is a write).
+pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResult<FanOutStep> {
+    let idle = FanOutStep { subscribed: true, deliveries: 0, more: false };
     let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
         let row = c
             .update(
@@ -112,15 +116,16 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
                         EXISTS (SELECT 1 FROM webhooks._subscriptions)",
             )?;
             let snapshot = snapshot.unwrap_or_default();
-            if !subscribed.unwrap_or(false) || snapshot == done {
-                if snapshot != done {
+            let subscribed = subscribed.unwrap_or(false);
+            if !subscribed || snapshot == done {
+                if snapshot != done && (subscribed || advance) {
                     Spi::run_with_args(
                         "UPDATE webhooks._fanout SET done = $1::pg_snapshot",
                         &[snapshot.into()],
                     )?;
                 }
                 *cache = None;
-                return Ok(idle);
+                return Ok(FanOutStep { subscribed, ..idle });
             }
             Spi::run_with_args(
                 "UPDATE webhooks._fanout SET batch = $1::pg_snapshot, batch_first_seq = 0, batch_seq = 0",
@@ -165,7 +170,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
             "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
         )?;
         *cache = None;
-        return Ok(FanOutStep { deliveries: 0, more: true });
+        return Ok(FanOutStep { subscribed: true, deliveries: 0, more: true });
     }
     // Whole transactions while they fit in `limit` (at least one), or part of a large one.
     let mut take = 0;
@@ -200,7 +205,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>) -> SpiResult<FanOutStep> {
         "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into()],
     )?;
-    Ok(FanOutStep { deliveries, more: true })
+    Ok(FanOutStep { subscribed: true, deliveries, more: true })
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per

@@ -207,6 +207,10 @@ struct LoopState {
     fan_out_not_before: Instant,
     fan_out_more: bool,
     batch: Option<queue::Batch>,
+    /// Whether a subscription existed at the last fan-out, and when the stream is next moved
+    /// on while none does.
+    subscribed: bool,
+    advance_at: Instant,
 }
 
 /// In-flight bookkeeping of the delivery worker's main thread.
@@ -397,6 +401,8 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
         fan_out_not_before: Instant::now(),
         fan_out_more: true,
         batch: None,
+        subscribed: true,
+        advance_at: Instant::now(),
     };
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
@@ -464,20 +470,27 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         for _ in 0..FAN_OUT_BATCHES_PER_TURN {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
+            let advance = now >= state.advance_at;
             let step = BackgroundWorker::transaction(move || {
                 let cache = cache;
-                queue::fan_out(batch, cache.0)
+                queue::fan_out(batch, cache.0, advance)
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
             created += step.deliveries;
             state.fan_out_more = step.more;
+            state.subscribed = step.subscribed;
+            if advance && !step.subscribed {
+                state.advance_at = now + UNSUBSCRIBED_ADVANCE;
+            }
             if !step.more {
                 break;
             }
         }
         let now = Instant::now();
         state.next_fan_out_at = now + gucs::poll_interval();
-        state.fan_out_not_before = now + FAN_OUT_WINDOW;
+        // With nothing subscribed, a longer window: there is nothing to deliver soon.
+        state.fan_out_not_before = now
+            + if state.subscribed { FAN_OUT_WINDOW } else { UNSUBSCRIBED_WINDOW };
     } else if asked {
         window = Some(state.fan_out_not_before.saturating_duration_since(now));
     }
@@ -520,6 +533,9 @@ const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
 /// round (and one wake) serves many commits. An idle worker fans out at once.
 const FAN_OUT_WINDOW: Duration = Duration::from_millis(5);
+/// With nothing subscribed: the batch window, and how often the stream is moved on.
+const UNSUBSCRIBED_WINDOW: Duration = Duration::from_millis(100);
+const UNSUBSCRIBED_ADVANCE: Duration = Duration::from_secs(1);
 /// How often retention looks for history to delete, once it has caught up.
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 /// How long one turn may spend deleting history before delivering again.
