@@ -1,0 +1,267 @@
+//! The commit path's subtle cases: the worker finds committed events by their transaction
+//! (PgQ's batches), so a transaction that stays open long, or commits after later ones, must
+//! neither be skipped nor hold anybody else's events back; many writers at once must each be
+//! delivered once, per key in commit order; a transaction of many events is fanned out in
+//! pieces, whole and in order; and the rows at commit are right after savepoint rollbacks of
+//! the versions the trigger saw.
+
+mod common;
+
+use common::{events, shared_cluster, wait_for, Cluster, Receiver};
+use postgres::Client;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn cluster() -> &'static Cluster {
+    shared_cluster("commit_path", &["webhooks.batch_size = 50"])
+}
+
+fn subscribe(c: &mut Client, rx: &Receiver, path: &str, patterns: &str) -> i64 {
+    let row = c
+        .query_one(
+            "SELECT id, secret FROM webhooks.subscribe($1, $2::text::text[])",
+            &[&rx.url(path), &patterns],
+        )
+        .expect("subscribe");
+    rx.configure(json!({"path": path, "secret": row.get::<_, String>(1)}));
+    row.get(0)
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).expect(sql).get(0)
+}
+
+/// `data.<field>` of each request received at `path`, grouped by `data.<group>`, in arrival order.
+fn arrivals(rx: &Receiver, path: &str, group: &str, field: &str) -> HashMap<String, Vec<i64>> {
+    let mut by: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in rx.log(path) {
+        let d: &Value = &r["json"]["data"];
+        by.entry(d[group].to_string())
+            .or_default()
+            .push(d[field].as_i64().unwrap_or(-1));
+    }
+    by
+}
+
+#[test]
+fn a_long_open_transaction_delays_nobody_else_and_is_delivered_when_it_commits() {
+    let rx = Receiver::start();
+    let mut c = cluster().connect();
+    subscribe(&mut c, &rx, "/long", "{lng.*}");
+    c.batch_execute(
+        "CREATE TABLE lng_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('lng_orders', entity => 'lng', status_column => 'status');",
+    )
+    .expect("table");
+    // Opened first (lowest xid), writes first, commits last.
+    let mut long = cluster().connect();
+    long.batch_execute("BEGIN; INSERT INTO lng_orders VALUES (0, 'pending');")
+        .expect("long transaction writes");
+    for i in 1..=20 {
+        c.execute("INSERT INTO lng_orders VALUES ($1, 'pending')", &[&i])
+            .expect("short transaction");
+    }
+    // The 20 short ones arrive while the long one is still open.
+    rx.wait_for_requests("/long", 20, WAIT);
+    assert!(
+        rx.log("/long").iter().all(|r| r["json"]["data"]["id"] != 0),
+        "nothing of the open transaction may be delivered"
+    );
+    long.batch_execute("COMMIT").expect("long commits");
+    let log = rx.wait_for_requests("/long", 21, WAIT);
+    assert_eq!(log.len(), 21, "each delivered once");
+    assert_eq!(log[20]["json"]["data"]["id"], 0, "the late commit comes last");
+}
+
+#[test]
+fn transactions_committing_out_of_xid_order_are_all_delivered_once() {
+    let rx = Receiver::start();
+    let mut c = cluster().connect();
+    subscribe(&mut c, &rx, "/ooo", "{ooo.*}");
+    // Ten transactions take their xids in one order (an emit each, held open) and commit in
+    // the reverse order, each after the worker has fanned out the ones committed before.
+    let mut open = Vec::new();
+    for i in 0..10 {
+        let mut t = cluster().connect();
+        t.batch_execute(&format!(
+            "BEGIN; SELECT webhooks.emit('ooo.e', jsonb_build_object('i', {i}))"
+        ))
+        .expect("emit");
+        open.push(t);
+    }
+    for (n, mut t) in open.into_iter().rev().enumerate() {
+        t.batch_execute("COMMIT").expect("commit");
+        rx.wait_for_requests("/ooo", n + 1, WAIT);
+    }
+    let got: Vec<i64> = rx
+        .log("/ooo")
+        .iter()
+        .map(|r| r["json"]["data"]["i"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(got, (0..10).rev().collect::<Vec<_>>(), "one each, in commit order");
+}
+
+#[test]
+fn many_concurrent_writers_are_delivered_once_each_in_commit_order_per_key() {
+    let rx = Receiver::start();
+    let mut c = cluster().connect();
+    subscribe(&mut c, &rx, "/many", "{mny.status_updated}");
+    c.batch_execute(
+        "CREATE TABLE mny_orders (id int PRIMARY KEY, status text, step int NOT NULL DEFAULT 0);
+         INSERT INTO mny_orders SELECT g, 's0', 0 FROM generate_series(1, 10) g;
+         SELECT webhooks.track('mny_orders', entity => 'mny', status_column => 'status');",
+    )
+    .expect("table");
+    // 8 writers, 60 transactions each, on 10 shared keys: every update bumps the key's step
+    // and sets a new status, so each is one status_updated event; per key the steps must
+    // arrive in commit order, which is step order.
+    let (writers, per_writer) = (8, 60);
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut t = cluster().connect();
+                for i in 0..per_writer {
+                    let key = 1 + (w * 7 + i * 3) % 10;
+                    t.execute(
+                        "UPDATE mny_orders SET step = step + 1, status = 's' || (step + 1) WHERE id = $1",
+                        &[&key],
+                    )
+                    .expect("update");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    let total = (writers * per_writer) as usize;
+    rx.wait_for_requests("/many", total, WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = rx.log("/many");
+    assert_eq!(log.len(), total, "each delivered once");
+    let ids: std::collections::HashSet<String> = log
+        .iter()
+        .map(|r| r["headers"]["webhook-id"].to_string())
+        .collect();
+    assert_eq!(ids.len(), total, "no event delivered twice");
+    for (key, steps) in arrivals(&rx, "/many", "id", "step") {
+        let expected: Vec<i64> = (1..=steps.len() as i64).collect();
+        assert_eq!(steps, expected, "key {key}: every step once, in commit order");
+    }
+}
+
+#[test]
+fn a_transaction_of_many_events_is_fanned_out_in_pieces_whole_and_in_order() {
+    let rx = Receiver::start();
+    let mut c = cluster().connect();
+    subscribe(&mut c, &rx, "/big", "{big.*}");
+    // 2,000 events in one transaction (40 pieces of batch_size 50), keyed on 7 keys, and a
+    // small transaction on one of the keys committed after it.
+    c.batch_execute(
+        "BEGIN;
+         SELECT webhooks.emit('big.e', jsonb_build_object('k', g % 7, 'n', g), (g % 7)::text)
+           FROM generate_series(1, 2000) g;
+         COMMIT;
+         SELECT webhooks.emit('big.e', jsonb_build_object('k', 3, 'n', 2001), '3');",
+    )
+    .expect("emit");
+    rx.wait_for_requests("/big", 2001, WAIT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.log("/big").len(), 2001, "each delivered once");
+    for (key, ns) in arrivals(&rx, "/big", "k", "n") {
+        let mut sorted = ns.clone();
+        sorted.sort();
+        assert_eq!(ns, sorted, "key {key} out of commit order");
+        sorted.dedup();
+        assert_eq!(sorted.len(), ns.len(), "key {key} has a duplicate");
+    }
+    // The worker's place is past everything.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._fanout WHERE batch IS NOT NULL"
+        ),
+        0
+    );
+}
+
+#[test]
+fn versions_the_trigger_saw_and_a_savepoint_undid_are_read_again_at_commit() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        "CREATE TABLE sv_orders (id int PRIMARY KEY, status text, note text);
+         INSERT INTO sv_orders VALUES (1, 'pending', 'a'), (2, 'pending', 'a');
+         SELECT webhooks.track('sv_orders', entity => 'sv', status_column => 'status');
+         BEGIN;
+         UPDATE sv_orders SET note = 'b' WHERE id = 1;
+         SAVEPOINT s;
+         UPDATE sv_orders SET note = 'c', status = 'paid' WHERE id = 1;
+         ROLLBACK TO SAVEPOINT s;
+         UPDATE sv_orders SET note = 'x' WHERE id = 2;
+         SAVEPOINT t;
+         UPDATE sv_orders SET note = 'a' WHERE id = 2;
+         ROLLBACK TO SAVEPOINT t;
+         COMMIT;",
+    )
+    .expect("txn");
+    let ev = events(&mut c, "sv");
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    let by_id: HashMap<i64, &Value> = ev
+        .iter()
+        .map(|(t, d)| {
+            assert_eq!(t, "sv.updated", "{ev:?}");
+            (d["id"].as_i64().unwrap_or(0), d)
+        })
+        .collect();
+    assert_eq!(by_id[&1]["note"], "b");
+    assert_eq!(by_id[&1]["status"], "pending");
+    assert_eq!(by_id[&2]["note"], "x");
+}
+
+#[test]
+fn a_large_value_stored_out_of_line_compares_by_value() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        "CREATE TABLE tst_orders (id int PRIMARY KEY, status text, doc text);
+         ALTER TABLE tst_orders ALTER COLUMN doc SET STORAGE EXTERNAL;
+         INSERT INTO tst_orders VALUES (1, 'pending', repeat('x', 100000));
+         SELECT webhooks.track('tst_orders', entity => 'tst', status_column => 'status');
+         -- The same value, stored again (a new out-of-line copy): no change.
+         UPDATE tst_orders SET doc = repeat('x', 100000) WHERE id = 1;
+         -- A different value of the same length: a change.
+         UPDATE tst_orders SET doc = repeat('x', 99999) || 'y' WHERE id = 1;",
+    )
+    .expect("txns");
+    let ev = events(&mut c, "tst");
+    assert_eq!(ev.len(), 1, "only the real change: {:?}", ev.iter().map(|e| &e.0).collect::<Vec<_>>());
+    assert_eq!(ev[0].0, "tst.updated");
+    assert!(ev[0].1["doc"].as_str().unwrap_or("").ends_with('y'));
+}
+
+#[test]
+fn nothing_subscribed_means_the_worker_only_moves_on() {
+    // A cluster of its own: no subscription at all.
+    let own = Cluster::start("commit_path_idle", &[]);
+    let mut c = own.connect();
+    c.batch_execute(
+        "CREATE TABLE idl_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('idl_orders', entity => 'idl', status_column => 'status');
+         INSERT INTO idl_orders SELECT g, 'pending' FROM generate_series(1, 100) g;",
+    )
+    .expect("writes");
+    // The worker's snapshot passes these transactions (within about a second), and no
+    // delivery is made.
+    wait_for("the worker to move past the writes", WAIT, || {
+        let behind = count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._events e
+              WHERE NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))",
+        );
+        (behind == 0).then_some(())
+    });
+    assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._deliveries"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._events"), 100);
+}
