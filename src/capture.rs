@@ -71,6 +71,198 @@ pub(crate) struct TableConfig {
     lock_query: String,
     /// The children of one key: one array of rows per child.
     children_query: String,
+    /// How to read the children without SQL (an index scan per child), when every child allows
+    /// it; otherwise `children_query` / `children_rows_query` are used.
+    children_direct: Option<Vec<ChildDirect>>,
+}
+
+/// A child table read by an index scan on its foreign key, in primary key order: no SQL, no
+/// executor. Only for plain tables of built-in column types with a plain btree index led by
+/// the foreign key, and a primary key of one integer column or none.
+struct ChildDirect {
+    relid: pg_sys::Oid,
+    index: pg_sys::Oid,
+    eq_proc: pg_sys::Oid,
+    collation: pg_sys::Oid,
+    fk_type: pg_sys::Oid,
+    fk_input: (pg_sys::Oid, pg_sys::Oid),
+    /// The primary key column (1-based) and its type, when it is one integer column.
+    pk: Option<(usize, pg_sys::Oid)>,
+}
+
+/// A key's text as a value of `typid` (its input function, never a cast); None when the text
+/// is out of range for an integer type (it then names no row).
+fn typed_key(typid: pg_sys::Oid, input: (pg_sys::Oid, pg_sys::Oid), key: &str) -> Option<pg_sys::Datum> {
+    let fits = match typid {
+        t if t == pg_sys::INT2OID => key.parse::<i16>().is_ok(),
+        t if t == pg_sys::INT4OID => key.parse::<i32>().is_ok(),
+        t if t == pg_sys::INT8OID => key.parse::<i64>().is_ok(),
+        _ => true,
+    };
+    if !fits {
+        return None;
+    }
+    let c = std::ffi::CString::new(key).ok()?;
+    Some(unsafe { pg_sys::OidInputFunctionCall(input.0, c.as_ptr().cast_mut(), input.1, -1) })
+}
+
+/// How to read `child` directly, if it can be: see `ChildDirect`.
+unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect> {
+    let rel = pg_sys::try_relation_open(child, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    if rel.is_null() {
+        return None;
+    }
+    let result = (|| {
+        if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION {
+            return None;
+        }
+        let fk_type = pg_sys::getBaseType(pg_sys::get_atttype(child, fk_attnum));
+        if fk_type == pg_sys::BPCHAROID || key_family(fk_type).is_none() {
+            return None;
+        }
+        let pk_index = pg_sys::RelationGetPrimaryKeyIndex(rel);
+        let list = pg_sys::RelationGetIndexList(rel);
+        let indexes: Vec<pg_sys::Oid> = if list.is_null() {
+            Vec::new()
+        } else {
+            (0..(*list).length)
+                .map(|i| pg_sys::Oid::from((*(*list).elements.add(i as usize)).oid_value))
+                .collect()
+        };
+        let mut found = None;
+        let mut pk = None;
+        let mut pk_ok = pk_index == pg_sys::InvalidOid;
+        for oid in indexes {
+            let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let form = (*idx).rd_index;
+            let nkeys = (*form).indnkeyatts as usize;
+            let keys = (*form).indkey.values.as_slice(nkeys);
+            let plain = !pg_sys::heap_attisnull((*idx).rd_indextuple, pg_sys::Anum_pg_index_indexprs as i32, std::ptr::null_mut())
+                || !pg_sys::heap_attisnull((*idx).rd_indextuple, pg_sys::Anum_pg_index_indpred as i32, std::ptr::null_mut());
+            let plain = !plain;
+            if oid == pk_index && nkeys == 1 && keys[0] > 0 {
+                let t = pg_sys::get_atttype(child, keys[0]);
+                if [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::INT8OID].contains(&t) {
+                    pk = Some((keys[0] as usize, t));
+                    pk_ok = true;
+                }
+            }
+            if found.is_none()
+                && plain
+                && (*idx).rd_rel.as_ref().is_some_and(|r| r.relam == pg_sys::BTREE_AM_OID)
+                && (*form).indisvalid
+                && (*form).indisready
+                && nkeys >= 1
+                && keys[0] == fk_attnum
+            {
+                let opfamily = *(*idx).rd_opfamily;
+                let opcintype = *(*idx).rd_opcintype;
+                let op = pg_sys::get_opfamily_member(
+                    opfamily,
+                    opcintype,
+                    opcintype,
+                    pg_sys::BTEqualStrategyNumber as i16,
+                );
+                if op != pg_sys::InvalidOid && opcintype == fk_type {
+                    found = Some((oid, pg_sys::get_opcode(op), *(*idx).rd_indcollation));
+                }
+            }
+            pg_sys::index_close(idx, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        }
+        let (index, eq_proc, collation) = found?;
+        if !pk_ok {
+            return None;
+        }
+        let (mut typinput, mut typioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(fk_type, &mut typinput, &mut typioparam);
+        Some(ChildDirect {
+            relid: child,
+            index,
+            eq_proc,
+            collation,
+            fk_type,
+            fk_input: (typinput, typioparam),
+            pk,
+        })
+    })();
+    pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    result
+}
+
+/// The rows of `ch` whose foreign key is `key`, as a JSON array (as `array_to_json` of the
+/// rows in primary key order writes it), read under `snapshot`. Called under the output
+/// settings.
+unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot) -> String {
+    let Some(arg) = typed_key(ch.fk_type, ch.fk_input, key) else {
+        return "[]".into();
+    };
+    let rel = pg_sys::table_open(ch.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let idx = pg_sys::index_open(ch.index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let mut skey: pg_sys::ScanKeyData = std::mem::zeroed();
+    pg_sys::ScanKeyEntryInitialize(
+        &mut skey,
+        0,
+        1,
+        pg_sys::BTEqualStrategyNumber as u16,
+        pg_sys::InvalidOid,
+        ch.collation,
+        ch.eq_proc,
+        arg,
+    );
+    let scan = pg_sys::index_beginscan(rel, idx, snapshot, 1, 0);
+    pg_sys::index_rescan(scan, &mut skey, 1, std::ptr::null_mut(), 0);
+    let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+    let desc = (*rel).rd_att;
+    let natts = (*desc).natts as usize;
+    let mut rows: Vec<(i64, String)> = Vec::new();
+    let mut values = vec![pg_sys::Datum::from(0usize); natts];
+    let mut nulls = vec![false; natts];
+    while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+        let mut should_free = false;
+        let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+        let order = match ch.pk {
+            Some((att, typ)) => {
+                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                let v = values[att - 1].value();
+                match typ {
+                    t if t == pg_sys::INT2OID => v as i16 as i64,
+                    t if t == pg_sys::INT4OID => v as i32 as i64,
+                    _ => v as i64,
+                }
+            }
+            None => rows.len() as i64,
+        };
+        let json = row_json(pg_sys::heap_copy_tuple_as_datum(tuple, desc));
+        if should_free {
+            pg_sys::heap_freetuple(tuple);
+        }
+        rows.push((order, json));
+    }
+    pg_sys::index_endscan(scan);
+    pg_sys::ExecDropSingleTupleTableSlot(slot);
+    pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    rows.sort_by_key(|r| r.0);
+    let mut out = String::with_capacity(2 + rows.iter().map(|r| r.1.len() + 1).sum::<usize>());
+    out.push('[');
+    for (i, (_, json)) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(json);
+    }
+    out.push(']');
+    out
+}
+
+/// `{"name": [...], ...}` of `key`'s children read directly, under `snapshot`; None when the
+/// table has no children. Called under the output settings.
+fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, snapshot: pg_sys::Snapshot) -> Option<String> {
+    let arrays: Vec<Option<String>> = direct
+        .iter()
+        .map(|ch| Some(unsafe { children_array(ch, key, snapshot) }))
+        .collect();
+    cfg.children_json(&arrays)
 }
 
 impl TableConfig {
@@ -747,6 +939,14 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
                 "SELECT t.{key} FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
             ),
             children_query: format!("SELECT {children_sql} FROM {table} t WHERE t.{key} = $1"),
+            children_direct: if has_user_types || children.is_empty() {
+                None
+            } else {
+                children
+                    .iter()
+                    .map(|c| child_direct(pg_sys::Oid::from(c.relid), c.fk_attnum))
+                    .collect::<Option<Vec<_>>>()
+            },
         })
     }
 }
@@ -1343,7 +1543,13 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
                     .is_none_or(|t| t.existed_before && !t.children_touched)
             })
         });
-        let children = if needs_snapshot {
+        let children = if needs_snapshot && cfg.children_direct.is_some() {
+            let latest = LatestSnapshot::push();
+            let k = locked_key.as_deref().unwrap_or(fk_key);
+            Some(with_output_settings(|| {
+                children_direct_json(cfg, cfg.children_direct.as_deref().unwrap_or(&[]), k, latest.get())
+            }))
+        } else if needs_snapshot {
             let latest = LatestSnapshot::push();
             rows_with_snapshot(
                 &cfg.children_query,
@@ -1505,7 +1711,7 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
             continue;
         };
         for keys in tt.keys.chunks(COMMIT_CHUNK) {
-            let rows = rows_at_commit(&cfg, keys, &tt.touches);
+            let rows = in_temp_context(|| rows_at_commit(&cfg, keys, &tt.touches));
             for key in keys {
                 net_events(&cfg, key, &tt.touches[key], rows.get(key), &mut events);
             }
@@ -1585,6 +1791,13 @@ fn rows_at_commit(
         }
         let children = if cfg.child_relids.is_empty() {
             HashMap::new()
+        } else if let Some(direct) = &cfg.children_direct {
+            with_output_settings(|| {
+                fetched
+                    .iter()
+                    .map(|f| (f.0.clone(), children_direct_json(cfg, direct, &f.0, snapshot)))
+                    .collect::<HashMap<_, _>>()
+            })
         } else {
             let fetched_keys: Vec<String> = fetched.iter().map(|f| f.0.clone()).collect();
             as_role(cfg.owner, || {
@@ -1636,6 +1849,26 @@ fn rows_at_commit(
         });
     }
     out
+}
+
+/// Run `f` in a memory context of its own, deleted afterwards (also on an ERROR, with the
+/// transaction's): PostgreSQL allocations made for rows read at commit do not pile up over a
+/// transaction of many rows. `f` must return nothing allocated by PostgreSQL.
+fn in_temp_context<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let cxt = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::CurrentMemoryContext,
+            c"pg_webhooks capture".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let outer = pg_sys::MemoryContextSwitchTo(cxt);
+        let result = f();
+        pg_sys::MemoryContextSwitchTo(outer);
+        pg_sys::MemoryContextDelete(cxt);
+        result
+    }
 }
 
 /// A copy of the tuple at `tid` in `rel` if it is visible in `snapshot`.

@@ -265,3 +265,60 @@ fn nothing_subscribed_means_the_worker_only_moves_on() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._deliveries"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._events"), 100);
 }
+
+#[test]
+fn children_read_through_their_foreign_key_index_are_in_primary_key_order_and_compare_right() {
+    // With an index led by the foreign key, capture reads the items by an index scan, in
+    // primary key order whatever their order in the heap or the index.
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TABLE ix_orders (id bigint PRIMARY KEY, status text NOT NULL DEFAULT 'pending');
+           CREATE TABLE ix_items (id int PRIMARY KEY, order_id int REFERENCES ix_orders, sku text, qty int);
+           CREATE INDEX ON ix_items (order_id);
+           INSERT INTO ix_orders VALUES (1, 'pending');
+           INSERT INTO ix_items VALUES (30, 1, 'C', 1), (10, 1, 'A', 1), (20, 1, 'B', 1);
+           SELECT webhooks.track('ix_orders', entity => 'ix', status_column => 'status',
+                  children => '{"items": {"table": "ix_items", "foreign_key": "order_id"}}');
+           -- Moves item 10 to the end of the heap.
+           UPDATE ix_items SET qty = 2 WHERE id = 10;
+           -- A change undone in the same transaction: nothing.
+           BEGIN; UPDATE ix_items SET qty = 5 WHERE id = 20; UPDATE ix_items SET qty = 1 WHERE id = 20; COMMIT;
+           -- A status change: the payload has the items as they are.
+           UPDATE ix_orders SET status = 'paid' WHERE id = 1;
+           -- A new order with its items, the parent first: created, with its items.
+           BEGIN; INSERT INTO ix_orders VALUES (2, 'pending');
+                  INSERT INTO ix_items VALUES (5, 2, 'Z', 1), (4, 2, 'Y', 1); COMMIT;
+           -- Items of another order are not this one's.
+           UPDATE ix_items SET order_id = 2 WHERE id = 30;"#,
+    )
+    .expect("writes");
+    let ev = events(&mut c, "ix");
+    let summary: Vec<(String, i64, Vec<(i64, i64)>)> = ev
+        .iter()
+        .map(|(t, d)| {
+            let items = d["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|i| (i["id"].as_i64().unwrap_or(0), i["qty"].as_i64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (t.clone(), d["id"].as_i64().unwrap_or(0), items)
+        })
+        .collect();
+    let expected: Vec<(String, i64, Vec<(i64, i64)>)> = vec![
+        ("ix.updated".into(), 1, vec![(10, 2), (20, 1), (30, 1)]),
+        ("ix.status_updated".into(), 1, vec![(10, 2), (20, 1), (30, 1)]),
+        ("ix.paid".into(), 1, vec![(10, 2), (20, 1), (30, 1)]),
+        ("ix.created".into(), 2, vec![(4, 1), (5, 1)]),
+        ("ix.updated".into(), 1, vec![(10, 2), (20, 1)]),
+        ("ix.updated".into(), 2, vec![(4, 1), (5, 1), (30, 1)]),
+    ];
+    let mut got = summary.clone();
+    let mut want = expected.clone();
+    // The last transaction's two events are in either order.
+    got[4..].sort();
+    want[4..].sort();
+    assert_eq!(got, want, "{summary:?}");
+}
