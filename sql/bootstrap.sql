@@ -81,9 +81,15 @@ CREATE TABLE webhooks._subscriptions (
     disabled_reason  text,
     failing_since    timestamptz,
     created_snapshot pg_snapshot NOT NULL DEFAULT pg_catalog.pg_current_snapshot(),
+    -- Whether fan-out includes it. A new subscription is first given, at the start of a batch,
+    -- the events it is owed that the worker passed before it could see it (its creating
+    -- transaction was still open), then taken into the batches.
+    fanned_out       boolean NOT NULL DEFAULT false,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+
+CREATE INDEX _subscriptions_new_idx ON webhooks._subscriptions (id) WHERE NOT fanned_out;
 
 -- API: Private. Readable by superusers only (the worker connects as one).
 CREATE TABLE webhooks._secrets (

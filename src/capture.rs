@@ -1755,9 +1755,12 @@ fn rows_at_commit(
     unsafe {
         let mut retry = Vec::new();
         for (key, rel, tid) in located {
+            // Only a version this transaction made, of this key: the version the trigger saw
+            // may have been undone by a savepoint rollback and its slot reused since by
+            // another row (vacuum frees an aborted version's slot at once).
             match fetch_visible(rel, tid, snapshot) {
-                Some(t) => fetched.push((key, t, rel)),
-                None => retry.push(key),
+                Some(t) if own_version_of(cfg, t, rel, &key) => fetched.push((key, t, rel)),
+                _ => retry.push(key),
             }
         }
         missing.extend(retry);
@@ -1897,6 +1900,21 @@ unsafe fn fetch_visible(
     }
     pg_sys::relation_close(r, pg_sys::NoLock as pg_sys::LOCKMODE);
     found
+}
+
+/// Whether `tuple` (of `rel`, the tracked table or one of its partitions) was written by this
+/// transaction and has the key `key`.
+unsafe fn own_version_of(cfg: &TableConfig, tuple: pg_sys::HeapTuple, rel: pg_sys::Oid, key: &str) -> bool {
+    let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+    if !pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
+        return false;
+    }
+    let key_att = attnum_in(cfg.relid, cfg.key_attnum, rel);
+    key_att > 0
+        && with_relation(rel, |r| column_text(tuple, (*r).rd_att, key_att))
+            .flatten()
+            .as_deref()
+            == Some(key)
 }
 
 /// `(block,offset)` as `tid` output writes it.

@@ -43,6 +43,8 @@ pub extern "C-unwind" fn _PG_init() {
     worker::init_shared_memory();
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
     }
     worker::register();
 }
@@ -65,6 +67,47 @@ unsafe extern "C-unwind" fn on_transaction_event(
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}
+    }
+}
+
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// COMMIT PREPARED runs no commit callback of the transaction it commits (that one was
+/// prepared, and forgot its wake request, in another session maybe): it wakes the worker
+/// itself, as any commit that wrote events would. A wake too many costs one empty fan-out.
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let stmt = (*pstmt).utilityStmt;
+    let commit_prepared = !stmt.is_null()
+        && (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
+        && (*(stmt as *mut pg_sys::TransactionStmt)).kind
+            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+    match PREV_PROCESS_UTILITY {
+        Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+        None => pg_sys::standard_ProcessUtility(
+            pstmt,
+            query_string,
+            read_only_tree,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        ),
+    }
+    if commit_prepared {
+        // The prepared transaction is committed and visible now.
+        worker::wake(false);
     }
 }
 

@@ -23,7 +23,8 @@ WITH e AS (
     INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
     SELECT e.seq, s.id, now()
       FROM e JOIN webhooks._subscriptions s
-        ON webhooks._matches(s.event_types, s.filter, e.type, e.data)
+        ON s.fanned_out
+       AND webhooks._matches(s.event_types, s.filter, e.type, e.data)
        AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
      ORDER BY e.seq, s.id
     RETURNING id, event_seq, subscription_id
@@ -44,6 +45,40 @@ WITH e AS (
 )
 SELECT (SELECT pg_catalog.count(*) FROM e)::int8, (SELECT pg_catalog.max(e.seq) FROM e)::int8,
        (SELECT pg_catalog.count(*) FROM q)::int8";
+
+/// Subscriptions the worker sees for the first time get, before the next batch, the events they
+/// are owed (committed after their `created_snapshot`) among those fanned out already (visible
+/// in `$1`, the snapshot done): their creating transaction may have been open while those were
+/// fanned out. Then they are fanned out to like the others.
+const BACKFILL: &str = "\
+WITH s AS (
+    UPDATE webhooks._subscriptions s SET fanned_out = true
+     WHERE NOT s.fanned_out
+    RETURNING s.id, s.event_types, s.filter, s.created_snapshot
+), e AS (
+    SELECT ev.seq, ev.type, ev.entity, ev.key, s.id AS sub
+      FROM s CROSS JOIN LATERAL (
+           SELECT ev.seq, ev.type, ev.entity, ev.key FROM webhooks._events ev
+            WHERE ev.xid >= pg_catalog.pg_snapshot_xmin(s.created_snapshot)
+              AND NOT pg_catalog.pg_visible_in_snapshot(ev.xid, s.created_snapshot)
+              AND pg_catalog.pg_visible_in_snapshot(ev.xid, $1::pg_snapshot)
+              AND webhooks._matches(s.event_types, s.filter, ev.type, ev.data)) ev
+), d AS (
+    INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
+    SELECT e.seq, e.sub, now() FROM e ORDER BY e.seq, e.sub
+    RETURNING id, event_seq, subscription_id
+), k AS (
+    SELECT d.id, d.subscription_id, d.event_seq,
+           CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
+      FROM d JOIN e ON e.seq = d.event_seq AND e.sub = d.subscription_id
+)
+INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
+       k.ordering_key IS NULL
+       OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
+           AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
+                            WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
+  FROM k";
 
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
@@ -111,10 +146,16 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             // A new batch: everything committed by now. With no subscription at all, nothing
             // is owed to anybody (a subscription receives what commits after it was created):
             // the stream is taken as it is.
-            let (snapshot, subscribed) = Spi::get_two::<String, bool>(
+            let (snapshot, subscribed, new) = Spi::get_three::<String, bool, bool>(
                 "SELECT pg_catalog.pg_current_snapshot()::text,
-                        EXISTS (SELECT 1 FROM webhooks._subscriptions)",
+                        EXISTS (SELECT 1 FROM webhooks._subscriptions),
+                        EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)",
             )?;
+            if new.unwrap_or(false) {
+                with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
+                    Spi::connect_mut(|c| c.update(plan, None, &[done.clone().into()]).map(|_| ()))
+                })?;
+            }
             let snapshot = snapshot.unwrap_or_default();
             let subscribed = subscribed.unwrap_or(false);
             if !subscribed || snapshot == done {
@@ -172,11 +213,13 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         *cache = None;
         return Ok(FanOutStep { subscribed: true, deliveries: 0, more: true });
     }
-    // Whole transactions while they fit in `limit` (at least one), or part of a large one.
+    // Whole transactions while they fit in `limit` (at least one), or part of a large one. A
+    // transaction already taken in part goes on alone: its remaining events are those after
+    // `after`, which says nothing of other transactions' seqs (the limit may have grown since).
     let mut take = 0;
     let mut events = 0i64;
     for t in todo {
-        if take > 0 && events + t.2 > limit as i64 {
+        if take > 0 && (after > 0 || events + t.2 > limit as i64) {
             break;
         }
         take += 1;

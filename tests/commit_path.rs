@@ -322,3 +322,180 @@ fn children_read_through_their_foreign_key_index_are_in_primary_key_order_and_co
     want[4..].sort();
     assert_eq!(got, want, "{summary:?}");
 }
+
+#[test]
+fn a_larger_batch_size_mid_transaction_skips_no_other_transactions_events() {
+    let own = Cluster::start("commit_path_resize", &["webhooks.batch_size = 20"]);
+    let mut c = own.connect();
+    c.batch_execute("SELECT webhooks.pause(id) FROM webhooks.subscribe('http://127.0.0.1:9/x', '{rs.*}')")
+        .expect("subscribe");
+    // Hold the worker (it locks _fanout in each step) while two transactions commit: X with
+    // 4,000 events at even seqs, Y with one event at an odd seq inside X's range (as a
+    // transaction committing during X's pre-commit gets). Y's first event comes after X's,
+    // so Y is taken after the whole of X.
+    let mut hold = own.connect();
+    hold.batch_execute("BEGIN; SELECT 1 FROM webhooks._fanout FOR UPDATE")
+        .expect("hold");
+    c.batch_execute(
+        "INSERT INTO webhooks._events (seq, type, entity, key, data)
+         SELECT 1000000 + 2 * g, 'rs.x', 'rs', 'x', jsonb_build_object('g', g) FROM generate_series(0, 3999) g;
+         INSERT INTO webhooks._events (seq, type, entity, key, data) VALUES (1004001, 'rs.y', 'rs', 'y', '{}');",
+    )
+    .expect("events");
+    hold.batch_execute("COMMIT").expect("release");
+    // Let the worker take X in pieces of 20, a step or two at a time, until it is past Y's
+    // seq, then hold it there.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        hold.batch_execute("BEGIN").expect("begin");
+        let row = hold
+            .query_one(
+                "SELECT batch_first_seq, batch_seq FROM webhooks._fanout FOR UPDATE",
+                &[],
+            )
+            .expect("fanout");
+        let (first, seq): (i64, i64) = (row.get(0), row.get(1));
+        if first == 1_000_000 && seq > 1_004_001 && seq < i64::MAX {
+            break;
+        }
+        assert!(
+            seq <= 1_004_001 || first != 1_000_000,
+            "the worker went past X before it could be held (at {first}, {seq})"
+        );
+        assert!(std::time::Instant::now() < deadline, "the worker did not take X");
+        hold.batch_execute("COMMIT").expect("commit");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.batch_execute("ALTER SYSTEM SET webhooks.batch_size = 10000")
+        .expect("set");
+    c.batch_execute("SELECT pg_reload_conf()").expect("reload");
+    std::thread::sleep(Duration::from_millis(500));
+    hold.batch_execute("COMMIT").expect("release");
+    wait_for("every event to have its delivery", WAIT, || {
+        let missing = count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._events e WHERE e.type LIKE 'rs.%'
+                AND NOT EXISTS (SELECT 1 FROM webhooks._deliveries d WHERE d.event_seq = e.seq)",
+        );
+        (missing == 0).then_some(())
+    });
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM webhooks._deliveries"),
+        4001,
+        "each once"
+    );
+}
+
+#[test]
+fn a_version_undone_by_a_savepoint_whose_slot_is_reused_is_looked_up_by_key() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        "CREATE TABLE reuse_orders (id int PRIMARY KEY, status text, note text);
+         INSERT INTO reuse_orders VALUES (1, 'pending', ''), (2, 'pending', '');
+         SELECT webhooks.track('reuse_orders', entity => 'reuse', status_column => 'status');",
+    )
+    .expect("table");
+    let mut s1 = cluster().connect();
+    s1.batch_execute(
+        "BEGIN;
+         UPDATE reuse_orders SET status = 'paid' WHERE id = 1;
+         SAVEPOINT s;
+         UPDATE reuse_orders SET note = 'undone' WHERE id = 1;
+         ROLLBACK TO SAVEPOINT s;",
+    )
+    .expect("s1");
+    let undone: String = s1
+        .query_one("SELECT ctid::text FROM reuse_orders WHERE id = 1", &[])
+        .expect("ctid")
+        .get(0);
+    // The undone version is dead at once: vacuum frees its slot, and an insert reuses it.
+    c.batch_execute("VACUUM reuse_orders").expect("vacuum");
+    c.batch_execute("INSERT INTO reuse_orders VALUES (3, 'pending', '')")
+        .expect("insert");
+    let reused: String = c
+        .query_one("SELECT ctid::text FROM reuse_orders WHERE id = 3", &[])
+        .expect("ctid")
+        .get(0);
+    s1.batch_execute("COMMIT").expect("commit");
+    let ev: Vec<(String, String)> = c
+        .query(
+            "SELECT type, key FROM webhooks.events WHERE entity = 'reuse' ORDER BY seq",
+            &[],
+        )
+        .expect("events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut types: Vec<String> = ev.iter().map(|(t, k)| format!("{t} {k}")).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        ["reuse.created 3", "reuse.paid 1", "reuse.status_updated 1"],
+        "undone version at {undone}, row 3 at {reused}"
+    );
+}
+
+#[test]
+fn a_subscription_still_being_created_gets_the_events_committed_after_it_was_created() {
+    let rx = Receiver::start();
+    let mut c = cluster().connect();
+    // The subscribing transaction stays open while an event commits and the worker moves on.
+    let mut admin = cluster().connect();
+    admin.batch_execute("BEGIN").expect("begin");
+    let row = admin
+        .query_one(
+            "SELECT id, secret FROM webhooks.subscribe($1, '{late.*}')",
+            &[&rx.url("/late-sub")],
+        )
+        .expect("subscribe");
+    rx.configure(json!({"path": "/late-sub", "secret": row.get::<_, String>(1)}));
+    // One ordering key: delivered in commit order.
+    c.batch_execute("SELECT webhooks.emit('late.e', '{\"n\": 1}', 'k')")
+        .expect("emit");
+    // The worker fans that transaction out (to the other subscriptions) before the
+    // subscription commits.
+    wait_for("the worker to pass the event", WAIT, || {
+        let behind = count(
+            &mut c,
+            "SELECT count(*) FROM webhooks._events e WHERE e.type = 'late.e'
+                AND NOT pg_visible_in_snapshot(e.xid, (SELECT done FROM webhooks._fanout))",
+        );
+        (behind == 0).then_some(())
+    });
+    admin.batch_execute("COMMIT").expect("commit");
+    c.batch_execute("SELECT webhooks.emit('late.e', '{\"n\": 2}', 'k')")
+        .expect("emit");
+    let log = rx.wait_for_requests("/late-sub", 2, WAIT);
+    let ns: Vec<i64> = log
+        .iter()
+        .map(|r| r["json"]["data"]["n"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(ns, [1, 2], "owed by its created_snapshot, in commit order");
+}
+
+#[test]
+fn commit_prepared_wakes_the_worker() {
+    // The safety poll is an hour here: only a wake delivers within the wait below.
+    let own = Cluster::start(
+        "commit_path_2pc",
+        &["max_prepared_transactions = 2", "webhooks.poll_interval = '1h'"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    subscribe(&mut c, &rx, "/2pc", "{tpc.*}");
+    c.batch_execute("SELECT webhooks.emit('tpc.first', '{}')")
+        .expect("emit");
+    rx.wait_for_requests("/2pc", 1, WAIT);
+    c.batch_execute(
+        "BEGIN; SELECT webhooks.emit('tpc.prepared', '{}'); PREPARE TRANSACTION 'pgwh_2pc';",
+    )
+    .expect("prepare");
+    // Let the worker go idle, then commit the prepared transaction from another session.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = own.connect();
+    other
+        .batch_execute("COMMIT PREPARED 'pgwh_2pc'")
+        .expect("commit prepared");
+    let log = rx.wait_for_requests("/2pc", 2, Duration::from_secs(20));
+    assert_eq!(log[1]["json"]["type"], "tpc.prepared");
+}
