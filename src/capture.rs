@@ -81,6 +81,7 @@ pub(crate) struct TableConfig {
 /// the foreign key, and a primary key of one integer column or none.
 struct ChildDirect {
     relid: pg_sys::Oid,
+    fk_attnum: i16,
     index: pg_sys::Oid,
     eq_proc: pg_sys::Oid,
     collation: pg_sys::Oid,
@@ -113,14 +114,14 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
         return None;
     }
     let result = (|| {
-        if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION {
+        // A table others inherit from: `FROM child` reads their rows too, an index scan not.
+        if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION || (*(*rel).rd_rel).relhassubclass {
             return None;
         }
         let fk_type = pg_sys::getBaseType(pg_sys::get_atttype(child, fk_attnum));
         if fk_type == pg_sys::BPCHAROID || key_family(fk_type).is_none() {
             return None;
         }
-        let pk_index = pg_sys::RelationGetPrimaryKeyIndex(rel);
         let list = pg_sys::RelationGetIndexList(rel);
         let indexes: Vec<pg_sys::Oid> = if list.is_null() {
             Vec::new()
@@ -131,7 +132,13 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
         };
         let mut found = None;
         let mut pk = None;
-        let mut pk_ok = pk_index == pg_sys::InvalidOid;
+        // A primary key (deferrable ones too, which the relcache does not call primary) orders
+        // the children; one of another shape sends the table to the SQL path.
+        let mut has_pk = false;
+        let column_collation = {
+            let desc = (*rel).rd_att;
+            (*desc).attrs.as_slice((*desc).natts as usize)[fk_attnum as usize - 1].attcollation
+        };
         for oid in indexes {
             let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
             let form = (*idx).rd_index;
@@ -140,11 +147,13 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
             let plain = !pg_sys::heap_attisnull((*idx).rd_indextuple, pg_sys::Anum_pg_index_indexprs as i32, std::ptr::null_mut())
                 || !pg_sys::heap_attisnull((*idx).rd_indextuple, pg_sys::Anum_pg_index_indpred as i32, std::ptr::null_mut());
             let plain = !plain;
-            if oid == pk_index && nkeys == 1 && keys[0] > 0 {
+            if (*form).indisprimary {
+                has_pk = true;
+            }
+            if (*form).indisprimary && nkeys == 1 && keys[0] > 0 {
                 let t = pg_sys::get_atttype(child, keys[0]);
                 if [pg_sys::INT2OID, pg_sys::INT4OID, pg_sys::INT8OID].contains(&t) {
                     pk = Some((keys[0] as usize, t));
-                    pk_ok = true;
                 }
             }
             if found.is_none()
@@ -163,20 +172,24 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
                     opcintype,
                     pg_sys::BTEqualStrategyNumber as i16,
                 );
-                if op != pg_sys::InvalidOid && opcintype == fk_type {
+                if op != pg_sys::InvalidOid
+                    && opcintype == fk_type
+                    && *(*idx).rd_indcollation == column_collation
+                {
                     found = Some((oid, pg_sys::get_opcode(op), *(*idx).rd_indcollation));
                 }
             }
             pg_sys::index_close(idx, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         }
         let (index, eq_proc, collation) = found?;
-        if !pk_ok {
+        if has_pk && pk.is_none() {
             return None;
         }
         let (mut typinput, mut typioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
         pg_sys::getTypeInputInfo(fk_type, &mut typinput, &mut typioparam);
         Some(ChildDirect {
             relid: child,
+            fk_attnum,
             index,
             eq_proc,
             collation,
@@ -192,12 +205,34 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
 /// The rows of `ch` whose foreign key is `key`, as a JSON array (as `array_to_json` of the
 /// rows in primary key order writes it), read under `snapshot`. Called under the output
 /// settings.
-unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot) -> String {
+/// None when the index is not (any more) what the configuration found: DDL since the
+/// configuration was loaded (locking the table below takes in its invalidations); the caller
+/// then uses the SQL path.
+unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot) -> Option<String> {
     let Some(arg) = typed_key(ch.fk_type, ch.fk_input, key) else {
-        return "[]".into();
+        return Some("[]".into());
     };
-    let rel = pg_sys::table_open(ch.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-    let idx = pg_sys::index_open(ch.index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let rel = pg_sys::try_relation_open(ch.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    if rel.is_null() {
+        return None;
+    }
+    let idx = pg_sys::try_index_open(ch.index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let usable = !idx.is_null() && {
+        let form = (*idx).rd_index;
+        (*form).indrelid == ch.relid
+            && (*form).indisvalid
+            && (*form).indisready
+            && (*form).indnkeyatts >= 1
+            && *(*form).indkey.values.as_ptr() == ch.fk_attnum
+            && !(*(*rel).rd_rel).relhassubclass
+    };
+    if !usable {
+        if !idx.is_null() {
+            pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
+        }
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        return None;
+    }
     let mut skey: pg_sys::ScanKeyData = std::mem::zeroed();
     pg_sys::ScanKeyEntryInitialize(
         &mut skey,
@@ -252,17 +287,18 @@ unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot
         out.push_str(json);
     }
     out.push(']');
-    out
+    Some(out)
 }
 
 /// `{"name": [...], ...}` of `key`'s children read directly, under `snapshot`; None when the
 /// table has no children. Called under the output settings.
-fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, snapshot: pg_sys::Snapshot) -> Option<String> {
-    let arrays: Vec<Option<String>> = direct
-        .iter()
-        .map(|ch| Some(unsafe { children_array(ch, key, snapshot) }))
-        .collect();
-    cfg.children_json(&arrays)
+/// The outer None: the direct path is not usable now (see `children_array`).
+fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, snapshot: pg_sys::Snapshot) -> Option<Option<String>> {
+    let mut arrays: Vec<Option<String>> = Vec::with_capacity(direct.len());
+    for ch in direct {
+        arrays.push(Some(unsafe { children_array(ch, key, snapshot) }?));
+    }
+    Some(cfg.children_json(&arrays))
 }
 
 impl TableConfig {
@@ -1297,6 +1333,7 @@ fn _capture_row<'a>(
             )
         };
         let to_root = |tuple: *mut pg_sys::HeapTupleData| {
+            let tuple = complete(tuple, tupdesc);
             if conversion.is_null() {
                 tuple
             } else {
@@ -1503,7 +1540,24 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     // there is nothing to lock or to remember, if the child spells its key the same way (the
     // text of integers and uuids is canonical, text is compared as it is; char is padded).
     if cfg.key_type_oid != pg_sys::BPCHAROID {
-        let own_new = with_table(cfg.relid, |tt| {
+        // Still there: a savepoint rollback may have undone the insert (and someone else
+        // inserted the key since).
+        let noted = with_table(cfg.relid, |tt| {
+            tt.touches
+                .get(fk_key)
+                .filter(|t| !t.existed_before)
+                .and_then(|t| t.version)
+        });
+        let still_ours = noted.is_some_and(|(rel, tid)| unsafe {
+            // (A parent inserted by this very statement is not visible yet: the lock query
+            // below then handles it, as before.)
+            let latest = LatestSnapshot::push();
+            let found = fetch_visible(rel, tid, latest.get())
+                .is_some_and(|t| own_version_of(cfg, t, rel, fk_key));
+            drop(latest);
+            found
+        });
+        let own_new = still_ours && with_table(cfg.relid, |tt| {
             let own = tt
                 .touches
                 .get(fk_key)
@@ -1543,12 +1597,17 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
                     .is_none_or(|t| t.existed_before && !t.children_touched)
             })
         });
-        let children = if needs_snapshot && cfg.children_direct.is_some() {
+        let direct = if needs_snapshot && cfg.children_direct.is_some() {
             let latest = LatestSnapshot::push();
             let k = locked_key.as_deref().unwrap_or(fk_key);
-            Some(with_output_settings(|| {
+            with_output_settings(|| {
                 children_direct_json(cfg, cfg.children_direct.as_deref().unwrap_or(&[]), k, latest.get())
-            }))
+            })
+        } else {
+            None
+        };
+        let children = if direct.is_some() {
+            direct
         } else if needs_snapshot {
             let latest = LatestSnapshot::push();
             rows_with_snapshot(
@@ -1794,13 +1853,15 @@ fn rows_at_commit(
         }
         let children = if cfg.child_relids.is_empty() {
             HashMap::new()
-        } else if let Some(direct) = &cfg.children_direct {
+        } else if let Some(map) = cfg.children_direct.as_ref().and_then(|direct| {
             with_output_settings(|| {
                 fetched
                     .iter()
-                    .map(|f| (f.0.clone(), children_direct_json(cfg, direct, &f.0, snapshot)))
-                    .collect::<HashMap<_, _>>()
+                    .map(|f| Some((f.0.clone(), children_direct_json(cfg, direct, &f.0, snapshot)?)))
+                    .collect::<Option<HashMap<_, _>>>()
             })
+        }) {
+            map
         } else {
             let fetched_keys: Vec<String> = fetched.iter().map(|f| f.0.clone()).collect();
             as_role(cfg.owner, || {
@@ -1820,12 +1881,13 @@ fn rows_at_commit(
             })
             .collect::<HashMap<_, _>>()
         };
-        let root_desc = with_relation(cfg.relid, |root| {
-            let desc = pg_sys::CreateTupleDescCopy((*root).rd_att);
-            (*desc).tdtypeid = (*(*root).rd_att).tdtypeid;
-            desc
-        })
-        .unwrap_or_else(|| not_usable("the tracked table no longer exists"));
+        // The table's own descriptor: rows stored before an ADD COLUMN ... DEFAULT read that
+        // column's default through it, as the trigger's before-image did (a copy would not).
+        let root = pg_sys::RelationIdGetRelation(cfg.relid);
+        if root.is_null() {
+            not_usable("the tracked table no longer exists");
+        }
+        let root_desc = (*root).rd_att;
         let mut maps: HashMap<pg_sys::Oid, *mut pg_sys::TupleConversionMap> = HashMap::new();
         let status_att = cfg.status_attnum.unwrap_or(0);
         with_output_settings(|| {
@@ -1850,6 +1912,7 @@ fn rows_at_commit(
                 out.insert(key, RowAtCommit { row, image, status, children });
             }
         });
+        pg_sys::RelationClose(root);
     }
     out
 }
@@ -1874,6 +1937,18 @@ fn in_temp_context<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// `tuple` with every column of `desc` present: a row stored before an `ADD COLUMN ...
+/// DEFAULT` lacks the column, whose value is then the default `desc` records. Completed, it
+/// reads the same through any equivalent descriptor (a converted or copied one).
+unsafe fn complete(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> pg_sys::HeapTuple {
+    let natts = i32::from((*(*tuple).t_data).t_infomask2 & pg_sys::HEAP_NATTS_MASK as u16);
+    if natts < (*desc).natts {
+        pg_sys::heap_expand_tuple(tuple, desc)
+    } else {
+        tuple
+    }
+}
+
 /// A copy of the tuple at `tid` in `rel` if it is visible in `snapshot`.
 unsafe fn fetch_visible(
     rel: pg_sys::Oid,
@@ -1894,7 +1969,7 @@ unsafe fn fetch_visible(
         if block < pg_sys::RelationGetNumberOfBlocksInFork(r, pg_sys::ForkNumber::MAIN_FORKNUM)
             && pg_sys::heap_fetch(r, snapshot, &mut tuple, &mut buffer, false)
         {
-            found = Some(pg_sys::heap_copytuple(&mut tuple));
+            found = Some(complete(pg_sys::heap_copytuple(&mut tuple), (*r).rd_att));
             pg_sys::ReleaseBuffer(buffer);
         }
     }

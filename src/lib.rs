@@ -106,8 +106,9 @@ unsafe extern "C-unwind" fn process_utility(
         ),
     }
     if commit_prepared {
-        // The prepared transaction is committed and visible now.
-        worker::wake(false);
+        // The prepared transaction is committed and visible now. It may have queued
+        // deliveries directly (send_test, replay, resume...): claim too.
+        worker::wake(true);
     }
 }
 

@@ -71,14 +71,17 @@ WITH s AS (
     SELECT d.id, d.subscription_id, d.event_seq,
            CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
       FROM d JOIN e ON e.seq = d.event_seq AND e.sub = d.subscription_id
+), q AS (
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+    SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
+           k.ordering_key IS NULL
+           OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
+               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
+                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
+      FROM k
+    RETURNING 1
 )
-INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
-SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
-       k.ordering_key IS NULL
-       OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
-           AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
-                            WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
-  FROM k";
+SELECT pg_catalog.count(*)::int8 FROM q";
 
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
@@ -119,6 +122,8 @@ pub struct FanOutStep {
 /// and then: it is a write).
 pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResult<FanOutStep> {
     let idle = FanOutStep { subscribed: true, deliveries: 0, more: false };
+    // Deliveries made for subscriptions seen for the first time (they need a claim too).
+    let mut backfilled = 0i64;
     let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
         let row = c
             .update(
@@ -152,9 +157,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
                         EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)",
             )?;
             if new.unwrap_or(false) {
-                with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
-                    Spi::connect_mut(|c| c.update(plan, None, &[done.clone().into()]).map(|_| ()))
-                })?;
+                backfilled = with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
+                    Spi::connect_mut(|c| {
+                        c.update(plan, None, &[done.clone().into()])?.first().get::<i64>(1)
+                    })
+                })?
+                .unwrap_or(0);
             }
             let snapshot = snapshot.unwrap_or_default();
             let subscribed = subscribed.unwrap_or(false);
@@ -166,7 +174,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
                     )?;
                 }
                 *cache = None;
-                return Ok(FanOutStep { subscribed, ..idle });
+                return Ok(FanOutStep { subscribed, deliveries: backfilled, ..idle });
             }
             Spi::run_with_args(
                 "UPDATE webhooks._fanout SET batch = $1::pg_snapshot, batch_first_seq = 0, batch_seq = 0",
@@ -211,7 +219,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
         )?;
         *cache = None;
-        return Ok(FanOutStep { subscribed: true, deliveries: 0, more: true });
+        return Ok(FanOutStep { subscribed: true, deliveries: backfilled, more: true });
     }
     // Whole transactions while they fit in `limit` (at least one), or part of a large one. A
     // transaction already taken in part goes on alone: its remaining events are those after
@@ -248,7 +256,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into()],
     )?;
-    Ok(FanOutStep { subscribed: true, deliveries, more: true })
+    Ok(FanOutStep { subscribed: true, deliveries: deliveries + backfilled, more: true })
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per

@@ -499,3 +499,111 @@ fn commit_prepared_wakes_the_worker() {
     let log = rx.wait_for_requests("/2pc", 2, Duration::from_secs(20));
     assert_eq!(log[1]["json"]["type"], "tpc.prepared");
 }
+
+#[test]
+fn a_column_added_with_a_default_reads_the_same_before_and_at_commit() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        "CREATE TABLE add_orders (id int PRIMARY KEY, note text);
+         INSERT INTO add_orders VALUES (1, '');
+         ALTER TABLE add_orders ADD COLUMN status text NOT NULL DEFAULT 'pending';
+         SELECT webhooks.track('add_orders', entity => 'add', status_column => 'status');
+         -- Rows looked up by key at commit (their version was undone): no change.
+         BEGIN; SAVEPOINT s; UPDATE add_orders SET note = 'x' WHERE id = 1; ROLLBACK TO s; COMMIT;
+         BEGIN; SAVEPOINT s; DELETE FROM add_orders WHERE id = 1; ROLLBACK TO s; COMMIT;
+         UPDATE add_orders SET status = 'paid' WHERE id = 1;",
+    )
+    .expect("writes");
+    let ev = events(&mut c, "add");
+    let types: Vec<&str> = ev.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(types, ["add.status_updated", "add.paid"], "{ev:?}");
+    assert_eq!(ev[0].1["previous_status"], "pending");
+}
+
+/// `<e>_orders` tracked with `<e>_items` as children, the items with an index on order_id
+/// (the direct read) and `pk` as their primary key clause.
+fn indexed_orders(e: &str, pk: &str) -> Client {
+    let mut c = cluster().connect();
+    c.batch_execute(&format!(
+        r#"CREATE TABLE {e}_orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending');
+           CREATE TABLE {e}_items (id int {pk}, order_id int REFERENCES {e}_orders, sku text);
+           CREATE INDEX {e}_items_order_idx ON {e}_items (order_id);
+           SELECT webhooks.track('{e}_orders', entity => '{e}', status_column => 'status',
+                  children => '{{"items": {{"table": "{e}_items", "foreign_key": "order_id"}}}}');"#
+    ))
+    .expect("tables");
+    c
+}
+
+fn item_ids(ev: &(String, Value)) -> Vec<i64> {
+    ev.1["items"]
+        .as_array()
+        .map(|a| a.iter().map(|i| i["id"].as_i64().unwrap_or(0)).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn dropping_the_childrens_index_while_a_writer_is_open_does_not_fail_its_commit() {
+    let mut c = indexed_orders("dix", "PRIMARY KEY");
+    c.batch_execute("INSERT INTO dix_orders VALUES (1)").expect("order");
+    c.batch_execute("INSERT INTO dix_items VALUES (1, 1, 'a'), (2, 1, 'b')")
+        .expect("items");
+    let mut writer = cluster().connect();
+    writer
+        .batch_execute("BEGIN; UPDATE dix_orders SET status = 'paid' WHERE id = 1;")
+        .expect("writer");
+    c.batch_execute("DROP INDEX dix_items_order_idx").expect("drop index");
+    writer.batch_execute("COMMIT").expect("commit succeeds");
+    let ev = events(&mut c, "dix");
+    let last = ev.iter().find(|e| e.0 == "dix.status_updated").expect("status_updated");
+    assert_eq!(item_ids(last), [1, 2]);
+}
+
+#[test]
+fn a_deferrable_primary_key_still_orders_the_children_and_inheriting_tables_are_read() {
+    let mut c = indexed_orders("dpk", "PRIMARY KEY DEFERRABLE");
+    // One transaction each (a multi-statement string is one implicit transaction).
+    for sql in [
+        "INSERT INTO dpk_orders VALUES (1)",
+        "INSERT INTO dpk_items VALUES (2, 1, 'b'), (1, 1, 'a')",
+        "UPDATE dpk_items SET sku = 'B' WHERE id = 2", // moves item 2 in the heap
+        "UPDATE dpk_orders SET status = 'paid' WHERE id = 1",
+    ] {
+        c.batch_execute(sql).expect(sql);
+    }
+    let ev = events(&mut c, "dpk");
+    let last = ev.iter().rev().find(|e| e.0 == "dpk.status_updated").expect("status_updated");
+    assert_eq!(item_ids(last), [1, 2], "primary key order");
+
+    let mut c = indexed_orders("inh", "PRIMARY KEY");
+    for sql in [
+        "CREATE TABLE inh_special_items (note text) INHERITS (inh_items)",
+        "INSERT INTO inh_orders VALUES (1)",
+        "INSERT INTO inh_items VALUES (1, 1, 'a')",
+        "INSERT INTO inh_special_items VALUES (2, 1, 'b', 'gift')",
+        "UPDATE inh_orders SET status = 'paid' WHERE id = 1",
+    ] {
+        c.batch_execute(sql).expect(sql);
+    }
+    let ev = events(&mut c, "inh");
+    let last = ev.iter().rev().find(|e| e.0 == "inh.status_updated").expect("status_updated");
+    assert_eq!(item_ids(last), [1, 2], "rows of inheriting tables, as FROM inh_items reads them");
+}
+
+#[test]
+fn a_parent_insert_undone_by_a_savepoint_does_not_skip_the_parent_lock() {
+    let mut c = indexed_orders("lck", "PRIMARY KEY");
+    let mut t1 = cluster().connect();
+    t1.batch_execute(
+        "BEGIN; SAVEPOINT a; INSERT INTO lck_orders VALUES (7); ROLLBACK TO SAVEPOINT a;",
+    )
+    .expect("t1");
+    c.batch_execute("INSERT INTO lck_orders VALUES (7)").expect("another session inserts 7");
+    t1.batch_execute("INSERT INTO lck_items VALUES (1, 7, 'x')").expect("t1 writes an item");
+    // t1 holds the parent's row lock, as for any parent it did not insert itself.
+    let err = c
+        .batch_execute("SELECT 1 FROM lck_orders WHERE id = 7 FOR UPDATE NOWAIT")
+        .expect_err("the parent row is locked");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    t1.batch_execute("COMMIT").expect("commit");
+}
