@@ -500,6 +500,14 @@ thread_local! {
     /// Parent of each partition looked up so far (dropped with the configurations).
     static PARENTS: RefCell<HashMap<pg_sys::Oid, Option<pg_sys::Oid>>> = RefCell::new(HashMap::new());
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// Whether a subtransaction of this transaction was rolled back: until one is, every
+    /// version the trigger noted is still this transaction's newest (nothing undid it).
+    static SUBXACT_ABORTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone.
+pub fn subtransaction_aborted() {
+    SUBXACT_ABORTED.with(|a| a.set(true));
 }
 
 /// Why the worker is to be woken at commit.
@@ -539,6 +547,7 @@ pub fn forget_at_commit() {
 
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
+    SUBXACT_ABORTED.with(|a| a.set(false));
     TOUCHED.with(|t| t.borrow_mut().clear());
     EMITTED.with(|e| e.borrow_mut().clear());
     WAKE_AT_COMMIT.with(|w| w.set(None));
@@ -1548,7 +1557,8 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
                 .filter(|t| !t.existed_before)
                 .and_then(|t| t.version)
         });
-        let still_ours = noted.is_some_and(|(rel, tid)| unsafe {
+        let undone_possible = SUBXACT_ABORTED.with(|a| a.get());
+        let still_ours = noted.is_some_and(|(rel, tid)| !undone_possible || unsafe {
             // (A parent inserted by this very statement is not visible yet: the lock query
             // below then handles it, as before.)
             let latest = LatestSnapshot::push();
@@ -1817,8 +1827,11 @@ fn rows_at_commit(
             // Only a version this transaction made, of this key: the version the trigger saw
             // may have been undone by a savepoint rollback and its slot reused since by
             // another row (vacuum frees an aborted version's slot at once).
+            let undone_possible = SUBXACT_ABORTED.with(|a| a.get());
             match fetch_visible(rel, tid, snapshot) {
-                Some(t) if own_version_of(cfg, t, rel, &key) => fetched.push((key, t, rel)),
+                Some(t) if !undone_possible || own_version_of(cfg, t, rel, &key) => {
+                    fetched.push((key, t, rel))
+                }
                 _ => retry.push(key),
             }
         }
@@ -1965,9 +1978,14 @@ unsafe fn fetch_visible(
         let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
         tuple.t_self = tid;
         let mut buffer: pg_sys::Buffer = 0;
+        // Unless a subtransaction was rolled back (releasing its locks), this transaction
+        // wrote a version in that block and holds a lock on the table since, so vacuum cannot
+        // have truncated the table below it; otherwise the block is checked (a read past the
+        // end would raise).
         let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
-        if block < pg_sys::RelationGetNumberOfBlocksInFork(r, pg_sys::ForkNumber::MAIN_FORKNUM)
-            && pg_sys::heap_fetch(r, snapshot, &mut tuple, &mut buffer, false)
+        let exists = !SUBXACT_ABORTED.with(|a| a.get())
+            || block < pg_sys::RelationGetNumberOfBlocksInFork(r, pg_sys::ForkNumber::MAIN_FORKNUM);
+        if exists && pg_sys::heap_fetch(r, snapshot, &mut tuple, &mut buffer, false)
         {
             found = Some(complete(pg_sys::heap_copytuple(&mut tuple), (*r).rd_att));
             pg_sys::ReleaseBuffer(buffer);

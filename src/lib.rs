@@ -43,6 +43,7 @@ pub extern "C-unwind" fn _PG_init() {
     worker::init_shared_memory();
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subtransaction_event), std::ptr::null_mut());
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
     }
@@ -67,6 +68,19 @@ unsafe extern "C-unwind" fn on_transaction_event(
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => capture::reset(),
         _ => {}
+    }
+}
+
+/// A rolled-back subtransaction may have undone versions capture noted.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction_event(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        capture::subtransaction_aborted();
     }
 }
 
