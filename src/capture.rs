@@ -302,28 +302,11 @@ fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, sn
 }
 
 impl TableConfig {
-    /// The key as a value of the key's base type (its input function, never a cast).
+    /// The key as a value of the key's base type (its input function, never a cast). A
+    /// child's foreign key may be a wider integer than the key: out of the key's range, it
+    /// names no parent (and the key type's input function would raise).
     fn key_datum(&self, key: &str) -> Option<pg_sys::Datum> {
-        // A child's foreign key may be a wider integer than the key: out of the key's range,
-        // it names no parent (and the key type's input function would raise).
-        let fits = match self.key_type_oid {
-            t if t == pg_sys::INT2OID => key.parse::<i16>().is_ok(),
-            t if t == pg_sys::INT4OID => key.parse::<i32>().is_ok(),
-            t if t == pg_sys::INT8OID => key.parse::<i64>().is_ok(),
-            _ => true,
-        };
-        if !fits {
-            return None;
-        }
-        let c = std::ffi::CString::new(key).ok()?;
-        Some(unsafe {
-            pg_sys::OidInputFunctionCall(
-                self.key_input.0,
-                c.as_ptr().cast_mut(),
-                self.key_input.1,
-                -1,
-            )
-        })
+        typed_key(self.key_type_oid, self.key_input, key)
     }
 
     /// Keys as an array of the key's base type.

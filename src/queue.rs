@@ -9,10 +9,27 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::time::Duration;
 
+/// The queue rows of new deliveries `k` (id, subscription, event seq, ordering key): each is
+/// a head if unordered, or the first of its key among them with nothing of its key queued.
+macro_rules! queue_heads {
+    () => {
+        "q AS (
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+    SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
+           k.ordering_key IS NULL
+           OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
+               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
+                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
+      FROM k
+    RETURNING 1
+)"
+    };
+}
+
 /// Fan out the events of the transactions `$1` (xid8 as text), those after seq `$2`, at most
 /// `$3` of them, in seq order: deliveries for every subscription that matches them and was
 /// created before they committed. Returns how many events were taken and the last one's seq.
-const FAN_OUT: &str = "\
+const FAN_OUT: &str = concat!("\
 WITH e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid
       FROM webhooks._events ev
@@ -32,25 +49,15 @@ WITH e AS (
     SELECT d.id, d.subscription_id, d.event_seq,
            CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
       FROM d JOIN e ON e.seq = d.event_seq
-), q AS (
-    -- A head: unordered, or the first of its key in this batch with nothing queued before it.
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
-    SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
-           k.ordering_key IS NULL
-           OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
-               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
-                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
-      FROM k
-    RETURNING 1
-)
+), ", queue_heads!(), "
 SELECT (SELECT pg_catalog.count(*) FROM e)::int8, (SELECT pg_catalog.max(e.seq) FROM e)::int8,
-       (SELECT pg_catalog.count(*) FROM q)::int8";
+       (SELECT pg_catalog.count(*) FROM q)::int8");
 
 /// Subscriptions the worker sees for the first time get, before the next batch, the events they
 /// are owed (committed after their `created_snapshot`) among those fanned out already (visible
 /// in `$1`, the snapshot done): their creating transaction may have been open while those were
 /// fanned out. Then they are fanned out to like the others.
-const BACKFILL: &str = "\
+const BACKFILL: &str = concat!("\
 WITH s AS (
     UPDATE webhooks._subscriptions s SET fanned_out = true
      WHERE NOT s.fanned_out
@@ -71,17 +78,8 @@ WITH s AS (
     SELECT d.id, d.subscription_id, d.event_seq,
            CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
       FROM d JOIN e ON e.seq = d.event_seq AND e.sub = d.subscription_id
-), q AS (
-    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
-    SELECT k.id, k.subscription_id, k.event_seq, k.ordering_key,
-           k.ordering_key IS NULL
-           OR (pg_catalog.row_number() OVER (PARTITION BY k.subscription_id, k.ordering_key ORDER BY k.event_seq) = 1
-               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
-                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key))
-      FROM k
-    RETURNING 1
-)
-SELECT pg_catalog.count(*)::int8 FROM q";
+), ", queue_heads!(), "
+SELECT pg_catalog.count(*)::int8 FROM q");
 
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
