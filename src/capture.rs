@@ -1152,16 +1152,7 @@ fn primary_key_order(child: pg_sys::Oid) -> String {
 /// applications need no grant on the `webhooks` schema, and no caller's code runs with more
 /// rights than its author already has.
 pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut saved_user = pg_sys::InvalidOid;
-        let mut saved_ctx = 0;
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_ctx);
-        pg_sys::SetUserIdAndSecContext(
-            role,
-            saved_ctx
-                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
+    with_user(role, || unsafe {
         let nest = pg_sys::NewGUCNestLevel();
         set_options(&[
             (c"search_path", c"pg_catalog, pg_temp"),
@@ -1175,9 +1166,8 @@ pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
         // undone, as PostgreSQL does after maintenance commands that run users' code.
         let result = f();
         pg_sys::AtEOXact_GUC(false, nest);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_ctx);
         result
-    }
+    })
 }
 
 /// Settings that change how values are written as text: fixed while capture turns rows into
