@@ -2009,15 +2009,15 @@ fn insert_events(events: Vec<NewEvent>) {
             .and_then(|status| mapped_event_type(&e.entity, status));
         rows.push(crate::direct::EventRow {
             event_type: e.event_type,
-            entity: Some(e.entity.clone()),
-            key: Some(e.key.clone()),
+            entity: e.entity.clone(),
+            key: e.key.clone(),
             data: data.clone(),
         });
         if let Some(event_type) = mapped {
             rows.push(crate::direct::EventRow {
                 event_type,
-                entity: Some(e.entity),
-                key: Some(e.key),
+                entity: e.entity,
+                key: e.key,
                 data,
             });
         }

@@ -11,8 +11,8 @@ use std::ffi::CString;
 /// One row of `webhooks._events` to write. `data` is JSON text (valid JSON, an object).
 pub struct EventRow {
     pub event_type: String,
-    pub entity: Option<String>,
-    pub key: Option<String>,
+    pub entity: String,
+    pub key: String,
     pub data: String,
 }
 
@@ -95,10 +95,10 @@ fn random_uuid() -> pg_sys::Datum {
 }
 
 /// Insert `rows` into `webhooks._events`, in order, with seqs from its sequence (taken now:
-/// capture calls this at pre-commit), the transaction's id and the clock. Returns their seqs.
-pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
+/// capture calls this at pre-commit), the transaction's id and the clock.
+pub fn insert_events(rows: &[EventRow]) {
     if rows.is_empty() {
-        return Vec::new();
+        return;
     }
     unsafe {
         let relid = relid_of(c"webhooks", c"_events");
@@ -130,7 +130,6 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
         let mut last_data: Option<(&str, pg_sys::Datum)> = None;
-        let mut seqs = Vec::with_capacity(rows.len());
         for row in rows {
             let outer = pg_sys::MemoryContextSwitchTo(per_row);
             // nextval checks USAGE on the sequence: as the capture role, which has it.
@@ -141,7 +140,6 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
                     pg_sys::Datum::from(seq_relid),
                 )
             });
-            seqs.push(seq.value() as i64);
             pg_sys::ExecClearTuple(slot);
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
@@ -153,12 +151,8 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
             set(cols.seq, seq);
             set(cols.id, random_uuid());
             set(cols.event_type, text_datum(&row.event_type));
-            if let Some(e) = &row.entity {
-                set(cols.entity, text_datum(e));
-            }
-            if let Some(k) = &row.key {
-                set(cols.key, text_datum(k));
-            }
+            set(cols.entity, text_datum(&row.entity));
+            set(cols.key, text_datum(&row.key));
             let data = match last_data {
                 Some((text, datum)) if text == row.data.as_str() => datum,
                 _ => {
@@ -206,6 +200,5 @@ pub fn insert_events(rows: &[EventRow]) -> Vec<i64> {
         pg_sys::ExecCloseIndices(rri);
         pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        seqs
     }
 }

@@ -201,8 +201,8 @@ struct LoopState {
     /// When the next claim is due even if nothing wakes the worker (retry timer, safety poll).
     next_claim_at: Instant,
     /// Fan-out: when it runs even if no commit wakes the worker (safety poll), the earliest it
-    /// runs again after a round that found events (the batch window), whether the last round
-    /// left work, and the transactions of the batch in progress.
+    /// runs again after a round (the batch window), whether the last round left work, and the
+    /// transactions of the batch in progress.
     next_fan_out_at: Instant,
     fan_out_not_before: Instant,
     fan_out_more: bool,
