@@ -94,6 +94,23 @@ SELECT ev.xid::text, pg_catalog.min(ev.seq), pg_catalog.count(*)
  GROUP BY ev.xid
  ORDER BY 2";
 
+/// The transactions with events visible in `batch` and not in `done` (see BATCH_TRANSACTIONS).
+fn batch_transactions(done: &str, batch: &str) -> SpiResult<Vec<(String, i64, i64)>> {
+    with_plan(BATCH_TRANSACTIONS, &[pg_sys::TEXTOID, pg_sys::TEXTOID], |plan| {
+        Spi::connect(|c| {
+            let mut out = Vec::new();
+            for r in c.select(plan, None, &[done.into(), batch.into()])? {
+                if let (Some(x), Some(first), Some(n)) =
+                    (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?)
+                {
+                    out.push((x, first, n));
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+}
+
 /// A batch being fanned out: its transactions in order, and how far it has got.
 pub struct Batch {
     snapshot: String,
@@ -120,6 +137,36 @@ pub struct FanOutStep {
 /// and then: it is a write).
 pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResult<FanOutStep> {
     let idle = FanOutStep { subscribed: true, deliveries: 0, more: false };
+    // First without a lock, and without writing: when nothing new has committed, the step
+    // ends here. Taking the row lock or moving `done` would use a transaction id, so that
+    // the next snapshot would differ again, and an idle worker would fan out for ever.
+    let quiet = Spi::connect(|c| {
+        let row = c
+            .select("SELECT f.done::text, f.batch IS NULL FROM webhooks._fanout f", Some(1), &[])?
+            .first();
+        Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?))
+    })?;
+    // A new batch: everything committed by now, with what it holds (see below).
+    let mut fresh: Option<(String, bool, Vec<(String, i64, i64)>)> = None;
+    if let (Some(done), Some(true)) = (&quiet.0, quiet.1) {
+        let (snapshot, subscribed, new) = Spi::get_three::<String, bool, bool>(
+            "SELECT pg_catalog.pg_current_snapshot()::text,
+                    EXISTS (SELECT 1 FROM webhooks._subscriptions),
+                    EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)",
+        )?;
+        let snapshot = snapshot.unwrap_or_default();
+        let subscribed = subscribed.unwrap_or(false);
+        let new = new.unwrap_or(false);
+        if !subscribed && !advance {
+            *cache = None;
+            return Ok(FanOutStep { subscribed, ..idle });
+        }
+        let transactions = if subscribed { batch_transactions(done, &snapshot)? } else { Vec::new() };
+        if subscribed && !new && transactions.is_empty() {
+            return Ok(idle);
+        }
+        fresh = Some((snapshot, subscribed, transactions));
+    }
     // Deliveries made for subscriptions seen for the first time (they need a claim too).
     let mut backfilled = 0i64;
     let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
@@ -143,59 +190,49 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         Spi::run("INSERT INTO webhooks._fanout DEFAULT VALUES ON CONFLICT DO NOTHING")?;
         return Ok(idle);
     };
-    let batch = match batch {
-        Some(b) => b,
-        None => {
-            // A new batch: everything committed by now. With no subscription at all, nothing
-            // is owed to anybody (a subscription receives what commits after it was created):
-            // the stream is taken as it is.
-            let (snapshot, subscribed, new) = Spi::get_three::<String, bool, bool>(
-                "SELECT pg_catalog.pg_current_snapshot()::text,
-                        EXISTS (SELECT 1 FROM webhooks._subscriptions),
-                        EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)",
-            )?;
-            if new.unwrap_or(false) {
-                backfilled = with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
-                    Spi::connect_mut(|c| {
-                        c.update(plan, None, &[done.clone().into()])?.first().get::<i64>(1)
-                    })
-                })?
-                .unwrap_or(0);
-            }
-            let snapshot = snapshot.unwrap_or_default();
-            let subscribed = subscribed.unwrap_or(false);
-            if !subscribed || snapshot == done {
-                if snapshot != done && (subscribed || advance) {
-                    Spi::run_with_args(
-                        "UPDATE webhooks._fanout SET done = $1::pg_snapshot",
-                        &[snapshot.into()],
-                    )?;
-                }
+    if batch.is_some() != fresh.is_none() || quiet.0.as_deref() != Some(done.as_str()) {
+        // Moved on while it was not locked (by hand): look again.
+        *cache = None;
+        return Ok(FanOutStep { more: true, ..idle });
+    }
+    let batch = match (batch, fresh) {
+        (Some(b), _) => b,
+        (None, Some((snapshot, subscribed, transactions))) => {
+            // With no subscription at all, nothing is owed to anybody (a subscription receives
+            // what commits after it was created): the stream is taken as it is.
+            if !subscribed {
+                Spi::run_with_args(
+                    "UPDATE webhooks._fanout SET done = $1::pg_snapshot",
+                    &[snapshot.into()],
+                )?;
                 *cache = None;
-                return Ok(FanOutStep { subscribed, deliveries: backfilled, ..idle });
+                return Ok(FanOutStep { subscribed, ..idle });
+            }
+            backfilled = with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
+                Spi::connect_mut(|c| {
+                    c.update(plan, None, &[done.clone().into()])?.first().get::<i64>(1)
+                })
+            })?
+            .unwrap_or(0);
+            if transactions.is_empty() {
+                *cache = None;
+                return Ok(FanOutStep { deliveries: backfilled, ..idle });
             }
             Spi::run_with_args(
                 "UPDATE webhooks._fanout SET batch = $1::pg_snapshot, batch_first_seq = 0, batch_seq = 0",
                 &[snapshot.clone().into()],
             )?;
-            *cache = None;
+            *cache = Some(Batch {
+                snapshot: snapshot.clone(),
+                done_snapshot: done.clone(),
+                transactions,
+            });
             snapshot
         }
+        (None, None) => unreachable!("checked above"),
     };
     if cache.as_ref().is_none_or(|c| c.snapshot != batch || c.done_snapshot != done) {
-        let transactions = with_plan(BATCH_TRANSACTIONS, &[pg_sys::TEXTOID, pg_sys::TEXTOID], |plan| {
-            Spi::connect(|c| {
-                let mut out = Vec::new();
-                for r in c.select(plan, None, &[done.clone().into(), batch.clone().into()])? {
-                    if let (Some(x), Some(first), Some(n)) =
-                        (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?)
-                    {
-                        out.push((x, first, n));
-                    }
-                }
-                Ok::<_, pgrx::spi::Error>(out)
-            })
-        })?;
+        let transactions = batch_transactions(&done, &batch)?;
         *cache = Some(Batch { snapshot: batch.clone(), done_snapshot: done.clone(), transactions });
     }
     let txns = &cache.as_ref().expect("set above").transactions;
