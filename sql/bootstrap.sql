@@ -114,7 +114,9 @@ CREATE TABLE webhooks._deliveries (
     created_at       timestamptz NOT NULL DEFAULT now(),
     delivered_at     timestamptz,
     redelivery_of    bigint
-);
+-- Each delivery is updated when its attempt ends: room on the page keeps that update there
+-- (no new index entries; the old version is pruned on the page, not left to VACUUM).
+) WITH (fillfactor = 70);
 CREATE INDEX _deliveries_subscription_idx ON webhooks._deliveries (subscription_id, id);
 CREATE INDEX _deliveries_event_idx ON webhooks._deliveries (event_seq);
 
@@ -131,12 +133,15 @@ CREATE TABLE webhooks._queue (
     -- Kept up to date when a delivery leaves the queue, so claiming never walks the rows
     -- waiting behind a head.
     head            boolean NOT NULL DEFAULT true
-) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 200);
-CREATE INDEX _queue_due_idx ON webhooks._queue (next_attempt_at, event_seq) WHERE head AND claimed_at IS NULL;
+) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 200,
+       -- Room on each page for the claim's update (claimed_at only, in no index or index
+       -- predicate) to stay on the page: no new index entries for a claim.
+       fillfactor = 70);
 -- Claims look at each active subscription's own due heads, so one endpoint's backlog never
--- hides the others' work.
+-- hides the others' work. Claimed heads (as many as the subscription has in flight) are
+-- stepped over in the table, not in the index's predicate, so that a claim adds no entry.
 CREATE INDEX _queue_sub_due_idx ON webhooks._queue (subscription_id, next_attempt_at, event_seq)
-    WHERE head AND claimed_at IS NULL;
+    WHERE head;
 CREATE INDEX _queue_order_idx ON webhooks._queue (subscription_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL;
 -- The worker ends deliveries left queued for a removed subscription; it finds the queue's

@@ -44,6 +44,14 @@ pub struct Job {
     pub max_response_bytes: usize,
 }
 
+/// What came of a chain: the attempts made, in order, and the deliveries not attempted because
+/// an earlier one of the chain did not succeed (they wait, as they were, behind it).
+pub struct ChainOutcome {
+    pub subscription_id: i64,
+    pub outcomes: Vec<Outcome>,
+    pub skipped: Vec<i64>,
+}
+
 /// What came of one attempt.
 pub struct Outcome {
     pub delivery_id: i64,
@@ -134,8 +142,8 @@ impl Resolver for CheckedResolver {
 }
 
 pub struct Pool {
-    jobs: Sender<Job>,
-    outcomes: Receiver<Outcome>,
+    jobs: Sender<Vec<Job>>,
+    outcomes: Receiver<ChainOutcome>,
     wake_read: std::fs::File,
     allow_private: Arc<AtomicBool>,
 }
@@ -169,8 +177,8 @@ impl Pool {
             allow_private: allow_private.clone(),
         };
         let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), resolver);
-        let (jobs_tx, jobs_rx) = channel::<Job>();
-        let (out_tx, out_rx) = channel::<Outcome>();
+        let (jobs_tx, jobs_rx) = channel::<Vec<Job>>();
+        let (out_tx, out_rx) = channel::<ChainOutcome>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         for i in 0..threads {
             let agent = agent.clone();
@@ -180,20 +188,15 @@ impl Pool {
             std::thread::Builder::new()
                 .name(format!("pg_webhooks http {i}"))
                 .spawn(move || loop {
-                    let job = match jobs_rx.lock() {
+                    let chain = match jobs_rx.lock() {
                         Ok(rx) => match rx.recv() {
-                            Ok(job) => job,
+                            Ok(chain) => chain,
                             Err(_) => return, // the pool was dropped
                         },
                         Err(_) => return,
                     };
-                    // A panic while sending ends this attempt with an error (retried like any
-                    // other), never the thread: its slot is always given back.
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        attempt(&agent, &job)
-                    }))
-                    .unwrap_or_else(|panic| panicked(&job, panic));
-                    if out_tx.send(outcome).is_err() {
+                    let done = run_chain(&agent, chain, attempt);
+                    if out_tx.send(done).is_err() {
                         return;
                     }
                     // Wake the main thread; a full pipe already means "wake up".
@@ -208,12 +211,13 @@ impl Pool {
         })
     }
 
-    pub fn submit(&self, job: Job) -> bool {
-        self.jobs.send(job).is_ok()
+    /// Hand over a chain (one or more deliveries of one subscription, sent in order).
+    pub fn submit(&self, chain: Vec<Job>) -> bool {
+        self.jobs.send(chain).is_ok()
     }
 
-    /// Outcomes that are ready, without waiting.
-    pub fn ready(&self) -> Vec<Outcome> {
+    /// Chains that are done, without waiting.
+    pub fn ready(&self) -> Vec<ChainOutcome> {
         let mut buf = [0u8; 256];
         while matches!((&self.wake_read).read(&mut buf), Ok(n) if n > 0) {}
         self.outcomes.try_iter().collect()
@@ -244,6 +248,33 @@ fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
             std::fs::File::from_raw_fd(fds[1]),
         ))
     }
+}
+
+/// Send a chain's jobs one after the other, until one does not succeed. A panic while sending
+/// ends that attempt with an error (retried like any other), never the thread: its slot is
+/// always given back.
+fn run_chain(
+    agent: &ureq::Agent,
+    chain: Vec<Job>,
+    attempt: fn(&ureq::Agent, &Job) -> Outcome,
+) -> ChainOutcome {
+    let mut done = ChainOutcome {
+        subscription_id: chain.first().map(|j| j.subscription_id).unwrap_or(0),
+        outcomes: Vec::with_capacity(chain.len()),
+        skipped: Vec::new(),
+    };
+    let mut jobs = chain.into_iter();
+    for job in jobs.by_ref() {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(agent, &job)))
+            .unwrap_or_else(|panic| panicked(&job, panic));
+        let ok = outcome.status.is_some_and(|s| (200..300).contains(&s));
+        done.outcomes.push(outcome);
+        if !ok {
+            break;
+        }
+    }
+    done.skipped = jobs.map(|j| j.delivery_id).collect();
+    done
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -411,12 +442,12 @@ mod tests {
         for id in 1..=6 {
             let mut j = job("{}");
             j.delivery_id = id;
-            assert!(pool.submit(j));
+            assert!(pool.submit(vec![j]));
         }
         let mut outcomes = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while outcomes.len() < 6 && Instant::now() < deadline {
-            outcomes.extend(pool.ready());
+            outcomes.extend(pool.ready().into_iter().flat_map(|c| c.outcomes));
             std::thread::sleep(Duration::from_millis(5));
         }
         // One thread: had the first panic killed it, nothing after delivery 1 would come back.
@@ -428,6 +459,42 @@ mod tests {
             assert!(e.contains("injected panic for delivery"), "{e}");
             assert_eq!(o.status, None);
         }
+    }
+
+    fn fails_delivery_3(_agent: &ureq::Agent, job: &Job) -> Outcome {
+        let mut o = panicked(job, Box::new("unused"));
+        o.error = None;
+        o.status = Some(if job.delivery_id == 3 { 500 } else { 200 });
+        o
+    }
+
+    #[test]
+    fn a_chain_stops_at_its_first_failure_and_hands_back_the_rest() {
+        let pool = Pool::start_with(2, true, fails_delivery_3).expect("pool");
+        let chain = |ids: std::ops::RangeInclusive<i64>| {
+            ids.map(|id| {
+                let mut j = job("{}");
+                j.delivery_id = id;
+                j
+            })
+            .collect::<Vec<_>>()
+        };
+        assert!(pool.submit(chain(1..=6)));
+        assert!(pool.submit(chain(10..=12)));
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done.len() < 2 && Instant::now() < deadline {
+            done.extend(pool.ready());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done.sort_by_key(|c| c.outcomes.first().map(|o| o.delivery_id));
+        let ids = |c: &ChainOutcome| c.outcomes.iter().map(|o| o.delivery_id).collect::<Vec<_>>();
+        assert_eq!(done.len(), 2);
+        assert_eq!(ids(&done[0]), [1, 2, 3], "sent in order, up to the failure");
+        assert_eq!(done[0].skipped, [4, 5, 6]);
+        assert_eq!(ids(&done[1]), [10, 11, 12]);
+        assert!(done[1].skipped.is_empty());
+        assert_eq!(done[0].subscription_id, 2);
     }
 
     #[test]

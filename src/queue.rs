@@ -298,7 +298,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 /// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
 /// subscription with room is looked at on its own (an index probe each), so a slow endpoint's
 /// backlog can never fill the window and starve the others. Only heads are claimed: a delivery
-/// with an ordering key waits while an earlier one of its key is queued.
+/// with an ordering key waits while an earlier one of its key is queued. A claimed head brings
+/// the next `$5` - 1 deliveries of its key with it, in order: a chain, sent one after the other
+/// by one HTTP thread, which stops at the first that fails. One hot key is then delivered at
+/// the speed of its endpoint, not of a claim and a record per delivery. Only the head is marked
+/// claimed: the others are not heads, so nobody else can claim them, and a chain that stops
+/// leaves them as they were.
 const CLAIM: &str = "\
 WITH room AS (
     SELECT s.id, $2 - COALESCE(f.n, 0) AS free
@@ -317,17 +322,33 @@ WITH room AS (
               FOR UPDATE OF q SKIP LOCKED) c
 ), pick AS (
     SELECT cand.delivery_id FROM cand ORDER BY cand.next_attempt_at, cand.event_seq LIMIT $1
+), heads AS (
+    UPDATE webhooks._queue q SET claimed_at = now()
+      FROM pick WHERE q.delivery_id = pick.delivery_id
+    RETURNING q.delivery_id, q.subscription_id, q.event_seq, q.ordering_key, q.attempts
+), chain AS (
+    SELECT h.delivery_id AS head, h.delivery_id, h.subscription_id, h.event_seq, h.attempts FROM heads h
+    UNION ALL
+    SELECT h.delivery_id, n.delivery_id, h.subscription_id, n.event_seq, n.attempts
+      FROM heads h CROSS JOIN LATERAL (
+           SELECT q.delivery_id, q.event_seq, q.attempts FROM webhooks._queue q
+            WHERE q.subscription_id = h.subscription_id AND q.ordering_key = h.ordering_key
+              AND q.event_seq > h.event_seq
+            ORDER BY q.event_seq
+            LIMIT $5 - 1) n
+     WHERE h.ordering_key IS NOT NULL
 )
-UPDATE webhooks._queue q SET claimed_at = now()
-  FROM pick, webhooks._events e, webhooks._subscriptions s, webhooks._secrets k
- WHERE q.delivery_id = pick.delivery_id AND e.seq = q.event_seq AND s.id = q.subscription_id
-   AND k.subscription_id = s.id
-RETURNING q.delivery_id, q.subscription_id, q.attempts, e.id::text, e.type,
-          pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-          e.data::text, s.url, s.signature, s.signature_header,
-          (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
-          CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
-          k.headers::text";
+SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type,
+       pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+       e.data::text, s.url, s.signature, s.signature_header,
+       (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
+       CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
+       k.headers::text, c.head
+  FROM chain c
+  JOIN webhooks._events e ON e.seq = c.event_seq
+  JOIN webhooks._subscriptions s ON s.id = c.subscription_id
+  JOIN webhooks._secrets k ON k.subscription_id = s.id
+ ORDER BY c.head, c.event_seq";
 
 /// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
 const RECORD: &str = "\
@@ -353,26 +374,28 @@ WITH r AS (
        AND d.status NOT IN ('succeeded', 'dead')
 ), qd AS (
     DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
-    RETURNING q.delivery_id, q.subscription_id, q.ordering_key
+    RETURNING q.delivery_id, q.subscription_id, q.ordering_key, q.head
 ), next_head AS (
-    -- The delivery that leaves releases its key: the earliest one left of that key becomes the
-    -- head, unless the key still has one. Every queued key always has a head, so no delivery
-    -- can wait forever, whatever order deliveries were queued in.
+    -- A head that leaves releases its key: the earliest delivery left of that key becomes the
+    -- head (one index probe per key). The deliveries of a key that leave are always its
+    -- earliest (a head, or a chain's first ones), so the key has no other head; a delivery of
+    -- the chain that is retried is that earliest one, and becomes the head below. Every queued
+    -- key always has a head, so no delivery can wait forever, whatever order deliveries were
+    -- queued in.
     UPDATE webhooks._queue q SET head = true
-      FROM (SELECT DISTINCT ON (n.subscription_id, n.ordering_key) n.delivery_id
-              FROM (SELECT DISTINCT qd.subscription_id, qd.ordering_key FROM qd
-                     WHERE qd.ordering_key IS NOT NULL) k
-              JOIN webhooks._queue n
-                ON n.subscription_id = k.subscription_id AND n.ordering_key = k.ordering_key
-             WHERE n.delivery_id NOT IN (SELECT qd.delivery_id FROM qd)
-               AND NOT EXISTS (SELECT 1 FROM webhooks._queue h
-                                WHERE h.subscription_id = k.subscription_id AND h.ordering_key = k.ordering_key
-                                  AND h.head AND h.delivery_id NOT IN (SELECT qd.delivery_id FROM qd))
-             ORDER BY n.subscription_id, n.ordering_key, n.event_seq) nh
+      FROM (SELECT DISTINCT qd.subscription_id, qd.ordering_key FROM qd
+             WHERE qd.ordering_key IS NOT NULL AND qd.head) k
+     CROSS JOIN LATERAL (
+           SELECT n.delivery_id FROM webhooks._queue n
+            WHERE n.subscription_id = k.subscription_id AND n.ordering_key = k.ordering_key
+              AND n.delivery_id NOT IN (SELECT qd.delivery_id FROM qd)
+            ORDER BY n.event_seq LIMIT 1) nh
      WHERE q.delivery_id = nh.delivery_id
+       AND nh.delivery_id NOT IN (SELECT r.delivery_id FROM r WHERE r.outcome = 'retry')
 ), qu AS (
     UPDATE webhooks._queue q
-       SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL
+       SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL,
+           head = true
       FROM r WHERE q.delivery_id = r.delivery_id AND r.outcome = 'retry'
 ), health AS (
     SELECT r.sub, pg_catalog.bool_or(r.outcome = 'succeeded') AS ok, pg_catalog.bool_or(r.gone) AS gone,
@@ -424,7 +447,8 @@ pub fn claim(
     in_flight: &[(i64, i32)],
     default_timeout: Duration,
     max_response_bytes: usize,
-) -> SpiResult<Vec<Claimed>> {
+    chain: i32,
+) -> SpiResult<Vec<Vec<Claimed>>> {
     let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
     let counts: Vec<i32> = in_flight.iter().map(|(_, n)| *n).collect();
     let types = [
@@ -432,6 +456,7 @@ pub fn claim(
         pg_sys::INT4OID,
         pg_sys::INT8ARRAYOID,
         pg_sys::INT4ARRAYOID,
+        pg_sys::INT4OID,
     ];
     with_plan(CLAIM, &types, |plan| {
         Spi::connect_mut(|c| {
@@ -443,10 +468,18 @@ pub fn claim(
                     per_endpoint.into(),
                     subs.into(),
                     counts.into(),
+                    chain.max(1).into(),
                 ],
             )?;
-            let mut out = Vec::new();
+            // Chains, each in order: the rows come grouped by their head.
+            let mut out: Vec<Vec<Claimed>> = Vec::new();
+            let mut last_head = None;
             for row in rows {
+                let head = row.get::<i64>(16)?;
+                if head != last_head || out.is_empty() {
+                    out.push(Vec::new());
+                    last_head = head;
+                }
                 let signature = match row.get::<String>(9)?.as_deref() {
                     Some("hex") => Signature::Hex {
                         header: row
@@ -473,7 +506,7 @@ pub fn claim(
                     .filter(|ms| *ms > 0)
                     .map(|ms| Duration::from_millis(ms as u64))
                     .unwrap_or(default_timeout);
-                out.push(Claimed {
+                out.last_mut().expect("pushed above").push(Claimed {
                     attempts_before: row.get::<i32>(3)?.unwrap_or(0),
                     retry_schedule: row.get::<String>(12)?,
                     job: Job {
@@ -568,16 +601,21 @@ pub fn release_claims() -> SpiResult<()> {
 
 /// Seconds until the next scheduled retry of an active subscription, run in the claim's
 /// transaction: deliveries due by its now() that it did not claim wait for an in-flight one
-/// to finish (which wakes the worker anyway); later ones set the timer.
+/// to finish (which wakes the worker anyway); later ones set the timer. One index probe per
+/// active subscription, whatever the size of the queue.
 pub fn seconds_until_next_due() -> SpiResult<Option<f64>> {
     with_plan(NEXT_DUE, &[], |plan| {
         Spi::connect(|c| c.select(plan, Some(1), &[])?.first().get::<f64>(1))
     })
 }
 
-const NEXT_DUE: &str = "SELECT EXTRACT(epoch FROM pg_catalog.min(q.next_attempt_at) - pg_catalog.clock_timestamp())::float8
-           FROM webhooks._queue q JOIN webhooks._subscriptions s ON s.id = q.subscription_id AND s.state = 'active'
-          WHERE q.head AND q.claimed_at IS NULL AND q.next_attempt_at > now()";
+const NEXT_DUE: &str = "\
+SELECT EXTRACT(epoch FROM pg_catalog.min(n.next_attempt_at) - pg_catalog.clock_timestamp())::float8
+  FROM webhooks._subscriptions s CROSS JOIN LATERAL (
+       SELECT q.next_attempt_at FROM webhooks._queue q
+        WHERE q.subscription_id = s.id AND q.head AND q.claimed_at IS NULL AND q.next_attempt_at > now()
+        ORDER BY q.next_attempt_at LIMIT 1) n
+ WHERE s.state = 'active'";
 
 /// One step of retention: how far it got.
 pub struct RetentionStep {

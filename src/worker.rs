@@ -213,33 +213,47 @@ struct LoopState {
     advance_at: Instant,
 }
 
-/// In-flight bookkeeping of the delivery worker's main thread.
+/// In-flight bookkeeping of the delivery worker's main thread: per delivery what is needed to
+/// judge its outcome, and per subscription its chains in flight (a chain holds one HTTP thread
+/// and sends one request at a time: it counts once against the per-endpoint cap).
 struct InFlight {
     by_delivery: HashMap<i64, (i32, Option<String>)>,
     by_subscription: HashMap<i64, i32>,
+    chains: usize,
 }
 
 impl InFlight {
     fn total(&self) -> usize {
-        self.by_delivery.len()
+        self.chains
     }
-    fn add(&mut self, claimed: &queue::Claimed) {
-        self.by_delivery.insert(
-            claimed.job.delivery_id,
-            (claimed.attempts_before, claimed.retry_schedule.clone()),
-        );
+    fn add(&mut self, chain: &[queue::Claimed]) {
+        let Some(first) = chain.first() else { return };
+        for claimed in chain {
+            self.by_delivery.insert(
+                claimed.job.delivery_id,
+                (claimed.attempts_before, claimed.retry_schedule.clone()),
+            );
+        }
         *self
             .by_subscription
-            .entry(claimed.job.subscription_id)
+            .entry(first.job.subscription_id)
             .or_default() += 1;
+        self.chains += 1;
     }
-    fn remove(&mut self, delivery_id: i64, subscription_id: i64) -> Option<(i32, Option<String>)> {
-        if let Some(n) = self.by_subscription.get_mut(&subscription_id) {
+    /// A chain came back: its deliveries leave, its slot is free.
+    fn finish(&mut self, done: &http::ChainOutcome) {
+        if let Some(n) = self.by_subscription.get_mut(&done.subscription_id) {
             *n -= 1;
             if *n <= 0 {
-                self.by_subscription.remove(&subscription_id);
+                self.by_subscription.remove(&done.subscription_id);
             }
         }
+        self.chains = self.chains.saturating_sub(1);
+        for id in &done.skipped {
+            self.by_delivery.remove(id);
+        }
+    }
+    fn take(&mut self, delivery_id: i64) -> Option<(i32, Option<String>)> {
         self.by_delivery.remove(&delivery_id)
     }
 }
@@ -370,6 +384,23 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             pg_sys::GucSource::PGC_S_SESSION,
         );
         pg_sys::pgstat_report_appname(APPLICATION_NAME.as_ptr());
+        // Every statement of the worker is built to touch a batch's rows through indexes.
+        // The planner, seeing a batch of hundreds of rows and a small table, would rather
+        // hash the whole table; as the queue and the history grow that turns each round into
+        // a scan of them. Nested loops over index probes cost the same at any size.
+        for (name, value) in [
+            (c"enable_hashjoin", c"off"),
+            (c"enable_mergejoin", c"off"),
+            (c"enable_bitmapscan", c"off"),
+            (c"jit", c"off"),
+        ] {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+            );
+        }
     }
     let pool = match http::Pool::start(gucs::concurrency(), gucs::allow_private_network()) {
         Ok(pool) => pool,
@@ -389,6 +420,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
         in_flight: InFlight {
             by_delivery: HashMap::new(),
             by_subscription: HashMap::new(),
+            chains: 0,
         },
         retention: Retention {
             next_at: Instant::now(),
@@ -439,13 +471,15 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     let recorded = !outcomes.is_empty();
     if recorded {
         let in_flight = &mut state.in_flight;
-        let batch: Vec<queue::Recorded> = outcomes
-            .into_iter()
-            .filter_map(|o| {
-                let (before, sched) = in_flight.remove(o.delivery_id, o.subscription_id)?;
-                Some(to_record(o, before, sched))
-            })
-            .collect();
+        let mut batch: Vec<queue::Recorded> = Vec::new();
+        for done in outcomes {
+            in_flight.finish(&done);
+            for o in done.outcomes {
+                if let Some((before, sched)) = in_flight.take(o.delivery_id) {
+                    batch.push(to_record(o, before, sched));
+                }
+            }
+        }
         let disable_after = gucs::disable_after();
         BackgroundWorker::transaction(move || queue::record(batch, &disable_after))
             .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
@@ -528,6 +562,9 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     }
 }
 
+/// Deliveries of one ordering key claimed together and sent in order by one HTTP thread, at
+/// most (and at most `webhooks.batch_size`).
+const CHAIN_MAX: i32 = 500;
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
@@ -634,14 +671,17 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
             &counts,
             gucs::timeout(),
             gucs::max_response_bytes(),
+            batch.min(CHAIN_MAX),
         )?;
-        Ok::<_, pgrx::spi::Error>((claimed, queue::seconds_until_next_due()?))
+        // A full claim comes back at once: the timer is not needed then.
+        let next_due = if claimed.len() as i32 == limit { None } else { queue::seconds_until_next_due()? };
+        Ok::<_, pgrx::spi::Error>((claimed, next_due))
     })
     .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
     let more_due = claimed.len() as i32 == limit;
-    for c in claimed {
-        in_flight.add(&c);
-        pool.submit(c.job);
+    for chain in claimed {
+        in_flight.add(&chain);
+        pool.submit(chain.into_iter().map(|c| c.job).collect());
     }
     match next_due {
         _ if more_due => Duration::ZERO,
