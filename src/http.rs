@@ -44,8 +44,9 @@ pub struct Job {
     pub max_response_bytes: usize,
 }
 
-/// What came of a chain: the attempts made, in order, and the deliveries not attempted because
-/// an earlier one of the chain did not succeed (they wait, as they were, behind it).
+/// What came of a job (deliveries of one subscription, sent one after the other): the attempts
+/// made, in order, and the deliveries not attempted because an earlier one of the job did not
+/// succeed (they are handed back as they were: a key's later deliveries wait behind it).
 pub struct ChainOutcome {
     pub subscription_id: i64,
     pub outcomes: Vec<Outcome>,

@@ -298,9 +298,11 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 /// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
 /// subscription with room is looked at on its own (an index probe each), so a slow endpoint's
 /// backlog can never fill the window and starve the others. Only heads are claimed: a delivery
-/// with an ordering key waits while an earlier one of its key is queued. A claimed head brings
-/// the next `$5` - 1 deliveries of its key with it, in order: a chain, sent one after the other
-/// by one HTTP thread, which stops at the first that fails. One hot key is then delivered at
+/// with an ordering key waits while an earlier one of its key is queued; up to `$6` heads per
+/// free slot of a subscription are claimed, to be sent one after the other by one HTTP thread
+/// (a slot is one request in flight). A claimed head brings the next deliveries of its key
+/// with it, in order (a chain of at most `$5`, and at most `$7` rows in all): sent one after
+/// the other by the same thread, which stops at the first that fails. One hot key is then delivered at
 /// the speed of its endpoint, not of a claim and a record per delivery. Only the head is marked
 /// claimed: the others are not heads, so nobody else can claim them, and a chain that stops
 /// leaves them as they were.
@@ -318,7 +320,7 @@ WITH room AS (
             WHERE q.subscription_id = room.id AND q.head AND q.claimed_at IS NULL
               AND q.next_attempt_at <= now()
             ORDER BY q.next_attempt_at, q.event_seq
-            LIMIT LEAST(room.free, $1)
+            LIMIT LEAST(room.free * $6, $1)
               FOR UPDATE OF q SKIP LOCKED) c
 ), pick AS (
     SELECT cand.delivery_id FROM cand ORDER BY cand.next_attempt_at, cand.event_seq LIMIT $1
@@ -335,7 +337,7 @@ WITH room AS (
             WHERE q.subscription_id = h.subscription_id AND q.ordering_key = h.ordering_key
               AND q.event_seq > h.event_seq
             ORDER BY q.event_seq
-            LIMIT $5 - 1) n
+            LIMIT LEAST($5, $7 / (SELECT pg_catalog.count(*) FROM heads)) - 1) n
      WHERE h.ordering_key IS NOT NULL
 )
 SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type,
@@ -351,8 +353,12 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type,
  ORDER BY c.head, c.event_seq";
 
 /// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
+/// `$13`: claimed deliveries handed back unattempted (their job stopped at an earlier failure).
 const RECORD: &str = "\
-WITH r AS (
+WITH released AS (
+    UPDATE webhooks._queue q SET claimed_at = NULL
+     WHERE q.delivery_id = ANY ($13::int8[]) AND q.claimed_at IS NOT NULL
+), r AS (
     SELECT * FROM unnest($1::int8[], $2::int8[], $3::int4[], $4::float8[], $5::float8[], $6::int4[],
                          $7::text[], $8::text[], $9::text[], $10::float8[], $11::bool[])
         AS r(delivery_id, sub, attempt, started, duration_ms, status_code, body, error, outcome, next_at, gone)
@@ -448,6 +454,8 @@ pub fn claim(
     default_timeout: Duration,
     max_response_bytes: usize,
     chain: i32,
+    per_slot: i32,
+    max_rows: i32,
 ) -> SpiResult<Vec<Vec<Claimed>>> {
     let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
     let counts: Vec<i32> = in_flight.iter().map(|(_, n)| *n).collect();
@@ -456,6 +464,8 @@ pub fn claim(
         pg_sys::INT4OID,
         pg_sys::INT8ARRAYOID,
         pg_sys::INT4ARRAYOID,
+        pg_sys::INT4OID,
+        pg_sys::INT4OID,
         pg_sys::INT4OID,
     ];
     with_plan(CLAIM, &types, |plan| {
@@ -469,6 +479,8 @@ pub fn claim(
                     subs.into(),
                     counts.into(),
                     chain.max(1).into(),
+                    per_slot.max(1).into(),
+                    max_rows.max(1).into(),
                 ],
             )?;
             // Chains, each in order: the rows come grouped by their head.
@@ -530,7 +542,7 @@ pub fn claim(
     })
 }
 
-pub fn record(batch: Vec<Recorded>, disable_after: &str) -> SpiResult<()> {
+pub fn record(batch: Vec<Recorded>, released: Vec<i64>, disable_after: &str) -> SpiResult<()> {
     let mut ids = Vec::new();
     let mut subs = Vec::new();
     let mut attempts = Vec::new();
@@ -568,6 +580,7 @@ pub fn record(batch: Vec<Recorded>, disable_after: &str) -> SpiResult<()> {
         pg_sys::FLOAT8ARRAYOID,
         pg_sys::BOOLARRAYOID,
         pg_sys::TEXTOID,
+        pg_sys::INT8ARRAYOID,
     ];
     with_plan(RECORD, &types, |plan| {
         Spi::connect_mut(|c| {
@@ -587,6 +600,7 @@ pub fn record(batch: Vec<Recorded>, disable_after: &str) -> SpiResult<()> {
                     next_at.into(),
                     gone.into(),
                     disable_after.into(),
+                    released.into(),
                 ],
             )
             .map(|_| ())

@@ -472,8 +472,10 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     if recorded {
         let in_flight = &mut state.in_flight;
         let mut batch: Vec<queue::Recorded> = Vec::new();
+        let mut released: Vec<i64> = Vec::new();
         for done in outcomes {
             in_flight.finish(&done);
+            released.extend_from_slice(&done.skipped);
             for o in done.outcomes {
                 if let Some((before, sched)) = in_flight.take(o.delivery_id) {
                     batch.push(to_record(o, before, sched));
@@ -481,7 +483,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             }
         }
         let disable_after = gucs::disable_after();
-        BackgroundWorker::transaction(move || queue::record(batch, &disable_after))
+        BackgroundWorker::transaction(move || queue::record(batch, released, &disable_after))
             .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
     }
 
@@ -565,6 +567,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 /// Deliveries of one ordering key claimed together and sent in order by one HTTP thread, at
 /// most (and at most `webhooks.batch_size`).
 const CHAIN_MAX: i32 = 500;
+/// Heads claimed per free slot (one request in flight) of a subscription, at most: sent one
+/// after the other by one HTTP thread, so that a backlog is claimed and handed over in batches.
+const PER_SLOT: i32 = 16;
+/// Rows claimed at once (heads and their chains), at most: bounds the worker's memory.
+const CLAIM_ROWS: i32 = 2_000;
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
@@ -657,7 +664,7 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
         // Every thread is busy: the next outcome wakes us.
         return poll;
     }
-    let limit = capacity.min(batch as usize) as i32;
+    let limit = (capacity * PER_SLOT as usize).min(batch as usize) as i32;
     let counts: Vec<(i64, i32)> = in_flight
         .by_subscription
         .iter()
@@ -672,6 +679,8 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
             gucs::timeout(),
             gucs::max_response_bytes(),
             batch.min(CHAIN_MAX),
+            PER_SLOT,
+            CLAIM_ROWS,
         )?;
         // A full claim comes back at once: the timer is not needed then.
         let next_due = if claimed.len() as i32 == limit { None } else { queue::seconds_until_next_due()? };
@@ -679,9 +688,29 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
     })
     .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
     let more_due = claimed.len() as i32 == limit;
-    for chain in claimed {
-        in_flight.add(&chain);
-        pool.submit(chain.into_iter().map(|c| c.job).collect());
+    // Per subscription, its claimed heads (each with its chain) are shared out over as many
+    // jobs as it has free slots, in order; a job is sent by one HTTP thread.
+    let mut by_sub: Vec<(i64, Vec<Vec<queue::Claimed>>)> = Vec::new();
+    for segment in claimed {
+        let Some(sub) = segment.first().map(|c| c.job.subscription_id) else { continue };
+        match by_sub.iter_mut().find(|(s, _)| *s == sub) {
+            Some((_, segments)) => segments.push(segment),
+            None => by_sub.push((sub, vec![segment])),
+        }
+    }
+    let per_endpoint = gucs::max_in_flight_per_endpoint();
+    for (sub, segments) in by_sub {
+        let busy = in_flight.by_subscription.get(&sub).copied().unwrap_or(0);
+        let slots = (per_endpoint - busy).max(1) as usize;
+        let mut jobs: Vec<Vec<queue::Claimed>> = (0..slots.min(segments.len())).map(|_| Vec::new()).collect();
+        let n = jobs.len();
+        for (i, segment) in segments.into_iter().enumerate() {
+            jobs[i % n].extend(segment);
+        }
+        for job in jobs {
+            in_flight.add(&job);
+            pool.submit(job.into_iter().map(|c| c.job).collect());
+        }
     }
     match next_due {
         _ if more_due => Duration::ZERO,
