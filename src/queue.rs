@@ -59,8 +59,12 @@ SELECT (SELECT pg_catalog.count(*) FROM e)::int8, (SELECT pg_catalog.max(e.seq) 
 /// fanned out. Then they are fanned out to like the others.
 const BACKFILL: &str = concat!("\
 WITH s AS (
+    -- One that a transaction holds (an unsubscribe, a pause still open) is left for a later
+    -- batch, which gives it all it is owed then (everything fanned out by then): fan-out
+    -- never waits for a subscriber's transaction.
     UPDATE webhooks._subscriptions s SET fanned_out = true
-     WHERE NOT s.fanned_out
+     WHERE s.id IN (SELECT n.id FROM webhooks._subscriptions n WHERE NOT n.fanned_out
+                      FOR UPDATE SKIP LOCKED)
     RETURNING s.id, s.event_types, s.filter, s.created_snapshot
 ), e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, s.id AS sub

@@ -640,3 +640,37 @@ fn an_idle_worker_with_a_subscription_writes_nothing() {
     c.batch_execute("SELECT webhooks.emit('idle.tick', '{}')").expect("emit");
     rx.wait_for_requests("/idle", 2, WAIT);
 }
+
+#[test]
+fn a_new_subscription_held_by_a_transaction_gets_its_events_once_released() {
+    let rx = Receiver::start();
+    let mut c = shared().connect();
+    let other = subscribe(&mut c, &rx, "/held-other", "{held.*}", json!({}));
+    let sub = subscribe(&mut c, &rx, "/held", "{held.*}", json!({}));
+    // Its row is held (as an open pause or unsubscribe would) when its first events commit:
+    // fan-out goes on for the others and gives it its events later.
+    let mut t = shared().connect();
+    t.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM webhooks._subscriptions WHERE id = {sub} FOR UPDATE"
+    ))
+    .expect("hold");
+    c.batch_execute("SELECT webhooks.emit('held.a', '{\"n\": 1}', 'k')")
+        .expect("emit");
+    rx.wait_for_requests("/held-other", 1, WAIT);
+    c.batch_execute("SELECT webhooks.emit('held.b', '{\"n\": 2}', 'k')")
+        .expect("emit");
+    rx.wait_for_requests("/held-other", 2, WAIT);
+    assert!(rx.log("/held").is_empty(), "nothing while held");
+    t.batch_execute("COMMIT").expect("release");
+    c.batch_execute("SELECT webhooks.emit('held.c', '{\"n\": 3}', 'k')")
+        .expect("emit");
+    let got = rx.wait_for_requests("/held", 3, WAIT);
+    let ns: Vec<i64> = got
+        .iter()
+        .map(|r| r["json"]["data"]["n"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(ns, [1, 2, 3], "each once, in commit order");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.log("/held").len(), 3);
+    let _ = other;
+}
