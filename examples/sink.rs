@@ -1,6 +1,7 @@
 //! A fast keep-alive HTTP sink on 127.0.0.1 for the delivery benchmark: answers every POST
 //! with 200 at once and counts them. `GET /stats` returns
-//! `{"requests": N, "first": unix_s, "last": unix_s, "arrivals": {"<webhook-id>": unix_s, ...}}`
+//! `{"requests": N, "first": unix_s, "last": unix_s, "paths": {"/p": [N, first, last], ...},
+//! "arrivals": {"<webhook-id>": unix_s, ...}}`
 //! (arrivals recorded only when started with --keep-ids).
 //! Usage: cargo run --release --example sink -- <port> [--keep-ids]
 
@@ -12,6 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Default)]
 struct Stats {
+    /// Per path: requests, first and last arrival.
+    paths: HashMap<String, (u64, f64, f64)>,
     requests: u64,
     first: f64,
     last: f64,
@@ -60,11 +63,17 @@ fn serve(stream: TcpStream, stats: Arc<Mutex<Stats>>, keep_ids: bool) -> std::io
                 .iter()
                 .map(|(k, v)| format!("\"{k}\":{v}"))
                 .collect();
+            let paths: Vec<String> = s
+                .paths
+                .iter()
+                .map(|(p, (n, first, last))| format!("\"{p}\":[{n},{first},{last}]"))
+                .collect();
             format!(
-                "{{\"requests\":{},\"first\":{},\"last\":{},\"arrivals\":{{{}}}}}",
+                "{{\"requests\":{},\"first\":{},\"last\":{},\"paths\":{{{}}},\"arrivals\":{{{}}}}}",
                 s.requests,
                 s.first,
                 s.last,
+                paths.join(","),
                 arrivals.join(",")
             )
         } else {
@@ -77,6 +86,10 @@ fn serve(stream: TcpStream, stats: Arc<Mutex<Stats>>, keep_ids: bool) -> std::io
                 s.first = t;
             }
             s.last = t;
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let p = s.paths.entry(path).or_insert((0, t, t));
+            p.0 += 1;
+            p.2 = t;
             if keep_ids {
                 s.arrivals.insert(id, t);
             }

@@ -129,6 +129,7 @@ CREATE TABLE webhooks._queue (
     attempts        integer NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     claimed_at      timestamptz,
+    claimed_by      smallint,      -- the delivery worker (webhooks.workers) that claimed it
     -- The head of its (subscription, ordering_key), or unordered: only heads can be claimed.
     -- Kept up to date when a delivery leaves the queue, so claiming never walks the rows
     -- waiting behind a head.

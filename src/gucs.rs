@@ -11,6 +11,8 @@ static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// HTTP requests in flight at once, over all endpoints (the worker's thread pool size).
 static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
+/// Delivery workers serving the database (0: one per four cores, at least 1, at most 8).
+static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Requests in flight at once to a single subscription endpoint.
 static MAX_IN_FLIGHT_PER_ENDPOINT: GucSetting<i32> = GucSetting::<i32>::new(8);
 /// Events fanned out, and deliveries claimed, per database round trip.
@@ -53,6 +55,16 @@ pub fn init() {
         &CONCURRENCY,
         1,
         1024,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.workers",
+        c"Delivery workers serving webhooks.database.",
+        c"They share the queue (claims skip each other's rows) and webhooks.concurrency; 0 = one per four cores, at least 1, at most 8. Requires a restart.",
+        &WORKERS,
+        0,
+        MAX_WORKERS as i32,
         GucContext::Postmaster,
         GucFlags::default(),
     );
@@ -238,6 +250,18 @@ pub fn database() -> String {
 }
 pub fn concurrency() -> usize {
     CONCURRENCY.get().max(1) as usize
+}
+/// Most delivery workers per database.
+pub const MAX_WORKERS: usize = 32;
+/// Delivery workers to run (webhooks.workers, 0 resolved by the number of cores).
+pub fn workers() -> usize {
+    match WORKERS.get() {
+        n if n > 0 => (n as usize).min(MAX_WORKERS),
+        _ => {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            (cores / 4).clamp(1, 8)
+        }
+    }
 }
 pub fn max_in_flight_per_endpoint() -> i32 {
     MAX_IN_FLIGHT_PER_ENDPOINT.get().max(1)

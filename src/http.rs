@@ -143,6 +143,7 @@ impl Resolver for CheckedResolver {
 }
 
 pub struct Pool {
+    threads: usize,
     jobs: Sender<Vec<Job>>,
     outcomes: Receiver<ChainOutcome>,
     wake_read: std::fs::File,
@@ -205,11 +206,17 @@ impl Pool {
                 })?;
         }
         Ok(Pool {
+            threads,
             jobs: jobs_tx,
             outcomes: out_rx,
             wake_read,
             allow_private,
         })
+    }
+
+    /// HTTP threads (jobs sent at once).
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Hand over a chain (one or more deliveries of one subscription, sent in order).

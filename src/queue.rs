@@ -329,7 +329,7 @@ WITH room AS (
 ), pick AS (
     SELECT cand.delivery_id FROM cand ORDER BY cand.next_attempt_at, cand.event_seq LIMIT $1
 ), heads AS (
-    UPDATE webhooks._queue q SET claimed_at = now()
+    UPDATE webhooks._queue q SET claimed_at = now(), claimed_by = $8
       FROM pick WHERE q.delivery_id = pick.delivery_id
     RETURNING q.delivery_id, q.subscription_id, q.event_seq, q.ordering_key, q.attempts
 ), chain AS (
@@ -454,6 +454,7 @@ pub struct Recorded {
 pub fn claim(
     limit: i32,
     per_endpoint: i32,
+    worker: i32,
     in_flight: &[(i64, i32)],
     default_timeout: Duration,
     max_response_bytes: usize,
@@ -471,6 +472,7 @@ pub fn claim(
         pg_sys::INT4OID,
         pg_sys::INT4OID,
         pg_sys::INT4OID,
+        pg_sys::INT2OID,
     ];
     with_plan(CLAIM, &types, |plan| {
         Spi::connect_mut(|c| {
@@ -485,6 +487,7 @@ pub fn claim(
                     chain.max(1).into(),
                     per_slot.max(1).into(),
                     max_rows.max(1).into(),
+                    (worker as i16).into(),
                 ],
             )?;
             // Chains, each in order: the rows come grouped by their head.
@@ -612,9 +615,16 @@ pub fn record(batch: Vec<Recorded>, released: Vec<i64>, disable_after: &str) -> 
     })
 }
 
-/// At start-up: whatever the previous worker had claimed is due again (at-least-once).
-pub fn release_claims() -> SpiResult<()> {
-    Spi::run("UPDATE webhooks._queue SET claimed_at = NULL WHERE claimed_at IS NOT NULL")
+/// At start-up: whatever the worker's previous run had claimed is due again (at-least-once).
+/// Worker `index` releases its own claims, and worker 0 those of workers that no longer exist
+/// (`webhooks.workers` was lowered).
+pub fn release_claims(index: usize, workers: usize) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE webhooks._queue SET claimed_at = NULL, claimed_by = NULL
+          WHERE claimed_at IS NOT NULL
+            AND (claimed_by = $1 OR ($1 = 0 AND (claimed_by IS NULL OR claimed_by >= $2)))",
+        &[(index as i16).into(), (workers as i16).into()],
+    )
 }
 
 /// Seconds until the next scheduled retry of an active subscription, run in the claim's

@@ -8,6 +8,7 @@
 //! threads' pipe, and otherwise sleeps until the next retry is due or the safety poll.
 //! Registered to start after recovery, so it never runs on a standby.
 
+use crate::gucs::MAX_WORKERS;
 use crate::{gucs, http, queue, schedule};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
@@ -16,12 +17,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Address of the delivery worker's latch (0 while it is not running).
-static WORKER_LATCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_webhooks_worker_latch") };
-/// Pid of the delivery worker (0 while it is not running): a latch is set only while it still
+/// Address of each delivery worker's latch (0 while it is not running); worker 0 fans out and
+/// is the one a commit wakes.
+static LATCHES: PgAtomic<[AtomicU64; MAX_WORKERS]> =
+    unsafe { PgAtomic::new(c"pg_webhooks_worker_latches") };
+/// Pid of each delivery worker (0 while it is not running): a latch is set only while it still
 /// belongs to this pid, so a worker that died without clearing it can never make a backend
 /// set the latch of whatever process reused its PGPROC.
-static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"pg_webhooks_worker_pid") };
+static PIDS: PgAtomic<[AtomicI32; MAX_WORKERS]> = unsafe { PgAtomic::new(c"pg_webhooks_worker_pids") };
 /// Set when deliveries were queued directly (not through new events): claim on the next turn.
 static QUEUE_CHANGED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_queue_changed") };
 /// Set by the commit of a transaction that wrote events, cleared by the worker before it fans
@@ -32,8 +35,8 @@ static EVENTS_PENDING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhoo
 const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
 
 pub fn init_shared_memory() {
-    pg_shmem_init!(WORKER_LATCH = AtomicU64::new(0));
-    pg_shmem_init!(WORKER_PID = AtomicI32::new(0));
+    pg_shmem_init!(LATCHES = std::array::from_fn(|_| AtomicU64::new(0)));
+    pg_shmem_init!(PIDS = std::array::from_fn(|_| AtomicI32::new(0)));
     pg_shmem_init!(QUEUE_CHANGED = AtomicBool::new(false));
     pg_shmem_init!(EVENTS_PENDING = AtomicBool::new(false));
 }
@@ -60,8 +63,13 @@ pub fn wake(queue_changed: bool) {
         // The worker has not fanned out since the last wake: it will see this commit too.
         return;
     }
-    let pid = WORKER_PID.get().load(Ordering::Acquire);
-    let latch = WORKER_LATCH.get().load(Ordering::Acquire) as *mut pg_sys::Latch;
+    set_latch(0);
+}
+
+/// Set worker `i`'s latch, if it is running.
+fn set_latch(i: usize) {
+    let pid = PIDS.get()[i].load(Ordering::Acquire);
+    let latch = LATCHES.get()[i].load(Ordering::Acquire) as *mut pg_sys::Latch;
     // The latch lives in the worker's PGPROC (shared memory, always mapped); it is ours to set
     // only while that PGPROC still belongs to the worker.
     if pid != 0 && !latch.is_null() && unsafe { (*latch).owner_pid } == pid {
@@ -69,24 +77,21 @@ pub fn wake(queue_changed: bool) {
     }
 }
 
-/// Publish (or, with None, withdraw) the running worker's latch.
-fn publish_latch(latch: Option<*mut pg_sys::Latch>) {
+/// Publish (or, with None, withdraw) worker `i`'s latch.
+fn publish_latch(i: usize, latch: Option<*mut pg_sys::Latch>) {
     match latch {
         Some(l) => {
-            WORKER_LATCH.get().store(l as u64, Ordering::Release);
-            WORKER_PID
-                .get()
-                .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+            LATCHES.get()[i].store(l as u64, Ordering::Release);
+            PIDS.get()[i].store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
         }
         None => {
             // Only our own entry: a newer worker may already have published its latch.
             let me = unsafe { pg_sys::MyProcPid };
-            if WORKER_PID
-                .get()
+            if PIDS.get()[i]
                 .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                WORKER_LATCH.get().store(0, Ordering::Release);
+                LATCHES.get()[i].store(0, Ordering::Release);
             }
         }
     }
@@ -94,14 +99,14 @@ fn publish_latch(latch: Option<*mut pg_sys::Latch>) {
 
 /// Runs however the worker exits (SIGTERM, ERROR, FATAL): its latch is withdrawn first.
 #[pg_guard]
-unsafe extern "C-unwind" fn withdraw_latch_at_exit(_code: i32, _arg: pg_sys::Datum) {
-    publish_latch(None);
+unsafe extern "C-unwind" fn withdraw_latch_at_exit(_code: i32, arg: pg_sys::Datum) {
+    publish_latch(arg.value(), None);
 }
 
-/// The running delivery worker's pid, or NULL: what backends would wake at commit.
+/// The running fan-out worker's pid (worker 0), or NULL: what backends would wake at commit.
 #[pg_extern(volatile, parallel_safe)]
 fn _worker_pid() -> Option<i32> {
-    Some(WORKER_PID.get().load(Ordering::Acquire)).filter(|p| *p != 0)
+    Some(PIDS.get()[0].load(Ordering::Acquire)).filter(|p| *p != 0)
 }
 
 /// Whether the database exists. The launcher is connected to no database, so it cannot use
@@ -138,55 +143,57 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     let database = gucs::database();
-    let mut worker: Option<DynamicBackgroundWorker> = None;
+    let mut slots: Vec<Slot> = (0..gucs::workers()).map(|_| Slot::default()).collect();
     let mut said_waiting = false;
-    let (mut failures, mut started, mut not_before) = (0u32, Instant::now(), Instant::now());
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let running = worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
-        if running {
-            continue;
-        }
-        if worker.take().is_some() {
-            // A worker that keeps failing right after its start is restarted ever more slowly
-            // (up to a minute apart), so a persistent error does not flood the log.
-            failures = if started.elapsed() < Duration::from_secs(30) {
-                failures + 1
-            } else {
-                0
-            };
-            not_before =
-                Instant::now() + Duration::from_secs(1u64 << failures.saturating_sub(1).min(6));
-        }
-        if Instant::now() < not_before {
-            continue;
-        }
-        if !database_exists(&database) {
-            if !said_waiting {
-                log!(
-                    "pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist"
-                );
-                said_waiting = true;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let running = slot.worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
+            if running {
+                continue;
             }
-            continue;
-        }
-        said_waiting = false;
-        worker = BackgroundWorkerBuilder::new("pg_webhooks worker")
-            .set_type("pg_webhooks worker")
-            .set_library("pg_webhooks")
-            .set_function("pg_webhooks_worker_main")
-            .enable_shmem_access(None)
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(None)
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic()
-            .ok();
-        if let Some(w) = &worker {
-            let _ = w.wait_for_startup();
-            started = Instant::now();
+            if slot.worker.take().is_some() {
+                // A worker that keeps failing right after its start is restarted ever more
+                // slowly (up to a minute apart), so a persistent error does not flood the log.
+                slot.failures = if slot.started.elapsed() < Duration::from_secs(30) {
+                    slot.failures + 1
+                } else {
+                    0
+                };
+                slot.not_before = Instant::now()
+                    + Duration::from_secs(1u64 << slot.failures.saturating_sub(1).min(6));
+            }
+            if Instant::now() < slot.not_before {
+                continue;
+            }
+            if !database_exists(&database) {
+                if !said_waiting {
+                    log!(
+                        "pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist"
+                    );
+                    said_waiting = true;
+                }
+                break;
+            }
+            said_waiting = false;
+            slot.worker = BackgroundWorkerBuilder::new(&format!("pg_webhooks worker {i}"))
+                .set_type("pg_webhooks worker")
+                .set_library("pg_webhooks")
+                .set_function("pg_webhooks_worker_main")
+                .set_argument(Some(pg_sys::Datum::from(i)))
+                .enable_shmem_access(None)
+                .enable_spi_access()
+                .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                .set_restart_time(None)
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic()
+                .ok();
+            if let Some(w) = &slot.worker {
+                let _ = w.wait_for_startup();
+                slot.started = Instant::now();
+            }
         }
     }
     // Terminated (not by a shutdown, which restarts nothing anyway): exit with 1, so that the
@@ -194,8 +201,25 @@ pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// One delivery worker the launcher keeps running, and its restart back-off.
+struct Slot {
+    worker: Option<DynamicBackgroundWorker>,
+    failures: u32,
+    started: Instant,
+    not_before: Instant,
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot { worker: None, failures: 0, started: Instant::now(), not_before: Instant::now() }
+    }
+}
+
 /// What the delivery worker's main thread carries from one turn to the next.
 struct LoopState {
+    /// Which worker this is, of how many. Worker 0 also fans out and applies retention.
+    index: usize,
+    workers: usize,
     in_flight: InFlight,
     retention: Retention,
     /// When the next claim is due even if nothing wakes the worker (retry timer, safety poll).
@@ -360,30 +384,44 @@ fn wait(pool: &http::Pool, timeout: Duration) -> bool {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database();
+    let index: usize = arg.value();
+    let workers = gucs::workers();
+    if index >= workers.min(MAX_WORKERS) {
+        return;
+    }
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    // One delivery worker per database: two would release each other's claims and fan out
-    // the same keys concurrently. A session lock, gone with the process however it ends.
+    // One delivery worker per database and index: two with one index would release each
+    // other's claims (and two worker 0s fan out the same keys concurrently). A session lock,
+    // gone with the process however it ends.
     let alone = BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT pg_catalog.pg_try_advisory_lock(1885828969, 1)")
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.pg_try_advisory_lock(1885828969, $1)",
+            &[(1 + index as i32).into()],
+        )
     })
     .ok()
     .flatten()
     .unwrap_or(false);
     if !alone {
-        log!("pg_webhooks: another delivery worker is running for database \"{database}\"; this one exits");
+        log!("pg_webhooks: another delivery worker {index} is running for database \"{database}\"; this one exits");
         return;
     }
+    let name = if index == 0 {
+        APPLICATION_NAME.to_owned()
+    } else {
+        std::ffi::CString::new(format!("pg_webhooks worker {index}")).expect("no NUL")
+    };
     unsafe {
         pg_sys::SetConfigOption(
             c"application_name".as_ptr(),
-            APPLICATION_NAME.as_ptr(),
+            name.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
         );
-        pg_sys::pgstat_report_appname(APPLICATION_NAME.as_ptr());
+        pg_sys::pgstat_report_appname(name.as_ptr());
         // Every statement of the worker is built to touch a batch's rows through indexes.
         // The planner, seeing a batch of hundreds of rows and a small table, would rather
         // hash the whole table; as the queue and the history grow that turns each round into
@@ -402,7 +440,9 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
             );
         }
     }
-    let pool = match http::Pool::start(gucs::concurrency(), gucs::allow_private_network()) {
+    // webhooks.concurrency is shared out over the workers.
+    let threads = share(gucs::concurrency(), workers, index).max(1);
+    let pool = match http::Pool::start(threads, gucs::allow_private_network()) {
         Ok(pool) => pool,
         Err(e) => {
             warning!("pg_webhooks: could not start HTTP threads: {e}");
@@ -410,13 +450,15 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
         }
     };
     unsafe {
-        pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), pg_sys::Datum::from(0usize));
+        pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), pg_sys::Datum::from(index));
     }
-    publish_latch(Some(unsafe { pg_sys::MyLatch }));
+    publish_latch(index, Some(unsafe { pg_sys::MyLatch }));
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
     let mut state = LoopState {
+        index,
+        workers,
         in_flight: InFlight {
             by_delivery: HashMap::new(),
             by_subscription: HashMap::new(),
@@ -449,7 +491,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
                 sleep = gucs::poll_interval();
                 continue;
             }
-            BackgroundWorker::transaction(queue::release_claims).unwrap_or_else(|e| {
+            BackgroundWorker::transaction(|| queue::release_claims(index, workers)).unwrap_or_else(|e| {
                 error!("pg_webhooks: could not release claimed deliveries: {e}")
             });
         }
@@ -458,7 +500,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(_arg: pg_sys::Datum) {
         // sleep, whatever is still pending is flushed now rather than at the next wake.
         unsafe { pg_sys::pgstat_report_stat(sleep >= Duration::from_secs(1)) };
     }
-    publish_latch(None);
+    publish_latch(index, None);
     log!(
         "pg_webhooks: delivery worker stopping ({} requests in flight will be retried)",
         state.in_flight.total()
@@ -493,9 +535,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     // Fan out when a commit asked for it (at most once per batch window: commits that come
     // meanwhile are taken together), while the last round left work, or on the safety poll.
     let asked = EVENTS_PENDING.get().load(Ordering::SeqCst);
-    let due = state.fan_out_more
-        || now >= state.next_fan_out_at
-        || (asked && now >= state.fan_out_not_before);
+    let fans_out = state.index == 0;
+    let due = fans_out
+        && (state.fan_out_more
+            || now >= state.next_fan_out_at
+            || (asked && now >= state.fan_out_not_before));
     let mut window = None;
     if due {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
@@ -527,19 +571,23 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         // With nothing subscribed, a longer window: there is nothing to deliver soon.
         state.fan_out_not_before = now
             + if state.subscribed { FAN_OUT_WINDOW } else { UNSUBSCRIBED_WINDOW };
-    } else if asked {
+    } else if asked && fans_out {
         window = Some(state.fan_out_not_before.saturating_duration_since(now));
     }
-    let more_pending = state.fan_out_more;
+    let more_pending = fans_out && state.fan_out_more;
 
-    let retention_busy = state.retention.run();
+    let retention_busy = fans_out && state.retention.run();
 
     // Claim only when something could have become claimable: new deliveries, a finished
     // attempt (a freed slot, a released key), deliveries queued directly, or a timer.
-    let queue_changed = QUEUE_CHANGED.get().swap(false, Ordering::AcqRel);
+    let queue_changed = fans_out && QUEUE_CHANGED.get().swap(false, Ordering::AcqRel);
+    if created > 0 || queue_changed {
+        // The other workers claim too.
+        (1..state.workers).for_each(set_latch);
+    }
     let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
-        let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch);
+        let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers);
         state.next_claim_at = Instant::now() + sleep;
         sleep
     } else {
@@ -549,7 +597,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     };
     let sleep = sleep
         .min(window.unwrap_or(Duration::MAX))
-        .min(state.next_fan_out_at.saturating_duration_since(Instant::now()));
+        .min(if fans_out {
+            state.next_fan_out_at.saturating_duration_since(Instant::now())
+        } else {
+            Duration::MAX
+        });
     if more_pending {
         Duration::ZERO
     } else if retention_busy {
@@ -656,15 +708,33 @@ impl Retention {
     }
 }
 
+/// Worker `index`'s share of `total` among `workers`: shares differ by one at most and add up
+/// to `total`.
+fn share(total: usize, workers: usize, index: usize) -> usize {
+    let workers = workers.max(1);
+    total / workers + usize::from(index < total % workers)
+}
+
 /// Claim what is due and hand it to the HTTP threads; returns how long to sleep.
-fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -> Duration {
+fn claim_and_dispatch(
+    pool: &http::Pool,
+    in_flight: &mut InFlight,
+    batch: i32,
+    index: usize,
+    workers: usize,
+) -> Duration {
     let poll = gucs::poll_interval();
-    let capacity = gucs::concurrency().saturating_sub(in_flight.total());
+    let capacity = pool.threads().saturating_sub(in_flight.total());
     if capacity == 0 {
         // Every thread is busy: the next outcome wakes us.
         return poll;
     }
     let limit = (capacity * PER_SLOT as usize).min(batch as usize) as i32;
+    // Each worker has its share of every endpoint's cap: together never more than the cap.
+    let per_endpoint = share(gucs::max_in_flight_per_endpoint() as usize, workers, index) as i32;
+    if per_endpoint == 0 {
+        return poll;
+    }
     let counts: Vec<(i64, i32)> = in_flight
         .by_subscription
         .iter()
@@ -674,7 +744,8 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
     let (claimed, next_due) = BackgroundWorker::transaction(move || {
         let claimed = queue::claim(
             limit,
-            gucs::max_in_flight_per_endpoint(),
+            per_endpoint,
+            index as i32,
             &counts,
             gucs::timeout(),
             gucs::max_response_bytes(),
@@ -698,7 +769,6 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
             None => by_sub.push((sub, vec![segment])),
         }
     }
-    let per_endpoint = gucs::max_in_flight_per_endpoint();
     for (sub, segments) in by_sub {
         let busy = in_flight.by_subscription.get(&sub).copied().unwrap_or(0);
         let slots = (per_endpoint - busy).max(1) as usize;
@@ -717,5 +787,22 @@ fn claim_and_dispatch(pool: &http::Pool, in_flight: &mut InFlight, batch: i32) -
         // Round up, so the worker never wakes a hair before the retry is due.
         Some(s) => (Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(1)).min(poll),
         None => poll,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn shares_add_up_to_the_total_and_differ_by_one_at_most() {
+        for total in 0..40 {
+            for workers in 1..9 {
+                let shares: Vec<usize> = (0..workers).map(|i| share(total, workers, i)).collect();
+                assert_eq!(shares.iter().sum::<usize>(), total, "{total} over {workers}");
+                let (lo, hi) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+                assert!(hi - lo <= 1, "{shares:?}");
+            }
+        }
     }
 }

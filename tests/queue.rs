@@ -674,3 +674,90 @@ fn a_new_subscription_held_by_a_transaction_gets_its_events_once_released() {
     assert_eq!(rx.log("/held").len(), 3);
     let _ = other;
 }
+
+#[test]
+fn several_workers_share_the_queue_keep_per_key_order_and_the_endpoint_cap() {
+    // Three workers; the cap of 4 is shared out 2, 1, 1, so together they never exceed it.
+    let own = Cluster::start(
+        "workers",
+        &[
+            "webhooks.workers = 3",
+            "webhooks.concurrency = 9",
+            "webhooks.max_in_flight_per_endpoint = 4",
+        ],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let names: Vec<String> = c
+        .query(
+            "SELECT application_name FROM pg_stat_activity
+              WHERE application_name LIKE 'pg_webhooks worker%' ORDER BY 1",
+            &[],
+        )
+        .expect("workers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["pg_webhooks worker", "pg_webhooks worker 1", "pg_webhooks worker 2"]);
+    let sub = subscribe(&mut c, &rx, "/mw", "{mw.*}", json!({"delay_ms": 20}));
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    // 20 keys with 5 steps each, in 5 transactions, and 200 events without a key.
+    for step in 0..5 {
+        c.batch_execute(&format!(
+            "SELECT count(webhooks.emit('mw.k', jsonb_build_object('k', k, 'step', {step}), 'k' || k))
+               FROM generate_series(1, 20) k;
+             SELECT count(webhooks.emit('mw.u', jsonb_build_object('k', 'none', 'step', {step}, 'u', u)))
+               FROM generate_series(1, 40) u"
+        ))
+        .expect("emit");
+    }
+    wait_for("the backlog to be queued", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 300)
+            .then_some(())
+    });
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    // Which workers hold claims, while the backlog drains.
+    let mut claimers = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while rx.log("/mw").len() < 300 && std::time::Instant::now() < deadline {
+        for r in c
+            .query(
+                "SELECT DISTINCT claimed_by FROM webhooks._queue WHERE claimed_at IS NOT NULL",
+                &[],
+            )
+            .expect("claims")
+        {
+            claimers.insert(r.get::<_, Option<i16>>(0));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = rx.wait_for_requests("/mw", 300, WAIT);
+    assert_eq!(
+        claimers.into_iter().collect::<Vec<_>>(),
+        [Some(0), Some(1), Some(2)],
+        "every worker claimed"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.log("/mw").len(), 300, "each delivered once");
+    for (key, steps) in steps_by_key(&log) {
+        if key == "\"none\"" {
+            assert_eq!(steps.len(), 200);
+            continue;
+        }
+        assert_eq!(steps, [0, 1, 2, 3, 4], "key {key} out of commit order or duplicated");
+    }
+    // Each request is answered 20 ms after it arrives: never more than 4 open at once.
+    let starts: Vec<f64> = log
+        .iter()
+        .map(|r| r["received_at"].as_f64().unwrap_or(0.0))
+        .collect();
+    for (i, s) in starts.iter().enumerate() {
+        let open = starts.iter().filter(|t| **t <= *s && *s < **t + 0.019).count();
+        assert!(open <= 4, "request {i} had {open} in flight (cap 4)");
+    }
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM webhooks._queue"),
+        0,
+        "nothing left queued or claimed"
+    );
+}
