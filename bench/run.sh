@@ -70,8 +70,6 @@ fi
 PG_CONFIG=$(cfg postgres.pg_config)
 BINDIR=$("$PG_CONFIG" --bindir)
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
-SHAREDIR=$("$PG_CONFIG" --sharedir)
-VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     say "Build (release, lto) and install into $PKGLIBDIR (waits on cargo's lock if another build runs)"
@@ -108,33 +106,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 say "Private copy of the release build in $DIR/inst"
-SQLFILE="$DIR/pg_webhooks--$VERSION.sql"
-# The SQL comes from the same release build (cached: no rebuild unless src/ changed since the
-# install, in which case both the SQL and the .so below are the newer build, consistently).
-timeout 900 cargo pgrx schema --release --pg-config "$PG_CONFIG" -o "$SQLFILE" >"$DIR/schema.log" 2>&1 ||
-    { cat "$DIR/schema.log" >&2; die "cargo pgrx schema failed"; }
-INST="$DIR/inst"
-PRIV_BIN="$INST$BINDIR" PRIV_LIB="$INST$PKGLIBDIR" PRIV_SHARE="$INST$SHAREDIR"
-mkdir -p "$PRIV_BIN" "$PRIV_LIB" "$PRIV_SHARE/extension"
-cp "$BINDIR/postgres" "$PRIV_BIN/postgres"      # a copy: PostgreSQL resolves symlinked binaries
-for f in "$PKGLIBDIR"/*; do
-    case "$(basename "$f")" in pg_webhooks.so) ;; *) ln -s "$f" "$PRIV_LIB/" ;; esac
-done
-for f in "$SHAREDIR"/*; do
-    case "$(basename "$f")" in extension) ;; *) ln -s "$f" "$PRIV_SHARE/" ;; esac
-done
-for f in "$SHAREDIR"/extension/*; do
-    case "$(basename "$f")" in pg_webhooks*) ;; *) ln -s "$f" "$PRIV_SHARE/extension/" ;; esac
-done
-cp target/release/libpg_webhooks.so "$PRIV_LIB/pg_webhooks.so"
-sed "s/@CARGO_VERSION@/$VERSION/" pg_webhooks.control >"$PRIV_SHARE/extension/pg_webhooks.control"
-cp "$SQLFILE" "$PRIV_SHARE/extension/"
-SO_MD5=$(md5sum "$PRIV_LIB/pg_webhooks.so" | cut -c1-12)
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+private_tree "$DIR" || die "could not make the private install tree"
 INSTALLED_MD5=$(md5sum "$PKGLIBDIR/pg_webhooks.so" | cut -c1-12)
-SRC_STATE="commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-if [ -n "$(git status --porcelain -- src sql Cargo.toml Cargo.lock 2>/dev/null)" ]; then
-    SRC_STATE="$SRC_STATE + uncommitted changes in src/sql (diff md5 $(git diff HEAD -- src sql Cargo.toml | md5sum | cut -c1-12))"
-fi
 echo "    measured build: release (lto=fat, opt-level 3), pg_webhooks.so md5 $SO_MD5, $(stat -c %s "$PRIV_LIB/pg_webhooks.so") bytes"
 echo "    source: $SRC_STATE"
 [ "$SO_MD5" = "$INSTALLED_MD5" ] ||

@@ -1,5 +1,6 @@
 //! A fast keep-alive HTTP sink on 127.0.0.1 for the delivery benchmark: answers every POST
-//! with 200 at once and counts them. `GET /stats` returns
+//! with 200 at once and counts them (POSTs to paths under /fail get 500; under /hang, no
+//! answer for 30 s). `GET /stats` returns
 //! `{"requests": N, "first": unix_s, "last": unix_s, "paths": {"/p": [N, first, last], ...},
 //! "arrivals": {"<webhook-id>": unix_s, ...}}`
 //! (arrivals recorded only when started with --keep-ids).
@@ -76,6 +77,10 @@ fn serve(stream: TcpStream, stats: Arc<Mutex<Stats>>, keep_ids: bool) -> std::io
                 paths.join(","),
                 arrivals.join(",")
             )
+        } else if request_line.starts_with("POST /hang") {
+            // An endpoint that never answers in time: the delivery's deadline ends it.
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            "late".to_string()
         } else {
             let t = now();
             let mut s = stats
@@ -95,7 +100,9 @@ fn serve(stream: TcpStream, stats: Arc<Mutex<Stats>>, keep_ids: bool) -> std::io
             }
             "ok".to_string()
         };
-        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{reply}", reply.len())?;
+        // Paths under /fail answer 500 (they are counted like the others).
+        let status = if request_line.starts_with("POST /fail") { "500 Internal Server Error" } else { "200 OK" };
+        write!(out, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n{reply}", reply.len())?;
     }
 }
 
