@@ -88,13 +88,18 @@ SELECT pg_catalog.count(*)::int8 FROM q");
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
 /// their first event. Found through `_events_xid_idx`: transactions that were running at `$1`
-/// one probe each, the others a range of xids.
+/// one probe each, the others a range of xids (two index scans, not one OR that the planner
+/// could only answer with a scan of the whole table).
 const BATCH_TRANSACTIONS: &str = "\
 SELECT ev.xid::text, pg_catalog.min(ev.seq), pg_catalog.count(*)
-  FROM webhooks._events ev
- WHERE ((ev.xid >= pg_catalog.pg_snapshot_xmax($1::pg_snapshot) AND ev.xid < pg_catalog.pg_snapshot_xmax($2::pg_snapshot))
-        OR ev.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_snapshot))))
-   AND pg_catalog.pg_visible_in_snapshot(ev.xid, $2::pg_snapshot)
+  FROM (SELECT ev.xid, ev.seq FROM webhooks._events ev
+         WHERE ev.xid >= pg_catalog.pg_snapshot_xmax($1::pg_snapshot)
+           AND ev.xid < pg_catalog.pg_snapshot_xmax($2::pg_snapshot)
+        UNION ALL
+        SELECT ev.xid, ev.seq
+          FROM pg_catalog.pg_snapshot_xip($1::pg_snapshot) AS r(xid)
+         CROSS JOIN LATERAL (SELECT ev.xid, ev.seq FROM webhooks._events ev WHERE ev.xid = r.xid) ev) ev
+ WHERE pg_catalog.pg_visible_in_snapshot(ev.xid, $2::pg_snapshot)
  GROUP BY ev.xid
  ORDER BY 2";
 
@@ -199,6 +204,8 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         *cache = None;
         return Ok(FanOutStep { more: true, ..idle });
     }
+    // Whether this step took the batch's snapshot (after the worker cleared its wake flag).
+    let started_here = fresh.is_some();
     let batch = match (batch, fresh) {
         (Some(b), _) => b,
         (None, Some((snapshot, subscribed, transactions))) => {
@@ -291,6 +298,21 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     let last = todo[take - 1].1;
     // A partial step that took a full `limit` may have left some of the transaction.
     let seq = if partial && taken >= step_limit { max_seq.unwrap_or(after) } else { i64::MAX };
+    if seq == i64::MAX && take == todo.len() {
+        // The batch's last transactions, whole: the batch is done in this same step. If this
+        // step took its snapshot, what committed since woke the worker again (the flag is
+        // cleared before the snapshot is taken): nothing more to do now, the deliveries can be
+        // claimed at once. An older batch's end is followed by a look for newer commits.
+        Spi::run(
+            "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
+        )?;
+        *cache = None;
+        return Ok(FanOutStep {
+            subscribed: true,
+            deliveries: deliveries + backfilled,
+            more: !started_here,
+        });
+    }
     Spi::run_with_args(
         "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into()],

@@ -628,7 +628,7 @@ const CLAIM_ROWS: i32 = 2_000;
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
 /// round (and one wake) serves many commits. An idle worker fans out at once.
-const FAN_OUT_WINDOW: Duration = Duration::from_millis(5);
+const FAN_OUT_WINDOW: Duration = Duration::from_millis(2);
 /// With nothing subscribed: the batch window, and how often the stream is moved on.
 const UNSUBSCRIBED_WINDOW: Duration = Duration::from_millis(100);
 const UNSUBSCRIBED_ADVANCE: Duration = Duration::from_secs(1);
