@@ -324,14 +324,14 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 /// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
 /// subscription with room is looked at on its own (an index probe each), so a slow endpoint's
 /// backlog can never fill the window and starve the others. Only heads are claimed: a delivery
-/// with an ordering key waits while an earlier one of its key is queued; up to `$6` heads per
-/// free slot of a subscription are claimed, to be sent one after the other by one HTTP thread
-/// (a slot is one request in flight). A claimed head brings the next deliveries of its key
-/// with it, in order (a chain of at most `$5`, and at most `$7` rows in all): sent one after
-/// the other by the same thread, which stops at the first that fails. One hot key is then delivered at
-/// the speed of its endpoint, not of a claim and a record per delivery. Only the head is marked
-/// claimed: the others are not heads, so nobody else can claim them, and a chain that stops
-/// leaves them as they were.
+/// with an ordering key waits while an earlier one of its key is queued. Up to `$6` heads per
+/// free slot (one request in flight) of a subscription are claimed, one for the failing
+/// subscriptions `$9`, to be sent one after the other by one HTTP thread. A claimed head brings
+/// the next deliveries of its key with it, in order (a chain of at most `$5`, and at most `$7`
+/// rows in all), sent one after the other by the same thread, which stops at the first that
+/// fails: one hot key is delivered at the speed of its endpoint, not of a claim and a record
+/// per delivery. Only the head is marked claimed (by worker `$8`): the others are not heads,
+/// so nobody else can claim them, and a chain that stops leaves them as they were.
 const CLAIM: &str = "\
 WITH room AS (
     SELECT s.id, $2 - COALESCE(f.n, 0) AS free
@@ -346,7 +346,7 @@ WITH room AS (
             WHERE q.subscription_id = room.id AND q.head AND q.claimed_at IS NULL
               AND q.next_attempt_at <= now()
             ORDER BY q.next_attempt_at, q.event_seq
-            LIMIT LEAST(room.free * $6, $1)
+            LIMIT LEAST(room.free * CASE WHEN room.id = ANY ($9::int8[]) THEN 1 ELSE $6 END, $1)
               FOR UPDATE OF q SKIP LOCKED) c
 ), pick AS (
     SELECT cand.delivery_id FROM cand ORDER BY cand.next_attempt_at, cand.event_seq LIMIT $1
@@ -482,6 +482,7 @@ pub fn claim(
     max_response_bytes: usize,
     chain: i32,
     per_slot: i32,
+    failing: &[i64],
     max_rows: i32,
 ) -> SpiResult<Vec<Vec<Claimed>>> {
     let subs: Vec<i64> = in_flight.iter().map(|(s, _)| *s).collect();
@@ -495,6 +496,7 @@ pub fn claim(
         pg_sys::INT4OID,
         pg_sys::INT4OID,
         pg_sys::INT2OID,
+        pg_sys::INT8ARRAYOID,
     ];
     with_plan(CLAIM, &types, |plan| {
         Spi::connect_mut(|c| {
@@ -510,6 +512,7 @@ pub fn claim(
                     per_slot.max(1).into(),
                     max_rows.max(1).into(),
                     (worker as i16).into(),
+                    failing.to_vec().into(),
                 ],
             )?;
             // Chains, each in order: the rows come grouped by their head.

@@ -244,6 +244,8 @@ struct InFlight {
     by_delivery: HashMap<i64, (i32, Option<String>)>,
     by_subscription: HashMap<i64, i32>,
     chains: usize,
+    /// Subscriptions whose last job failed.
+    failing: std::collections::HashSet<i64>,
 }
 
 impl InFlight {
@@ -275,6 +277,16 @@ impl InFlight {
         self.chains = self.chains.saturating_sub(1);
         for id in &done.skipped {
             self.by_delivery.remove(id);
+        }
+        // A job that did not get through marks its endpoint failing: until one of its jobs
+        // succeeds whole, it is given one delivery per slot at a time, not a batch that would
+        // mostly be handed back (a failing endpoint costs a claim per attempt, no more).
+        let ok = done.skipped.is_empty()
+            && done.outcomes.iter().all(|o| o.status.is_some_and(|s| (200..300).contains(&s)));
+        if ok {
+            self.failing.remove(&done.subscription_id);
+        } else {
+            self.failing.insert(done.subscription_id);
         }
     }
     fn take(&mut self, delivery_id: i64) -> Option<(i32, Option<String>)> {
@@ -463,6 +475,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
             by_delivery: HashMap::new(),
             by_subscription: HashMap::new(),
             chains: 0,
+            failing: std::collections::HashSet::new(),
         },
         retention: Retention {
             next_at: Instant::now(),
@@ -740,6 +753,12 @@ fn claim_and_dispatch(
         .iter()
         .map(|(s, n)| (*s, *n))
         .collect();
+    if in_flight.failing.len() > 4096 {
+        // Removed subscriptions are never seen succeeding: forgetting them all costs at most
+        // one batch per failing endpoint.
+        in_flight.failing.clear();
+    }
+    let failing: Vec<i64> = in_flight.failing.iter().copied().collect();
     // The next retry is looked up in the claim's transaction: both see the same now().
     let (claimed, next_due) = BackgroundWorker::transaction(move || {
         let claimed = queue::claim(
@@ -751,6 +770,7 @@ fn claim_and_dispatch(
             gucs::max_response_bytes(),
             CHAIN_MAX,
             PER_SLOT,
+            &failing,
             CLAIM_ROWS,
         )?;
         // A full claim comes back at once: the timer is not needed then.
