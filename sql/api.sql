@@ -458,9 +458,11 @@ BEGIN
            failing_since = CASE WHEN p_state = 'active' THEN NULL ELSE s.failing_since END
      WHERE s.id = p_id;
     IF p_state = 'active' THEN
-        -- Held deliveries flow again now.
-        UPDATE webhooks._queue q SET next_attempt_at = least(q.next_attempt_at, now())
-         WHERE q.subscription_id = p_id;
+        -- Held deliveries flow again now: those waiting for a retry are due at once (only
+        -- heads ever wait for a time; the others are already due, and are not rewritten, so
+        -- resuming a backlog of a million costs an index probe, not a million updates).
+        UPDATE webhooks._queue q SET next_attempt_at = now()
+         WHERE q.subscription_id = p_id AND q.head AND q.next_attempt_at > now();
         PERFORM webhooks._wake_worker_at_commit();
     END IF;
 END

@@ -631,7 +631,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
 /// Deliveries of one ordering key claimed together and sent in order by one HTTP thread, at
 /// most (fewer when many heads are claimed at once: CLAIM_ROWS bounds them all).
-const CHAIN_MAX: i32 = 1_000;
+const CHAIN_MAX: i32 = 2_000;
 /// Heads claimed per free slot (one request in flight) of a subscription, at most: sent one
 /// after the other by one HTTP thread, so that a backlog is claimed and handed over in batches.
 const PER_SLOT: i32 = 16;
