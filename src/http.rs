@@ -47,7 +47,7 @@ pub struct Job {
 /// What came of a job (deliveries of one subscription, sent one after the other): the attempts
 /// made, in order, and the deliveries not attempted because an earlier one of the job did not
 /// succeed (they are handed back as they were: a key's later deliveries wait behind it).
-pub struct ChainOutcome {
+pub struct JobOutcome {
     pub subscription_id: i64,
     pub outcomes: Vec<Outcome>,
     pub skipped: Vec<i64>,
@@ -63,6 +63,13 @@ pub struct Outcome {
     pub response_body: Option<String>,
     pub error: Option<String>,
     pub retry_after: Option<String>,
+}
+
+impl Outcome {
+    /// Whether the endpoint acknowledged it (any 2xx).
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
 }
 
 /// The compact JSON body `{"id","type","created_at","data"}`, in that order. `data` is the
@@ -145,7 +152,7 @@ impl Resolver for CheckedResolver {
 pub struct Pool {
     threads: usize,
     jobs: Sender<Vec<Job>>,
-    outcomes: Receiver<ChainOutcome>,
+    outcomes: Receiver<JobOutcome>,
     wake_read: std::fs::File,
     allow_private: Arc<AtomicBool>,
 }
@@ -180,7 +187,7 @@ impl Pool {
         };
         let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), resolver);
         let (jobs_tx, jobs_rx) = channel::<Vec<Job>>();
-        let (out_tx, out_rx) = channel::<ChainOutcome>();
+        let (out_tx, out_rx) = channel::<JobOutcome>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         for i in 0..threads {
             let agent = agent.clone();
@@ -197,7 +204,7 @@ impl Pool {
                         },
                         Err(_) => return,
                     };
-                    let done = run_chain(&agent, chain, attempt);
+                    let done = run_job(&agent, chain, attempt);
                     if out_tx.send(done).is_err() {
                         return;
                     }
@@ -225,7 +232,7 @@ impl Pool {
     }
 
     /// Chains that are done, without waiting.
-    pub fn ready(&self) -> Vec<ChainOutcome> {
+    pub fn ready(&self) -> Vec<JobOutcome> {
         let mut buf = [0u8; 256];
         while matches!((&self.wake_read).read(&mut buf), Ok(n) if n > 0) {}
         self.outcomes.try_iter().collect()
@@ -261,12 +268,12 @@ fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 /// Send a chain's jobs one after the other, until one does not succeed. A panic while sending
 /// ends that attempt with an error (retried like any other), never the thread: its slot is
 /// always given back.
-fn run_chain(
+fn run_job(
     agent: &ureq::Agent,
     chain: Vec<Job>,
     attempt: fn(&ureq::Agent, &Job) -> Outcome,
-) -> ChainOutcome {
-    let mut done = ChainOutcome {
+) -> JobOutcome {
+    let mut done = JobOutcome {
         subscription_id: chain.first().map(|j| j.subscription_id).unwrap_or(0),
         outcomes: Vec::with_capacity(chain.len()),
         skipped: Vec::new(),
@@ -275,7 +282,7 @@ fn run_chain(
     for job in jobs.by_ref() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(agent, &job)))
             .unwrap_or_else(|panic| panicked(&job, panic));
-        let ok = outcome.status.is_some_and(|s| (200..300).contains(&s));
+        let ok = outcome.succeeded();
         done.outcomes.push(outcome);
         if !ok {
             break;
@@ -496,7 +503,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         done.sort_by_key(|c| c.outcomes.first().map(|o| o.delivery_id));
-        let ids = |c: &ChainOutcome| c.outcomes.iter().map(|o| o.delivery_id).collect::<Vec<_>>();
+        let ids = |c: &JobOutcome| c.outcomes.iter().map(|o| o.delivery_id).collect::<Vec<_>>();
         assert_eq!(done.len(), 2);
         assert_eq!(ids(&done[0]), [1, 2, 3], "sent in order, up to the failure");
         assert_eq!(done[0].skipped, [4, 5, 6]);

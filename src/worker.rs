@@ -238,23 +238,23 @@ struct LoopState {
 }
 
 /// In-flight bookkeeping of the delivery worker's main thread: per delivery what is needed to
-/// judge its outcome, and per subscription its chains in flight (a chain holds one HTTP thread
-/// and sends one request at a time: it counts once against the per-endpoint cap).
+/// judge its outcome, and per subscription its jobs in flight (a job holds one HTTP thread and
+/// sends one request at a time: it counts once against the per-endpoint cap).
 struct InFlight {
     by_delivery: HashMap<i64, (i32, Option<String>)>,
     by_subscription: HashMap<i64, i32>,
-    chains: usize,
+    jobs: usize,
     /// Subscriptions whose last job failed.
     failing: std::collections::HashSet<i64>,
 }
 
 impl InFlight {
     fn total(&self) -> usize {
-        self.chains
+        self.jobs
     }
-    fn add(&mut self, chain: &[queue::Claimed]) {
-        let Some(first) = chain.first() else { return };
-        for claimed in chain {
+    fn add(&mut self, job: &[queue::Claimed]) {
+        let Some(first) = job.first() else { return };
+        for claimed in job {
             self.by_delivery.insert(
                 claimed.job.delivery_id,
                 (claimed.attempts_before, claimed.retry_schedule.clone()),
@@ -264,25 +264,24 @@ impl InFlight {
             .by_subscription
             .entry(first.job.subscription_id)
             .or_default() += 1;
-        self.chains += 1;
+        self.jobs += 1;
     }
-    /// A chain came back: its deliveries leave, its slot is free.
-    fn finish(&mut self, done: &http::ChainOutcome) {
+    /// A job came back: its deliveries leave, its slot is free.
+    fn finish(&mut self, done: &http::JobOutcome) {
         if let Some(n) = self.by_subscription.get_mut(&done.subscription_id) {
             *n -= 1;
             if *n <= 0 {
                 self.by_subscription.remove(&done.subscription_id);
             }
         }
-        self.chains = self.chains.saturating_sub(1);
+        self.jobs = self.jobs.saturating_sub(1);
         for id in &done.skipped {
             self.by_delivery.remove(id);
         }
         // A job that did not get through marks its endpoint failing: until one of its jobs
         // succeeds whole, it is given one delivery per slot at a time, not a batch that would
         // mostly be handed back (a failing endpoint costs a claim per attempt, no more).
-        let ok = done.skipped.is_empty()
-            && done.outcomes.iter().all(|o| o.status.is_some_and(|s| (200..300).contains(&s)));
+        let ok = done.skipped.is_empty() && done.outcomes.iter().all(http::Outcome::succeeded);
         if ok {
             self.failing.remove(&done.subscription_id);
         } else {
@@ -427,18 +426,13 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         std::ffi::CString::new(format!("pg_webhooks worker {index}")).expect("no NUL")
     };
     unsafe {
-        pg_sys::SetConfigOption(
-            c"application_name".as_ptr(),
-            name.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-        );
         pg_sys::pgstat_report_appname(name.as_ptr());
         // Every statement of the worker is built to touch a batch's rows through indexes.
         // The planner, seeing a batch of hundreds of rows and a small table, would rather
         // hash the whole table; as the queue and the history grow that turns each round into
         // a scan of them. Nested loops over index probes cost the same at any size.
         for (name, value) in [
+            (c"application_name", name.as_c_str()),
             (c"enable_hashjoin", c"off"),
             (c"enable_mergejoin", c"off"),
             (c"enable_bitmapscan", c"off"),
@@ -474,7 +468,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         in_flight: InFlight {
             by_delivery: HashMap::new(),
             by_subscription: HashMap::new(),
-            chains: 0,
+            jobs: 0,
             failing: std::collections::HashSet::new(),
         },
         retention: Retention {
@@ -820,7 +814,8 @@ mod tests {
             for workers in 1..9 {
                 let shares: Vec<usize> = (0..workers).map(|i| share(total, workers, i)).collect();
                 assert_eq!(shares.iter().sum::<usize>(), total, "{total} over {workers}");
-                let (lo, hi) = (shares.iter().min().unwrap(), shares.iter().max().unwrap());
+                let lo = shares.iter().min().expect("one worker at least");
+                let hi = shares.iter().max().expect("one worker at least");
                 assert!(hi - lo <= 1, "{shares:?}");
             }
         }
