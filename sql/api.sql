@@ -704,6 +704,8 @@ COMMENT ON COLUMN webhooks.deliveries.redelivery_of IS 'The delivery this one re
 COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolution to the end of the capped response body.';
 COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
 COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
+COMMENT ON FUNCTION webhooks.worker_status() IS
+    'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 
 ------------------------------------------------------------------------------------------
 -- Privileges. Secrets (_secrets) are readable by superusers only.
@@ -738,6 +740,7 @@ GRANT EXECUTE ON FUNCTION
     webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb)
     TO webhooks_admin;
 GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
+GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;
 
 -- pg_dump keeps user data of the configuration tables.
 SELECT pg_catalog.pg_extension_config_dump('webhooks._tracked', '');

@@ -6,7 +6,8 @@ use pgrx::{pg_guard, pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
 
-/// Database the delivery worker serves (it waits until the database and extension exist).
+/// Databases the delivery workers serve, comma-separated (each is waited for until it and the
+/// extension in it exist).
 static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// HTTP requests in flight at once, over all endpoints (the worker's thread pool size).
@@ -40,14 +41,20 @@ static ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
 static ALLOW_PRIVATE_NETWORK: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"webhooks.database",
-        c"Database served by the pg_webhooks delivery worker.",
-        c"The worker waits for this database and the extension in it to exist.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // SAFETY: the hook only reads the proposed value and sets the error detail.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"webhooks.database",
+            c"Databases served by the pg_webhooks delivery workers (comma-separated).",
+            c"Each listed database gets webhooks.workers delivery workers once it and the extension in it exist. Requires a restart.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+            Some(check_databases),
+            None,
+            None,
+        )
+    };
     GucRegistry::define_int_guc(
         c"webhooks.concurrency",
         c"HTTP requests in flight at once.",
@@ -238,6 +245,44 @@ unsafe extern "C-unwind" fn check_interval(
     }
 }
 
+#[pg_guard]
+unsafe extern "C-unwind" fn check_databases(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    match proposed(newval).map(|v| parse_databases(&v)) {
+        Some(Err(e)) => refuse(&e),
+        _ => true,
+    }
+}
+
+/// Most databases `webhooks.database` may list.
+pub const MAX_DATABASES: usize = 16;
+
+/// The database names of `webhooks.database`: comma-separated, white space around each name
+/// ignored, each name at most 63 bytes, no name twice, at most MAX_DATABASES.
+pub fn parse_databases(list: &str) -> Result<Vec<String>, String> {
+    let mut names: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let name = part.trim();
+        if name.is_empty() {
+            return Err("List database names separated by commas, e.g. 'shop, billing'; an empty name is not one.".into());
+        }
+        if name.len() >= pg_sys::NAMEDATALEN as usize {
+            return Err(format!("A database name has at most {} bytes.", pg_sys::NAMEDATALEN - 1));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(format!("Database \"{name}\" is listed twice."));
+        }
+        names.push(name.to_string());
+    }
+    if names.len() > MAX_DATABASES {
+        return Err(format!("At most {MAX_DATABASES} databases can be served."));
+    }
+    Ok(names)
+}
+
 fn string_of(setting: &GucSetting<Option<CString>>, default: &str) -> String {
     setting
         .get()
@@ -245,8 +290,9 @@ fn string_of(setting: &GucSetting<Option<CString>>, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-pub fn database() -> String {
-    string_of(&DATABASE, "postgres")
+/// The databases served, in the order listed (the check hook refused any other value).
+pub fn databases() -> Vec<String> {
+    parse_databases(&string_of(&DATABASE, "postgres")).unwrap_or_else(|_| vec!["postgres".into()])
 }
 pub fn concurrency() -> usize {
     CONCURRENCY.get().max(1) as usize
@@ -295,4 +341,27 @@ pub fn allow_http() -> bool {
 }
 pub fn allow_private_network() -> bool {
     ALLOW_PRIVATE_NETWORK.get()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_databases;
+
+    #[test]
+    fn a_database_list_is_comma_separated_and_trimmed() {
+        assert_eq!(parse_databases("shop").unwrap(), ["shop"]);
+        assert_eq!(parse_databases(" shop ,billing,  Other Db ").unwrap(), ["shop", "billing", "Other Db"]);
+    }
+
+    #[test]
+    fn empty_duplicate_long_or_too_many_names_are_refused() {
+        for bad in ["", " ", "shop,", ",shop", "shop,,billing", "shop, shop"] {
+            assert!(parse_databases(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_databases(&"d".repeat(64)).is_err());
+        assert!(parse_databases(&"d".repeat(63)).is_ok());
+        let many: Vec<String> = (0..17).map(|i| format!("db{i}")).collect();
+        assert!(parse_databases(&many.join(",")).is_err());
+        assert!(parse_databases(&many[..16].join(",")).is_ok());
+    }
 }

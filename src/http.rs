@@ -63,6 +63,8 @@ pub struct Outcome {
     pub response_body: Option<String>,
     pub error: Option<String>,
     pub retry_after: Option<String>,
+    /// Bytes of the request body sent (0 when none could be built).
+    pub bytes_sent: u64,
 }
 
 impl Outcome {
@@ -311,8 +313,14 @@ fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
         response_body: None,
         error: None,
         retry_after: None,
+        bytes_sent: 0,
     };
-    let result = send(agent, job, unix_seconds(started_at));
+    let result = body(job)
+        .map_err(|e| format!("event data is not valid JSON: {e}"))
+        .and_then(|body| {
+            outcome.bytes_sent = body.len() as u64;
+            send(agent, job, &body, unix_seconds(started_at))
+        });
     outcome.duration_ms = clock.elapsed().as_secs_f64() * 1000.0;
     match result {
         Ok((status, body, retry_after)) => {
@@ -344,15 +352,16 @@ fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
         response_body: None,
         error: Some(format!("internal error in the HTTP thread: {what}")),
         retry_after: None,
+        bytes_sent: 0,
     }
 }
 
 fn send(
     agent: &ureq::Agent,
     job: &Job,
+    body: &[u8],
     timestamp: i64,
 ) -> Result<(u16, String, Option<String>), String> {
-    let body = body(job).map_err(|e| format!("event data is not valid JSON: {e}"))?;
     let mut request = agent
         .post(&job.url)
         .config()
@@ -368,17 +377,17 @@ fn send(
         Signature::Standard => {
             let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
             let header =
-                signing::standard_signature_header(&secrets, &job.event_id, timestamp, &body)
+                signing::standard_signature_header(&secrets, &job.event_id, timestamp, body)
                     .map_err(|e| format!("cannot sign: {e}"))?;
             request.header("webhook-signature", header)
         }
         Signature::Hex { header } => {
             let secret = job.secrets.first().map(String::as_str).unwrap_or_default();
-            request.header(header.as_str(), signing::sign_hex(secret, &body))
+            request.header(header.as_str(), signing::sign_hex(secret, body))
         }
     };
     let mut response = request
-        .send(&body[..])
+        .send(body)
         .map_err(|e| describe(&e, &job.url))?;
     let status = response.status().as_u16();
     let retry_after = response

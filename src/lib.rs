@@ -17,6 +17,7 @@ mod patterns;
 mod plans;
 mod queue;
 mod schedule;
+mod shmem;
 mod signing;
 mod worker;
 
@@ -40,7 +41,7 @@ pub extern "C-unwind" fn _PG_init() {
         }
     }
     gucs::init();
-    worker::init_shared_memory();
+    shmem::init();
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_transaction_event), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subtransaction_event), std::ptr::null_mut());
@@ -61,7 +62,7 @@ unsafe extern "C-unwind" fn on_transaction_event(
         XACT_EVENT_PRE_COMMIT | XACT_EVENT_PRE_PREPARE => capture::write_events_at_commit(),
         XACT_EVENT_COMMIT => {
             if let Some(why) = capture::take_wake_request() {
-                worker::wake(why == capture::Wake::Queue);
+                shmem::wake(why == capture::Wake::Queue);
             }
             // Nothing noted in this transaction may reach the next one.
             capture::forget_at_commit();
@@ -122,7 +123,7 @@ unsafe extern "C-unwind" fn process_utility(
     if commit_prepared {
         // The prepared transaction is committed and visible now. It may have queued
         // deliveries directly (send_test, replay, resume...): claim too.
-        worker::wake(true);
+        shmem::wake(true);
     }
 }
 

@@ -9,37 +9,15 @@
 //! Registered to start after recovery, so it never runs on a standby.
 
 use crate::gucs::MAX_WORKERS;
+use crate::shmem::{self, State};
 use crate::{gucs, http, queue, schedule};
 use pgrx::bgworkers::*;
 use pgrx::prelude::*;
-use pgrx::{pg_shmem_init, pg_sys, PgAtomic};
+use pgrx::pg_sys;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Address of each delivery worker's latch (0 while it is not running); worker 0 fans out and
-/// is the one a commit wakes.
-static LATCHES: PgAtomic<[AtomicU64; MAX_WORKERS]> =
-    unsafe { PgAtomic::new(c"pg_webhooks_worker_latches") };
-/// Pid of each delivery worker (0 while it is not running): a latch is set only while it still
-/// belongs to this pid, so a worker that died without clearing it can never make a backend
-/// set the latch of whatever process reused its PGPROC.
-static PIDS: PgAtomic<[AtomicI32; MAX_WORKERS]> = unsafe { PgAtomic::new(c"pg_webhooks_worker_pids") };
-/// Set when deliveries were queued directly (not through new events): claim on the next turn.
-static QUEUE_CHANGED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_queue_changed") };
-/// Set by the commit of a transaction that wrote events, cleared by the worker before it fans
-/// out. Only the commit that sets it wakes the worker: under load, one wake per fan-out round,
-/// not one signal per commit; an idle worker is woken by the first commit at once.
-static EVENTS_PENDING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_webhooks_events_pending") };
-
 const APPLICATION_NAME: &std::ffi::CStr = c"pg_webhooks worker";
-
-pub fn init_shared_memory() {
-    pg_shmem_init!(LATCHES = std::array::from_fn(|_| AtomicU64::new(0)));
-    pg_shmem_init!(PIDS = std::array::from_fn(|_| AtomicI32::new(0)));
-    pg_shmem_init!(QUEUE_CHANGED = AtomicBool::new(false));
-    pg_shmem_init!(EVENTS_PENDING = AtomicBool::new(false));
-}
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_webhooks launcher")
@@ -53,60 +31,23 @@ pub fn register() {
         .load();
 }
 
-/// Set the delivery worker's latch (called at the commit of an enqueuing transaction, after
-/// it became visible to new snapshots).
-pub fn wake(queue_changed: bool) {
-    if queue_changed {
-        QUEUE_CHANGED.get().store(true, Ordering::SeqCst);
-    }
-    if EVENTS_PENDING.get().swap(true, Ordering::SeqCst) && !queue_changed {
-        // The worker has not fanned out since the last wake: it will see this commit too.
-        return;
-    }
-    set_latch(0);
-}
-
-/// Set worker `i`'s latch, if it is running.
-fn set_latch(i: usize) {
-    let pid = PIDS.get()[i].load(Ordering::Acquire);
-    let latch = LATCHES.get()[i].load(Ordering::Acquire) as *mut pg_sys::Latch;
-    // The latch lives in the worker's PGPROC (shared memory, always mapped); it is ours to set
-    // only while that PGPROC still belongs to the worker.
-    if pid != 0 && !latch.is_null() && unsafe { (*latch).owner_pid } == pid {
-        unsafe { pg_sys::SetLatch(latch) };
-    }
-}
-
-/// Publish (or, with None, withdraw) worker `i`'s latch.
-fn publish_latch(i: usize, latch: Option<*mut pg_sys::Latch>) {
-    match latch {
-        Some(l) => {
-            LATCHES.get()[i].store(l as u64, Ordering::Release);
-            PIDS.get()[i].store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
-        }
-        None => {
-            // Only our own entry: a newer worker may already have published its latch.
-            let me = unsafe { pg_sys::MyProcPid };
-            if PIDS.get()[i]
-                .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                LATCHES.get()[i].store(0, Ordering::Release);
-            }
-        }
-    }
-}
-
 /// Runs however the worker exits (SIGTERM, ERROR, FATAL): its latch is withdrawn first.
 #[pg_guard]
 unsafe extern "C-unwind" fn withdraw_latch_at_exit(_code: i32, arg: pg_sys::Datum) {
-    publish_latch(arg.value(), None);
+    let (d, i) = slot_of(arg.value());
+    shmem::Me::leave(d, i);
 }
 
-/// The running fan-out worker's pid (worker 0), or NULL: what backends would wake at commit.
+/// A worker's argument: its database's place in `webhooks.database` and its index there.
+fn slot_of(arg: usize) -> (usize, usize) {
+    (arg / MAX_WORKERS, arg % MAX_WORKERS)
+}
+
+/// The running fan-out worker's pid (worker 0 of this database), or NULL: what backends would
+/// wake at commit.
 #[pg_extern(volatile, parallel_safe)]
 fn _worker_pid() -> Option<i32> {
-    Some(PIDS.get()[0].load(Ordering::Acquire)).filter(|p| *p != 0)
+    shmem::fan_out_worker_pid()
 }
 
 /// Whether the database exists. The launcher is connected to no database, so it cannot use
@@ -142,57 +83,80 @@ fn database_exists(name: &str) -> bool {
 pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let database = gucs::database();
-    let mut slots: Vec<Slot> = (0..gucs::workers()).map(|_| Slot::default()).collect();
-    let mut said_waiting = false;
+    let databases = gucs::databases();
+    let workers = gucs::workers();
+    // One slot per database and worker index; each database independently waited for.
+    let mut slots: Vec<Vec<Slot>> = databases
+        .iter()
+        .map(|_| (0..workers).map(|_| Slot::default()).collect())
+        .collect();
+    let mut said_waiting = vec![false; databases.len()];
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        for (i, slot) in slots.iter_mut().enumerate() {
-            let running = slot.worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
-            if running {
-                continue;
-            }
-            if slot.worker.take().is_some() {
-                // A worker that keeps failing right after its start is restarted ever more
-                // slowly (up to a minute apart), so a persistent error does not flood the log.
-                slot.failures = if slot.started.elapsed() < Duration::from_secs(30) {
-                    slot.failures + 1
-                } else {
-                    0
-                };
-                slot.not_before = Instant::now()
-                    + Duration::from_secs(1u64 << slot.failures.saturating_sub(1).min(6));
-            }
-            if Instant::now() < slot.not_before {
-                continue;
-            }
-            if !database_exists(&database) {
-                if !said_waiting {
-                    log!(
-                        "pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist"
-                    );
-                    said_waiting = true;
+        for (d, database) in databases.iter().enumerate() {
+            let mut exists = None;
+            for (i, slot) in slots[d].iter_mut().enumerate() {
+                let running = slot.worker.as_ref().map(|w| w.pid().is_ok()).unwrap_or(false);
+                if running {
+                    continue;
                 }
-                break;
-            }
-            said_waiting = false;
-            slot.worker = BackgroundWorkerBuilder::new(&format!("pg_webhooks worker {i}"))
-                .set_type("pg_webhooks worker")
-                .set_library("pg_webhooks")
-                .set_function("pg_webhooks_worker_main")
-                .set_argument(Some(pg_sys::Datum::from(i)))
-                .enable_shmem_access(None)
-                .enable_spi_access()
-                .set_start_time(BgWorkerStartTime::RecoveryFinished)
-                .set_restart_time(None)
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                .load_dynamic()
-                .ok();
-            if let Some(w) = &slot.worker {
-                let _ = w.wait_for_startup();
-                slot.started = Instant::now();
+                if slot.worker.take().is_some() {
+                    // A worker that keeps failing right after its start is restarted ever more
+                    // slowly (up to a minute apart), so a persistent error does not flood the log.
+                    slot.failures = if slot.started.elapsed() < Duration::from_secs(30) {
+                        slot.failures + 1
+                    } else {
+                        0
+                    };
+                    slot.not_before = Instant::now()
+                        + Duration::from_secs(1u64 << slot.failures.saturating_sub(1).min(6));
+                }
+                if Instant::now() < slot.not_before {
+                    continue;
+                }
+                if !*exists.get_or_insert_with(|| database_exists(database)) {
+                    if !said_waiting[d] {
+                        log!(
+                            "pg_webhooks: waiting for database \"{database}\" (webhooks.database) to exist"
+                        );
+                        said_waiting[d] = true;
+                    }
+                    (i..workers).for_each(|i| shmem::set_launcher_state(d, i, State::WaitingForDatabase));
+                    break;
+                }
+                said_waiting[d] = false;
+                shmem::set_launcher_state(d, i, State::NotRunning);
+                slot.worker = BackgroundWorkerBuilder::new(&format!("pg_webhooks worker {i} ({database})"))
+                    .set_type("pg_webhooks worker")
+                    .set_library("pg_webhooks")
+                    .set_function("pg_webhooks_worker_main")
+                    .set_argument(Some(pg_sys::Datum::from(d * MAX_WORKERS + i)))
+                    .enable_shmem_access(None)
+                    .enable_spi_access()
+                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                    .set_restart_time(None)
+                    .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                    .load_dynamic()
+                    .ok();
+                match &slot.worker {
+                    Some(w) => {
+                        let _ = w.wait_for_startup();
+                        slot.started = Instant::now();
+                    }
+                    None => {
+                        // No free background worker slot (max_worker_processes): say so once
+                        // a minute at most, and try again.
+                        if slot.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            warning!(
+                                "pg_webhooks: could not start delivery worker {i} for database \"{database}\"; raise max_worker_processes (needs 1 + databases x webhooks.workers, plus what else runs)"
+                            );
+                            slot.warned_at = Some(Instant::now());
+                        }
+                        slot.not_before = Instant::now() + Duration::from_secs(5);
+                    }
+                }
             }
         }
     }
@@ -207,16 +171,27 @@ struct Slot {
     failures: u32,
     started: Instant,
     not_before: Instant,
+    warned_at: Option<Instant>,
 }
 
 impl Default for Slot {
     fn default() -> Slot {
-        Slot { worker: None, failures: 0, started: Instant::now(), not_before: Instant::now() }
+        Slot {
+            worker: None,
+            failures: 0,
+            started: Instant::now(),
+            not_before: Instant::now(),
+            warned_at: None,
+        }
     }
 }
 
 /// What the delivery worker's main thread carries from one turn to the next.
 struct LoopState {
+    /// This worker's slot in shared memory (its state and counters), and when worker 0 counts
+    /// the queue next.
+    me: shmem::Me,
+    queue_depth_at: Instant,
     /// Which worker this is, of how many. Worker 0 also fans out and applies retention.
     index: usize,
     workers: usize,
@@ -293,14 +268,17 @@ impl InFlight {
     }
 }
 
-fn extension_ready() -> bool {
+/// This library's version: the extension's objects must be of it before the worker delivers.
+const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The version of the extension created in this database, if it is.
+fn extension_version() -> Option<String> {
     BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks')",
+        Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
         )
         .ok()
         .flatten()
-        .unwrap_or(false)
     })
 }
 
@@ -397,9 +375,9 @@ fn wait(pool: &http::Pool, timeout: Duration) -> bool {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gucs::database();
-    let index: usize = arg.value();
+    let (d, index) = slot_of(arg.value());
     let workers = gucs::workers();
+    let Some(database) = gucs::databases().get(d).cloned() else { return };
     if index >= workers.min(MAX_WORKERS) {
         return;
     }
@@ -423,7 +401,8 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     let name = if index == 0 {
         APPLICATION_NAME.to_owned()
     } else {
-        std::ffi::CString::new(format!("pg_webhooks worker {index}")).expect("no NUL")
+        // The index is a number: no NUL can be in it.
+        std::ffi::CString::new(format!("pg_webhooks worker {index}")).unwrap_or_default()
     };
     unsafe {
         pg_sys::pgstat_report_appname(name.as_ptr());
@@ -456,13 +435,16 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         }
     };
     unsafe {
-        pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), pg_sys::Datum::from(index));
+        pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), arg);
     }
-    publish_latch(index, Some(unsafe { pg_sys::MyLatch }));
+    let me = shmem::Me::enter(d, index);
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
+    let mut said_version = false;
     let mut state = LoopState {
+        me,
+        queue_depth_at: Instant::now(),
         index,
         workers,
         in_flight: InFlight {
@@ -488,12 +470,28 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
         pgrx::check_for_interrupts!();
+        me.woke();
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             pool.set_allow_private(gucs::allow_private_network());
         }
         if !ready {
-            ready = extension_ready();
+            match extension_version() {
+                Some(v) if v == LIBRARY_VERSION => ready = true,
+                Some(v) => {
+                    // The library was upgraded and the extension's objects are not yet: the
+                    // new library may need what the update adds. Capture goes on meanwhile
+                    // (its tables are the same); what it writes is delivered after the update.
+                    if !said_version {
+                        warning!(
+                            "pg_webhooks: the extension in database \"{database}\" is version {v} and the library is {LIBRARY_VERSION}: run ALTER EXTENSION pg_webhooks UPDATE there; deliveries wait until then"
+                        );
+                        said_version = true;
+                    }
+                    me.set_state(State::WaitingForUpdate);
+                }
+                None => me.set_state(State::WaitingForExtension),
+            }
             if !ready {
                 sleep = gucs::poll_interval();
                 continue;
@@ -503,15 +501,38 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
             });
         }
         sleep = run_once(&pool, &mut state);
+        let in_flight = state.in_flight.total();
+        me.set_requests_in_flight(in_flight);
+        me.set_state(if in_flight > 0 || sleep.is_zero() { State::Delivering } else { State::Idle });
+        if index == 0 && Instant::now() >= state.queue_depth_at {
+            state.queue_depth_at = count_queue(me);
+        }
         // Our inserts and deletes reach the statistics autovacuum works from; before a long
         // sleep, whatever is still pending is flushed now rather than at the next wake.
         unsafe { pg_sys::pgstat_report_stat(sleep >= Duration::from_secs(1)) };
     }
-    publish_latch(index, None);
+    shmem::Me::leave(d, index);
     log!(
         "pg_webhooks: delivery worker stopping ({} requests in flight will be retried)",
         state.in_flight.total()
     );
+}
+
+/// Count the queued deliveries for `worker_status()`; returns when to count again: at most
+/// once a second, and never more than 1% of the worker's time (a count of a million-row queue
+/// takes tens of milliseconds).
+fn count_queue(me: shmem::Me) -> Instant {
+    let started = Instant::now();
+    let depth = BackgroundWorker::transaction(|| {
+        Spi::get_one::<i64>("SELECT count(*) FROM webhooks._queue")
+    });
+    match depth {
+        Ok(Some(n)) => me.set_queue_depth(n),
+        Ok(None) => {}
+        Err(e) => warning!("pg_webhooks: counting the queue failed: {e}"),
+    }
+    let took = started.elapsed();
+    Instant::now() + (took * 100).max(Duration::from_secs(1))
 }
 
 /// One turn of the loop; returns how long to sleep before the next one.
@@ -522,15 +543,28 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         let in_flight = &mut state.in_flight;
         let mut batch: Vec<queue::Recorded> = Vec::new();
         let mut released: Vec<i64> = Vec::new();
+        let mut counts = shmem::Counts::default();
         for done in outcomes {
             in_flight.finish(&done);
             released.extend_from_slice(&done.skipped);
             for o in done.outcomes {
+                counts.attempts += 1;
+                counts.bytes_sent += o.bytes_sent;
                 if let Some((before, sched)) = in_flight.take(o.delivery_id) {
-                    batch.push(to_record(o, before, sched));
+                    let r = to_record(o, before, sched);
+                    match r.verdict.outcome {
+                        "succeeded" => counts.succeeded += 1,
+                        "dead" => {
+                            counts.failed += 1;
+                            counts.dead += 1;
+                        }
+                        _ => counts.failed += 1,
+                    }
+                    batch.push(r);
                 }
             }
         }
+        state.me.add(counts);
         let disable_after = gucs::disable_after();
         BackgroundWorker::transaction(move || queue::record(batch, released, &disable_after))
             .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
@@ -541,7 +575,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     let now = Instant::now();
     // Fan out when a commit asked for it (at most once per batch window: commits that come
     // meanwhile are taken together), while the last round left work, or on the safety poll.
-    let asked = EVENTS_PENDING.get().load(Ordering::SeqCst);
+    let asked = state.me.events_pending();
     let fans_out = state.index == 0;
     let due = fans_out
         && (state.fan_out_more
@@ -550,7 +584,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     let mut window = None;
     if due {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
-        EVENTS_PENDING.get().store(false, Ordering::SeqCst);
+        state.me.clear_events_pending();
         state.fan_out_more = false;
         // A bounded number of steps per turn, so outcomes are recorded and claims made while
         // a large backlog is fanned out; the next turn comes at once while there is more.
@@ -587,14 +621,14 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
     // Claim only when something could have become claimable: new deliveries, a finished
     // attempt (a freed slot, a released key), deliveries queued directly, or a timer.
-    let queue_changed = fans_out && QUEUE_CHANGED.get().swap(false, Ordering::AcqRel);
+    let queue_changed = fans_out && state.me.take_queue_changed();
     if created > 0 || queue_changed {
         // The other workers claim too.
-        (1..state.workers).for_each(set_latch);
+        state.me.wake_others(state.workers);
     }
     let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
-        let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers);
+        let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me);
         state.next_claim_at = Instant::now() + sleep;
         sleep
     } else {
@@ -729,6 +763,7 @@ fn claim_and_dispatch(
     batch: i32,
     index: usize,
     workers: usize,
+    me: shmem::Me,
 ) -> Duration {
     let poll = gucs::poll_interval();
     let capacity = pool.threads().saturating_sub(in_flight.total());
@@ -773,6 +808,7 @@ fn claim_and_dispatch(
     })
     .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
     let more_due = claimed.len() as i32 == limit;
+    me.add(shmem::Counts { claimed: claimed.iter().map(|s| s.len() as u64).sum(), ..Default::default() });
     // Per subscription, its claimed heads (each with its chain) are shared out over as many
     // jobs as it has free slots, in order; a job is sent by one HTTP thread.
     let mut by_sub: Vec<(i64, Vec<Vec<queue::Claimed>>)> = Vec::new();
