@@ -493,7 +493,9 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
                 None => me.set_state(State::WaitingForExtension),
             }
             if !ready {
-                sleep = gucs::poll_interval();
+                // Nothing wakes a worker when the extension is created or updated: look again
+                // soon (one catalog probe a second costs nothing).
+                sleep = gucs::poll_interval().min(Duration::from_secs(1));
                 continue;
             }
             BackgroundWorker::transaction(|| queue::release_claims(index, workers)).unwrap_or_else(|e| {

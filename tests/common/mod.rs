@@ -140,7 +140,11 @@ impl Cluster {
 
     pub fn connect_as_result(&self, db: &str, user: &str) -> Result<Client, postgres::Error> {
         Client::connect(
-            &format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port),
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname='{}'",
+                self.port,
+                db.replace('\\', "\\\\").replace('\'', "\\'")
+            ),
             NoTls,
         )
     }
