@@ -215,16 +215,21 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- The triggers carry no configuration (capture reads _tracked); a child trigger names its
-    -- parent, which capture checks against _tracked.
+    -- The triggers carry no configuration: capture reads _tracked.
     EXECUTE format('CREATE TRIGGER webhooks_capture AFTER INSERT OR UPDATE OR DELETE ON %s
                     FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row()', tbl);
     EXECUTE format('CREATE TRIGGER webhooks_no_truncate BEFORE TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION webhooks._refuse_truncate()', tbl);
+    -- One child trigger per child table, however many tracked tables list it: capture finds
+    -- a child's parents in _tracked.
     FOR v_spec IN SELECT * FROM pg_catalog.jsonb_array_elements(v_specs) LOOP
-        EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child(%L)',
-                       'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass, tbl::oid::text);
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                        WHERE g.tgrelid = (v_spec ->> 'relid')::oid AND g.tgparentid = 0
+                          AND g.tgfoid = 'webhooks._capture_child'::regproc) THEN
+            EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
+                            FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child()',
+                           'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass);
+        END IF;
     END LOOP;
 
     PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
@@ -244,21 +249,29 @@ CREATE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_child jsonb;
+    v_children oid[];
+    v_trigger  record;
 BEGIN
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
+    SELECT pg_catalog.array_agg((c.value ->> 'relid')::oid) INTO v_children
+      FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c WHERE t.relid = tbl;
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS webhooks_no_truncate ON %s', tbl);
-    FOR v_child IN
-        SELECT value FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) WHERE t.relid = tbl
-    LOOP
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = (v_child ->> 'relid')::oid) THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'webhooks_child_' || tbl::oid, (v_child ->> 'relid')::oid::regclass);
-        END IF;
-    END LOOP;
     PERFORM webhooks._unregister_tracked(tbl::oid);
+    -- The child triggers of children no other tracked table lists (whatever their names: a
+    -- restored dump's are named after the old cluster's OIDs).
+    FOR v_trigger IN
+        SELECT g.tgname, g.tgrelid::regclass::text AS rel
+          FROM pg_catalog.pg_trigger g
+         WHERE g.tgrelid = ANY (v_children) AND g.tgparentid = 0
+           AND g.tgfoid = 'webhooks._capture_child'::regproc
+           AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c
+                            WHERE (c.value ->> 'relid')::oid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger.tgname, v_trigger.rel);
+    END LOOP;
 END
 $$;
 
@@ -275,17 +288,23 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_table   text;
-    v_trigger record;
+    v_table    text;
+    v_trigger  record;
+    v_children oid[];
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM webhooks._tracked)
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
 
-    DELETE FROM webhooks._tracked t
-     USING pg_event_trigger_dropped_objects() d
-     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = 0;
+    WITH gone AS (
+        DELETE FROM webhooks._tracked t
+         USING pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = 0
+        RETURNING t.children
+    )
+    SELECT array_agg((c.value ->> 'relid')::oid) INTO v_children
+      FROM gone, jsonb_array_elements(gone.children) c;
 
     SELECT t.relid::regclass::text INTO v_table
       FROM webhooks._tracked t, pg_event_trigger_dropped_objects() d
@@ -316,17 +335,18 @@ BEGIN
                       AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int));
 
     -- Child triggers left behind by what was dropped (their parent, or the child's foreign
-    -- key column) would make every write to the child fail: they go too.
+    -- key column) would make every write to the child fail: they go too, once no tracked
+    -- table lists their table.
     FOR v_trigger IN
         SELECT g.tgname, g.tgrelid::regclass::text AS rel
-          FROM pg_trigger g, pg_event_trigger_dropped_objects() d
-         WHERE d.classid = 'pg_catalog.pg_class'::regclass
-           AND g.tgfoid = 'webhooks._capture_child'::regproc
+          FROM pg_trigger g
+         WHERE g.tgfoid = 'webhooks._capture_child'::regproc
            AND g.tgparentid = 0  -- clones on partitions go with their parent trigger
-           AND (g.tgrelid = d.objid OR (d.objsubid = 0 AND g.tgname = 'webhooks_child_' || d.objid))
+           AND (g.tgrelid = ANY (v_children)
+                OR g.tgrelid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                  WHERE d.classid = 'pg_catalog.pg_class'::regclass))
            AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, jsonb_array_elements(t.children) c
-                            WHERE g.tgname = 'webhooks_child_' || t.relid
-                              AND (c.value ->> 'relid')::oid = g.tgrelid)
+                            WHERE (c.value ->> 'relid')::oid = g.tgrelid)
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger.tgname, v_trigger.rel);
     END LOOP;
@@ -335,9 +355,53 @@ $$;
 CREATE EVENT TRIGGER webhooks_forget_dropped_tables ON sql_drop
     EXECUTE FUNCTION webhooks._on_sql_drop();
 
+-- Keeps _tracked.child_tables (regclass: dumped by name) in step with children (OIDs, what
+-- capture reads). A row restored from a dump carries both, its OIDs the old cluster's: its
+-- children then take the OIDs of the tables its child_tables name in this one.
+CREATE FUNCTION webhooks._tracked_children_by_name() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) > 0
+       AND cardinality(NEW.child_tables) = jsonb_array_length(NEW.children) THEN
+        NEW.children := (SELECT coalesce(jsonb_agg(jsonb_set(c.value, '{relid}',
+                                                             to_jsonb(NEW.child_tables[c.ord]::oid::int8))
+                                                   ORDER BY c.ord), '[]')
+                           FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord));
+    ELSE
+        NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
+                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                                   ORDER BY c.ord);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tracked_children_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
+    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_children_by_name();
+
 ------------------------------------------------------------------------------------------
 -- Subscriptions. API: Public
 ------------------------------------------------------------------------------------------
+-- A subscription restored from a dump of another cluster carries that cluster's creation
+-- snapshot. One from this cluster can never lie ahead of its current snapshot; one that does
+-- would count every event here as committed before it, and receive nothing: it is created
+-- anew, as a new subscription would be (receiving what commits after the restore).
+CREATE FUNCTION webhooks._subscription_restored() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_snapshot_xmax(NEW.created_snapshot) > pg_snapshot_xmax(pg_current_snapshot()) THEN
+        NEW.created_snapshot := pg_current_snapshot();
+        NEW.fanned_out := false;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER subscription_restored BEFORE INSERT ON webhooks._subscriptions
+    FOR EACH ROW EXECUTE FUNCTION webhooks._subscription_restored();
+
 CREATE FUNCTION webhooks._subscription_exists(p_id bigint) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp

@@ -19,7 +19,11 @@ CREATE TABLE webhooks._tracked (
     key_attnum    smallint NOT NULL,
     status_attnum smallint,
     children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk_attnum}]
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- The children's tables again, in the order of `children`, as regclass: pg_dump writes
+    -- them by name, so a restore can give `children` the new cluster's OIDs (see
+    -- _tracked_children_by_name). Kept in step with `children` by that trigger.
+    child_tables  regclass[] NOT NULL DEFAULT '{}'
 );
 -- Events are ordered per entity and key: one entity, one table.
 CREATE UNIQUE INDEX _tracked_entity_idx ON webhooks._tracked (entity);

@@ -31,3 +31,343 @@ REVOKE EXECUTE ON FUNCTION webhooks.worker_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
+
+-- #12 dump and restore: a tracked table's children survive pg_dump (by name), child triggers
+-- no longer name their parent (capture finds it in _tracked), and a subscription restored from
+-- another cluster is created anew.
+ALTER TABLE webhooks._tracked ADD COLUMN child_tables regclass[] NOT NULL DEFAULT '{}';
+CREATE FUNCTION webhooks._tracked_children_by_name() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) > 0
+       AND cardinality(NEW.child_tables) = jsonb_array_length(NEW.children) THEN
+        NEW.children := (SELECT coalesce(jsonb_agg(jsonb_set(c.value, '{relid}',
+                                                             to_jsonb(NEW.child_tables[c.ord]::oid::int8))
+                                                   ORDER BY c.ord), '[]')
+                           FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord));
+    ELSE
+        NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
+                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                                   ORDER BY c.ord);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tracked_children_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
+    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_children_by_name();
+UPDATE webhooks._tracked SET children = children;  -- fills child_tables
+CREATE FUNCTION webhooks._subscription_restored() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF pg_snapshot_xmax(NEW.created_snapshot) > pg_snapshot_xmax(pg_current_snapshot()) THEN
+        NEW.created_snapshot := pg_current_snapshot();
+        NEW.fanned_out := false;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER subscription_restored BEFORE INSERT ON webhooks._subscriptions
+    FOR EACH ROW EXECUTE FUNCTION webhooks._subscription_restored();
+REVOKE EXECUTE ON FUNCTION webhooks._tracked_children_by_name(), webhooks._subscription_restored() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION webhooks.track(
+    tbl regclass,
+    entity text DEFAULT NULL,
+    key_column name DEFAULT 'id',
+    status_column name DEFAULT NULL,
+    children jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+-- Invoker's rights and search_path: child table names resolve as the caller wrote them, and
+-- creating the triggers needs the caller's own TRIGGER privilege. _register_tracked checks
+-- the caller's rights again before it writes _tracked.
+AS $$
+DECLARE
+    v_kind     "char";
+    v_relname  name;
+    v_key      smallint;
+    v_status   smallint;
+    v_specs    jsonb := '[]'::jsonb;
+    v_name     text;
+    v_spec     jsonb;
+    v_child    regclass;
+    v_fk       smallint;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT c.relkind, c.relname INTO v_kind, v_relname FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+    IF v_kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
+        RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
+            HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
+    END IF;
+    IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION '"%" is a temporary table', tbl USING ERRCODE = 'wrong_object_type',
+            HINT = 'Only permanent tables can be tracked.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
+        RAISE EXCEPTION 'table % is already tracked', tbl USING ERRCODE = 'duplicate_object',
+            HINT = 'Call webhooks.untrack(' || pg_catalog.quote_literal(tbl::text) || ') first to change how it is tracked.';
+    END IF;
+
+    entity := coalesce(entity, webhooks._singular(pg_catalog.lower(v_relname)));
+    IF entity !~ '^[a-z0-9_-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
+    END IF;
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = track.entity) THEN
+        RAISE EXCEPTION 'entity "%" is already used by table %', entity,
+            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = track.entity)
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'Each tracked table needs an entity of its own: its events are ordered per entity and key.';
+    END IF;
+
+    SELECT a.attnum INTO v_key
+      FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF v_key IS NULL THEN
+        RAISE EXCEPTION 'column "%" does not exist in table %', key_column, tbl USING ERRCODE = 'undefined_column',
+            HINT = 'Name the key column with key_column => ''...''.';
+    END IF;
+    IF (SELECT coalesce(nullif(y.typbasetype, 0), y.oid) FROM pg_catalog.pg_attribute a
+          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = tbl AND a.attnum = v_key)
+       NOT IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'text'::regtype,
+               'varchar'::regtype, 'bpchar'::regtype, 'uuid'::regtype)
+       OR (SELECT NOT c.collisdeterministic FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_collation c ON c.oid = a.attcollation
+            WHERE a.attrelid = tbl AND a.attnum = v_key) THEN
+        RAISE EXCEPTION 'key column "%" of table % has type %, which cannot be an event key', key_column, tbl,
+            (SELECT format_type(a.atttypid, NULL) FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attnum = v_key)
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Event keys are integers, text (with a deterministic collation) or uuids: one value, one spelling.';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_index i
+         WHERE i.indrelid = tbl AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
+           AND i.indkey[0] = v_key
+    ) THEN
+        RAISE EXCEPTION 'key column "%" of table % is not unique', key_column, tbl
+            USING ERRCODE = 'invalid_column_reference',
+            HINT = 'Events are keyed by this column: give it a primary key or a unique index.';
+    END IF;
+    IF status_column IS NOT NULL THEN
+        SELECT a.attnum INTO v_status
+          FROM pg_catalog.pg_attribute a WHERE a.attrelid = tbl AND a.attname = status_column AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_status IS NULL THEN
+            RAISE EXCEPTION 'column "%" does not exist in table %', status_column, tbl USING ERRCODE = 'undefined_column';
+        END IF;
+    END IF;
+
+    IF children IS NOT NULL THEN
+        IF jsonb_typeof(children) <> 'object' THEN
+            RAISE EXCEPTION 'children must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
+        END IF;
+        FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
+            IF jsonb_typeof(v_spec) <> 'object'
+               OR jsonb_typeof(v_spec -> 'table') IS DISTINCT FROM 'string'
+               OR jsonb_typeof(v_spec -> 'foreign_key') IS DISTINCT FROM 'string'
+               OR v_name = '' THEN
+                RAISE EXCEPTION 'children entry "%" needs "table" and "foreign_key" strings', v_name
+                    USING ERRCODE = 'invalid_parameter_value',
+                    HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
+            END IF;
+            v_child := (v_spec ->> 'table')::regclass;
+            IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p')
+               OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
+                RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
+            END IF;
+            IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
+                RAISE EXCEPTION 'child table % forces row-level security on its owner', v_child
+                    USING ERRCODE = 'feature_not_supported',
+                          HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
+            END IF;
+            IF (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = v_child)
+               <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
+                RAISE EXCEPTION 'child table % is not owned by the owner of %', v_child, tbl
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'Capture reads a table and its children with the rights of their one owner.';
+            END IF;
+            v_fk := NULL;
+            SELECT a.attnum INTO v_fk FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = v_child AND a.attname = (v_spec ->> 'foreign_key') AND a.attnum > 0 AND NOT a.attisdropped;
+            IF v_fk IS NULL THEN
+                RAISE EXCEPTION 'column "%" does not exist in table %', v_spec ->> 'foreign_key', v_child USING ERRCODE = 'undefined_column';
+            END IF;
+            -- c.fk = t.key compares within one family of key types (integers; text and
+            -- varchar; char; uuid): a built-in operator, no cast a user could have made.
+            IF (SELECT CASE WHEN t IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype) THEN 1
+                            WHEN t IN ('text'::regtype, 'varchar'::regtype) THEN 2
+                            WHEN t = 'bpchar'::regtype THEN 3
+                            WHEN t = 'uuid'::regtype THEN 4 END
+                  FROM (SELECT coalesce(nullif(y.typbasetype, 0), y.oid)::regtype AS t FROM pg_catalog.pg_attribute a
+                          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = v_child AND a.attnum = v_fk) f)
+               IS DISTINCT FROM
+               (SELECT CASE WHEN t IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype) THEN 1
+                            WHEN t IN ('text'::regtype, 'varchar'::regtype) THEN 2
+                            WHEN t = 'bpchar'::regtype THEN 3
+                            WHEN t = 'uuid'::regtype THEN 4 END
+                  FROM (SELECT coalesce(nullif(y.typbasetype, 0), y.oid)::regtype AS t FROM pg_catalog.pg_attribute a
+                          JOIN pg_catalog.pg_type y ON y.oid = a.atttypid WHERE a.attrelid = tbl AND a.attnum = v_key) k)
+            THEN
+                RAISE EXCEPTION 'foreign key column "%" of % cannot be compared with key column "%" of %',
+                    v_spec ->> 'foreign_key', v_child, key_column, tbl USING ERRCODE = 'datatype_mismatch';
+            END IF;
+            v_specs := v_specs || jsonb_build_array(jsonb_build_object(
+                'name', v_name, 'relid', v_child::oid::bigint, 'fk_attnum', v_fk));
+        END LOOP;
+    END IF;
+
+    -- The triggers carry no configuration: capture reads _tracked.
+    EXECUTE format('CREATE TRIGGER webhooks_capture AFTER INSERT OR UPDATE OR DELETE ON %s
+                    FOR EACH ROW EXECUTE FUNCTION webhooks._capture_row()', tbl);
+    EXECUTE format('CREATE TRIGGER webhooks_no_truncate BEFORE TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION webhooks._refuse_truncate()', tbl);
+    -- One child trigger per child table, however many tracked tables list it: capture finds
+    -- a child's parents in _tracked.
+    FOR v_spec IN SELECT * FROM pg_catalog.jsonb_array_elements(v_specs) LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                        WHERE g.tgrelid = (v_spec ->> 'relid')::oid AND g.tgparentid = 0
+                          AND g.tgfoid = 'webhooks._capture_child'::regproc) THEN
+            EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE ON %s
+                            FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child()',
+                           'webhooks_child_' || tbl::oid, (v_spec ->> 'relid')::oid::regclass);
+        END IF;
+    END LOOP;
+
+    PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
+
+    -- Default lifecycle events for an entity that has no status mapping yet.
+    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
+        INSERT INTO webhooks.status_events (entity, status, event_type)
+        SELECT track.entity, s, track.entity || '.' || s
+          FROM unnest(ARRAY['paid', 'fulfilled', 'shipped', 'delivered', 'cancelled', 'refunded']) AS s;
+        INSERT INTO webhooks.status_events (entity, status, event_type)
+        VALUES (track.entity, 'canceled', track.entity || '.cancelled');
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_children oid[];
+    v_trigger  record;
+BEGIN
+    IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
+        RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT pg_catalog.array_agg((c.value ->> 'relid')::oid) INTO v_children
+      FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c WHERE t.relid = tbl;
+    EXECUTE format('DROP TRIGGER IF EXISTS webhooks_capture ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS webhooks_no_truncate ON %s', tbl);
+    PERFORM webhooks._unregister_tracked(tbl::oid);
+    -- The child triggers of children no other tracked table lists (whatever their names: a
+    -- restored dump's are named after the old cluster's OIDs).
+    FOR v_trigger IN
+        SELECT g.tgname, g.tgrelid::regclass::text AS rel
+          FROM pg_catalog.pg_trigger g
+         WHERE g.tgrelid = ANY (v_children) AND g.tgparentid = 0
+           AND g.tgfoid = 'webhooks._capture_child'::regproc
+           AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c
+                            WHERE (c.value ->> 'relid')::oid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger.tgname, v_trigger.rel);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhooks._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_table    text;
+    v_trigger  record;
+    v_children oid[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked)
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
+        RETURN;
+    END IF;
+
+    WITH gone AS (
+        DELETE FROM webhooks._tracked t
+         USING pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = 0
+        RETURNING t.children
+    )
+    SELECT array_agg((c.value ->> 'relid')::oid) INTO v_children
+      FROM gone, jsonb_array_elements(gone.children) c;
+
+    SELECT t.relid::regclass::text INTO v_table
+      FROM webhooks._tracked t, pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = t.key_attnum
+     LIMIT 1;
+    IF v_table IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop the key column of table %: it is tracked by pg_webhooks', v_table
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Call webhooks.untrack() on the table first.';
+    END IF;
+
+    UPDATE webhooks._tracked t SET status_attnum = NULL
+      FROM pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = t.relid AND d.objsubid = t.status_attnum;
+
+    WITH gone AS (
+        SELECT d.objid, d.objsubid FROM pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass
+    )
+    UPDATE webhooks._tracked t
+       SET children = (SELECT coalesce(jsonb_agg(c.value ORDER BY c.ord), '[]'::jsonb)
+                         FROM jsonb_array_elements(t.children) WITH ORDINALITY AS c(value, ord)
+                        WHERE NOT EXISTS (SELECT 1 FROM gone
+                                           WHERE gone.objid = (c.value ->> 'relid')::oid
+                                             AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int)))
+     WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(t.children) c, gone
+                    WHERE gone.objid = (c.value ->> 'relid')::oid
+                      AND gone.objsubid IN (0, (c.value ->> 'fk_attnum')::int));
+
+    -- Child triggers left behind by what was dropped (their parent, or the child's foreign
+    -- key column) would make every write to the child fail: they go too, once no tracked
+    -- table lists their table.
+    FOR v_trigger IN
+        SELECT g.tgname, g.tgrelid::regclass::text AS rel
+          FROM pg_trigger g
+         WHERE g.tgfoid = 'webhooks._capture_child'::regproc
+           AND g.tgparentid = 0  -- clones on partitions go with their parent trigger
+           AND (g.tgrelid = ANY (v_children)
+                OR g.tgrelid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() d
+                                  WHERE d.classid = 'pg_catalog.pg_class'::regclass))
+           AND NOT EXISTS (SELECT 1 FROM webhooks._tracked t, jsonb_array_elements(t.children) c
+                            WHERE (c.value ->> 'relid')::oid = g.tgrelid)
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger.tgname, v_trigger.rel);
+    END LOOP;
+END
+$$;
+
+-- One child trigger per child table: 0.1.0 made one per tracked table listing it, and each now
+-- serves all of them.
+DO $$
+DECLARE
+    v_trigger record;
+BEGIN
+    FOR v_trigger IN
+        SELECT g.tgname, g.tgrelid::regclass::text AS rel
+          FROM (SELECT g.*, row_number() OVER (PARTITION BY g.tgrelid ORDER BY g.tgname) AS n
+                  FROM pg_catalog.pg_trigger g
+                 WHERE g.tgfoid = 'webhooks._capture_child'::regproc AND g.tgparentid = 0) g
+         WHERE g.n > 1
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger.tgname, v_trigger.rel);
+    END LOOP;
+END
+$$;

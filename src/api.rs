@@ -285,6 +285,10 @@ fn _register_tracked(
         )
     });
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(tbl) };
+    // Capture finds a child's parents through the children's relcache entries too.
+    for c in &specs {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(pg_sys::Oid::from(c.relid)) };
+    }
 }
 
 /// Forgets a tracked table: called by `webhooks.untrack()`, for the table's owner only (who
@@ -301,11 +305,18 @@ fn _unregister_tracked(tbl: pg_sys::Oid) {
             ),
         );
     }
-    as_extension_owner(|| {
-        Spi::run_with_args(
-            "DELETE FROM webhooks._tracked WHERE relid = $1",
-            &[tbl.into()],
-        )
+    let children: Vec<pg_sys::Oid> = as_extension_owner(|| {
+        Spi::connect_mut(|c| {
+            c.update(
+                "WITH gone AS (DELETE FROM webhooks._tracked WHERE relid = $1 RETURNING children)
+                 SELECT (e.value ->> 'relid')::pg_catalog.oid
+                   FROM gone, pg_catalog.jsonb_array_elements(gone.children) e",
+                None,
+                &[tbl.into()],
+            )?
+            .map(|r| r.get::<pg_sys::Oid>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, _>>()
+        })
     })
     .unwrap_or_else(|e| {
         raise(
@@ -314,4 +325,10 @@ fn _unregister_tracked(tbl: pg_sys::Oid) {
         )
     });
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(tbl) };
+    for child in children {
+        // (A child dropped meanwhile has left the configuration and the caches already.)
+        if unsafe { !pg_sys::get_rel_name(child).is_null() } {
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(child) };
+        }
+    }
 }

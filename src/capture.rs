@@ -482,6 +482,10 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Parent of each partition looked up so far (dropped with the configurations).
     static PARENTS: RefCell<HashMap<pg_sys::Oid, Option<pg_sys::Oid>>> = RefCell::new(HashMap::new());
+    /// The tracked tables that list each child table among their children (dropped when the
+    /// child's or one of those tables' relcache entry is invalidated: track and untrack
+    /// invalidate the children too).
+    static CHILD_PARENTS: RefCell<HashMap<pg_sys::Oid, Rc<Vec<pg_sys::Oid>>>> = RefCell::new(HashMap::new());
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// Whether a subtransaction of this transaction was rolled back: until one is, every
     /// version the trigger noted is still this transaction's newest (nothing undid it).
@@ -716,6 +720,13 @@ unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::O
         // Invalidated while a configuration is being loaded: forget them all before the next use.
         Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
     });
+    CHILD_PARENTS.with(|m| match m.try_borrow_mut() {
+        Ok(mut map) if relid != pg_sys::InvalidOid => {
+            map.retain(|child, parents| *child != relid && !parents.contains(&relid))
+        }
+        Ok(mut map) => map.clear(),
+        Err(_) => CONFIGS_STALE.with(|s| s.set(true)),
+    });
     // Attaching or detaching a partition invalidates it.
     PARENTS.with(|p| match p.try_borrow_mut() {
         Ok(mut parents) if relid != pg_sys::InvalidOid => {
@@ -746,16 +757,37 @@ fn partition_parent(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     parent
 }
 
-/// `relid` itself if it is in `among`, else its nearest partitioned ancestor that is.
-fn self_or_ancestor_in(relid: pg_sys::Oid, among: &[pg_sys::Oid]) -> Option<pg_sys::Oid> {
-    let mut rel = relid;
-    for _ in 0..64 {
-        if among.contains(&rel) {
-            return Some(rel);
-        }
-        rel = partition_parent(rel)?;
+/// The tracked tables whose registered children include `child` (by `webhooks._tracked`, not
+/// by anything the trigger was given: a restored dump's child triggers name the old cluster's
+/// tables).
+fn tracked_parents_of(child: pg_sys::Oid) -> Rc<Vec<pg_sys::Oid>> {
+    register_invalidation_callback();
+    forget_if_stale();
+    if let Some(p) = CHILD_PARENTS.with(|m| m.borrow().get(&child).cloned()) {
+        return p;
     }
-    None
+    let generation = GENERATION.with(|g| g.get());
+    let parents: Vec<pg_sys::Oid> = as_capture_role(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT t.relid::pg_catalog.oid FROM webhooks._tracked t
+                  WHERE t.children OPERATOR(pg_catalog.@>)
+                        pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object('relid', $1::pg_catalog.int8))
+                  ORDER BY 1",
+                None,
+                &[i64::from(child.to_u32()).into()],
+            )?
+            .map(|r| r.get::<pg_sys::Oid>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, _>>()
+        })
+    })
+    .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
+    let parents = Rc::new(parents);
+    // An invalidation that arrived meanwhile may concern what was read: use it once only.
+    if !parents.is_empty() && GENERATION.with(|g| g.get()) == generation {
+        CHILD_PARENTS.with(|m| m.borrow_mut().insert(child, parents.clone()));
+    }
+    parents
 }
 
 /// The attribute number in `rel` of the column that is `attnum` in `tracked` (a partition's
@@ -773,12 +805,18 @@ fn attnum_in(tracked: pg_sys::Oid, attnum: i32, rel: pg_sys::Oid) -> i32 {
     }
 }
 
+/// An invalidation came while a cache was borrowed: forget what it might have concerned.
+fn forget_if_stale() {
+    if CONFIGS_STALE.with(|s| s.replace(false)) {
+        CONFIGS.with(|c| c.borrow_mut().clear());
+        CHILD_PARENTS.with(|m| m.borrow_mut().clear());
+    }
+}
+
 /// The configuration of a tracked table, or None if `webhooks.track()` did not register it.
 pub(crate) fn config_for(relid: pg_sys::Oid) -> Option<Rc<TableConfig>> {
     register_invalidation_callback();
-    if CONFIGS_STALE.with(|s| s.replace(false)) {
-        CONFIGS.with(|c| c.borrow_mut().clear());
-    }
+    forget_if_stale();
     if let Some(cfg) = CONFIGS.with(|c| c.borrow().get(&relid).cloned()) {
         return Some(cfg);
     }
@@ -1419,15 +1457,16 @@ fn _capture_row<'a>(
     Ok(None)
 }
 
-/// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table; its
-/// one argument names the parent, which must list this table among its registered children.
-/// Locks the parent row (so two transactions editing the same order's items serialize) and
-/// notes the parent's children as they were before this transaction first changed them.
+/// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table. Its
+/// parents are the tracked tables that list it (or, for a partition of a partitioned child, its
+/// registered ancestor) among their children in `webhooks._tracked`; the trigger's arguments,
+/// if any, are ignored. For each parent, locks the parent row (so two transactions editing the
+/// same order's items serialize) and notes the parent's children as they were before this
+/// transaction first changed them.
 #[pg_trigger]
 fn _capture_child<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let args = trigger.extra_args()?;
     let td = trigger.trigger_data();
     let event = td.tg_event;
     if !pgrx::trigger_fired_for_row(event) || !pgrx::trigger_fired_before(event) {
@@ -1435,39 +1474,47 @@ fn _capture_child<'a>(
     }
     unsafe {
         let child = (*td.tg_relation).rd_id;
-        let parent = args
-            .first()
-            .and_then(|a| a.parse::<u32>().ok())
-            .map(pg_sys::Oid::from)
-            .unwrap_or(pg_sys::InvalidOid);
-        // The child itself, or (for a partition of a partitioned child) its registered ancestor.
-        let found = config_for(parent)
-            .and_then(|c| self_or_ancestor_in(child, &c.child_relids).map(|r| (c, r)));
-        let Some((cfg, registered)) = found else {
+        // The child itself, or its nearest partitioned ancestor that a tracked table lists.
+        let mut registered = child;
+        let mut parents = tracked_parents_of(child);
+        for _ in 0..64 {
+            if !parents.is_empty() {
+                break;
+            }
+            let Some(up) = partition_parent(registered) else { break };
+            registered = up;
+            parents = tracked_parents_of(up);
+        }
+        let configs: Vec<(Rc<TableConfig>, usize)> = parents
+            .iter()
+            .filter_map(|p| config_for(*p))
+            .filter_map(|c| {
+                let idx = c.child_relids.iter().position(|r| *r == registered)?;
+                Some((c, idx))
+            })
+            .collect();
+        if configs.is_empty() {
             let name = qualified_name(child).unwrap_or_default();
             raise_with_hint(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 &format!("pg_webhooks: table {name} is not a tracked child table"),
                 "Child capture triggers are created by webhooks.track(); drop this trigger or track the parent.",
             )
-        };
-        let idx = cfg
-            .child_relids
-            .iter()
-            .position(|r| *r == registered)
-            .expect("found above");
-        let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
-        let tupdesc = (*td.tg_relation).rd_att;
-        // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
-        let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
-            .into_iter()
-            .collect();
-        if pgrx::trigger_fired_by_update(event) {
-            parent_keys.extend(column_text(td.tg_newtuple, tupdesc, fk_att));
         }
-        parent_keys.dedup();
-        for key in parent_keys {
-            note_child_change(&cfg, &key);
+        let tupdesc = (*td.tg_relation).rd_att;
+        for (cfg, idx) in configs {
+            let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
+            // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
+            let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
+                .into_iter()
+                .collect();
+            if pgrx::trigger_fired_by_update(event) {
+                parent_keys.extend(column_text(td.tg_newtuple, tupdesc, fk_att));
+            }
+            parent_keys.dedup();
+            for key in parent_keys {
+                note_child_change(&cfg, &key);
+            }
         }
     }
     Ok(if pgrx::trigger_fired_by_delete(event) {

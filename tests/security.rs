@@ -709,47 +709,7 @@ fn a_dump_restored_into_a_new_database_keeps_capturing() {
     )
     .expect("source");
     su.batch_execute("CREATE DATABASE dump_dst").expect("db");
-    let bindir = common::pg_bindir().display().to_string();
-    let port = cluster().port.to_string();
-    let dump = std::process::Command::new(format!("{bindir}/pg_dump"))
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "dump_src"])
-        .output()
-        .expect("pg_dump");
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let mut restore = std::process::Command::new(format!("{bindir}/psql"))
-        .args([
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "dump_dst",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("psql");
-    {
-        use std::io::Write;
-        restore
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(&dump.stdout)
-            .expect("feed the dump");
-    }
-    assert!(
-        restore.wait().expect("psql").success(),
-        "the restore failed"
-    );
+    cluster().restore("dump_dst", &cluster().dump("dump_src"));
     let mut dst = cluster().connect_db("dump_dst");
     dst.batch_execute(
         "UPDATE d_orders SET status = 'paid' WHERE id = 1; INSERT INTO d_orders VALUES (2, 'new');",
