@@ -761,3 +761,120 @@ fn several_workers_share_the_queue_keep_per_key_order_and_the_endpoint_cap() {
         "nothing left queued or claimed"
     );
 }
+
+/// A keyed backlog of `keys` × `steps` emits (one transaction per step) plus `unkeyed` events
+/// without a key, queued for `sub` while it is paused; returns how many deliveries that is.
+fn queue_backlog(c: &mut Client, sub: i64, prefix: &str, keys: i32, steps: i32, unkeyed: i32) -> i64 {
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    for step in 0..steps {
+        c.batch_execute(&format!(
+            "SELECT count(webhooks.emit('{prefix}.k', jsonb_build_object('k', k, 'step', {step}), '{prefix}' || k))
+               FROM generate_series(1, {keys}) k;
+             SELECT count(webhooks.emit('{prefix}.u', jsonb_build_object('k', 'none', 'step', {step}, 'u', u)))
+               FROM generate_series(1, {unkeyed}) u"
+        ))
+        .expect("emit");
+    }
+    let total = i64::from((keys + unkeyed) * steps);
+    wait_for("the backlog to be queued", WAIT, || {
+        (count(c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == total).then_some(())
+    });
+    total
+}
+
+/// Per key, steps in first-arrival order, each once: a delivery attempted again after its
+/// worker died may arrive twice, but never out of commit order.
+fn assert_each_key_in_order_once_or_more(log: &[Value], steps: i64) {
+    for (key, arrived) in steps_by_key(log) {
+        if key == "\"none\"" {
+            continue;
+        }
+        let mut firsts: Vec<i64> = Vec::new();
+        for s in arrived {
+            if !firsts.contains(&s) {
+                firsts.push(s);
+            }
+        }
+        assert_eq!(firsts, (0..steps).collect::<Vec<_>>(), "key {key}: out of commit order or lost");
+    }
+}
+
+#[test]
+fn one_of_several_workers_killed_mid_job_loses_nothing_and_keeps_per_key_order() {
+    let own = Cluster::start(
+        "worker_killed",
+        &["webhooks.workers = 3", "webhooks.concurrency = 9", "webhooks.max_in_flight_per_endpoint = 6"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/kill", "{kw.*}", json!({"delay_ms": 30}));
+    let total = queue_backlog(&mut c, sub, "kw", 30, 4, 30);
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    // Worker 1 holds claims (some sent, some on the wire, some waiting in its job): kill it.
+    let victim: i32 = wait_for("worker 1 to hold claims", WAIT, || {
+        let held = count(&mut c, "SELECT count(*) FROM webhooks._queue WHERE claimed_by = 1");
+        let pid: Option<i32> = c
+            .query_one("SELECT pid FROM webhooks.worker_status() WHERE worker = 1", &[])
+            .expect("status")
+            .get(0);
+        pid.filter(|_| held > 0)
+    });
+    c.execute("SELECT pg_terminate_backend($1)", &[&victim]).expect("terminate worker 1");
+    // Its successor releases what it had claimed; everything arrives, per key in order.
+    wait_for("a new worker 1", WAIT, || {
+        let pid: Option<i32> = c
+            .query_one("SELECT pid FROM webhooks.worker_status() WHERE worker = 1", &[])
+            .expect("status")
+            .get(0);
+        pid.filter(|p| *p != victim)
+    });
+    wait_for("the queue to drain", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+    });
+    let log = rx.log("/kill");
+    let ids: std::collections::HashSet<String> =
+        log.iter().map(|r| r["headers"]["webhook-id"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(ids.len() as i64, total, "every event arrived");
+    assert!(log.len() as i64 - total <= 6 * 16, "only what worker 1 held can arrive twice: {} extra", log.len() as i64 - total);
+    assert_each_key_in_order_once_or_more(&log, 4);
+    assert_eq!(
+        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        total
+    );
+}
+
+#[test]
+fn lowering_the_number_of_workers_releases_the_claims_of_the_ones_gone() {
+    let own = Cluster::start(
+        "workers_lowered",
+        &["webhooks.workers = 3", "webhooks.concurrency = 9", "webhooks.max_in_flight_per_endpoint = 6"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/lower", "{lw.*}", json!({"delay_ms": 200}));
+    let total = queue_backlog(&mut c, sub, "lw", 20, 3, 20);
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    wait_for("worker 2 to hold claims", WAIT, || {
+        (count(&mut c, "SELECT count(*) FROM webhooks._queue WHERE claimed_by = 2") > 0).then_some(())
+    });
+    // A crash with claims outstanding, and the server comes back with two workers.
+    c.batch_execute("ALTER SYSTEM SET webhooks.workers = 2").expect("alter system");
+    drop(c);
+    own.crash_and_restart();
+    let mut c = own.connect();
+    let workers: Vec<i32> = c
+        .query("SELECT worker FROM webhooks.worker_status() ORDER BY 1", &[])
+        .expect("status")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(workers, [0, 1]);
+    wait_for("the queue to drain", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+    });
+    let log = rx.log("/lower");
+    let ids: std::collections::HashSet<String> =
+        log.iter().map(|r| r["headers"]["webhook-id"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(ids.len() as i64, total, "every event arrived, worker 2's claims included");
+    assert_each_key_in_order_once_or_more(&log, 3);
+}
