@@ -25,6 +25,8 @@ static RETRY_SCHEDULE: GucSetting<Option<CString>> =
 static TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 /// Bytes of a response body read and kept in `webhooks.attempts`.
 static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+/// Largest request body sent: a delivery whose body would be larger ends `dead` unsent.
+static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_PAYLOAD_BYTES);
 /// Upper bound on a `Retry-After` wait honoured on 429/503.
 static MAX_RETRY_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// A subscription failing continuously for this long is disabled (an interval).
@@ -121,6 +123,16 @@ pub fn init() {
         1_048_576,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.max_payload_bytes",
+        c"Largest request body a delivery sends.",
+        c"A delivery whose body would be larger is not sent: it ends dead with the sizes in webhooks.attempts. Events are captured whatever their size.",
+        &MAX_PAYLOAD_BYTES,
+        1024,
+        MAX_MAX_PAYLOAD_BYTES,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
         c"webhooks.max_retry_after",
@@ -323,6 +335,15 @@ pub fn timeout() -> Duration {
 }
 pub fn max_response_bytes() -> usize {
     MAX_RESPONSE_BYTES.get().max(0) as usize
+}
+/// Default of `webhooks.max_payload_bytes`: 256 KiB, the cap of common event transports
+/// (Amazon SQS, SNS and EventBridge, Bitbucket webhooks) and well below the 1 MiB request body
+/// limit receivers often sit behind (nginx's default `client_max_body_size`).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: i32 = 256 * 1024;
+/// Upper bound of `webhooks.max_payload_bytes` (64 MiB).
+pub const MAX_MAX_PAYLOAD_BYTES: i32 = 64 * 1024 * 1024;
+pub fn max_payload_bytes() -> usize {
+    MAX_PAYLOAD_BYTES.get().max(1024) as usize
 }
 pub fn max_retry_after() -> Duration {
     Duration::from_secs(MAX_RETRY_AFTER_S.get().max(0) as u64)

@@ -42,6 +42,8 @@ pub struct Job {
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    /// Largest request body to send (`webhooks.max_payload_bytes`); a larger one is not sent.
+    pub max_payload_bytes: usize,
 }
 
 /// What came of a job (deliveries of one subscription, sent one after the other): the attempts
@@ -65,6 +67,9 @@ pub struct Outcome {
     pub retry_after: Option<String>,
     /// Bytes of the request body sent (0 when none could be built).
     pub bytes_sent: u64,
+    /// (body bytes, cap) when the body was larger than `max_payload_bytes` and nothing was
+    /// sent: the delivery can never succeed, so it ends dead at once.
+    pub oversized: Option<(usize, usize)>,
 }
 
 impl Outcome {
@@ -284,7 +289,8 @@ fn run_job(
     for job in jobs.by_ref() {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(agent, &job)))
             .unwrap_or_else(|panic| panicked(&job, panic));
-        let ok = outcome.succeeded();
+        // An oversized delivery ends dead and releases its key: the chain goes on.
+        let ok = outcome.succeeded() || outcome.oversized.is_some();
         done.outcomes.push(outcome);
         if !ok {
             break;
@@ -314,10 +320,19 @@ fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
         error: None,
         retry_after: None,
         bytes_sent: 0,
+        oversized: None,
     };
     let result = body(job)
         .map_err(|e| format!("event data is not valid JSON: {e}"))
         .and_then(|body| {
+            if body.len() > job.max_payload_bytes {
+                outcome.oversized = Some((body.len(), job.max_payload_bytes));
+                return Err(format!(
+                    "payload of {} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
+                    body.len(),
+                    job.max_payload_bytes
+                ));
+            }
             outcome.bytes_sent = body.len() as u64;
             send(agent, job, &body, unix_seconds(started_at))
         });
@@ -353,6 +368,7 @@ fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
         error: Some(format!("internal error in the HTTP thread: {what}")),
         retry_after: None,
         bytes_sent: 0,
+        oversized: None,
     }
 }
 
@@ -438,6 +454,7 @@ mod tests {
             headers: vec![],
             timeout: Duration::from_secs(1),
             max_response_bytes: 10,
+            max_payload_bytes: 1 << 20,
         }
     }
 
@@ -519,6 +536,30 @@ mod tests {
         assert_eq!(ids(&done[1]), [10, 11, 12]);
         assert!(done[1].skipped.is_empty());
         assert_eq!(done[0].subscription_id, 2);
+    }
+
+    #[test]
+    fn an_oversized_body_is_not_sent_and_says_its_size() {
+        // Nothing listens on the discard port: had a request been tried, the error would be a
+        // connection error.
+        let mut j = job(r#"{"note": "0123456789012345678901234567890123456789"}"#);
+        let size = body(&j).expect("valid").len();
+        j.max_payload_bytes = size - 1;
+        let o = attempt(&ureq::Agent::new_with_defaults(), &j);
+        assert_eq!(o.oversized, Some((size, size - 1)));
+        assert_eq!(o.bytes_sent, 0);
+        assert_eq!(o.status, None);
+        let e = o.error.as_deref().unwrap_or_default();
+        assert_eq!(
+            e,
+            format!(
+                "payload of {size} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
+                size - 1
+            )
+        );
+        j.max_payload_bytes = size;
+        let o = attempt(&ureq::Agent::new_with_defaults(), &j);
+        assert_eq!(o.oversized, None, "a body of exactly the cap is sent");
     }
 
     #[test]

@@ -566,6 +566,7 @@ pub fn claim(
                         headers,
                         timeout,
                         max_response_bytes,
+                        max_payload_bytes: crate::gucs::max_payload_bytes(),
                     },
                 });
             }

@@ -256,7 +256,11 @@ impl InFlight {
         // A job that did not get through marks its endpoint failing: until one of its jobs
         // succeeds whole, it is given one delivery per slot at a time, not a batch that would
         // mostly be handed back (a failing endpoint costs a claim per attempt, no more).
-        let ok = done.skipped.is_empty() && done.outcomes.iter().all(http::Outcome::succeeded);
+        let ok = done.skipped.is_empty()
+            && done
+                .outcomes
+                .iter()
+                .all(|o| o.succeeded() || o.oversized.is_some());
         if ok {
             self.failing.remove(&done.subscription_id);
         } else {
@@ -293,6 +297,14 @@ fn unix_now() -> f64 {
 fn judge(outcome: &http::Outcome, attempt: i32, retry_schedule: Option<&str>) -> queue::Verdict {
     let status = outcome.status.unwrap_or(0);
     let gone = status == 410;
+    if outcome.oversized.is_some() {
+        // Never sent, and it cannot get smaller: no retry.
+        return queue::Verdict {
+            outcome: "dead",
+            next_at: None,
+            gone: false,
+        };
+    }
     if (200..300).contains(&status) {
         return queue::Verdict {
             outcome: "succeeded",
@@ -553,6 +565,12 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
                 counts.attempts += 1;
                 counts.bytes_sent += o.bytes_sent;
                 if let Some((before, sched)) = in_flight.take(o.delivery_id) {
+                    if let Some((size, cap)) = o.oversized {
+                        warning!(
+                            "pg_webhooks: delivery {} not sent and dead: its payload of {size} bytes exceeds webhooks.max_payload_bytes ({cap})",
+                            o.delivery_id
+                        );
+                    }
                     let r = to_record(o, before, sched);
                     match r.verdict.outcome {
                         "succeeded" => counts.succeeded += 1,
