@@ -431,9 +431,34 @@ fn send(
 fn describe(e: &ureq::Error, url: &str) -> String {
     let text = match e {
         ureq::Error::Timeout(_) => "timeout".to_string(),
-        other => other.to_string(),
+        other => certificate_problem(&other.to_string()),
     };
     text.replace(url, &netcheck::mask_url(url))
+}
+
+/// rustls' "invalid peer certificate: UnknownIssuer" said plainly, the original kept at the
+/// end; any other text as it is. (Matched on the text: ureq hands the rustls error over
+/// inside an `io::Error`.)
+fn certificate_problem(text: &str) -> String {
+    const MARK: &str = "invalid peer certificate: ";
+    let Some(at) = text.find(MARK) else {
+        return text.to_string();
+    };
+    let what = &text[at + MARK.len()..];
+    let reason = if what.contains("UnknownIssuer") || what.contains("CaUsedAsEndEntity") {
+        "it is self-signed or not issued by a trusted certificate authority (or the server does not send its intermediate certificates)"
+    } else if what.contains("Expired") {
+        "it has expired"
+    } else if what.contains("NotValidYet") {
+        "it is not valid yet"
+    } else if what.contains("NotValidForName") {
+        "it is not valid for the URL's host name"
+    } else if what.contains("Revoked") {
+        "it has been revoked"
+    } else {
+        "it did not verify"
+    };
+    format!("TLS certificate verification failed: {reason} ({what})")
 }
 
 #[cfg(test)]
@@ -552,14 +577,25 @@ mod tests {
         let e = o.error.as_deref().unwrap_or_default();
         assert_eq!(
             e,
-            format!(
-                "payload of {size} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
-                size - 1
-            )
+            format!("payload of {size} bytes exceeds webhooks.max_payload_bytes ({}); not sent", size - 1)
         );
         j.max_payload_bytes = size;
         let o = attempt(&ureq::Agent::new_with_defaults(), &j);
         assert_eq!(o.oversized, None, "a body of exactly the cap is sent");
+    }
+
+    #[test]
+    fn certificate_problems_are_said_plainly() {
+        let t = certificate_problem("io: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))");
+        assert!(t.starts_with("TLS certificate verification failed: it is self-signed"), "{t}");
+        assert!(t.ends_with("(Other(OtherError(CaUsedAsEndEntity)))"), "{t}");
+        let t = certificate_problem("io: invalid peer certificate: UnknownIssuer");
+        assert!(t.contains("self-signed or not issued by a trusted"), "{t}");
+        let t = certificate_problem("io: invalid peer certificate: ExpiredContext { time: .. }");
+        assert!(t.contains("it has expired"), "{t}");
+        let t = certificate_problem("io: invalid peer certificate: NotValidForNameContext { .. }");
+        assert!(t.contains("host name"), "{t}");
+        assert_eq!(certificate_problem("io: Connection refused"), "io: Connection refused");
     }
 
     #[test]

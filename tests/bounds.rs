@@ -1,11 +1,14 @@
 //! Bounds end to end (issue #10): an event larger than `webhooks.max_payload_bytes` is
-//! captured but never sent (its delivery ends dead at once, its key flows on).
+//! captured but never sent (its delivery ends dead at once, its key flows on), and an HTTPS
+//! receiver whose certificate does not verify is refused with a clear error.
 
 mod common;
 
 use common::{shared_cluster, wait_for, Cluster, Receiver};
 use postgres::Client;
 use serde_json::json;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -213,4 +216,71 @@ fn max_payload_bytes_is_bounded_reloadable_and_in_bytes() {
             "{bad}: {err}"
         );
     }
+}
+
+/// A self-signed certificate for 127.0.0.1 (the name matches: only the issuer is unknown).
+fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("/usr/bin/openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+#[test]
+fn a_receiver_with_a_self_signed_certificate_is_refused_and_retried_per_schedule() {
+    let dir = std::env::temp_dir().join(format!("pg_webhooks_bounds_tls_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (cert, key) = self_signed(&dir);
+    let rx = Receiver::start_tls(&cert, &key);
+    let port = rx.tls_port.expect("HTTPS port");
+    let mut c = db();
+    let url = format!("https://127.0.0.1:{port}/tls");
+    let (sub, _) = subscribe(&mut c, &url, "{tlscheck.*}", "");
+    c.batch_execute("SELECT webhooks.emit('tlscheck.ping', '{\"n\": 1}')")
+        .expect("emit");
+    let d = wait_for("the delivery to end dead", WAIT, || {
+        let d = deliveries(&mut c, sub);
+        (d.len() == 1 && d[0].1 == "dead").then_some(d)
+    });
+    assert_eq!(d[0].2, 3, "1 attempt + the schedule's 2 retries");
+    let tries = attempts(&mut c, d[0].0);
+    assert_eq!(tries.len(), 3);
+    for (code, error) in &tries {
+        assert_eq!(*code, None);
+        let e = error.clone().unwrap_or_default();
+        // openssl's self-signed certificate is a CA's (basicConstraints CA:TRUE), which rustls
+        // reports as CaUsedAsEndEntity.
+        assert!(
+            e.starts_with("TLS certificate verification failed: it is self-signed or not issued by a trusted certificate authority"),
+            "the error names the certificate problem: {e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(rx.log("/tls").is_empty(), "no request got through");
+    let failures = rx.tls_failures();
+    // rustls hangs up without an alert: Python sees an EOF in the handshake.
+    assert!(
+        failures.len() >= 3,
+        "the worker reached the receiver and gave up in the handshake each time: {failures:?}"
+    );
 }

@@ -6,10 +6,16 @@ official `standardwebhooks` library, hex style via Python's hmac/hashlib.
 Listens on 127.0.0.1 only.
 
     python3 tests/receiver.py [--port N] [--port-file PATH] [--quiet]
+                              [--tls-cert PEM --tls-key PEM --tls-port-file PATH]
 
 --port 0 (default) picks a free port. Once bound, the port number is written to
 --port-file (atomically: temp file + rename) and `listening on 127.0.0.1:PORT`
 is printed to stdout. SIGTERM / SIGINT exit cleanly with status 0.
+
+With --tls-cert and --tls-key, a second listener on another free port of 127.0.0.1
+serves the same deliveries over HTTPS with that certificate (its port is written
+to --tls-port-file); the control API and the log stay on the plain port, and
+failed TLS handshakes are listed by GET /_tls_log.
 
 Control API (JSON in and out):
 
@@ -31,6 +37,7 @@ Control API (JSON in and out):
        "body" (text), "json" (parsed or null), "status" (what we answer),
        "verified" (true/false, null if no secret), "verify_error" (null or text)}
   GET  /_health            -> {"ok": true}
+  GET  /_tls_log           JSON array of failed TLS handshakes: {"error": text}
 
 Any other POST/PUT/PATCH is a webhook delivery: the body is read raw, verified,
 logged (before the response is sent, and before delay_ms), then answered with
@@ -42,6 +49,7 @@ import hmac
 import json
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -54,6 +62,7 @@ import standardwebhooks
 LOCK = threading.Lock()
 CONFIGS = {}  # path -> config dict (with its own mutable "responses" list)
 LOG = []
+TLS_LOG = []  # failed TLS handshakes of the HTTPS listener
 
 
 def make_config(spec):
@@ -158,6 +167,9 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 entries = [e for e in LOG if only is None or e["path"] == only]
                 return self.reply_json(200, entries)
+        if url.path == "/_tls_log":
+            with LOCK:
+                return self.reply_json(200, list(TLS_LOG))
         self.reply_json(404, {"error": "not found"})
 
     def do_POST(self):
@@ -224,6 +236,23 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class TlsServer(Server):
+    """The HTTPS listener: each connection is wrapped in TLS, the handshake done on the
+    connection's own thread so that a client refusing the certificate stalls nobody."""
+
+    context = None
+
+    def process_request_thread(self, request, client_address):
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            with LOCK:
+                TLS_LOG.append({"error": str(e)})
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(tls, client_address)
+
+
 def write_port_file(path, port):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".receiver-port-", dir=directory)
@@ -237,7 +266,12 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=0, help="port to bind (0 = pick a free one)")
     ap.add_argument("--port-file", help="write the bound port here (atomically)")
     ap.add_argument("--quiet", action="store_true", help="no per-request logging")
+    ap.add_argument("--tls-cert", help="PEM certificate of a second, HTTPS listener")
+    ap.add_argument("--tls-key", help="PEM private key of the HTTPS listener")
+    ap.add_argument("--tls-port-file", help="write the HTTPS listener's port here")
     args = ap.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
 
     Handler.quiet = args.quiet
     server = Server(("127.0.0.1", args.port), Handler)
@@ -248,6 +282,17 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        tls_server = TlsServer(("127.0.0.1", 0), Handler)
+        tls_server.context = context
+        threading.Thread(target=tls_server.serve_forever, kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+        tls_port = tls_server.server_address[1]
+        if args.tls_port_file:
+            write_port_file(args.tls_port_file, tls_port)
+        print("listening on https://127.0.0.1:%d" % tls_port, flush=True)
     if args.port_file:
         write_port_file(args.port_file, port)
     print("listening on 127.0.0.1:%d" % port, flush=True)

@@ -227,10 +227,22 @@ impl Cluster {
     /// `pg_dump` of database `db` (plain SQL, as a superuser).
     pub fn dump(&self, db: &str) -> Vec<u8> {
         let out = Command::new(self.bindir.join("pg_dump"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ])
             .output()
             .expect("pg_dump");
-        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -238,16 +250,32 @@ impl Cluster {
     pub fn restore(&self, db: &str, dump: &[u8]) {
         use std::io::Write;
         let mut psql = Command::new(self.bindir.join("psql"))
-            .args(["-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(["-U", "postgres", "-d", db])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("psql");
-        psql.stdin.take().expect("stdin").write_all(dump).expect("feed the dump");
+        psql.stdin
+            .take()
+            .expect("stdin")
+            .write_all(dump)
+            .expect("feed the dump");
         let out = psql.wait_with_output().expect("psql");
-        assert!(out.status.success(), "the restore failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn server_log(&self) -> String {
@@ -306,6 +334,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 pub struct Receiver {
     pub port: u16,
+    /// The HTTPS listener's port (`start_tls`).
+    pub tls_port: Option<u16>,
     child: Child,
     dir: PathBuf,
 }
@@ -331,6 +361,16 @@ fn private_dir(prefix: &str) -> PathBuf {
 
 impl Receiver {
     pub fn start() -> Receiver {
+        Receiver::start_with(None)
+    }
+
+    /// A receiver that also serves deliveries over HTTPS on `tls_port`, with the certificate
+    /// and key in these PEM files (control API and log stay on the plain port).
+    pub fn start_tls(cert: &Path, key: &Path) -> Receiver {
+        Receiver::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Receiver {
         // Each receiver gets a directory of its own. The receivers of concurrent tests used to
         // share one named after the test process and a port that had been free a moment
         // before; two could pick the same name, and one then read the other's port file and
@@ -338,11 +378,22 @@ impl Receiver {
         let dir = private_dir("pg_webhooks_receiver");
         let port_file = dir.join("port");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/receiver.py");
-        let mut child = Command::new("python3")
+        let tls_port_file = dir.join("tls_port");
+        let mut command = Command::new("python3");
+        command
             .arg(script)
             .arg("--port-file")
             .arg(&port_file)
-            .arg("--quiet")
+            .arg("--quiet");
+        if let Some((cert, key)) = tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+            command.arg("--tls-port-file").arg(&tls_port_file);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .spawn()
             .expect("start tests/receiver.py");
@@ -354,7 +405,22 @@ impl Receiver {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
         });
-        Receiver { port, child, dir }
+        // The HTTPS port is written before the plain one.
+        let tls_port = tls.and_then(|_| {
+            std::fs::read_to_string(&tls_port_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        });
+        assert!(
+            tls.is_none() || tls_port.is_some(),
+            "the receiver wrote no HTTPS port"
+        );
+        Receiver {
+            port,
+            tls_port,
+            child,
+            dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -368,6 +434,18 @@ impl Receiver {
             .send(config.to_string())
             .expect("configure receiver");
         assert_eq!(resp.status().as_u16(), 200);
+    }
+
+    /// The failed TLS handshakes of the HTTPS listener (their error texts).
+    pub fn tls_failures(&self) -> Vec<String> {
+        let mut resp = ureq::get(&self.url("/_tls_log"))
+            .call()
+            .expect("receiver TLS log");
+        let text = resp.body_mut().read_to_string().expect("TLS log body");
+        let log: Vec<Value> = serde_json::from_str(&text).expect("TLS log json");
+        log.iter()
+            .map(|e| e["error"].as_str().unwrap_or_default().to_string())
+            .collect()
     }
 
     /// Every request received on `path`, in arrival order.
