@@ -188,12 +188,21 @@ fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// data and attribute numbers, so what it holds can never become code.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _register_tracked(
-    tbl: pg_sys::Oid,
-    entity: &str,
-    key_attnum: i16,
+    tbl: Option<pg_sys::Oid>,
+    entity: Option<&str>,
+    key_attnum: Option<i16>,
     status_attnum: Option<i16>,
-    children: pgrx::JsonB,
+    children: Option<crate::capture::RawJsonb>,
 ) {
+    // Not STRICT (status_attnum may be NULL): the others must not be.
+    let (Some(tbl), Some(entity), Some(key_attnum), Some(children)) =
+        (tbl, entity, key_attnum, children)
+    else {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "tbl, entity, key_attnum and children must not be NULL",
+        )
+    };
     let user = unsafe { pg_sys::GetUserId() };
     check_trackable(tbl, user);
     if entity.is_empty()
@@ -223,7 +232,7 @@ fn _register_tracked(
             "the key or status column does not exist",
         );
     }
-    let specs: Vec<ChildArg> = serde_json::from_value(children.0.clone()).unwrap_or_else(|e| {
+    let specs: Vec<ChildArg> = serde_json::from_str(&children.to_text()).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             &format!("invalid children: {e}"),

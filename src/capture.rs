@@ -2162,9 +2162,86 @@ fn _status_events_changed<'a>(
 /// First half of the two-key advisory lock `emit` takes per ordering key ("pgwh").
 const EMIT_LOCK_CLASS: i32 = 0x7067_7768;
 
+/// A `jsonb` argument kept as PostgreSQL's datum and handed on as it is. pgrx's `JsonB` parses
+/// the value with serde_json, whose nesting limit (128) is far below jsonb's: a deeper document
+/// was an internal error (XX000) instead of an event.
+pub struct RawJsonb(pg_sys::Datum);
+
+impl RawJsonb {
+    /// Whether the document is a JSON object (its root container's header says so).
+    fn is_object(&self) -> bool {
+        // SAFETY: the datum is a jsonb argument of the running call; detoasting gives a
+        // palloc'd copy (or the value itself) whose header is always present.
+        unsafe {
+            let jb = pg_sys::pg_detoast_datum(self.0.cast_mut_ptr()) as *const pg_sys::Jsonb;
+            (*jb).root.header & pg_sys::JB_FOBJECT != 0
+        }
+    }
+
+    /// The document as text (jsonb's output function).
+    pub fn to_text(&self) -> String {
+        // SAFETY: jsonb_out takes the jsonb datum of the running call and returns a C string.
+        unsafe { pgrx::direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(self.0)]) }
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl pgrx::FromDatum for RawJsonb {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<RawJsonb> {
+        (!is_null).then_some(RawJsonb(datum))
+    }
+}
+
+impl pgrx::IntoDatum for RawJsonb {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+// SAFETY: unboxed through FromDatum above, which only keeps the datum of a jsonb argument.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for RawJsonb {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "a jsonb argument must not be NULL",
+            )
+        })
+    }
+    unsafe fn unbox_nullable_arg(
+        arg: pgrx::callconv::Arg<'_, 'fcx>,
+    ) -> pgrx::nullable::Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
+}
+
+pgrx::impl_sql_translatable!(RawJsonb, arg_only = "jsonb");
+
+/// Longest key `emit` takes.
+const MAX_EMIT_KEY_BYTES: usize = 1024;
+
 /// `webhooks.emit()`: an event that is not a row change (inventory, products, reviews, ...).
 #[pg_extern(volatile, parallel_unsafe)]
-fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")) -> pgrx::Uuid {
+fn emit(
+    event_type: Option<&str>,
+    data: Option<RawJsonb>,
+    key: default!(Option<&str>, "NULL"),
+) -> pgrx::Uuid {
+    // Not STRICT (key may be NULL): a NULL type or data is refused here, not a NULL result.
+    let (Some(event_type), Some(data)) = (event_type, data) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "event_type and data must not be NULL",
+        )
+    };
     if !crate::patterns::is_event_type(event_type) {
         raise_with_hint(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -2172,7 +2249,16 @@ fn emit(event_type: &str, data: pgrx::JsonB, key: default!(Option<&str>, "NULL")
             "An event type is dotted lowercase words, e.g. inventory.adjusted.",
         );
     }
-    if !data.0.is_object() {
+    // The key is part of every delivery's ordering key, which is indexed: a key of many
+    // kilobytes would make fan-out (and replay) fail for every event behind it.
+    if key.is_some_and(|k| k.len() > MAX_EMIT_KEY_BYTES) {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &format!("an event key has at most {MAX_EMIT_KEY_BYTES} bytes"),
+            "Events are ordered per key: use the id of the thing the event is about, e.g. a SKU.",
+        );
+    }
+    if !data.is_object() {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             "event data must be a JSON object",
