@@ -105,6 +105,13 @@ impl std::error::Error for UrlError {}
 
 /// Parses a webhook URL: it must be `https` (or `http` when `allow_http`) and name a host.
 pub fn validate_url(raw: &str, allow_http: bool) -> Result<Url, UrlError> {
+    // The URL parser silently drops tabs and newlines (WHATWG): "https://a/\r\nX: y" would
+    // become another path. Refused instead, as any other control character.
+    if raw.chars().any(|c| c.is_control()) {
+        return Err(UrlError::Malformed(
+            "it contains a control character such as CR or LF".into(),
+        ));
+    }
     let url = Url::parse(raw).map_err(|e| UrlError::Malformed(e.to_string()))?;
     match url.scheme() {
         "https" => {}
@@ -325,6 +332,22 @@ mod tests {
             validate_url("not a url", false),
             Err(UrlError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn control_characters_are_refused_not_dropped() {
+        for raw in [
+            "https://example.com/\r\nX-Injected: 1",
+            "https://example.com/a\tb",
+            "https://exa\nmple.com/",
+            "https://example.com/\u{7f}",
+        ] {
+            let err = validate_url(raw, false).expect_err(raw);
+            assert!(
+                err.to_string().contains("control character"),
+                "{raw:?}: {err}"
+            );
+        }
     }
 
     #[test]
