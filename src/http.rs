@@ -577,7 +577,10 @@ mod tests {
         let e = o.error.as_deref().unwrap_or_default();
         assert_eq!(
             e,
-            format!("payload of {size} bytes exceeds webhooks.max_payload_bytes ({}); not sent", size - 1)
+            format!(
+                "payload of {size} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
+                size - 1
+            )
         );
         j.max_payload_bytes = size;
         let o = attempt(&ureq::Agent::new_with_defaults(), &j);
@@ -586,8 +589,13 @@ mod tests {
 
     #[test]
     fn certificate_problems_are_said_plainly() {
-        let t = certificate_problem("io: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))");
-        assert!(t.starts_with("TLS certificate verification failed: it is self-signed"), "{t}");
+        let t = certificate_problem(
+            "io: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+        );
+        assert!(
+            t.starts_with("TLS certificate verification failed: it is self-signed"),
+            "{t}"
+        );
         assert!(t.ends_with("(Other(OtherError(CaUsedAsEndEntity)))"), "{t}");
         let t = certificate_problem("io: invalid peer certificate: UnknownIssuer");
         assert!(t.contains("self-signed or not issued by a trusted"), "{t}");
@@ -595,7 +603,10 @@ mod tests {
         assert!(t.contains("it has expired"), "{t}");
         let t = certificate_problem("io: invalid peer certificate: NotValidForNameContext { .. }");
         assert!(t.contains("host name"), "{t}");
-        assert_eq!(certificate_problem("io: Connection refused"), "io: Connection refused");
+        assert_eq!(
+            certificate_problem("io: Connection refused"),
+            "io: Connection refused"
+        );
     }
 
     #[test]
