@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Debian package end to end, as a DBA would use it, on this machine (as root):
 #
-#   1. builds the package and the tarball (scripts/package.sh) and checks them: metadata, no
-#      maintainer scripts, the tarball holds the .deb's PostgreSQL files byte for byte;
+#   1. builds the package and the tarball (scripts/package.sh) and checks them: a second build
+#      gives the same bytes, metadata, no maintainer scripts, the tarball holds the .deb's
+#      PostgreSQL files byte for byte, lintian where installed;
 #   2. removes whatever pg_webhooks files `cargo pgrx install/test` left in PostgreSQL's
 #      directories (pg_config --pkglibdir, --sharedir/extension), so the package is their only
 #      source;
@@ -294,6 +295,7 @@ outer() {
     chmod 0755 "$WORK"   # the cluster inside runs as postgres
 
     check "built $DEB and $TARBALL" test -s "$DEB" -a -s "$TARBALL"
+    check "a second scripts/package.sh writes the same bytes" same_again
     check "control: $PACKAGE $VERSION $ARCH, Depends on postgresql-$PG_VERSION, section database" \
         deb_metadata
     check "no maintainer scripts in the .deb (control and md5sums only)" no_maintainer_scripts
@@ -334,6 +336,13 @@ outer_exit() {
     [ "$rc" -eq 0 ] || [ "$FAILED" -gt 0 ] || FAILED=1
     echo "package: $PASSED passed, $FAILED failed"
     exit "$rc"
+}
+
+same_again() {
+    cp target/dist/SHA256SUMS "$WORK/SHA256SUMS.first"
+    ./scripts/package.sh >"$WORK/package-again.log" 2>&1 || { tail -n 30 "$WORK/package-again.log"; return 1; }
+    cat target/dist/SHA256SUMS
+    diff "$WORK/SHA256SUMS.first" target/dist/SHA256SUMS
 }
 
 deb_metadata() {
