@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Debian package end to end, as a DBA would use it, on this machine (as root):
+# The Debian package end to end, as a DBA would use it, on this machine:
 #
 #   1. builds the package and the tarball (scripts/package.sh) and checks them: a second build
 #      gives the same bytes, metadata, no maintainer scripts, the tarball holds the .deb's
@@ -7,9 +7,9 @@
 #   2. removes whatever pg_webhooks files `cargo pgrx install/test` left in PostgreSQL's
 #      directories (pg_config --pkglibdir, --sharedir/extension), so the package is their only
 #      source;
-#   3. in a clean environment (env -i, PATH=/usr/sbin:/usr/bin:/sbin:/bin, no cargo on it, the
+#   3. in a clean room (env -i, PATH=/usr/sbin:/usr/bin:/sbin:/bin, no cargo on it, the
 #      working directory a temporary one outside the checkout holding only the .deb,
-#      tests/receiver.py and a copy of this script): `dpkg -i`, `dpkg -L`, a fresh cluster
+#      tests/receiver.py and a copy of this script, as root): `dpkg -i`, `dpkg -L`, a fresh cluster
 #      with the library preloaded, CREATE EXTENSION, a tracked `orders` table and a
 #      subscription to the verifying receiver on 127.0.0.1; an inserted order must be
 #      delivered with a verified signature within 60 s; every earlier version whose install
@@ -35,7 +35,7 @@ bad() { FAILED=$((FAILED + 1)); echo "package: FAILED - $*" >&2; exit 1; }
 check() {
     local what=$1 log rc
     shift
-    log=$(mktemp)
+    log=$(mktemp "$LOGDIR/check.XXXXXX")
     set +e
     (set -e; "$@") >"$log" 2>&1
     rc=$?
@@ -59,6 +59,7 @@ clean_room() {
     WORK=$PWD
     CL=$WORK/cluster
     AS=(runuser -u postgres --)   # initdb refuses root: the cluster runs as postgres
+    LOGDIR=$(mktemp -d)           # the checks' output, outside the room
     trap 'clean_room_exit' EXIT
     trap 'echo "package: interrupted" >&2; exit 130' INT TERM
 
@@ -88,6 +89,7 @@ clean_room_exit() {
     if [ -s "$WORK/receiver.pid" ]; then
         kill "$(cat "$WORK/receiver.pid")" 2>/dev/null || true
     fi
+    rm -rf "$LOGDIR"
     echo "$PASSED $FAILED" >"$WORK/counts"
     exit "$rc"
 }
@@ -271,7 +273,7 @@ outer() {
     [ "$(id -u)" -eq 0 ] || SUDO=sudo   # dpkg -i, the cluster as postgres: root's work
     trap 'outer_exit' EXIT
     trap 'echo "package: interrupted" >&2; exit 130' INT TERM
-    WORK=""
+    WORK="" LOGDIR=/tmp
     INSTALLED_BY_US=0
 
     ./scripts/package.sh
@@ -292,7 +294,10 @@ outer() {
     PY=$(python3 -c 'import standardwebhooks, sys; print(sys.executable)')
     PYPATH=$(python3 -c 'import os, standardwebhooks; print(os.path.dirname(os.path.dirname(standardwebhooks.__file__)))')
     WORK=$(mktemp -d /tmp/pg_webhooks_package.XXXXXX)
-    chmod 0755 "$WORK"   # the cluster inside runs as postgres
+    LOGDIR=$WORK
+    ROOM=$WORK/room        # the clean room's working directory
+    mkdir "$ROOM"
+    chmod 0755 "$WORK" "$ROOM"   # the cluster inside runs as postgres
 
     check "built $DEB and $TARBALL" test -s "$DEB" -a -s "$TARBALL"
     check "a second scripts/package.sh writes the same bytes" same_again
@@ -310,14 +315,14 @@ outer() {
     check "no earlier pg_webhooks files in $PKGLIBDIR and $EXTDIR (cargo pgrx install/test leftovers removed)" \
         remove_leftovers
 
-    cp "$DEB" tests/receiver.py "$WORK/"
-    cp tests/package.sh "$WORK/package.sh"
+    cp "$DEB" tests/receiver.py "$ROOM/"
+    cp tests/package.sh "$ROOM/package.sh"
     INSTALLED_BY_US=1
     local rc=0
-    (cd "$WORK" && exec $SUDO env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    (cd "$ROOM" && exec $SUDO env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
         bash ./package.sh --clean-room "$(basename "$DEB")" "$PACKAGE" "$VERSION" "$BINDIR" \
         "$PKGLIBDIR" "$EXTDIR" "$PY" "$PYPATH") || rc=$?
-    read -r p f <"$WORK/counts" || { p=0 f=1; }
+    read -r p f <"$ROOM/counts" || { p=0 f=1; }
     PASSED=$((PASSED + p)) FAILED=$((FAILED + f))
     [ "$rc" -eq 0 ] || { [ "$f" -gt 0 ] || FAILED=$((FAILED + 1)); exit 1; }
 }
@@ -325,8 +330,8 @@ outer() {
 outer_exit() {
     local rc=$?
     trap - EXIT
-    if [ -n "$WORK" ] && [ -f "$WORK/cluster/data/postmaster.pid" ]; then
-        $SUDO runuser -u postgres -- "$BINDIR/pg_ctl" -D "$WORK/cluster/data" stop -m immediate -w >/dev/null 2>&1 || true
+    if [ -n "$WORK" ] && [ -f "$ROOM/cluster/data/postmaster.pid" ]; then
+        $SUDO runuser -u postgres -- "$BINDIR/pg_ctl" -D "$ROOM/cluster/data" stop -m immediate -w >/dev/null 2>&1 || true
     fi
     if [ "$INSTALLED_BY_US" -eq 1 ] && dpkg -s "$PACKAGE" >/dev/null 2>&1; then
         echo "package: removing $PACKAGE after the failed run"
