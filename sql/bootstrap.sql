@@ -20,10 +20,15 @@ CREATE TABLE webhooks._tracked (
     status_attnum smallint,
     children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk_attnum}]
     created_at    timestamptz NOT NULL DEFAULT now(),
-    -- The children's tables again, in the order of `children`, as regclass: pg_dump writes
-    -- them by name, so a restore can give `children` the new cluster's OIDs (see
-    -- _tracked_children_by_name). Kept in step with `children` by that trigger.
-    child_tables  regclass[] NOT NULL DEFAULT '{}'
+    -- The configuration again by name, which pg_dump keeps (OIDs and attribute numbers differ
+    -- in a restored database: pg_dump leaves dropped columns out): the children's tables in
+    -- the order of `children` (regclass, dumped by name) and the columns' names. Kept in step
+    -- by the trigger _tracked_by_name (and, for renames, the event trigger _on_ddl_end); a
+    -- restored row takes this database's OIDs and attribute numbers from them.
+    child_tables     regclass[] NOT NULL DEFAULT '{}',
+    key_column       name,
+    status_column    name,
+    child_fk_columns name[] NOT NULL DEFAULT '{}'
 );
 -- Events are ordered per entity and key: one entity, one table.
 CREATE UNIQUE INDEX _tracked_entity_idx ON webhooks._tracked (entity);

@@ -32,32 +32,86 @@ GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 
--- #12 dump and restore: a tracked table's children survive pg_dump (by name), child triggers
--- no longer name their parent (capture finds it in _tracked), and a subscription restored from
--- another cluster is created anew.
-ALTER TABLE webhooks._tracked ADD COLUMN child_tables regclass[] NOT NULL DEFAULT '{}';
-CREATE FUNCTION webhooks._tracked_children_by_name() RETURNS trigger
+-- #12 dump and restore, and the review of it: the configuration is kept by name too (tables
+-- and columns: pg_dump renumbers columns and gives tables new OIDs), child triggers no longer
+-- name their parent (capture finds it in _tracked), a subscription restored from another
+-- cluster is created anew; track and untrack run with a fixed search_path and one at a time.
+ALTER TABLE webhooks._tracked ADD COLUMN child_tables regclass[] NOT NULL DEFAULT '{}',
+                              ADD COLUMN key_column name,
+                              ADD COLUMN status_column name,
+                              ADD COLUMN child_fk_columns name[] NOT NULL DEFAULT '{}';
+CREATE FUNCTION webhooks._tracked_by_name() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    n int := jsonb_array_length(NEW.children);
 BEGIN
-    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) > 0
-       AND cardinality(NEW.child_tables) = jsonb_array_length(NEW.children) THEN
-        NEW.children := (SELECT coalesce(jsonb_agg(jsonb_set(c.value, '{relid}',
-                                                             to_jsonb(NEW.child_tables[c.ord]::oid::int8))
-                                                   ORDER BY c.ord), '[]')
+    IF TG_OP = 'INSERT' AND NEW.key_column IS NOT NULL THEN
+        IF cardinality(NEW.child_tables) <> n OR cardinality(NEW.child_fk_columns) <> n THEN
+            RAISE EXCEPTION 'pg_webhooks: the restored configuration of table % is inconsistent', NEW.relid
+                USING ERRCODE = 'data_exception', HINT = 'Track the table again after the restore.';
+        END IF;
+        NEW.key_attnum := (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = NEW.relid
+                              AND a.attname = NEW.key_column AND a.attnum > 0 AND NOT a.attisdropped);
+        IF NEW.key_attnum IS NULL THEN
+            RAISE EXCEPTION 'pg_webhooks: tracked table % has no column "%" (its key)', NEW.relid, NEW.key_column
+                USING ERRCODE = 'undefined_column', HINT = 'Track the table again after the restore.';
+        END IF;
+        NEW.status_attnum := (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = NEW.relid
+                                 AND a.attname = NEW.status_column AND a.attnum > 0 AND NOT a.attisdropped);
+        NEW.children := (SELECT coalesce(jsonb_agg(c.value || jsonb_build_object(
+                                    'relid', NEW.child_tables[c.ord]::oid::int8,
+                                    'fk_attnum', (SELECT a.attnum FROM pg_attribute a
+                                                   WHERE a.attrelid = NEW.child_tables[c.ord]
+                                                     AND a.attname = NEW.child_fk_columns[c.ord]
+                                                     AND a.attnum > 0 AND NOT a.attisdropped))
+                                    ORDER BY c.ord), '[]')
                            FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord));
-    ELSE
-        NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
-                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
-                                   ORDER BY c.ord);
+        IF EXISTS (SELECT 1 FROM jsonb_array_elements(NEW.children) c WHERE c.value -> 'fk_attnum' = 'null') THEN
+            RAISE EXCEPTION 'pg_webhooks: a child table of % lacks its foreign key column', NEW.relid
+                USING ERRCODE = 'undefined_column', HINT = 'Track the table again after the restore.';
+        END IF;
+        RETURN NEW;
     END IF;
+    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) <> n THEN
+        RAISE WARNING 'pg_webhooks: table % was dumped by pg_webhooks 0.1.0: its % child table(s) cannot be matched to this database''s tables and are left out of its events', NEW.relid, n
+            USING HINT = 'Call webhooks.untrack() and webhooks.track() with its children again.';
+        NEW.children := '[]';
+        NEW.child_tables := '{}';
+    END IF;
+    NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
+                                FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                               ORDER BY c.ord);
+    NEW.key_column := (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = NEW.relid AND a.attnum = NEW.key_attnum);
+    NEW.status_column := (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = NEW.relid AND a.attnum = NEW.status_attnum);
+    NEW.child_fk_columns := ARRAY(SELECT a.attname
+                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                                    JOIN pg_attribute a ON a.attrelid = (c.value ->> 'relid')::oid
+                                                       AND a.attnum = (c.value ->> 'fk_attnum')::int2
+                                   ORDER BY c.ord);
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER tracked_children_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
-    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_children_by_name();
-UPDATE webhooks._tracked SET children = children;  -- fills child_tables
+CREATE TRIGGER tracked_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
+    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_by_name();
+UPDATE webhooks._tracked SET key_attnum = key_attnum;  -- fills the names
+CREATE FUNCTION webhooks._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked) THEN
+        RETURN;
+    END IF;
+    UPDATE webhooks._tracked t SET key_attnum = t.key_attnum
+     WHERE EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                    WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                      AND (d.objid = t.relid OR d.objid = ANY (t.child_tables::oid[])));
+END
+$$;
+CREATE EVENT TRIGGER webhooks_follow_renames ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION webhooks._on_ddl_end();
 CREATE FUNCTION webhooks._subscription_restored() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -72,19 +126,18 @@ END
 $$;
 CREATE TRIGGER subscription_restored BEFORE INSERT ON webhooks._subscriptions
     FOR EACH ROW EXECUTE FUNCTION webhooks._subscription_restored();
-REVOKE EXECUTE ON FUNCTION webhooks._tracked_children_by_name(), webhooks._subscription_restored() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION webhooks.track(
+-- track becomes a call of _track, which holds what track did, with a fixed search_path.
+CREATE FUNCTION webhooks._track(
     tbl regclass,
-    entity text DEFAULT NULL,
-    key_column name DEFAULT 'id',
-    status_column name DEFAULT NULL,
-    children jsonb DEFAULT NULL
+    entity text,
+    key_column name,
+    status_column name,
+    children jsonb,
+    caller_search_path text
 ) RETURNS void
 LANGUAGE plpgsql
--- Invoker's rights and search_path: child table names resolve as the caller wrote them, and
--- creating the triggers needs the caller's own TRIGGER privilege. _register_tracked checks
--- the caller's rights again before it writes _tracked.
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_kind     "char";
@@ -95,8 +148,12 @@ DECLARE
     v_name     text;
     v_spec     jsonb;
     v_child    regclass;
+    v_table    text;
     v_fk       smallint;
 BEGIN
+    -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
+    -- one at a time, each seeing what the one before committed.
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -122,9 +179,9 @@ BEGIN
         RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
             HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
     END IF;
-    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = track.entity) THEN
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = _track.entity) THEN
         RAISE EXCEPTION 'entity "%" is already used by table %', entity,
-            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = track.entity)
+            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = _track.entity)
             USING ERRCODE = 'duplicate_object',
                   HINT = 'Each tracked table needs an entity of its own: its events are ordered per entity and key.';
     END IF;
@@ -178,7 +235,12 @@ BEGIN
                     USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
             END IF;
-            v_child := (v_spec ->> 'table')::regclass;
+            -- The name as the caller wrote it, under the caller's search_path (a cast to
+            -- regclass looks up a relation and runs nothing else).
+            v_table := v_spec ->> 'table';
+            PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+            v_child := v_table::regclass;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p')
                OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
                 RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
@@ -244,23 +306,38 @@ BEGIN
     PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
-    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
+    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = _track.entity) THEN
         INSERT INTO webhooks.status_events (entity, status, event_type)
-        SELECT track.entity, s, track.entity || '.' || s
+        SELECT _track.entity, s, _track.entity || '.' || s
           FROM unnest(ARRAY['paid', 'fulfilled', 'shipped', 'delivered', 'cancelled', 'refunded']) AS s;
         INSERT INTO webhooks.status_events (entity, status, event_type)
-        VALUES (track.entity, 'canceled', track.entity || '.cancelled');
+        VALUES (_track.entity, 'canceled', _track.entity || '.cancelled');
     END IF;
 END
 $$;
 
+CREATE OR REPLACE FUNCTION webhooks.track(
+    tbl regclass,
+    entity text DEFAULT NULL,
+    key_column name DEFAULT 'id',
+    status_column name DEFAULT NULL,
+    children jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE sql
+AS $$
+    SELECT webhooks._track(tbl, entity, key_column, status_column, children,
+                           pg_catalog.current_setting('search_path'))
+$$;
+
 CREATE OR REPLACE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
@@ -297,6 +374,7 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
+    PERFORM pg_advisory_xact_lock(1885828969, 0);  -- see _track
 
     WITH gone AS (
         DELETE FROM webhooks._tracked t
@@ -353,6 +431,10 @@ BEGIN
     END LOOP;
 END
 $$;
+
+REVOKE EXECUTE ON FUNCTION webhooks._tracked_by_name(), webhooks._on_ddl_end(), webhooks._subscription_restored(),
+    webhooks._track(regclass, text, name, name, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._track(regclass, text, name, name, jsonb, text) TO webhooks_admin;
 
 -- One child trigger per child table: 0.1.0 made one per tracked table listing it, and each now
 -- serves all of them.

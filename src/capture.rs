@@ -784,7 +784,8 @@ fn tracked_parents_of(child: pg_sys::Oid) -> Rc<Vec<pg_sys::Oid>> {
     .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
     let parents = Rc::new(parents);
     // An invalidation that arrived meanwhile may concern what was read: use it once only.
-    if !parents.is_empty() && GENERATION.with(|g| g.get()) == generation {
+    // (An empty list is kept too: registering a table as a child invalidates its relcache.)
+    if GENERATION.with(|g| g.get()) == generation {
         CHILD_PARENTS.with(|m| m.borrow_mut().insert(child, parents.clone()));
     }
     parents
@@ -1458,11 +1459,12 @@ fn _capture_row<'a>(
 }
 
 /// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table. Its
-/// parents are the tracked tables that list it (or, for a partition of a partitioned child, its
-/// registered ancestor) among their children in `webhooks._tracked`; the trigger's arguments,
-/// if any, are ignored. For each parent, locks the parent row (so two transactions editing the
-/// same order's items serialize) and notes the parent's children as they were before this
-/// transaction first changed them.
+/// parents are the tracked tables that list it, or any of its partitioned ancestors, among
+/// their children in `webhooks._tracked`; the trigger's arguments, if any, are ignored. For
+/// each parent, locks the parent row (so two transactions editing the same order's items
+/// serialize) and notes the parent's children as they were before this transaction first
+/// changed them. (A partition of a listed table fires its own trigger, if it is listed itself,
+/// and the one cloned from its ancestor's: noting a change twice is noting it once.)
 #[pg_trigger]
 fn _capture_child<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -1474,35 +1476,26 @@ fn _capture_child<'a>(
     }
     unsafe {
         let child = (*td.tg_relation).rd_id;
-        // The child itself, or its nearest partitioned ancestor that a tracked table lists.
-        let mut registered = child;
-        let mut parents = tracked_parents_of(child);
+        // Every registration of the child: by the tracked tables that list it, or (for a
+        // partition) one of its partitioned ancestors, under each foreign key they name.
+        let mut registrations: Vec<(Rc<TableConfig>, pg_sys::Oid, usize)> = Vec::new();
+        let mut level = Some(child);
         for _ in 0..64 {
-            if !parents.is_empty() {
-                break;
+            let Some(rel) = level else { break };
+            for parent in tracked_parents_of(rel).iter() {
+                if let Some(cfg) = config_for(*parent) {
+                    for idx in (0..cfg.child_relids.len()).filter(|i| cfg.child_relids[*i] == rel) {
+                        registrations.push((cfg.clone(), rel, idx));
+                    }
+                }
             }
-            let Some(up) = partition_parent(registered) else { break };
-            registered = up;
-            parents = tracked_parents_of(up);
+            level = partition_parent(rel);
         }
-        let configs: Vec<(Rc<TableConfig>, usize)> = parents
-            .iter()
-            .filter_map(|p| config_for(*p))
-            .filter_map(|c| {
-                let idx = c.child_relids.iter().position(|r| *r == registered)?;
-                Some((c, idx))
-            })
-            .collect();
-        if configs.is_empty() {
-            let name = qualified_name(child).unwrap_or_default();
-            raise_with_hint(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                &format!("pg_webhooks: table {name} is not a tracked child table"),
-                "Child capture triggers are created by webhooks.track(); drop this trigger or track the parent.",
-            )
-        }
+        // None: a trigger left behind (an untrack racing a drop, a restored 0.1.0 dump) or
+        // made by hand on a table no tracked table lists. There is nothing to capture for it,
+        // and the writer must not fail for it.
         let tupdesc = (*td.tg_relation).rd_att;
-        for (cfg, idx) in configs {
+        for (cfg, registered, idx) in registrations {
             let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
             // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
             let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)

@@ -83,7 +83,19 @@ fn database_exists(name: &str) -> bool {
 pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let databases = gucs::databases();
+    let databases = match gucs::databases() {
+        Ok(names) => names,
+        Err(why) => {
+            // Serve nothing rather than a database nobody named; say so until restarted.
+            loop {
+                warning!("pg_webhooks: webhooks.database is not a list of databases, so none is served: {why}");
+                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(60))) {
+                    break;
+                }
+            }
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
     let workers = gucs::workers();
     // One slot per database and worker index; each database independently waited for.
     let mut slots: Vec<Vec<Slot>> = databases
@@ -377,7 +389,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let (d, index) = slot_of(arg.value());
     let workers = gucs::workers();
-    let Some(database) = gucs::databases().get(d).cloned() else { return };
+    let Some(database) = gucs::databases().ok().and_then(|names| names.get(d).cloned()) else { return };
     if index >= workers.min(MAX_WORKERS) {
         return;
     }
@@ -649,13 +661,16 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         Duration::ZERO
     } else if retention_busy {
         sleep.min(Duration::from_millis(10))
-    } else {
+    } else if fans_out {
         sleep.min(
             state
                 .retention
                 .next_at
                 .saturating_duration_since(Instant::now()),
         )
+    } else {
+        // Retention is worker 0's: its timer (never moved on by the others) is none of theirs.
+        sleep
     }
 }
 
