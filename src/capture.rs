@@ -1411,6 +1411,13 @@ fn _capture_row<'a>(
         let note_inserted = |key: &str, tuple| {
             with_table(cfg.relid, |tt| {
                 let t = tt.touch(key, Touch::default);
+                if !t.row_touched {
+                    // The row's first own change is its insert: no row had the key before. (Its
+                    // children may have been noted first, and the child trigger's lock may have
+                    // found this very row: a key change's ON UPDATE CASCADE, a trigger that
+                    // fires before this one, moves the children before the new key is noted.)
+                    t.existed_before = false;
+                }
                 t.row_touched = true;
                 t.version = location(tuple);
             });
