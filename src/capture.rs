@@ -1004,7 +1004,8 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             lock_query: format!(
                 "SELECT t.{key} FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
             ),
-            children_query: format!("SELECT {children_sql} FROM {table} t WHERE t.{key} = $1"),
+            // The children of a key, whether or not its row is visible now.
+            children_query: format!("SELECT {children_sql} FROM (SELECT $1 AS {key}) t"),
             children_direct: if has_user_types || children.is_empty() {
                 None
             } else {
@@ -1627,13 +1628,17 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
         .into_iter()
         .next()
         .and_then(|mut r| r.swap_remove(0));
-        let needs_snapshot = locked_key.as_ref().is_some_and(|k| {
+        // Also when the parent row is hidden: this transaction deleted it (its cascade is
+        // deleting these children, or a statement fails on it), and a savepoint rollback may
+        // bring it back, with the children it had before.
+        let needs_snapshot = {
+            let k = locked_key.as_deref().unwrap_or(fk_key);
             with_table(cfg.relid, |tt| {
                 tt.touches
                     .get(k)
                     .is_none_or(|t| t.existed_before && !t.children_touched)
             })
-        });
+        };
         let direct = if needs_snapshot && cfg.children_direct.is_some() {
             let latest = LatestSnapshot::push();
             let k = locked_key.as_deref().unwrap_or(fk_key);
