@@ -431,7 +431,7 @@ fn digest(json: &str) -> Digest {
 }
 
 /// What one row looked like before the transaction touched it.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Touch {
     existed_before: bool,
     row_touched: bool,
@@ -443,6 +443,8 @@ struct Touch {
     deleted_row: Option<String>,
     /// Where the transaction's newest version of the row is (relation, item pointer).
     version: Option<(pg_sys::Oid, pg_sys::ItemPointerData)>,
+    /// The newest subtransaction that saved this note's earlier state in `UNDO`.
+    saved_in: pg_sys::SubTransactionId,
 }
 
 /// Keys read back, and events written, per statement at commit: bounds the memory a
@@ -458,13 +460,102 @@ struct TableTouches {
 }
 
 impl TableTouches {
+    /// The note of `key`, to change (made with `fresh` if there is none).
     fn touch(&mut self, key: &str, fresh: impl FnOnce() -> Touch) -> &mut Touch {
+        let sub = current_subtransaction();
         if !self.touches.contains_key(key) {
             self.keys.push(key.to_string());
-            self.touches.insert(key.to_string(), fresh());
+            let mut t = fresh();
+            t.saved_in = sub;
+            self.touches.insert(key.to_string(), t);
+            if sub > TOP_SUBTRANSACTION {
+                push_undo(Undo::Touch {
+                    sub,
+                    relid: self.relid,
+                    key: key.to_string(),
+                    before: None,
+                });
+            }
+        } else {
+            self.save(key, sub);
         }
         self.touches.get_mut(key).expect("inserted above")
     }
+
+    /// The note of `key`, to change, if there is one.
+    fn touch_mut(&mut self, key: &str) -> Option<&mut Touch> {
+        if self.touches.contains_key(key) {
+            self.save(key, current_subtransaction());
+        }
+        self.touches.get_mut(key)
+    }
+
+    /// Keeps the note of `key` as it is before the subtransaction `sub` first changes it.
+    fn save(&mut self, key: &str, sub: pg_sys::SubTransactionId) {
+        if sub <= TOP_SUBTRANSACTION {
+            return;
+        }
+        let Some(t) = self.touches.get_mut(key) else {
+            return;
+        };
+        // Saved by this subtransaction, or by one inside it that committed into it (whose
+        // saved state is this subtransaction's, as it had not changed the note before).
+        if t.saved_in >= sub {
+            return;
+        }
+        let before = t.clone();
+        t.saved_in = sub;
+        push_undo(Undo::Touch {
+            sub,
+            relid: self.relid,
+            key: key.to_string(),
+            before: Some(before),
+        });
+    }
+
+    fn note_child_key(&mut self, fk_key: &str, key: String) {
+        let before = self.child_keys.insert(fk_key.to_string(), key);
+        let sub = current_subtransaction();
+        if sub > TOP_SUBTRANSACTION {
+            push_undo(Undo::ChildKey {
+                sub,
+                relid: self.relid,
+                fk_key: fk_key.to_string(),
+                before,
+            });
+        }
+    }
+}
+
+/// `TopSubTransactionId`: changes made outside any savepoint are undone with the transaction.
+const TOP_SUBTRANSACTION: pg_sys::SubTransactionId = 1;
+
+fn current_subtransaction() -> pg_sys::SubTransactionId {
+    unsafe { pg_sys::GetCurrentSubTransactionId() }
+}
+
+/// A note as it was before a subtransaction changed it. A subtransaction rolled back takes
+/// its notes with it: it released the row locks it took, so another transaction may change
+/// those rows and commit before this one does, and a note kept from the undone work (the row
+/// as it was then, a new key, a parent locked) would describe that other transaction's work as
+/// this one's, or skip a lock this one needs.
+enum Undo {
+    Touch {
+        sub: pg_sys::SubTransactionId,
+        relid: pg_sys::Oid,
+        key: String,
+        before: Option<Touch>,
+    },
+    ChildKey {
+        sub: pg_sys::SubTransactionId,
+        relid: pg_sys::Oid,
+        fk_key: String,
+        before: Option<String>,
+    },
+}
+
+fn push_undo(u: Undo) {
+    UNDO.with(|undo| undo.borrow_mut().push(u));
 }
 
 thread_local! {
@@ -490,11 +581,62 @@ thread_local! {
     /// Whether a subtransaction of this transaction was rolled back: until one is, every
     /// version the trigger noted is still this transaction's newest (nothing undid it).
     static SUBXACT_ABORTED: Cell<bool> = const { Cell::new(false) };
+    /// Notes as they were before the open subtransactions changed them, oldest first.
+    static UNDO: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
 }
 
-/// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone.
+/// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone, and the notes the
+/// subtransaction made go with it (see `Undo`). Called while the aborting subtransaction is
+/// still the current one. Every subtransaction started since it began is inside it, and has a
+/// larger id: the entries to undo are those at the end of `UNDO` with an id at least its own.
 pub fn subtransaction_aborted() {
     SUBXACT_ABORTED.with(|a| a.set(true));
+    let sub = current_subtransaction();
+    loop {
+        let entry = UNDO.with(|undo| {
+            let mut undo = undo.borrow_mut();
+            let last_sub = match undo.last() {
+                Some(Undo::Touch { sub, .. } | Undo::ChildKey { sub, .. }) => *sub,
+                None => return None,
+            };
+            if last_sub >= sub {
+                undo.pop()
+            } else {
+                None
+            }
+        });
+        match entry {
+            None => break,
+            Some(Undo::Touch {
+                relid, key, before, ..
+            }) => with_table(relid, |tt| match before {
+                Some(t) => {
+                    tt.touches.insert(key, t);
+                }
+                None => {
+                    tt.touches.remove(&key);
+                    if tt.keys.last() == Some(&key) {
+                        tt.keys.pop();
+                    } else {
+                        tt.keys.retain(|k| *k != key);
+                    }
+                }
+            }),
+            Some(Undo::ChildKey {
+                relid,
+                fk_key,
+                before,
+                ..
+            }) => with_table(relid, |tt| match before {
+                Some(k) => {
+                    tt.child_keys.insert(fk_key, k);
+                }
+                None => {
+                    tt.child_keys.remove(&fk_key);
+                }
+            }),
+        }
+    }
 }
 
 /// Why the worker is to be woken at commit.
@@ -535,6 +677,7 @@ pub fn forget_at_commit() {
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
     SUBXACT_ABORTED.with(|a| a.set(false));
+    UNDO.with(|u| u.borrow_mut().clear());
     TOUCHED.with(|t| t.borrow_mut().clear());
     EMITTED.with(|e| e.borrow_mut().clear());
     WAKE_AT_COMMIT.with(|w| w.set(None));
@@ -1404,7 +1547,7 @@ fn _capture_row<'a>(
         // still the visible one (a savepoint rolled back may have undone it).
         let note_version = |key: &str, tuple| {
             with_table(cfg.relid, |tt| {
-                if let Some(t) = tt.touches.get_mut(key) {
+                if let Some(t) = tt.touch_mut(key) {
                     t.version = location(tuple);
                 }
             });
@@ -1430,7 +1573,7 @@ fn _capture_row<'a>(
         };
         let note_deleted = |key: &str, json: String| {
             with_table(cfg.relid, |tt| {
-                if let Some(t) = tt.touches.get_mut(key) {
+                if let Some(t) = tt.touch_mut(key) {
                     t.deleted_row = Some(json);
                     t.version = None;
                 }
@@ -1567,7 +1710,7 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     let known = with_table(cfg.relid, |tt| tt.child_keys.get(fk_key).cloned());
     if let Some(key) = known {
         with_table(cfg.relid, |tt| {
-            if let Some(t) = tt.touches.get_mut(&key) {
+            if let Some(t) = tt.touch_mut(&key) {
                 t.children_touched = true;
             }
         });
@@ -1601,8 +1744,8 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
                 .get(fk_key)
                 .is_some_and(|t| !t.existed_before && t.version.is_some());
             if own {
-                tt.child_keys.insert(fk_key.to_string(), fk_key.to_string());
-                if let Some(t) = tt.touches.get_mut(fk_key) {
+                tt.note_child_key(fk_key, fk_key.to_string());
+                if let Some(t) = tt.touch_mut(fk_key) {
                     t.children_touched = true;
                 }
             }
@@ -1668,7 +1811,7 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     });
     let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
     with_table(cfg.relid, |tt| {
-        tt.child_keys.insert(fk_key.to_string(), key.clone());
+        tt.note_child_key(fk_key, key.clone());
         let t = tt.touch(&key, || Touch {
             // A child written before its parent (deferred foreign key): the parent is new.
             existed_before: locked_key.is_some(),
