@@ -445,6 +445,13 @@ struct Touch {
     version: Option<(pg_sys::Oid, pg_sys::ItemPointerData)>,
     /// The newest subtransaction that saved this note's earlier state in `UNDO`.
     saved_in: pg_sys::SubTransactionId,
+    /// Noted by a child trigger that found no row with the key (none visible, none locked), and
+    /// the row itself not changed since: a child write the foreign key will refuse, one that
+    /// ON CONFLICT DO NOTHING skips, or one whose parent this transaction inserts or deletes
+    /// later in the statement (its own row trigger then notes it). Nothing is known of such a
+    /// key: it gives no event unless the row itself is changed, or a child change finds and
+    /// locks the row later (the note then starts afresh).
+    unseen: bool,
 }
 
 /// Keys read back, and events written, per statement at commit: bounds the memory a
@@ -1777,9 +1784,10 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
         let needs_snapshot = {
             let k = locked_key.as_deref().unwrap_or(fk_key);
             with_table(cfg.relid, |tt| {
-                tt.touches
-                    .get(k)
-                    .is_none_or(|t| t.existed_before && !t.children_touched)
+                tt.touches.get(k).is_none_or(|t| {
+                    (t.existed_before && !t.children_touched)
+                        || (locked_key.is_some() && t.unseen && !t.row_touched)
+                })
             })
         };
         let direct = if needs_snapshot && cfg.children_direct.is_some() {
@@ -1811,12 +1819,24 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     });
     let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
     with_table(cfg.relid, |tt| {
-        tt.note_child_key(fk_key, key.clone());
+        // Only a parent found and locked is remembered: the next child change of a parent not
+        // found looks (and locks) again.
+        if locked_key.is_some() {
+            tt.note_child_key(fk_key, key.clone());
+        }
         let t = tt.touch(&key, || Touch {
-            // A child written before its parent (deferred foreign key): the parent is new.
             existed_before: locked_key.is_some(),
+            unseen: locked_key.is_none(),
             ..Touch::default()
         });
+        if locked_key.is_some() && t.unseen && !t.row_touched {
+            // Found and locked now, not before: what was noted of it said nothing.
+            *t = Touch {
+                existed_before: true,
+                saved_in: t.saved_in,
+                ..Touch::default()
+            };
+        }
         t.children_touched = true;
         if let Some(children) = snapshot {
             t.orig_children = children.as_deref().map(digest);
@@ -1856,6 +1876,9 @@ fn net_events(
         extra,
         mapped_status: mapped.cloned(),
     };
+    if t.unseen && !t.row_touched {
+        return;
+    }
     match (t.existed_before, now) {
         (false, None) => {}
         (false, Some(cur)) => out.push(ev(

@@ -1725,3 +1725,31 @@ fn an_item_change_after_a_savepoint_rollback_locks_its_order_again() {
     assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE));
     a.batch_execute("COMMIT").expect("commit");
 }
+
+/// Found with MODEL_SEED=1 (4 sessions): an item insert skipped by ON CONFLICT DO NOTHING still
+/// fires the item's BEFORE trigger, which found no order with its key (none existed yet) and
+/// noted the order as new, without a lock. Another session then created the order, and the
+/// first transaction's commit gave a second `created` for it; and a later item change of that
+/// order in the first transaction skipped the order's lock (capture remembered it as looked up).
+#[test]
+fn an_item_insert_skipped_by_on_conflict_neither_creates_its_order_nor_skips_its_lock() {
+    let mut c = small_shop("rpf", true);
+    c.batch_execute("INSERT INTO rpf_orders VALUES (2); INSERT INTO rpf_items VALUES (1, 2, 'A')")
+        .expect("order 2 and item 1");
+    let mut a = cluster().connect();
+    a.batch_execute("BEGIN; INSERT INTO rpf_items VALUES (1, 1, 'A') ON CONFLICT (id) DO NOTHING;")
+        .expect("a: skipped, item 1 exists");
+    c.batch_execute("INSERT INTO rpf_orders VALUES (1)")
+        .expect("another session creates order 1");
+    a.batch_execute("INSERT INTO rpf_items VALUES (3, 1, 'B')")
+        .expect("a: an item of order 1");
+    let err = c
+        .batch_execute("SELECT 1 FROM rpf_orders WHERE id = 1 FOR NO KEY UPDATE NOWAIT")
+        .expect_err("order 1 must be locked by a's item insert");
+    assert_eq!(err.code(), Some(&SqlState::LOCK_NOT_AVAILABLE));
+    a.batch_execute("COMMIT").expect("a commits");
+    assert_eq!(
+        types_of(&mut c, "rpf"),
+        ["rpf.created 2", "rpf.created 1", "rpf.updated 1"]
+    );
+}
