@@ -28,7 +28,7 @@
 //! (`pg_current_xact_id()`) is compared with the events' `xid` too, so an event given by the
 //! wrong transaction is caught even when its type and data happen to match.
 //!
-//! `MODEL_SEED` (default: from the clock), `MODEL_TRANSACTIONS` (default 2400),
+//! `MODEL_SEED` (default: from the clock), `MODEL_TRANSACTIONS` (default 3000),
 //! `MODEL_SESSIONS` (default 4) and `MODEL_ORDERS` (order keys, default 8). The seed is
 //! printed first and in every failure: `MODEL_SEED=... cargo test --test model` runs the same
 //! transactions again (their interleaving may differ; the check holds for any interleaving).
@@ -109,7 +109,7 @@ impl Config {
         let orders = env_u64("MODEL_ORDERS").unwrap_or(8).max(2) as i64;
         Config {
             seed,
-            transactions: env_u64("MODEL_TRANSACTIONS").unwrap_or(2400) as usize,
+            transactions: env_u64("MODEL_TRANSACTIONS").unwrap_or(3000) as usize,
             sessions: env_u64("MODEL_SESSIONS").unwrap_or(4).max(1) as usize,
             orders,
             items: orders * 3,
