@@ -227,10 +227,22 @@ impl Cluster {
     /// `pg_dump` of database `db` (plain SQL, as a superuser).
     pub fn dump(&self, db: &str) -> Vec<u8> {
         let out = Command::new(self.bindir.join("pg_dump"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ])
             .output()
             .expect("pg_dump");
-        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -238,16 +250,32 @@ impl Cluster {
     pub fn restore(&self, db: &str, dump: &[u8]) {
         use std::io::Write;
         let mut psql = Command::new(self.bindir.join("psql"))
-            .args(["-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(["-U", "postgres", "-d", db])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("psql");
-        psql.stdin.take().expect("stdin").write_all(dump).expect("feed the dump");
+        psql.stdin
+            .take()
+            .expect("stdin")
+            .write_all(dump)
+            .expect("feed the dump");
         let out = psql.wait_with_output().expect("psql");
-        assert!(out.status.success(), "the restore failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn server_log(&self) -> String {
