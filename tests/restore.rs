@@ -228,6 +228,7 @@ fn a_dump_restored_into_a_new_cluster_keeps_tracking_and_subscriptions_and_resen
 
 #[test]
 fn a_restore_finds_columns_by_name_after_drops_and_renames_and_keeps_a_0_1_0_dump_writable() {
+    common::install_archived_script("0.1.0");
     let old = Cluster::start("restore_cols_src", &[]);
     let mut src = old.connect();
     // Dropped columns before the key, the status and the foreign key: pg_dump renumbers the

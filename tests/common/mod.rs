@@ -445,3 +445,26 @@ pub fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
     assert_eq!(db.code(), &state, "{sql}: {}", db.message());
     format!("{} {}", db.message(), db.hint().unwrap_or_default())
 }
+
+/// The archived full script of an earlier `version` (sql/archive/), put where CREATE
+/// EXTENSION ... VERSION finds it (a server that ran the old version had it there; the package
+/// and `cargo pgrx install` ship only the update scripts beside the current version's).
+pub fn install_archived_script(version: &str) {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
+    let out = std::process::Command::new(&pg_config)
+        .arg("--sharedir")
+        .output()
+        .expect("pg_config --sharedir");
+    let extdir = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
+    let name = format!("pg_webhooks--{version}.sql");
+    let archived = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/archive").join(&name);
+    let text = std::fs::read(&archived).expect("archived script");
+    let target = extdir.join(&name);
+    if std::fs::read(&target).ok().as_deref() != Some(&text[..]) {
+        // Written aside and renamed: a test creating the extension meanwhile reads either no
+        // file or the whole one.
+        let aside = extdir.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::write(&aside, &text).unwrap_or_else(|e| panic!("write {}: {e}", aside.display()));
+        std::fs::rename(&aside, &target).unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
+    }
+}
