@@ -16,8 +16,10 @@ mod netcheck;
 mod patterns;
 mod plans;
 mod queue;
+mod request;
 mod schedule;
 mod signing;
+mod stats;
 mod worker;
 
 ::pgrx::pg_module_magic!();
