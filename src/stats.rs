@@ -57,14 +57,15 @@ fn bucket_bounds(b: usize) -> (f64, f64) {
 /// The estimated `q`-quantile (0..1) of a histogram: the geometric middle of the bucket that
 /// holds the nearest-rank value. None when the histogram is empty.
 pub fn quantile(hist: &[i64], q: f64) -> Option<f64> {
-    let total: i64 = hist.iter().map(|n| (*n).max(0)).sum();
+    // Saturating: the SQL functions take any array a reader passes.
+    let total: i64 = hist.iter().fold(0i64, |t, n| t.saturating_add((*n).max(0)));
     if total <= 0 || q.is_nan() {
         return None;
     }
     let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as i64).max(1);
     let mut seen = 0i64;
     for (b, n) in hist.iter().enumerate() {
-        seen += (*n).max(0);
+        seen = seen.saturating_add((*n).max(0));
         if seen >= rank {
             let (lo, hi) = bucket_bounds(b);
             return Some(if b == 0 { hi / 2.0 } else { (lo * hi).sqrt() });
@@ -77,7 +78,8 @@ pub fn quantile(hist: &[i64], q: f64) -> Option<f64> {
 pub fn add(a: &[Option<i64>], b: &[Option<i64>]) -> Vec<i64> {
     (0..a.len().max(b.len()))
         .map(|i| {
-            a.get(i).copied().flatten().unwrap_or(0) + b.get(i).copied().flatten().unwrap_or(0)
+            let (x, y) = (a.get(i).copied().flatten(), b.get(i).copied().flatten());
+            x.unwrap_or(0).saturating_add(y.unwrap_or(0))
         })
         .collect()
 }
@@ -301,6 +303,8 @@ mod tests {
     fn add_sums_histograms_of_any_length() {
         assert_eq!(add(&[Some(1), None, Some(2)], &[Some(5)]), vec![6, 0, 2]);
         assert_eq!(add(&[], &[]), Vec::<i64>::new());
+        assert_eq!(add(&[Some(i64::MAX)], &[Some(1)]), vec![i64::MAX]);
+        assert!(quantile(&[i64::MAX, i64::MAX, -5], 0.99).is_some());
     }
 
     fn at(sub: i64, started: f64, outcome: &'static str) -> Attempt<'static> {
