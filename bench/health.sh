@@ -221,6 +221,7 @@ q "WITH d AS (
 q "VACUUM ANALYZE webhooks._queue"
 echo "    queued in $(( $(date +%s) - start )) s"
 measure "SELECT * FROM webhooks.subscription_health" "SELECT * FROM webhooks.subscription_health"
+cp "$DIR/last_plan" "$DIR/backlog_plan"
 q "SELECT '    backlog ' || backlog || ', oldest queued ' || oldest_queued_age FROM webhooks.subscription_health WHERE subscription_id = $((FIRST + 10))"
 start=$(date +%s%N)
 q "REINDEX INDEX webhooks._queue_subscription_idx"
@@ -228,3 +229,5 @@ echo "    rebuilding _queue_subscription_idx (as the update to 0.2.0 does) over 
 
 say "Plan of SELECT * FROM webhooks.subscription_health (small backlogs)"
 sed 's/^/    /' "$DIR/health_plan"
+say "Plan of SELECT * FROM webhooks.subscription_health (one backlog of $BACKLOG)"
+sed 's/^/    /' "$DIR/backlog_plan"

@@ -695,9 +695,10 @@ SELECT a.delivery_id, a.attempt, a.started_at, a.duration_ms, a.status_code, a.r
 -- Per subscription, from the rollups the worker keeps (never from _attempts, whatever its
 -- size): the last hour is the minute rows starting after now() - 1 hour (the current minute
 -- and the 59 before it), the last day the hour rows starting after now() - 1 day (the current
--- hour and the 23 before it), each a range of _delivery_stats' key. Backlog and oldest
--- queued delivery are probes of _queue_subscription_idx (count and min), whose cost grows with
--- the backlog only. Polling it reads about 84 rollup rows per subscription and worker.
+-- hour and the 23 before it), each a range of _delivery_stats' key. The backlog is counted in
+-- _queue_subscription_idx (an index-only scan: its cost grows with the backlog), the oldest
+-- queued delivery is a probe of it. Polling reads about 84 rollup rows per subscription and
+-- worker.
 CREATE VIEW webhooks.subscription_health AS
 SELECT s.id AS subscription_id,
        webhooks._mask_url(s.url) AS url,
@@ -740,9 +741,26 @@ SELECT s.id AS subscription_id,
                FROM webhooks._delivery_stats t
               WHERE t.width = '1 hour' AND t.bucket > now() - interval '1 day'
               GROUP BY t.subscription_id) d ON d.subscription_id = s.id
-  -- The oldest queued delivery is the lowest id (ids are taken in creation order).
-  LEFT JOIN webhooks._deliveries o
-         ON o.id = (SELECT min(q.delivery_id) FROM webhooks._queue q WHERE q.subscription_id = s.id);
+  -- The oldest queued delivery of each subscription is its lowest id (ids are taken in
+  -- creation order): the first entry of each subscription in _queue_subscription_idx, one
+  -- probe per subscription with a queue (as END_ORPHANS walks it). Ordered by both columns
+  -- with a range on the first, so that only this index can answer it: a min(delivery_id)
+  -- per subscription may be planned as a walk of the primary key in id order filtered by
+  -- subscription, which reads the whole queue for a subscription that has nothing queued.
+  LEFT JOIN (
+        WITH RECURSIVE o(sub, id) AS (
+            (SELECT q.subscription_id, q.delivery_id FROM webhooks._queue q
+              ORDER BY q.subscription_id, q.delivery_id LIMIT 1)
+          UNION ALL
+            SELECT n.subscription_id, n.delivery_id
+              FROM o CROSS JOIN LATERAL (
+                   SELECT q.subscription_id, q.delivery_id FROM webhooks._queue q
+                    WHERE q.subscription_id > o.sub
+                    ORDER BY q.subscription_id, q.delivery_id LIMIT 1) n
+        )
+        SELECT o.sub, (SELECT d.created_at FROM webhooks._deliveries d WHERE d.id = o.id) AS created_at
+          FROM o
+       ) o ON o.sub = s.id;
 
 -- Per event type and hour (UTC), from _event_stats: a filter on hour is a range of its key.
 CREATE VIEW webhooks.event_stats AS
