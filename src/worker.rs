@@ -228,11 +228,18 @@ struct LoopState {
 /// judge its outcome, and per subscription its jobs in flight (a job holds one HTTP thread and
 /// sends one request at a time: it counts once against the per-endpoint cap).
 struct InFlight {
-    by_delivery: HashMap<i64, (i32, Option<String>)>,
+    by_delivery: HashMap<i64, Pending>,
     by_subscription: HashMap<i64, i32>,
     jobs: usize,
     /// Subscriptions whose last job failed.
     failing: std::collections::HashSet<i64>,
+}
+
+/// A claimed delivery being attempted: what judging and recording its outcome needs.
+struct Pending {
+    attempts_before: i32,
+    retry_schedule: Option<String>,
+    event_type: String,
 }
 
 impl InFlight {
@@ -244,7 +251,11 @@ impl InFlight {
         for claimed in job {
             self.by_delivery.insert(
                 claimed.job.delivery_id,
-                (claimed.attempts_before, claimed.retry_schedule.clone()),
+                Pending {
+                    attempts_before: claimed.attempts_before,
+                    retry_schedule: claimed.retry_schedule.clone(),
+                    event_type: claimed.job.event_type.clone(),
+                },
             );
         }
         *self
@@ -275,7 +286,7 @@ impl InFlight {
             self.failing.insert(done.subscription_id);
         }
     }
-    fn take(&mut self, delivery_id: i64) -> Option<(i32, Option<String>)> {
+    fn take(&mut self, delivery_id: i64) -> Option<Pending> {
         self.by_delivery.remove(&delivery_id)
     }
 }
@@ -340,13 +351,9 @@ fn judge(outcome: &http::Outcome, attempt: i32, retry_schedule: Option<&str>) ->
     }
 }
 
-fn to_record(
-    o: http::Outcome,
-    attempts_before: i32,
-    retry_schedule: Option<String>,
-) -> queue::Recorded {
-    let attempt = attempts_before + 1;
-    let verdict = judge(&o, attempt, retry_schedule.as_deref());
+fn to_record(o: http::Outcome, pending: Pending) -> queue::Recorded {
+    let attempt = pending.attempts_before + 1;
+    let verdict = judge(&o, attempt, pending.retry_schedule.as_deref());
     queue::Recorded {
         delivery_id: o.delivery_id,
         subscription_id: o.subscription_id,
@@ -361,6 +368,7 @@ fn to_record(
         body: o.response_body,
         error: o.error,
         verdict,
+        event_type: pending.event_type,
     }
 }
 
@@ -564,8 +572,8 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             for o in done.outcomes {
                 counts.attempts += 1;
                 counts.bytes_sent += o.bytes_sent;
-                if let Some((before, sched)) = in_flight.take(o.delivery_id) {
-                    let r = to_record(o, before, sched);
+                if let Some(pending) = in_flight.take(o.delivery_id) {
+                    let r = to_record(o, pending);
                     match r.verdict.outcome {
                         "succeeded" => counts.succeeded += 1,
                         "dead" => {
@@ -580,8 +588,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         }
         state.me.add(counts);
         let disable_after = gucs::disable_after();
-        BackgroundWorker::transaction(move || queue::record(batch, released, &disable_after))
-            .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
+        let worker = state.index as i16;
+        BackgroundWorker::transaction(move || {
+            queue::record(batch, released, &disable_after, worker)
+        })
+        .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
     }
 
     let batch = gucs::batch_size();
@@ -729,6 +740,10 @@ impl Retention {
         BackgroundWorker::transaction(queue::end_orphans)
             .unwrap_or_else(|e| error!("pg_webhooks: ending orphaned deliveries failed: {e}"));
         let retention = gucs::retention();
+        // The rollups are small (rows per subscription and minute or hour): one statement.
+        let r = retention.clone();
+        BackgroundWorker::transaction(move || queue::retain_stats(&r))
+            .unwrap_or_else(|e| error!("pg_webhooks: trimming the rollups failed: {e}"));
         let deadline = now + RETENTION_BUDGET;
         // Deliveries (with their attempts) first, then the events they no longer refer to.
         let steps: [(RetentionStep, &mut i64); 2] = [
