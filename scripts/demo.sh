@@ -194,6 +194,53 @@ say "webhooks.subscriptions (no secrets in here)"
 
 read -r DELIVERIES SUCCEEDED < <("${SQL[@]}" -At -F ' ' -c \
     "SELECT count(*), count(*) FILTER (WHERE status = 'succeeded') FROM webhooks.deliveries")
+
+# The runbook (README "Runbook"): what operating it from SQL looks like on these data.
+HEALTH="SELECT subscription_id AS sub, state, attempts_1h AS attempts, success_rate_1h AS success,
+               p50_ms_1h AS p50_ms, p99_ms_1h AS p99_ms, backlog,
+               date_trunc('second', oldest_queued_age) AS oldest_age, consecutive_failures AS fails,
+               last_status_code AS last_code, last_error
+          FROM webhooks.subscription_health ORDER BY 1"
+WORKERS="SELECT database, worker, pid IS NOT NULL AS running, state, requests_in_flight AS in_flight,
+                queue_depth, claimed, succeeded, failed, dead, bytes_sent
+           FROM webhooks.worker_status() ORDER BY database, worker"
+say "Runbook 1: healthy. webhooks.subscription_health and webhooks.worker_status()"
+"${SQL[@]}" -c "$HEALTH"
+# "billing" is listed in webhooks.database but was never created: its worker is not running.
+"${SQL[@]}" -c "$WORKERS"
+
+say "Runbook 2: an endpoint that is down (a CRM answering 500 to everything)"
+read -r CRM_ID CRM_SECRET < <("${SQL[@]}" -At -F ' ' -c \
+    "SELECT id, secret FROM webhooks.subscribe('$RECV/crm', '{order.*}', description => 'CRM (down)')")
+control <<<"{\"path\": \"/crm\", \"secret\": \"$CRM_SECRET\", \"default_status\": 500, \"body\": \"upstream unavailable\"}"
+"${SQL[@]}" -c "UPDATE orders SET customer = customer || ' ' WHERE id IN (1, 2)" >/dev/null
+for _ in $(seq 120); do
+    fails=$("${SQL[@]}" -At -c "SELECT consecutive_failures FROM webhooks.subscription_health WHERE subscription_id = $CRM_ID")
+    [ "${fails:-0}" -ge 4 ] && break
+    sleep 0.5
+done
+"${SQL[@]}" -c "$HEALTH"
+"${SQL[@]}" -c "SELECT d.id, d.event_type, d.status, d.attempts, d.next_attempt_at > now() AS waiting, d.last_error
+                  FROM webhooks.deliveries d WHERE d.subscription_id = $CRM_ID ORDER BY d.id"
+echo "    what was sent, exactly (secrets masked):"
+"${SQL[@]}" -c "SELECT method, url, headers, body FROM webhooks.request(
+                  (SELECT min(id) FROM webhooks.deliveries WHERE subscription_id = $CRM_ID))" -x
+"${SQL[@]}" -c "SELECT webhooks.unsubscribe($CRM_ID)" >/dev/null
+
+say "Runbook 3: a backlog (the warehouse paused while orders keep coming)"
+"${SQL[@]}" -c "SELECT webhooks.pause($WH_ID)" >/dev/null
+"${SQL[@]}" -c "INSERT INTO orders (id, customer, total, status)
+                SELECT g, 'Customer ' || g, 10, 'paid' FROM generate_series(10, 59) g" >/dev/null
+for _ in $(seq 60); do
+    b=$("${SQL[@]}" -At -c "SELECT backlog FROM webhooks.subscription_health WHERE subscription_id = $WH_ID")
+    [ "${b:-0}" -ge 50 ] && break
+    sleep 0.5
+done
+sleep 1   # the oldest queued delivery ages a little; worker 0 counts the queue once a second
+"${SQL[@]}" -c "$HEALTH"
+"${SQL[@]}" -c "$WORKERS"
+"${SQL[@]}" -c "SELECT event_type, emitted, delivered, retried, dead FROM webhooks.event_stats ORDER BY event_type"
+"${SQL[@]}" -c "SELECT webhooks.resume($WH_ID)" >/dev/null
 echo
 if [ "$DELIVERIES" -gt 0 ] && [ "$SUCCEEDED" -eq "$DELIVERIES" ] && [ "$VERIFIED" -eq "$REQUESTS" ]; then
     echo "demo: $DELIVERIES deliveries, all succeeded, $VERIFIED signatures verified by the receiver"

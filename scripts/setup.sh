@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything pg_webhooks needs on a fresh Debian machine, skipping what is there:
-# PostgreSQL and its headers, clang, cargo-pgrx (pinned), `cargo pgrx init`, and the Python
-# Standard Webhooks library the test receiver verifies signatures with. Reads pgrx.toml.
+# PostgreSQL and its headers, clang, dpkg-dev (scripts/package.sh: dpkg-shlibdeps,
+# dpkg-architecture), cargo-pgrx (pinned), `cargo pgrx init`, and the Python Standard Webhooks
+# library the test receiver verifies signatures with. Reads pgrx.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 missing=()
-for pkg in "postgresql-$PG_VERSION" "postgresql-server-dev-$PG_VERSION" libclang-dev clang sudo pkg-config libssl-dev curl; do
+for pkg in "postgresql-$PG_VERSION" "postgresql-server-dev-$PG_VERSION" libclang-dev clang sudo pkg-config libssl-dev curl dpkg-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

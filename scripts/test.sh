@@ -2,7 +2,8 @@
 # The whole test suite on a fresh machine: set-up, then `cargo pgrx test`, which runs the unit
 # tests, the #[pg_test]s in a pgrx-managed cluster (after installing the extension into
 # PostgreSQL's directories), and the end-to-end tests in tests/ (each starts clusters of its
-# own plus a receiver on 127.0.0.1). Reads pgrx.toml.
+# own plus a receiver on 127.0.0.1); then tests/package.sh, the Debian package installed,
+# used and removed. Reads pgrx.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -21,3 +22,10 @@ fi
 
 # An optional argument runs only the tests whose names contain it.
 cargo pgrx test "pg$PG_VERSION" "${RUNAS[@]}" ${1:+"$1"}
+
+# Then the Debian package as a DBA installs it (tests/package.sh, named "package"): built by
+# scripts/package.sh, installed with dpkg -i into PostgreSQL's directories (after removing the
+# files cargo pgrx test left there), used by a fresh cluster, removed with dpkg -r.
+if [ -z "${1:-}" ] || [[ package == *"$1"* ]]; then
+    tests/package.sh
+fi

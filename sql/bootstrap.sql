@@ -11,6 +11,8 @@
 --   _deliveries     append-mostly delivery history (event x subscription), final state per delivery
 --   _queue          hot queue of deliveries still to attempt (small; rows leave when a delivery ends)
 --   _attempts       one row per HTTP attempt
+--   _delivery_stats rollup of attempts per subscription and minute/hour (subscription_health)
+--   _event_stats    rollup of events and outcomes per event type and hour (event_stats)
 
 -- API: Private
 CREATE TABLE webhooks._tracked (
@@ -20,10 +22,15 @@ CREATE TABLE webhooks._tracked (
     status_attnum smallint,
     children      jsonb NOT NULL DEFAULT '[]',  -- [{name, relid, fk_attnum}]
     created_at    timestamptz NOT NULL DEFAULT now(),
-    -- The children's tables again, in the order of `children`, as regclass: pg_dump writes
-    -- them by name, so a restore can give `children` the new cluster's OIDs (see
-    -- _tracked_children_by_name). Kept in step with `children` by that trigger.
-    child_tables  regclass[] NOT NULL DEFAULT '{}'
+    -- The configuration again by name, which pg_dump keeps (OIDs and attribute numbers differ
+    -- in a restored database: pg_dump leaves dropped columns out): the children's tables in
+    -- the order of `children` (regclass, dumped by name) and the columns' names. Kept in step
+    -- by the trigger _tracked_by_name (and, for renames, the event trigger _on_ddl_end); a
+    -- restored row takes this database's OIDs and attribute numbers from them.
+    child_tables     regclass[] NOT NULL DEFAULT '{}',
+    key_column       name,
+    status_column    name,
+    child_fk_columns name[] NOT NULL DEFAULT '{}'
 );
 -- Events are ordered per entity and key: one entity, one table.
 CREATE UNIQUE INDEX _tracked_entity_idx ON webhooks._tracked (entity);
@@ -90,7 +97,15 @@ CREATE TABLE webhooks._subscriptions (
     -- transaction was still open), then taken into the batches.
     fanned_out       boolean NOT NULL DEFAULT false,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now()
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- Kept by the worker as it records outcomes (queue.rs RECORD_WITH_STATS): failed attempts
+    -- since the last success, and the last failure. Written only by batches with a failure
+    -- or that end a streak, so a healthy endpoint's batches write nothing here. Last, so that
+    -- the update from 0.1.0 (ADD COLUMN) gives the same table.
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    last_error       text,
+    last_error_at    timestamptz,
+    last_status_code integer
 );
 
 CREATE INDEX _subscriptions_new_idx ON webhooks._subscriptions (id) WHERE NOT fanned_out;
@@ -150,8 +165,11 @@ CREATE INDEX _queue_sub_due_idx ON webhooks._queue (subscription_id, next_attemp
 CREATE INDEX _queue_order_idx ON webhooks._queue (subscription_id, ordering_key, event_seq)
     WHERE ordering_key IS NOT NULL;
 -- The worker ends deliveries left queued for a removed subscription; it finds the queue's
--- subscriptions through this index, one probe each.
-CREATE INDEX _queue_subscription_idx ON webhooks._queue (subscription_id);
+-- subscriptions through this index, one probe each. subscription_health counts a
+-- subscription's backlog in it (an index-only scan) and finds its oldest queued delivery, the
+-- lowest id, as its first entry: one index for both, so the queue's writes pay for no more
+-- indexes than before.
+CREATE INDEX _queue_subscription_idx ON webhooks._queue (subscription_id, delivery_id);
 
 -- API: Private
 CREATE TABLE webhooks._attempts (
@@ -164,3 +182,40 @@ CREATE TABLE webhooks._attempts (
     error         text,
     PRIMARY KEY (delivery_id, attempt)
 );
+
+-- API: Private. The rollup behind webhooks.subscription_health (see src/stats.rs), kept by
+-- the worker as it records outcomes: per subscription, minute or hour (UTC) and worker, the
+-- attempts that ended in it (by their start) and a histogram of their response times. Each
+-- worker writes rows of its own only, so two workers never wait for one row. Minute rows
+-- serve the last hour and are deleted after two hours; hour rows serve the last day and are
+-- kept as long as the history (webhooks.retention).
+CREATE TABLE webhooks._delivery_stats (
+    width           interval NOT NULL CHECK (width IN ('1 minute', '1 hour')),
+    bucket          timestamptz NOT NULL,
+    subscription_id bigint NOT NULL,
+    worker          smallint NOT NULL,
+    attempts        bigint NOT NULL DEFAULT 0,
+    succeeded       bigint NOT NULL DEFAULT 0,   -- 2xx: the delivery is done
+    failed          bigint NOT NULL DEFAULT 0,   -- anything else (retried or dead)
+    dead            bigint NOT NULL DEFAULT 0,   -- failed attempts that were the delivery's last
+    -- Response times: count per bucket, four buckets per doubling from 0.1 ms (stats.rs);
+    -- trailing empty buckets are left out.
+    latency_hist    bigint[] NOT NULL DEFAULT '{}',
+    -- Reads take every subscription's rows of a window: the window's range of this key.
+    PRIMARY KEY (width, bucket, subscription_id, worker)
+-- A row is updated by each batch of its minute: room on the page keeps that update there.
+) WITH (fillfactor = 50);
+
+-- API: Private. The rollup behind webhooks.event_stats: per hour (UTC), event type and writer,
+-- the events fanned out (emitted, counted by worker 0 as it fans them out; webhook.test events
+-- by send_test, writer -1) and the outcomes recorded (by each worker, writer = its number).
+CREATE TABLE webhooks._event_stats (
+    bucket     timestamptz NOT NULL,
+    event_type text NOT NULL,
+    worker     smallint NOT NULL,
+    emitted    bigint NOT NULL DEFAULT 0,
+    delivered  bigint NOT NULL DEFAULT 0,   -- deliveries that succeeded
+    retried    bigint NOT NULL DEFAULT 0,   -- failed attempts followed by a retry
+    dead       bigint NOT NULL DEFAULT 0,   -- deliveries that ended dead after their last attempt
+    PRIMARY KEY (bucket, event_type, worker)
+) WITH (fillfactor = 50);

@@ -32,32 +32,86 @@ GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 
--- #12 dump and restore: a tracked table's children survive pg_dump (by name), child triggers
--- no longer name their parent (capture finds it in _tracked), and a subscription restored from
--- another cluster is created anew.
-ALTER TABLE webhooks._tracked ADD COLUMN child_tables regclass[] NOT NULL DEFAULT '{}';
-CREATE FUNCTION webhooks._tracked_children_by_name() RETURNS trigger
+-- #12 dump and restore, and the review of it: the configuration is kept by name too (tables
+-- and columns: pg_dump renumbers columns and gives tables new OIDs), child triggers no longer
+-- name their parent (capture finds it in _tracked), a subscription restored from another
+-- cluster is created anew; track and untrack run with a fixed search_path and one at a time.
+ALTER TABLE webhooks._tracked ADD COLUMN child_tables regclass[] NOT NULL DEFAULT '{}',
+                              ADD COLUMN key_column name,
+                              ADD COLUMN status_column name,
+                              ADD COLUMN child_fk_columns name[] NOT NULL DEFAULT '{}';
+CREATE FUNCTION webhooks._tracked_by_name() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    n int := jsonb_array_length(NEW.children);
 BEGIN
-    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) > 0
-       AND cardinality(NEW.child_tables) = jsonb_array_length(NEW.children) THEN
-        NEW.children := (SELECT coalesce(jsonb_agg(jsonb_set(c.value, '{relid}',
-                                                             to_jsonb(NEW.child_tables[c.ord]::oid::int8))
-                                                   ORDER BY c.ord), '[]')
+    IF TG_OP = 'INSERT' AND NEW.key_column IS NOT NULL THEN
+        IF cardinality(NEW.child_tables) <> n OR cardinality(NEW.child_fk_columns) <> n THEN
+            RAISE EXCEPTION 'pg_webhooks: the restored configuration of table % is inconsistent', NEW.relid
+                USING ERRCODE = 'data_exception', HINT = 'Track the table again after the restore.';
+        END IF;
+        NEW.key_attnum := (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = NEW.relid
+                              AND a.attname = NEW.key_column AND a.attnum > 0 AND NOT a.attisdropped);
+        IF NEW.key_attnum IS NULL THEN
+            RAISE EXCEPTION 'pg_webhooks: tracked table % has no column "%" (its key)', NEW.relid, NEW.key_column
+                USING ERRCODE = 'undefined_column', HINT = 'Track the table again after the restore.';
+        END IF;
+        NEW.status_attnum := (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = NEW.relid
+                                 AND a.attname = NEW.status_column AND a.attnum > 0 AND NOT a.attisdropped);
+        NEW.children := (SELECT coalesce(jsonb_agg(c.value || jsonb_build_object(
+                                    'relid', NEW.child_tables[c.ord]::oid::int8,
+                                    'fk_attnum', (SELECT a.attnum FROM pg_attribute a
+                                                   WHERE a.attrelid = NEW.child_tables[c.ord]
+                                                     AND a.attname = NEW.child_fk_columns[c.ord]
+                                                     AND a.attnum > 0 AND NOT a.attisdropped))
+                                    ORDER BY c.ord), '[]')
                            FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord));
-    ELSE
-        NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
-                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
-                                   ORDER BY c.ord);
+        IF EXISTS (SELECT 1 FROM jsonb_array_elements(NEW.children) c WHERE c.value -> 'fk_attnum' = 'null') THEN
+            RAISE EXCEPTION 'pg_webhooks: a child table of % lacks its foreign key column', NEW.relid
+                USING ERRCODE = 'undefined_column', HINT = 'Track the table again after the restore.';
+        END IF;
+        RETURN NEW;
     END IF;
+    IF TG_OP = 'INSERT' AND cardinality(NEW.child_tables) <> n THEN
+        RAISE WARNING 'pg_webhooks: table % was dumped by pg_webhooks 0.1.0: its % child table(s) cannot be matched to this database''s tables and are left out of its events', NEW.relid, n
+            USING HINT = 'Call webhooks.untrack() and webhooks.track() with its children again.';
+        NEW.children := '[]';
+        NEW.child_tables := '{}';
+    END IF;
+    NEW.child_tables := ARRAY(SELECT (c.value ->> 'relid')::oid::regclass
+                                FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                               ORDER BY c.ord);
+    NEW.key_column := (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = NEW.relid AND a.attnum = NEW.key_attnum);
+    NEW.status_column := (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = NEW.relid AND a.attnum = NEW.status_attnum);
+    NEW.child_fk_columns := ARRAY(SELECT a.attname
+                                    FROM jsonb_array_elements(NEW.children) WITH ORDINALITY AS c(value, ord)
+                                    JOIN pg_attribute a ON a.attrelid = (c.value ->> 'relid')::oid
+                                                       AND a.attnum = (c.value ->> 'fk_attnum')::int2
+                                   ORDER BY c.ord);
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER tracked_children_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
-    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_children_by_name();
-UPDATE webhooks._tracked SET children = children;  -- fills child_tables
+CREATE TRIGGER tracked_by_name BEFORE INSERT OR UPDATE ON webhooks._tracked
+    FOR EACH ROW EXECUTE FUNCTION webhooks._tracked_by_name();
+UPDATE webhooks._tracked SET key_attnum = key_attnum;  -- fills the names
+CREATE FUNCTION webhooks._on_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked) THEN
+        RETURN;
+    END IF;
+    UPDATE webhooks._tracked t SET key_attnum = t.key_attnum
+     WHERE EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                    WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                      AND (d.objid = t.relid OR d.objid = ANY (t.child_tables::oid[])));
+END
+$$;
+CREATE EVENT TRIGGER webhooks_follow_renames ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION webhooks._on_ddl_end();
 CREATE FUNCTION webhooks._subscription_restored() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -72,19 +126,18 @@ END
 $$;
 CREATE TRIGGER subscription_restored BEFORE INSERT ON webhooks._subscriptions
     FOR EACH ROW EXECUTE FUNCTION webhooks._subscription_restored();
-REVOKE EXECUTE ON FUNCTION webhooks._tracked_children_by_name(), webhooks._subscription_restored() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION webhooks.track(
+-- track becomes a call of _track, which holds what track did, with a fixed search_path.
+CREATE FUNCTION webhooks._track(
     tbl regclass,
-    entity text DEFAULT NULL,
-    key_column name DEFAULT 'id',
-    status_column name DEFAULT NULL,
-    children jsonb DEFAULT NULL
+    entity text,
+    key_column name,
+    status_column name,
+    children jsonb,
+    caller_search_path text
 ) RETURNS void
 LANGUAGE plpgsql
--- Invoker's rights and search_path: child table names resolve as the caller wrote them, and
--- creating the triggers needs the caller's own TRIGGER privilege. _register_tracked checks
--- the caller's rights again before it writes _tracked.
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_kind     "char";
@@ -95,8 +148,12 @@ DECLARE
     v_name     text;
     v_spec     jsonb;
     v_child    regclass;
+    v_table    text;
     v_fk       smallint;
 BEGIN
+    -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
+    -- one at a time, each seeing what the one before committed.
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -122,9 +179,9 @@ BEGIN
         RAISE EXCEPTION 'invalid entity name "%"', entity USING ERRCODE = 'invalid_parameter_value',
             HINT = 'An entity is one lowercase word such as order; it prefixes the event types (order.created).';
     END IF;
-    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = track.entity) THEN
+    IF EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.entity = _track.entity) THEN
         RAISE EXCEPTION 'entity "%" is already used by table %', entity,
-            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = track.entity)
+            (SELECT t.relid::regclass FROM webhooks._tracked t WHERE t.entity = _track.entity)
             USING ERRCODE = 'duplicate_object',
                   HINT = 'Each tracked table needs an entity of its own: its events are ordered per entity and key.';
     END IF;
@@ -178,7 +235,12 @@ BEGIN
                     USING ERRCODE = 'invalid_parameter_value',
                     HINT = 'Example: ''{"items": {"table": "order_items", "foreign_key": "order_id"}}''';
             END IF;
-            v_child := (v_spec ->> 'table')::regclass;
+            -- The name as the caller wrote it, under the caller's search_path (a cast to
+            -- regclass looks up a relation and runs nothing else).
+            v_table := v_spec ->> 'table';
+            PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+            v_child := v_table::regclass;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = v_child) NOT IN ('r', 'p')
                OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
                 RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
@@ -244,23 +306,38 @@ BEGIN
     PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
-    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = track.entity) THEN
+    IF status_column IS NOT NULL AND NOT EXISTS (SELECT 1 FROM webhooks.status_events s WHERE s.entity = _track.entity) THEN
         INSERT INTO webhooks.status_events (entity, status, event_type)
-        SELECT track.entity, s, track.entity || '.' || s
+        SELECT _track.entity, s, _track.entity || '.' || s
           FROM unnest(ARRAY['paid', 'fulfilled', 'shipped', 'delivered', 'cancelled', 'refunded']) AS s;
         INSERT INTO webhooks.status_events (entity, status, event_type)
-        VALUES (track.entity, 'canceled', track.entity || '.cancelled');
+        VALUES (_track.entity, 'canceled', _track.entity || '.cancelled');
     END IF;
 END
 $$;
 
+CREATE OR REPLACE FUNCTION webhooks.track(
+    tbl regclass,
+    entity text DEFAULT NULL,
+    key_column name DEFAULT 'id',
+    status_column name DEFAULT NULL,
+    children jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE sql
+AS $$
+    SELECT webhooks._track(tbl, entity, key_column, status_column, children,
+                           pg_catalog.current_setting('search_path'))
+$$;
+
 CREATE OR REPLACE FUNCTION webhooks.untrack(tbl regclass) RETURNS void
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
@@ -297,6 +374,7 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
+    PERFORM pg_advisory_xact_lock(1885828969, 0);  -- see _track
 
     WITH gone AS (
         DELETE FROM webhooks._tracked t
@@ -354,6 +432,10 @@ BEGIN
 END
 $$;
 
+REVOKE EXECUTE ON FUNCTION webhooks._tracked_by_name(), webhooks._on_ddl_end(), webhooks._subscription_restored(),
+    webhooks._track(regclass, text, name, name, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._track(regclass, text, name, name, jsonb, text) TO webhooks_admin;
+
 -- One child trigger per child table: 0.1.0 made one per tracked table listing it, and each now
 -- serves all of them.
 DO $$
@@ -371,3 +453,266 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- #12 observability: subscription_health, event_stats, request()
+-- A library newer than the schema keeps working until this update (the worker writes the
+-- rollups only once it sees _delivery_stats, src/queue.rs stats_schema); the capture path's
+-- tables (_events, _tracked) are not changed.
+
+-- The subscription's failure streak and last error, kept by the worker (bootstrap.sql).
+ALTER TABLE webhooks._subscriptions
+    ADD COLUMN consecutive_failures integer NOT NULL DEFAULT 0,
+    ADD COLUMN last_error       text,
+    ADD COLUMN last_error_at    timestamptz,
+    ADD COLUMN last_status_code integer;
+
+-- Backlog count and oldest queued delivery per subscription (bootstrap.sql). Rebuilt in this
+-- transaction, which holds off the queue's writers meanwhile: about 1.5 s per million queued
+-- deliveries (bench/health.sh, 2 cores).
+DROP INDEX webhooks._queue_subscription_idx;
+CREATE INDEX _queue_subscription_idx ON webhooks._queue (subscription_id, delivery_id);
+
+-- API: Private. The rollup behind webhooks.subscription_health (see src/stats.rs), kept by
+-- the worker as it records outcomes: per subscription, minute or hour (UTC) and worker, the
+-- attempts that ended in it (by their start) and a histogram of their response times. Each
+-- worker writes rows of its own only, so two workers never wait for one row. Minute rows
+-- serve the last hour and are deleted after two hours; hour rows serve the last day and are
+-- kept as long as the history (webhooks.retention).
+CREATE TABLE webhooks._delivery_stats (
+    width           interval NOT NULL CHECK (width IN ('1 minute', '1 hour')),
+    bucket          timestamptz NOT NULL,
+    subscription_id bigint NOT NULL,
+    worker          smallint NOT NULL,
+    attempts        bigint NOT NULL DEFAULT 0,
+    succeeded       bigint NOT NULL DEFAULT 0,   -- 2xx: the delivery is done
+    failed          bigint NOT NULL DEFAULT 0,   -- anything else (retried or dead)
+    dead            bigint NOT NULL DEFAULT 0,   -- failed attempts that were the delivery's last
+    -- Response times: count per bucket, four buckets per doubling from 0.1 ms (stats.rs);
+    -- trailing empty buckets are left out.
+    latency_hist    bigint[] NOT NULL DEFAULT '{}',
+    -- Reads take every subscription's rows of a window: the window's range of this key.
+    PRIMARY KEY (width, bucket, subscription_id, worker)
+-- A row is updated by each batch of its minute: room on the page keeps that update there.
+) WITH (fillfactor = 50);
+
+-- API: Private. The rollup behind webhooks.event_stats: per hour (UTC), event type and writer,
+-- the events fanned out (emitted, counted by worker 0 as it fans them out; webhook.test events
+-- by send_test, writer -1) and the outcomes recorded (by each worker, writer = its number).
+CREATE TABLE webhooks._event_stats (
+    bucket     timestamptz NOT NULL,
+    event_type text NOT NULL,
+    worker     smallint NOT NULL,
+    emitted    bigint NOT NULL DEFAULT 0,
+    delivered  bigint NOT NULL DEFAULT 0,   -- deliveries that succeeded
+    retried    bigint NOT NULL DEFAULT 0,   -- failed attempts followed by a retry
+    dead       bigint NOT NULL DEFAULT 0,   -- deliveries that ended dead after their last attempt
+    PRIMARY KEY (bucket, event_type, worker)
+) WITH (fillfactor = 50);
+
+-- The Rust functions (as `cargo pgrx schema` writes them).
+CREATE FUNCTION webhooks."_hist_add"(
+	"a" bigint[], /* Vec < Option < i64 > > */
+	"b" bigint[] /* Vec < Option < i64 > > */
+) RETURNS bigint[] /* Vec < i64 > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hist_add_wrapper';
+
+CREATE FUNCTION webhooks."_hist_quantile"(
+	"hist" bigint[], /* Vec < Option < i64 > > */
+	"q" double precision /* f64 */
+) RETURNS double precision /* Option < f64 > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_hist_quantile_wrapper';
+
+CREATE FUNCTION webhooks."_request"(
+	"delivery_id" bigint /* Option < i64 > */
+) RETURNS TABLE (
+	"method" TEXT,  /* String */
+	"url" TEXT,  /* String */
+	"headers" jsonb,  /* JsonB */
+	"body" TEXT  /* String */
+)
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_request_wrapper';
+
+-- Response-time histograms of many rollup rows added up (src/stats.rs). API: Private
+CREATE AGGREGATE webhooks._hist_sum(bigint[]) (SFUNC = webhooks._hist_add, STYPE = bigint[]);
+
+-- The request of a delivery, masked (src/request.rs). It reads _secrets (header names, how
+-- many secrets sign) with the owner's rights; the caller needs only EXECUTE on it, which
+-- webhooks_reader has. API: Public
+CREATE FUNCTION webhooks.request(delivery_id bigint)
+RETURNS TABLE (method text, url text, headers jsonb, body text)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT r.method, r.url, r.headers, r.body FROM webhooks._request(delivery_id) AS r $$;
+
+-- webhook.test events are counted as emitted (api.sql).
+CREATE OR REPLACE FUNCTION webhooks.send_test(id bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_seq bigint;
+    v_at  timestamptz;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    -- A test event is delivered to this subscription only: transaction id 0, which is in no
+    -- batch the fan-out takes.
+    INSERT INTO webhooks._events (type, entity, key, data, xid)
+    VALUES ('webhook.test', 'webhook', NULL,
+            jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'),
+            '0'::xid8)
+    RETURNING seq, created_at INTO v_seq, v_at;
+    -- Fan-out never sees it, so it is counted as emitted here (writer -1: SQL functions).
+    INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, emitted)
+    VALUES (date_trunc('hour', v_at, 'UTC'), 'webhook.test', -1, 1)
+    ON CONFLICT (bucket, event_type, worker) DO UPDATE SET emitted = t.emitted + 1;
+    RETURN webhooks._enqueue_unordered(v_seq, p_id, NULL);
+END
+$$;
+
+-- A subscription's queued deliveries, counted in _queue_subscription_idx. A function, so that
+-- the view's plan does not carry the count's cost: with a large backlog that cost would make
+-- every poll of the view JIT-compiled (700 ms of a 1 s poll with a 1M backlog, bench/health.sh).
+-- It reads the queue with its owner's rights, for webhooks_reader. API: Private
+CREATE FUNCTION webhooks._backlog(p_subscription bigint) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+AS $$ SELECT count(*) FROM webhooks._queue q WHERE q.subscription_id = p_subscription $$;
+
+-- Per subscription, from the rollups the worker keeps (never from _attempts, whatever its
+-- size): the last hour is the minute rows starting after now() - 1 hour (the current minute
+-- and the 59 before it), the last day the hour rows starting after now() - 1 day (the current
+-- hour and the 23 before it), each a range of _delivery_stats' key. The backlog is counted in
+-- _queue_subscription_idx (_backlog, an index-only scan: its cost grows with the backlog), the
+-- oldest queued delivery is a probe of it. Polling reads about 84 rollup rows per subscription and
+-- worker.
+CREATE VIEW webhooks.subscription_health AS
+SELECT s.id AS subscription_id,
+       webhooks._mask_url(s.url) AS url,
+       s.state,
+       s.disabled_reason,
+       s.failing_since,
+       COALESCE(h.attempts, 0) AS attempts_1h,
+       COALESCE(h.succeeded, 0) AS delivered_1h,
+       COALESCE(h.failed, 0) AS failed_1h,
+       COALESCE(h.dead, 0) AS dead_1h,
+       round(h.succeeded::numeric / NULLIF(h.attempts, 0), 4) AS success_rate_1h,
+       webhooks._hist_quantile(h.hist, 0.50) AS p50_ms_1h,
+       webhooks._hist_quantile(h.hist, 0.95) AS p95_ms_1h,
+       webhooks._hist_quantile(h.hist, 0.99) AS p99_ms_1h,
+       COALESCE(d.attempts, 0) AS attempts_24h,
+       COALESCE(d.succeeded, 0) AS delivered_24h,
+       COALESCE(d.failed, 0) AS failed_24h,
+       COALESCE(d.dead, 0) AS dead_24h,
+       round(d.succeeded::numeric / NULLIF(d.attempts, 0), 4) AS success_rate_24h,
+       webhooks._hist_quantile(d.hist, 0.50) AS p50_ms_24h,
+       webhooks._hist_quantile(d.hist, 0.95) AS p95_ms_24h,
+       webhooks._hist_quantile(d.hist, 0.99) AS p99_ms_24h,
+       webhooks._backlog(s.id) AS backlog,
+       o.created_at AS oldest_queued_at,
+       now() - o.created_at AS oldest_queued_age,
+       s.consecutive_failures,
+       s.last_error,
+       s.last_error_at,
+       s.last_status_code
+  FROM webhooks._subscriptions s
+  LEFT JOIN (SELECT t.subscription_id, sum(t.attempts)::bigint AS attempts, sum(t.succeeded)::bigint AS succeeded,
+                    sum(t.failed)::bigint AS failed, sum(t.dead)::bigint AS dead,
+                    webhooks._hist_sum(t.latency_hist) AS hist
+               FROM webhooks._delivery_stats t
+              WHERE t.width = '1 minute' AND t.bucket > now() - interval '1 hour'
+              GROUP BY t.subscription_id) h ON h.subscription_id = s.id
+  LEFT JOIN (SELECT t.subscription_id, sum(t.attempts)::bigint AS attempts, sum(t.succeeded)::bigint AS succeeded,
+                    sum(t.failed)::bigint AS failed, sum(t.dead)::bigint AS dead,
+                    webhooks._hist_sum(t.latency_hist) AS hist
+               FROM webhooks._delivery_stats t
+              WHERE t.width = '1 hour' AND t.bucket > now() - interval '1 day'
+              GROUP BY t.subscription_id) d ON d.subscription_id = s.id
+  -- The oldest queued delivery of each subscription is its lowest id (ids are taken in
+  -- creation order): the first entry of each subscription in _queue_subscription_idx, one
+  -- probe per subscription with a queue (as END_ORPHANS walks it). Ordered by both columns
+  -- with a range on the first, so that only this index can answer it: a min(delivery_id)
+  -- per subscription may be planned as a walk of the primary key in id order filtered by
+  -- subscription, which reads the whole queue for a subscription that has nothing queued.
+  LEFT JOIN (
+        WITH RECURSIVE o(sub, id) AS (
+            (SELECT q.subscription_id, q.delivery_id FROM webhooks._queue q
+              ORDER BY q.subscription_id, q.delivery_id LIMIT 1)
+          UNION ALL
+            SELECT n.subscription_id, n.delivery_id
+              FROM o CROSS JOIN LATERAL (
+                   SELECT q.subscription_id, q.delivery_id FROM webhooks._queue q
+                    WHERE q.subscription_id > o.sub
+                    ORDER BY q.subscription_id, q.delivery_id LIMIT 1) n
+        )
+        SELECT o.sub, (SELECT d.created_at FROM webhooks._deliveries d WHERE d.id = o.id) AS created_at
+          FROM o
+       ) o ON o.sub = s.id;
+
+-- Per event type and hour (UTC), from _event_stats: a filter on hour is a range of its key.
+CREATE VIEW webhooks.event_stats AS
+SELECT t.event_type,
+       t.bucket AS hour,
+       sum(t.emitted)::bigint AS emitted,
+       sum(t.delivered)::bigint AS delivered,
+       sum(t.retried)::bigint AS retried,
+       sum(t.dead)::bigint AS dead
+  FROM webhooks._event_stats t
+ GROUP BY t.bucket, t.event_type;
+
+COMMENT ON FUNCTION webhooks.request(bigint) IS
+    'The HTTP request that was (or will be) sent for a delivery: body byte for byte, headers with signatures and custom header values masked.';
+COMMENT ON VIEW webhooks.subscription_health IS
+    'Per subscription: state, attempts, success rate and response times over the last hour and day (from rollups the worker keeps), backlog, failure streak.';
+COMMENT ON COLUMN webhooks.subscription_health.url IS 'The endpoint, credentials masked.';
+COMMENT ON COLUMN webhooks.subscription_health.state IS 'active | paused | disabled';
+COMMENT ON COLUMN webhooks.subscription_health.disabled_reason IS 'Why it was disabled (410 Gone, failing continuously), if it was.';
+COMMENT ON COLUMN webhooks.subscription_health.failing_since IS 'Start of the current run of failures (for webhooks.disable_after), NULL while healthy.';
+COMMENT ON COLUMN webhooks.subscription_health.attempts_1h IS 'Attempts started in the current minute and the 59 before it.';
+COMMENT ON COLUMN webhooks.subscription_health.delivered_1h IS 'Of those, the ones that succeeded (2xx): deliveries done.';
+COMMENT ON COLUMN webhooks.subscription_health.failed_1h IS 'Of those, the ones that failed (retried or dead).';
+COMMENT ON COLUMN webhooks.subscription_health.dead_1h IS 'Failed attempts that were their delivery''s last (it ended dead).';
+COMMENT ON COLUMN webhooks.subscription_health.success_rate_1h IS 'delivered_1h / attempts_1h, NULL without attempts.';
+COMMENT ON COLUMN webhooks.subscription_health.p50_ms_1h IS 'Median response time (ms) of the last hour''s attempts, within about 9% (histogram).';
+COMMENT ON COLUMN webhooks.subscription_health.p95_ms_1h IS '95th percentile response time (ms), last hour, within about 9%.';
+COMMENT ON COLUMN webhooks.subscription_health.p99_ms_1h IS '99th percentile response time (ms), last hour, within about 9%.';
+COMMENT ON COLUMN webhooks.subscription_health.attempts_24h IS 'Attempts started in the current hour and the 23 before it.';
+COMMENT ON COLUMN webhooks.subscription_health.delivered_24h IS 'Of those, the ones that succeeded (2xx).';
+COMMENT ON COLUMN webhooks.subscription_health.failed_24h IS 'Of those, the ones that failed (retried or dead).';
+COMMENT ON COLUMN webhooks.subscription_health.dead_24h IS 'Failed attempts that were their delivery''s last (it ended dead).';
+COMMENT ON COLUMN webhooks.subscription_health.success_rate_24h IS 'delivered_24h / attempts_24h, NULL without attempts.';
+COMMENT ON COLUMN webhooks.subscription_health.p50_ms_24h IS 'Median response time (ms), last day, within about 9%.';
+COMMENT ON COLUMN webhooks.subscription_health.p95_ms_24h IS '95th percentile response time (ms), last day, within about 9%.';
+COMMENT ON COLUMN webhooks.subscription_health.p99_ms_24h IS '99th percentile response time (ms), last day, within about 9%.';
+COMMENT ON COLUMN webhooks.subscription_health.backlog IS 'Deliveries queued (due, waiting for a retry, held or in flight).';
+COMMENT ON COLUMN webhooks.subscription_health.oldest_queued_at IS 'When its oldest queued delivery was created.';
+COMMENT ON COLUMN webhooks.subscription_health.oldest_queued_age IS 'now() - oldest_queued_at.';
+COMMENT ON COLUMN webhooks.subscription_health.consecutive_failures IS 'Failed attempts since the last successful one.';
+COMMENT ON COLUMN webhooks.subscription_health.last_error IS 'Error of the last failed attempt (e.g. HTTP 500, timeout), URL credentials masked.';
+COMMENT ON COLUMN webhooks.subscription_health.last_error_at IS 'When the last failed attempt started.';
+COMMENT ON COLUMN webhooks.subscription_health.last_status_code IS 'HTTP status of the last failed attempt, NULL if it got no response.';
+COMMENT ON VIEW webhooks.event_stats IS 'Per event type and hour (UTC): events emitted, deliveries delivered, attempts retried, deliveries dead.';
+COMMENT ON COLUMN webhooks.event_stats.event_type IS 'The event type, e.g. order.paid.';
+COMMENT ON COLUMN webhooks.event_stats.hour IS 'Start of the hour (UTC) the events were created, or the outcomes attempted, in.';
+COMMENT ON COLUMN webhooks.event_stats.emitted IS 'Events of the type created in the hour and fanned out (while some subscription existed).';
+COMMENT ON COLUMN webhooks.event_stats.delivered IS 'Deliveries of the type that succeeded in the hour.';
+COMMENT ON COLUMN webhooks.event_stats.retried IS 'Failed attempts in the hour after which the delivery was retried.';
+COMMENT ON COLUMN webhooks.event_stats.dead IS 'Deliveries that ended dead in the hour (their last attempt failed).';
+
+REVOKE ALL ON webhooks._delivery_stats, webhooks._event_stats, webhooks.subscription_health, webhooks.event_stats
+    FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION webhooks._hist_add(bigint[], bigint[]), webhooks._hist_quantile(bigint[], double precision),
+                           webhooks._hist_sum(bigint[]), webhooks._request(bigint), webhooks.request(bigint),
+                           webhooks._backlog(bigint)
+    FROM PUBLIC;
+GRANT SELECT ON webhooks.subscription_health, webhooks.event_stats TO webhooks_reader;
+GRANT EXECUTE ON FUNCTION webhooks.request(bigint), webhooks._hist_sum(bigint[]),
+                          webhooks._hist_quantile(bigint[], double precision), webhooks._backlog(bigint)
+    TO webhooks_reader;

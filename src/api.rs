@@ -274,16 +274,37 @@ fn _register_tracked(
             );
         }
     }
+    let child_oids: Vec<pg_sys::Oid> = specs.iter().map(|c| pg_sys::Oid::from(c.relid)).collect();
+    // A database not yet updated to this library's version (ALTER EXTENSION ... UPDATE) has
+    // no child_tables: tracking works there as it did.
+    let by_name = as_extension_owner(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = 'webhooks._tracked'::pg_catalog.regclass
+                               AND a.attname = 'child_tables' AND NOT a.attisdropped)",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    let insert = if by_name {
+        // child_tables given: a registration (see webhooks._tracked_by_name).
+        "INSERT INTO webhooks._tracked (relid, entity, key_attnum, status_attnum, children, child_tables)
+         VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.oid[]::pg_catalog.regclass[])"
+    } else {
+        "INSERT INTO webhooks._tracked (relid, entity, key_attnum, status_attnum, children)
+         SELECT $1, $2, $3, $4, $5 WHERE $6::pg_catalog.oid[] IS NOT NULL"
+    };
     as_extension_owner(|| {
         Spi::run_with_args(
-            "INSERT INTO webhooks._tracked (relid, entity, key_attnum, status_attnum, children)
-             VALUES ($1, $2, $3, $4, $5)",
+            insert,
             &[
                 tbl.into(),
                 entity.into(),
                 key_attnum.into(),
                 status_attnum.into(),
                 children.into(),
+                child_oids.into(),
             ],
         )
     })

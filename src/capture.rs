@@ -431,7 +431,7 @@ fn digest(json: &str) -> Digest {
 }
 
 /// What one row looked like before the transaction touched it.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Touch {
     existed_before: bool,
     row_touched: bool,
@@ -443,6 +443,15 @@ struct Touch {
     deleted_row: Option<String>,
     /// Where the transaction's newest version of the row is (relation, item pointer).
     version: Option<(pg_sys::Oid, pg_sys::ItemPointerData)>,
+    /// The newest subtransaction that saved this note's earlier state in `UNDO`.
+    saved_in: pg_sys::SubTransactionId,
+    /// Noted by a child trigger that found no row with the key (none visible, none locked), and
+    /// the row itself not changed since: a child write the foreign key will refuse, one that
+    /// ON CONFLICT DO NOTHING skips, or one whose parent this transaction inserts or deletes
+    /// later in the statement (its own row trigger then notes it). Nothing is known of such a
+    /// key: it gives no event unless the row itself is changed, or a child change finds and
+    /// locks the row later (the note then starts afresh).
+    unseen: bool,
 }
 
 /// Keys read back, and events written, per statement at commit: bounds the memory a
@@ -458,13 +467,102 @@ struct TableTouches {
 }
 
 impl TableTouches {
+    /// The note of `key`, to change (made with `fresh` if there is none).
     fn touch(&mut self, key: &str, fresh: impl FnOnce() -> Touch) -> &mut Touch {
+        let sub = current_subtransaction();
         if !self.touches.contains_key(key) {
             self.keys.push(key.to_string());
-            self.touches.insert(key.to_string(), fresh());
+            let mut t = fresh();
+            t.saved_in = sub;
+            self.touches.insert(key.to_string(), t);
+            if sub > TOP_SUBTRANSACTION {
+                push_undo(Undo::Touch {
+                    sub,
+                    relid: self.relid,
+                    key: key.to_string(),
+                    before: None,
+                });
+            }
+        } else {
+            self.save(key, sub);
         }
         self.touches.get_mut(key).expect("inserted above")
     }
+
+    /// The note of `key`, to change, if there is one.
+    fn touch_mut(&mut self, key: &str) -> Option<&mut Touch> {
+        if self.touches.contains_key(key) {
+            self.save(key, current_subtransaction());
+        }
+        self.touches.get_mut(key)
+    }
+
+    /// Keeps the note of `key` as it is before the subtransaction `sub` first changes it.
+    fn save(&mut self, key: &str, sub: pg_sys::SubTransactionId) {
+        if sub <= TOP_SUBTRANSACTION {
+            return;
+        }
+        let Some(t) = self.touches.get_mut(key) else {
+            return;
+        };
+        // Saved by this subtransaction, or by one inside it that committed into it (whose
+        // saved state is this subtransaction's, as it had not changed the note before).
+        if t.saved_in >= sub {
+            return;
+        }
+        let before = t.clone();
+        t.saved_in = sub;
+        push_undo(Undo::Touch {
+            sub,
+            relid: self.relid,
+            key: key.to_string(),
+            before: Some(before),
+        });
+    }
+
+    fn note_child_key(&mut self, fk_key: &str, key: String) {
+        let before = self.child_keys.insert(fk_key.to_string(), key);
+        let sub = current_subtransaction();
+        if sub > TOP_SUBTRANSACTION {
+            push_undo(Undo::ChildKey {
+                sub,
+                relid: self.relid,
+                fk_key: fk_key.to_string(),
+                before,
+            });
+        }
+    }
+}
+
+/// `TopSubTransactionId`: changes made outside any savepoint are undone with the transaction.
+const TOP_SUBTRANSACTION: pg_sys::SubTransactionId = 1;
+
+fn current_subtransaction() -> pg_sys::SubTransactionId {
+    unsafe { pg_sys::GetCurrentSubTransactionId() }
+}
+
+/// A note as it was before a subtransaction changed it. A subtransaction rolled back takes
+/// its notes with it: it released the row locks it took, so another transaction may change
+/// those rows and commit before this one does, and a note kept from the undone work (the row
+/// as it was then, a new key, a parent locked) would describe that other transaction's work as
+/// this one's, or skip a lock this one needs.
+enum Undo {
+    Touch {
+        sub: pg_sys::SubTransactionId,
+        relid: pg_sys::Oid,
+        key: String,
+        before: Option<Touch>,
+    },
+    ChildKey {
+        sub: pg_sys::SubTransactionId,
+        relid: pg_sys::Oid,
+        fk_key: String,
+        before: Option<String>,
+    },
+}
+
+fn push_undo(u: Undo) {
+    UNDO.with(|undo| undo.borrow_mut().push(u));
 }
 
 thread_local! {
@@ -490,11 +588,62 @@ thread_local! {
     /// Whether a subtransaction of this transaction was rolled back: until one is, every
     /// version the trigger noted is still this transaction's newest (nothing undid it).
     static SUBXACT_ABORTED: Cell<bool> = const { Cell::new(false) };
+    /// Notes as they were before the open subtransactions changed them, oldest first.
+    static UNDO: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
 }
 
-/// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone.
+/// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone, and the notes the
+/// subtransaction made go with it (see `Undo`). Called while the aborting subtransaction is
+/// still the current one. Every subtransaction started since it began is inside it, and has a
+/// larger id: the entries to undo are those at the end of `UNDO` with an id at least its own.
 pub fn subtransaction_aborted() {
     SUBXACT_ABORTED.with(|a| a.set(true));
+    let sub = current_subtransaction();
+    loop {
+        let entry = UNDO.with(|undo| {
+            let mut undo = undo.borrow_mut();
+            let last_sub = match undo.last() {
+                Some(Undo::Touch { sub, .. } | Undo::ChildKey { sub, .. }) => *sub,
+                None => return None,
+            };
+            if last_sub >= sub {
+                undo.pop()
+            } else {
+                None
+            }
+        });
+        match entry {
+            None => break,
+            Some(Undo::Touch {
+                relid, key, before, ..
+            }) => with_table(relid, |tt| match before {
+                Some(t) => {
+                    tt.touches.insert(key, t);
+                }
+                None => {
+                    tt.touches.remove(&key);
+                    if tt.keys.last() == Some(&key) {
+                        tt.keys.pop();
+                    } else {
+                        tt.keys.retain(|k| *k != key);
+                    }
+                }
+            }),
+            Some(Undo::ChildKey {
+                relid,
+                fk_key,
+                before,
+                ..
+            }) => with_table(relid, |tt| match before {
+                Some(k) => {
+                    tt.child_keys.insert(fk_key, k);
+                }
+                None => {
+                    tt.child_keys.remove(&fk_key);
+                }
+            }),
+        }
+    }
 }
 
 /// Why the worker is to be woken at commit.
@@ -535,6 +684,7 @@ pub fn forget_at_commit() {
 /// Forget everything noted by an aborted (or finished) transaction.
 pub fn reset() {
     SUBXACT_ABORTED.with(|a| a.set(false));
+    UNDO.with(|u| u.borrow_mut().clear());
     TOUCHED.with(|t| t.borrow_mut().clear());
     EMITTED.with(|e| e.borrow_mut().clear());
     WAKE_AT_COMMIT.with(|w| w.set(None));
@@ -784,7 +934,8 @@ fn tracked_parents_of(child: pg_sys::Oid) -> Rc<Vec<pg_sys::Oid>> {
     .unwrap_or_else(|e| raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("pg_webhooks: {e}")));
     let parents = Rc::new(parents);
     // An invalidation that arrived meanwhile may concern what was read: use it once only.
-    if !parents.is_empty() && GENERATION.with(|g| g.get()) == generation {
+    // (An empty list is kept too: registering a table as a child invalidates its relcache.)
+    if GENERATION.with(|g| g.get()) == generation {
         CHILD_PARENTS.with(|m| m.borrow_mut().insert(child, parents.clone()));
     }
     parents
@@ -1004,7 +1155,8 @@ fn load_config(relid: pg_sys::Oid) -> Option<TableConfig> {
             lock_query: format!(
                 "SELECT t.{key} FROM {table} t WHERE t.{key} = $1 FOR NO KEY UPDATE OF t"
             ),
-            children_query: format!("SELECT {children_sql} FROM {table} t WHERE t.{key} = $1"),
+            // The children of a key, whether or not its row is visible now.
+            children_query: format!("SELECT {children_sql} FROM (SELECT $1 AS {key}) t"),
             children_direct: if has_user_types || children.is_empty() {
                 None
             } else {
@@ -1403,7 +1555,7 @@ fn _capture_row<'a>(
         // still the visible one (a savepoint rolled back may have undone it).
         let note_version = |key: &str, tuple| {
             with_table(cfg.relid, |tt| {
-                if let Some(t) = tt.touches.get_mut(key) {
+                if let Some(t) = tt.touch_mut(key) {
                     t.version = location(tuple);
                 }
             });
@@ -1411,6 +1563,13 @@ fn _capture_row<'a>(
         let note_inserted = |key: &str, tuple| {
             with_table(cfg.relid, |tt| {
                 let t = tt.touch(key, Touch::default);
+                if !t.row_touched {
+                    // The row's first own change is its insert: no row had the key before. (Its
+                    // children may have been noted first, and the child trigger's lock may have
+                    // found this very row: a key change's ON UPDATE CASCADE, a trigger that
+                    // fires before this one, moves the children before the new key is noted.)
+                    t.existed_before = false;
+                }
                 t.row_touched = true;
                 t.version = location(tuple);
             });
@@ -1422,7 +1581,7 @@ fn _capture_row<'a>(
         };
         let note_deleted = |key: &str, json: String| {
             with_table(cfg.relid, |tt| {
-                if let Some(t) = tt.touches.get_mut(key) {
+                if let Some(t) = tt.touch_mut(key) {
                     t.deleted_row = Some(json);
                     t.version = None;
                 }
@@ -1458,11 +1617,12 @@ fn _capture_row<'a>(
 }
 
 /// BEFORE INSERT OR UPDATE OR DELETE FOR EACH ROW on a child table of a tracked table. Its
-/// parents are the tracked tables that list it (or, for a partition of a partitioned child, its
-/// registered ancestor) among their children in `webhooks._tracked`; the trigger's arguments,
-/// if any, are ignored. For each parent, locks the parent row (so two transactions editing the
-/// same order's items serialize) and notes the parent's children as they were before this
-/// transaction first changed them.
+/// parents are the tracked tables that list it, or any of its partitioned ancestors, among
+/// their children in `webhooks._tracked`; the trigger's arguments, if any, are ignored. For
+/// each parent, locks the parent row (so two transactions editing the same order's items
+/// serialize) and notes the parent's children as they were before this transaction first
+/// changed them. (A partition of a listed table fires its own trigger, if it is listed itself,
+/// and the one cloned from its ancestor's: noting a change twice is noting it once.)
 #[pg_trigger]
 fn _capture_child<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -1474,35 +1634,26 @@ fn _capture_child<'a>(
     }
     unsafe {
         let child = (*td.tg_relation).rd_id;
-        // The child itself, or its nearest partitioned ancestor that a tracked table lists.
-        let mut registered = child;
-        let mut parents = tracked_parents_of(child);
+        // Every registration of the child: by the tracked tables that list it, or (for a
+        // partition) one of its partitioned ancestors, under each foreign key they name.
+        let mut registrations: Vec<(Rc<TableConfig>, pg_sys::Oid, usize)> = Vec::new();
+        let mut level = Some(child);
         for _ in 0..64 {
-            if !parents.is_empty() {
-                break;
+            let Some(rel) = level else { break };
+            for parent in tracked_parents_of(rel).iter() {
+                if let Some(cfg) = config_for(*parent) {
+                    for idx in (0..cfg.child_relids.len()).filter(|i| cfg.child_relids[*i] == rel) {
+                        registrations.push((cfg.clone(), rel, idx));
+                    }
+                }
             }
-            let Some(up) = partition_parent(registered) else { break };
-            registered = up;
-            parents = tracked_parents_of(up);
+            level = partition_parent(rel);
         }
-        let configs: Vec<(Rc<TableConfig>, usize)> = parents
-            .iter()
-            .filter_map(|p| config_for(*p))
-            .filter_map(|c| {
-                let idx = c.child_relids.iter().position(|r| *r == registered)?;
-                Some((c, idx))
-            })
-            .collect();
-        if configs.is_empty() {
-            let name = qualified_name(child).unwrap_or_default();
-            raise_with_hint(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                &format!("pg_webhooks: table {name} is not a tracked child table"),
-                "Child capture triggers are created by webhooks.track(); drop this trigger or track the parent.",
-            )
-        }
+        // None: a trigger left behind (an untrack racing a drop, a restored 0.1.0 dump) or
+        // made by hand on a table no tracked table lists. There is nothing to capture for it,
+        // and the writer must not fail for it.
         let tupdesc = (*td.tg_relation).rd_att;
-        for (cfg, idx) in configs {
+        for (cfg, registered, idx) in registrations {
             let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
             // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
             let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
@@ -1559,7 +1710,7 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     let known = with_table(cfg.relid, |tt| tt.child_keys.get(fk_key).cloned());
     if let Some(key) = known {
         with_table(cfg.relid, |tt| {
-            if let Some(t) = tt.touches.get_mut(&key) {
+            if let Some(t) = tt.touch_mut(&key) {
                 t.children_touched = true;
             }
         });
@@ -1593,8 +1744,8 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
                 .get(fk_key)
                 .is_some_and(|t| !t.existed_before && t.version.is_some());
             if own {
-                tt.child_keys.insert(fk_key.to_string(), fk_key.to_string());
-                if let Some(t) = tt.touches.get_mut(fk_key) {
+                tt.note_child_key(fk_key, fk_key.to_string());
+                if let Some(t) = tt.touch_mut(fk_key) {
                     t.children_touched = true;
                 }
             }
@@ -1620,13 +1771,18 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
         .into_iter()
         .next()
         .and_then(|mut r| r.swap_remove(0));
-        let needs_snapshot = locked_key.as_ref().is_some_and(|k| {
+        // Also when the parent row is hidden: this transaction deleted it (its cascade is
+        // deleting these children, or a statement fails on it), and a savepoint rollback may
+        // bring it back, with the children it had before.
+        let needs_snapshot = {
+            let k = locked_key.as_deref().unwrap_or(fk_key);
             with_table(cfg.relid, |tt| {
-                tt.touches
-                    .get(k)
-                    .is_none_or(|t| t.existed_before && !t.children_touched)
+                tt.touches.get(k).is_none_or(|t| {
+                    (t.existed_before && !t.children_touched)
+                        || (locked_key.is_some() && t.unseen && !t.row_touched)
+                })
             })
-        });
+        };
         let direct = if needs_snapshot && cfg.children_direct.is_some() {
             let latest = LatestSnapshot::push();
             let k = locked_key.as_deref().unwrap_or(fk_key);
@@ -1656,12 +1812,24 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     });
     let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
     with_table(cfg.relid, |tt| {
-        tt.child_keys.insert(fk_key.to_string(), key.clone());
+        // Only a parent found and locked is remembered: the next child change of a parent not
+        // found looks (and locks) again.
+        if locked_key.is_some() {
+            tt.note_child_key(fk_key, key.clone());
+        }
         let t = tt.touch(&key, || Touch {
-            // A child written before its parent (deferred foreign key): the parent is new.
             existed_before: locked_key.is_some(),
+            unseen: locked_key.is_none(),
             ..Touch::default()
         });
+        if locked_key.is_some() && t.unseen && !t.row_touched {
+            // Found and locked now, not before: what was noted of it said nothing.
+            *t = Touch {
+                existed_before: true,
+                saved_in: t.saved_in,
+                ..Touch::default()
+            };
+        }
         t.children_touched = true;
         if let Some(children) = snapshot {
             t.orig_children = children.as_deref().map(digest);
@@ -1701,6 +1869,9 @@ fn net_events(
         extra,
         mapped_status: mapped.cloned(),
     };
+    if t.unseen && !t.row_touched {
+        return;
+    }
     match (t.existed_before, now) {
         (false, None) => {}
         (false, Some(cur)) => out.push(ev(

@@ -263,6 +263,12 @@ unsafe extern "C-unwind" fn check_databases(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
+    // The postmaster reading the configuration at start-up keeps the value as written: had it
+    // refused it, the default would be served instead, quietly. The launcher then says what is
+    // wrong and serves nothing. ALTER SYSTEM and SET (in a backend) are refused at once.
+    if !pg_sys::IsUnderPostmaster {
+        return true;
+    }
     match proposed(newval).map(|v| parse_databases(&v)) {
         Some(Err(e)) => refuse(&e),
         _ => true,
@@ -302,9 +308,9 @@ fn string_of(setting: &GucSetting<Option<CString>>, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// The databases served, in the order listed (the check hook refused any other value).
-pub fn databases() -> Vec<String> {
-    parse_databases(&string_of(&DATABASE, "postgres")).unwrap_or_else(|_| vec!["postgres".into()])
+/// The databases served, in the order listed, or why the setting is not a list of them.
+pub fn databases() -> Result<Vec<String>, String> {
+    parse_databases(&string_of(&DATABASE, "postgres"))
 }
 pub fn concurrency() -> usize {
     CONCURRENCY.get().max(1) as usize

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::DefaultConnector;
 
-const USER_AGENT: &str = concat!("pg_webhooks/", env!("CARGO_PKG_VERSION"));
+pub const USER_AGENT: &str = concat!("pg_webhooks/", env!("CARGO_PKG_VERSION"));
+
+/// What a masked header value shows (`webhooks.request()`).
+pub const MASK: &str = "***";
 
 /// How a subscription wants its requests signed.
 #[derive(Clone, Debug)]
@@ -94,6 +97,55 @@ pub fn body(job: &Job) -> Result<Vec<u8>, serde_json::Error> {
     compact_json_into(&job.data, &mut out);
     out.push('}');
     Ok(out.into_bytes())
+}
+
+/// The headers pg_webhooks sets on the request for `job`, in the order it sets them, names in
+/// lower case as they go on the wire (the HTTP client adds `host`, `content-length`, `accept`,
+/// and `user-agent` unless a custom header sets one). `timestamp` is the attempt's unix
+/// seconds, `body` what `body()` made. With `masked`, no signature is computed: each one's
+/// value is shown as `***` (`v1,***` per secret in the standard style, so a rotation's two
+/// signatures show as two), and so is every custom header value, all of which may be secrets.
+pub fn headers(
+    job: &Job,
+    timestamp: i64,
+    body: &[u8],
+    masked: bool,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out = vec![
+        ("content-type".to_string(), "application/json".to_string()),
+        ("webhook-id".to_string(), job.event_id.clone()),
+        ("webhook-timestamp".to_string(), timestamp.to_string()),
+    ];
+    for (name, value) in &job.headers {
+        let value = if masked {
+            MASK.to_string()
+        } else {
+            value.clone()
+        };
+        out.push((name.to_ascii_lowercase(), value));
+    }
+    match &job.signature {
+        Signature::Standard => {
+            let value = if masked {
+                vec![format!("v1,{MASK}"); job.secrets.len().max(1)].join(" ")
+            } else {
+                let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
+                signing::standard_signature_header(&secrets, &job.event_id, timestamp, body)
+                    .map_err(|e| format!("cannot sign: {e}"))?
+            };
+            out.push(("webhook-signature".to_string(), value));
+        }
+        Signature::Hex { header } => {
+            let value = if masked {
+                MASK.to_string()
+            } else {
+                let secret = job.secrets.first().map(String::as_str).unwrap_or_default();
+                signing::sign_hex(secret, body)
+            };
+            out.push((header.to_ascii_lowercase(), value));
+        }
+    }
+    Ok(out)
 }
 
 /// Copy JSON text without the white space between tokens (strings are kept byte for byte).
@@ -308,7 +360,13 @@ fn unix_seconds(t: SystemTime) -> i64 {
 
 /// Sign and POST one job; every failure becomes an `Outcome` with an error text.
 fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
-    let started_at = SystemTime::now();
+    // Whole microseconds, as `webhooks.attempts.started_at` keeps it: the second it falls in
+    // (the webhook-timestamp sent) is then the second `webhooks.request()` reads back.
+    let now = SystemTime::now();
+    let started_at = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| UNIX_EPOCH + Duration::from_micros(d.as_micros() as u64))
+        .unwrap_or(now);
     let clock = Instant::now();
     let mut outcome = Outcome {
         delivery_id: job.delivery_id,
@@ -382,26 +440,10 @@ fn send(
         .post(&job.url)
         .config()
         .timeout_global(Some(job.timeout))
-        .build()
-        .header("content-type", "application/json")
-        .header("webhook-id", &job.event_id)
-        .header("webhook-timestamp", timestamp.to_string());
-    for (name, value) in &job.headers {
+        .build();
+    for (name, value) in headers(job, timestamp, &body, false)? {
         request = request.header(name, value);
     }
-    request = match &job.signature {
-        Signature::Standard => {
-            let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
-            let header =
-                signing::standard_signature_header(&secrets, &job.event_id, timestamp, body)
-                    .map_err(|e| format!("cannot sign: {e}"))?;
-            request.header("webhook-signature", header)
-        }
-        Signature::Hex { header } => {
-            let secret = job.secrets.first().map(String::as_str).unwrap_or_default();
-            request.header(header.as_str(), signing::sign_hex(secret, body))
-        }
-    };
     let mut response = request
         .send(body)
         .map_err(|e| describe(&e, &job.url))?;

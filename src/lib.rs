@@ -16,9 +16,11 @@ mod netcheck;
 mod patterns;
 mod plans;
 mod queue;
+mod request;
 mod schedule;
 mod shmem;
 mod signing;
+mod stats;
 mod worker;
 
 ::pgrx::pg_module_magic!();

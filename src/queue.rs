@@ -9,6 +9,16 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::time::Duration;
 
+/// An event's `created_at` as the body carries it (RFC 3339, UTC, microseconds), of the event
+/// row `e`: one spelling for what the worker sends (CLAIM) and what `webhooks.request()`
+/// shows.
+macro_rules! event_time {
+    () => {
+        "pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    };
+}
+pub(crate) use event_time;
+
 /// The queue rows of new deliveries `k` (id, subscription, event seq, ordering key): each is
 /// a head if unordered, or the first of its key among them with nothing of its key queued.
 macro_rules! queue_heads {
@@ -29,9 +39,11 @@ macro_rules! queue_heads {
 /// Fan out the events of the transactions `$1` (xid8 as text), those after seq `$2`, at most
 /// `$3` of them, in seq order: deliveries for every subscription that matches them and was
 /// created before they committed. Returns how many events were taken and the last one's seq.
-const FAN_OUT: &str = concat!("\
+/// `$extra`: more statements on the events taken (`e`), for the schema's version.
+macro_rules! fan_out {
+    ($extra:literal) => { concat!("\
 WITH e AS (
-    SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid
+    SELECT ev.seq, ev.type, ev.entity, ev.key, ev.data, ev.xid, ev.created_at
       FROM webhooks._events ev
      WHERE ev.xid = ANY ($1::text[]::xid8[]) AND ev.seq > $2
      ORDER BY ev.xid, ev.seq
@@ -49,9 +61,25 @@ WITH e AS (
     SELECT d.id, d.subscription_id, d.event_seq,
            CASE WHEN e.key IS NOT NULL THEN e.entity || ':' || e.key END AS ordering_key
       FROM d JOIN e ON e.seq = d.event_seq
-), ", queue_heads!(), "
+), ", queue_heads!(), $extra, "
 SELECT (SELECT pg_catalog.count(*) FROM e)::int8, (SELECT pg_catalog.max(e.seq) FROM e)::int8,
-       (SELECT pg_catalog.count(*) FROM q)::int8");
+       (SELECT pg_catalog.count(*) FROM q)::int8") };
+}
+
+/// Fan-out for a schema without the rollups (0.1.0, before `ALTER EXTENSION ... UPDATE`).
+const FAN_OUT: &str = fan_out!("");
+
+/// Fan-out that also counts the events taken per type and hour (UTC) for
+/// `webhooks.event_stats`: every committed event is fanned out exactly once, in the
+/// transaction that records how far fan-out got, so each is counted once, and fan-out reads
+/// them anyway. One row per type and hour in the batch, of worker 0's own (only worker 0 fans
+/// out), so nothing else ever waits for its lock.
+const FAN_OUT_COUNTED: &str = fan_out!(", es AS (
+    INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, emitted)
+    SELECT pg_catalog.date_trunc('hour', e.created_at, 'UTC'), e.type, 0, pg_catalog.count(*)
+      FROM e GROUP BY 1, 2 ORDER BY 1, 2
+    ON CONFLICT (bucket, event_type, worker) DO UPDATE SET emitted = t.emitted + excluded.emitted
+)");
 
 /// Subscriptions the worker sees for the first time get, before the next batch, the events they
 /// are owed (committed after their `created_snapshot`) among those fanned out already (visible
@@ -283,7 +311,8 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     let xids: Vec<String> = todo[..take].iter().map(|t| t.0.clone()).collect();
     let step_limit = if partial { limit as i64 } else { events.max(1) };
     let types = [pg_sys::TEXTARRAYOID, pg_sys::INT8OID, pg_sys::INT8OID];
-    let (taken, max_seq, deliveries) = with_plan(FAN_OUT, &types, |plan| {
+    let query = if stats_schema()? { FAN_OUT_COUNTED } else { FAN_OUT };
+    let (taken, max_seq, deliveries) = with_plan(query, &types, |plan| {
         Spi::connect_mut(|c| {
             let row = c
                 .update(plan, None, &[xids.into(), after.into(), step_limit.into()])?
@@ -332,7 +361,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 /// fails: one hot key is delivered at the speed of its endpoint, not of a claim and a record
 /// per delivery. Only the head is marked claimed (by worker `$8`): the others are not heads,
 /// so nobody else can claim them, and a chain that stops leaves them as they were.
-const CLAIM: &str = "\
+const CLAIM: &str = concat!("\
 WITH room AS (
     SELECT s.id, $2 - COALESCE(f.n, 0) AS free
       FROM webhooks._subscriptions s
@@ -366,8 +395,7 @@ WITH room AS (
             LIMIT LEAST($5, $7 / (SELECT pg_catalog.count(*) FROM heads)) - 1) n
      WHERE h.ordering_key IS NOT NULL
 )
-SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type,
-       pg_catalog.to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", event_time!(), ",
        e.data::text, s.url, s.signature, s.signature_header,
        (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
        CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
@@ -376,11 +404,13 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type,
   JOIN webhooks._events e ON e.seq = c.event_seq
   JOIN webhooks._subscriptions s ON s.id = c.subscription_id
   JOIN webhooks._secrets k ON k.subscription_id = s.id
- ORDER BY c.head, c.event_seq";
+ ORDER BY c.head, c.event_seq");
 
 /// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
 /// `$13`: claimed deliveries handed back unattempted (their job stopped at an earlier failure).
-const RECORD: &str = "\
+macro_rules! record_prefix {
+    () => {
+        "\
 WITH released AS (
     UPDATE webhooks._queue q SET claimed_at = NULL
      WHERE q.delivery_id = ANY ($13::int8[]) AND q.claimed_at IS NOT NULL
@@ -434,7 +464,12 @@ WITH released AS (
            pg_catalog.to_timestamp(pg_catalog.min(r.started)) AS first_failure
       FROM r GROUP BY r.sub
 )
-UPDATE webhooks._subscriptions s
+"
+    };
+}
+
+/// Recording for a schema without the rollups (0.1.0, before `ALTER EXTENSION ... UPDATE`).
+const RECORD: &str = concat!(record_prefix!(), "UPDATE webhooks._subscriptions s
    SET failing_since = CASE WHEN h.ok AND NOT h.gone THEN NULL ELSE COALESCE(s.failing_since, h.first_failure) END,
        state = CASE WHEN h.gone THEN 'disabled'
                     WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval THEN 'disabled'
@@ -445,7 +480,71 @@ UPDATE webhooks._subscriptions s
                     ELSE s.disabled_reason END,
        updated_at = CASE WHEN h.gone OR NOT h.ok THEN now() ELSE s.updated_at END
   FROM health h
- WHERE s.id = h.sub AND (h.gone OR NOT h.ok OR s.failing_since IS NOT NULL)";
+ WHERE s.id = h.sub AND (h.gone OR NOT h.ok OR s.failing_since IS NOT NULL)");
+
+/// Recording that also keeps the rollups (see stats.rs), in the same statement: one row per
+/// subscription, width and bucket in `_delivery_stats` and per event type and hour in
+/// `_event_stats`, of this worker's own (`$14`), so no two workers ever update one rollup row;
+/// and on the subscription row, its streak of failures and its last error. That row is
+/// updated only when the batch has a failure or ends a streak, as `failing_since` was already:
+/// a healthy endpoint's batches write no subscription row. Two workers that record at once for
+/// one subscription are serialized by its row lock and each applies its batch to the row as
+/// the other left it (READ COMMITTED rechecks the newest version), so no count is lost. A
+/// success resets the streak unless it started before the last failure recorded (another
+/// worker's later failure came first), and the streak then goes on with the batch's failures
+/// after its last success; `last_error` is the failure that started last. One case is not
+/// seen: a failure recorded before a later success of another worker's batch is recorded
+/// after it would be counted; the row does not keep its last success's time (that would be a
+/// write per healthy batch), so it cannot tell. Workers record within milliseconds of the
+/// attempts, so that takes a success and a failure that overlapped in time.
+const RECORD_WITH_STATS: &str = concat!(record_prefix!(), ", ds AS (
+    INSERT INTO webhooks._delivery_stats AS t
+           (width, bucket, subscription_id, worker, attempts, succeeded, failed, dead, latency_hist)
+    SELECT pg_catalog.make_interval(secs => u.width), pg_catalog.to_timestamp(u.bucket), u.sub, $14,
+           u.attempts, u.succeeded, u.failed, u.dead, u.hist::int8[]
+      FROM unnest($15::int8[], $16::int4[], $17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[],
+                  $22::text[]) AS u(sub, width, bucket, attempts, succeeded, failed, dead, hist)
+    ON CONFLICT (width, bucket, subscription_id, worker) DO UPDATE
+       SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded,
+           failed = t.failed + excluded.failed, dead = t.dead + excluded.dead,
+           latency_hist = webhooks._hist_add(t.latency_hist, excluded.latency_hist)
+), es AS (
+    INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, delivered, retried, dead)
+    SELECT pg_catalog.to_timestamp(u.bucket), u.type, $14, u.delivered, u.retried, u.dead
+      FROM unnest($23::text[], $24::int8[], $25::int8[], $26::int8[], $27::int8[])
+           AS u(type, bucket, delivered, retried, dead)
+    ON CONFLICT (bucket, event_type, worker) DO UPDATE
+       SET delivered = t.delivered + excluded.delivered, retried = t.retried + excluded.retried,
+           dead = t.dead + excluded.dead
+), f AS (
+    SELECT * FROM unnest($28::int8[], $29::float8[], $30::int4[], $31::float8[], $32::text[], $33::int4[])
+        AS f(sub, last_ok, failures, error_at, error, status_code)
+)
+UPDATE webhooks._subscriptions s
+   SET failing_since = CASE WHEN h.ok AND NOT h.gone THEN NULL ELSE COALESCE(s.failing_since, h.first_failure) END,
+       state = CASE WHEN h.gone THEN 'disabled'
+                    WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval THEN 'disabled'
+                    ELSE s.state END,
+       disabled_reason = CASE WHEN h.gone THEN 'endpoint answered 410 Gone'
+                    WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval
+                    THEN 'endpoint failing continuously since ' || COALESCE(s.failing_since, h.first_failure)::text
+                    ELSE s.disabled_reason END,
+       updated_at = CASE WHEN h.gone OR NOT h.ok THEN now() ELSE s.updated_at END,
+       consecutive_failures = CASE WHEN f.last_ok IS NOT NULL
+                                    AND (s.last_error_at IS NULL OR pg_catalog.to_timestamp(f.last_ok) > s.last_error_at)
+                                   THEN 0 ELSE s.consecutive_failures END + f.failures,
+       last_error = CASE WHEN f.error_at IS NOT NULL
+                          AND (s.last_error_at IS NULL OR pg_catalog.to_timestamp(f.error_at) >= s.last_error_at)
+                         THEN f.error ELSE s.last_error END,
+       last_status_code = CASE WHEN f.error_at IS NOT NULL
+                                AND (s.last_error_at IS NULL OR pg_catalog.to_timestamp(f.error_at) >= s.last_error_at)
+                               THEN f.status_code ELSE s.last_status_code END,
+       last_error_at = CASE WHEN f.error_at IS NOT NULL
+                             AND (s.last_error_at IS NULL OR pg_catalog.to_timestamp(f.error_at) >= s.last_error_at)
+                            THEN pg_catalog.to_timestamp(f.error_at) ELSE s.last_error_at END
+  FROM health h JOIN f ON f.sub = h.sub
+ WHERE s.id = h.sub
+   AND (h.gone OR NOT h.ok OR s.failing_since IS NOT NULL OR f.error_at IS NOT NULL OR s.consecutive_failures > 0)");
 
 /// A claimed delivery: the job to send, plus what is needed to judge its outcome.
 pub struct Claimed {
@@ -471,6 +570,8 @@ pub struct Recorded {
     pub body: Option<String>,
     pub error: Option<String>,
     pub verdict: Verdict,
+    /// The event's type, for `webhooks.event_stats`.
+    pub event_type: String,
 }
 
 pub fn claim(
@@ -575,7 +676,50 @@ pub fn claim(
     })
 }
 
-pub fn record(batch: Vec<Recorded>, released: Vec<i64>, disable_after: &str) -> SpiResult<()> {
+/// Whether the schema has the rollups (the update to 0.2.0 added them; a library newer than
+/// the schema keeps working without them until `ALTER EXTENSION pg_webhooks UPDATE`). Looked
+/// up in the caller's transaction at most every 10 s: an update is seen that much later, and
+/// the outcomes recorded meanwhile are not in the rollups.
+pub fn stats_schema() -> SpiResult<bool> {
+    thread_local! {
+        static KNOWN: std::cell::Cell<Option<(bool, std::time::Instant)>> = const { std::cell::Cell::new(None) };
+    }
+    if let Some((known, at)) = KNOWN.get() {
+        if at.elapsed() < Duration::from_secs(10) {
+            return Ok(known);
+        }
+    }
+    let known = Spi::get_one::<bool>(
+        "SELECT pg_catalog.to_regclass('webhooks._delivery_stats') IS NOT NULL
+            AND pg_catalog.to_regclass('webhooks._event_stats') IS NOT NULL",
+    )?
+    .unwrap_or(false);
+    KNOWN.set(Some((known, std::time::Instant::now())));
+    Ok(known)
+}
+
+/// Record a batch of outcomes of worker `worker` (see RECORD and RECORD_WITH_STATS).
+pub fn record(
+    batch: Vec<Recorded>,
+    released: Vec<i64>,
+    disable_after: &str,
+    worker: i16,
+) -> SpiResult<()> {
+    let stats = if stats_schema()? {
+        Some(crate::stats::BatchStats::of(batch.iter().map(|r| {
+            crate::stats::Attempt {
+                subscription_id: r.subscription_id,
+                event_type: &r.event_type,
+                started: r.started,
+                duration_ms: r.duration_ms,
+                outcome: r.verdict.outcome,
+                status_code: r.status_code,
+                error: r.error.as_deref(),
+            }
+        })))
+    } else {
+        None
+    };
     let mut ids = Vec::new();
     let mut subs = Vec::new();
     let mut attempts = Vec::new();
@@ -600,7 +744,7 @@ pub fn record(batch: Vec<Recorded>, released: Vec<i64>, disable_after: &str) -> 
         next_at.push(r.verdict.next_at);
         gone.push(r.verdict.gone);
     }
-    let types = [
+    let mut types = vec![
         pg_sys::INT8ARRAYOID,
         pg_sys::INT8ARRAYOID,
         pg_sys::INT4ARRAYOID,
@@ -615,29 +759,76 @@ pub fn record(batch: Vec<Recorded>, released: Vec<i64>, disable_after: &str) -> 
         pg_sys::TEXTOID,
         pg_sys::INT8ARRAYOID,
     ];
-    with_plan(RECORD, &types, |plan| {
-        Spi::connect_mut(|c| {
-            c.update(
-                plan,
-                None,
-                &[
-                    ids.into(),
-                    subs.into(),
-                    attempts.into(),
-                    started.into(),
-                    durations.into(),
-                    codes.into(),
-                    bodies.into(),
-                    errors.into(),
-                    outcomes.into(),
-                    next_at.into(),
-                    gone.into(),
-                    disable_after.into(),
-                    released.into(),
-                ],
-            )
-            .map(|_| ())
-        })
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+        ids.into(),
+        subs.into(),
+        attempts.into(),
+        started.into(),
+        durations.into(),
+        codes.into(),
+        bodies.into(),
+        errors.into(),
+        outcomes.into(),
+        next_at.into(),
+        gone.into(),
+        disable_after.into(),
+        released.into(),
+    ];
+    let query = match stats {
+        None => RECORD,
+        Some(s) => {
+            types.extend([
+                pg_sys::INT2OID,
+                // _delivery_stats
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT4ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::TEXTARRAYOID,
+                // _event_stats
+                pg_sys::TEXTARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                pg_sys::INT8ARRAYOID,
+                // the subscriptions' streaks
+                pg_sys::INT8ARRAYOID,
+                pg_sys::FLOAT8ARRAYOID,
+                pg_sys::INT4ARRAYOID,
+                pg_sys::FLOAT8ARRAYOID,
+                pg_sys::TEXTARRAYOID,
+                pg_sys::INT4ARRAYOID,
+            ]);
+            args.extend([
+                worker.into(),
+                s.ds_sub.into(),
+                s.ds_width.into(),
+                s.ds_bucket.into(),
+                s.ds_attempts.into(),
+                s.ds_succeeded.into(),
+                s.ds_failed.into(),
+                s.ds_dead.into(),
+                s.ds_hist.into(),
+                s.es_type.into(),
+                s.es_bucket.into(),
+                s.es_delivered.into(),
+                s.es_retried.into(),
+                s.es_dead.into(),
+                s.h_sub.into(),
+                s.h_last_ok.into(),
+                s.h_failures.into(),
+                s.h_error_at.into(),
+                s.h_error.into(),
+                s.h_status_code.into(),
+            ]);
+            RECORD_WITH_STATS
+        }
+    };
+    with_plan(query, &types, |plan| {
+        Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
     })
 }
 
@@ -746,6 +937,29 @@ pub fn retain_deliveries(retention: &str, after: i64, batch: i64) -> SpiResult<R
 /// Delete up to `batch` unreferenced events older than `retention`, after seq `after`.
 pub fn retain_events(retention: &str, after: i64, batch: i64) -> SpiResult<RetentionStep> {
     retention_step(RETAIN_EVENTS, retention, after, batch)
+}
+
+/// Trim the rollups: minute rows serve only the last hour's figures and go after two hours;
+/// hour rows are kept as long as the history they sum up (`$1`, `webhooks.retention`). Both
+/// are found through the rollups' primary keys, which lead with the width and the bucket.
+const RETAIN_STATS: &str = "\
+WITH m AS (
+    DELETE FROM webhooks._delivery_stats t
+     WHERE t.width = '1 minute' AND t.bucket < now() - interval '2 hours'
+), h AS (
+    DELETE FROM webhooks._delivery_stats t
+     WHERE t.width = '1 hour' AND t.bucket < now() - $1::interval
+)
+DELETE FROM webhooks._event_stats t WHERE t.bucket < now() - $1::interval";
+
+/// Trim the rollups (see RETAIN_STATS); nothing on a schema without them.
+pub fn retain_stats(retention: &str) -> SpiResult<()> {
+    if !stats_schema()? {
+        return Ok(());
+    }
+    with_plan(RETAIN_STATS, &[pg_sys::TEXTOID], |plan| {
+        Spi::connect_mut(|c| c.update(plan, None, &[retention.into()]).map(|_| ()))
+    })
 }
 
 /// Deliveries still queued for a subscription that no longer exists (an unsubscribe that

@@ -149,7 +149,17 @@ fn this_database() -> Option<&'static DatabaseSlot> {
     if me == 0 {
         return None;
     }
-    DATABASES.get().iter().find(|db| db.oid.load(Ordering::Acquire) == me)
+    // A row whose fan-out worker runs, if one is bound to this database: a row bound earlier
+    // (a database renamed, its worker gone) must not hide it.
+    let rows = DATABASES.get().iter().filter(|db| db.oid.load(Ordering::Acquire) == me);
+    let mut first = None;
+    for db in rows {
+        if db.workers[0].pid.load(Ordering::Acquire) != 0 {
+            return Some(db);
+        }
+        first.get_or_insert(db);
+    }
+    first
 }
 
 fn now() -> i64 {
@@ -209,7 +219,15 @@ impl Me {
     pub fn enter(d: usize, i: usize) -> Me {
         let me = Me { d: d.min(MAX_DATABASES - 1), i: i.min(MAX_WORKERS - 1) };
         let db = me.db();
-        db.oid.store(unsafe { pg_sys::MyDatabaseId }.to_u32(), Ordering::Release);
+        let oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        db.oid.store(oid, Ordering::Release);
+        // Another row bound to this database (it was listed under another name that it had
+        // then) is not its row any more.
+        for (d, other) in DATABASES.get().iter().enumerate() {
+            if d != me.d {
+                let _ = other.oid.compare_exchange(oid, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
         let w = me.slot();
         for c in [&w.claimed, &w.attempts, &w.succeeded, &w.failed, &w.dead, &w.bytes_sent] {
             c.store(0, Ordering::Relaxed);
@@ -365,7 +383,7 @@ fn worker_status() -> TableIterator<
         name!(bytes_sent, i64),
     ),
 > {
-    let names = crate::gucs::databases();
+    let names = crate::gucs::databases().unwrap_or_default();
     let rows = statuses(names.len(), crate::gucs::workers());
     let big = |v: u64| v.min(i64::MAX as u64) as i64;
     TableIterator::new(rows.into_iter().map(move |s| {

@@ -83,7 +83,19 @@ fn database_exists(name: &str) -> bool {
 pub extern "C-unwind" fn pg_webhooks_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
-    let databases = gucs::databases();
+    let databases = match gucs::databases() {
+        Ok(names) => names,
+        Err(why) => {
+            // Serve nothing rather than a database nobody named; say so until restarted.
+            loop {
+                warning!("pg_webhooks: webhooks.database is not a list of databases, so none is served: {why}");
+                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(60))) {
+                    break;
+                }
+            }
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    };
     let workers = gucs::workers();
     // One slot per database and worker index; each database independently waited for.
     let mut slots: Vec<Vec<Slot>> = databases
@@ -216,11 +228,18 @@ struct LoopState {
 /// judge its outcome, and per subscription its jobs in flight (a job holds one HTTP thread and
 /// sends one request at a time: it counts once against the per-endpoint cap).
 struct InFlight {
-    by_delivery: HashMap<i64, (i32, Option<String>)>,
+    by_delivery: HashMap<i64, Pending>,
     by_subscription: HashMap<i64, i32>,
     jobs: usize,
     /// Subscriptions whose last job failed.
     failing: std::collections::HashSet<i64>,
+}
+
+/// A claimed delivery being attempted: what judging and recording its outcome needs.
+struct Pending {
+    attempts_before: i32,
+    retry_schedule: Option<String>,
+    event_type: String,
 }
 
 impl InFlight {
@@ -232,7 +251,11 @@ impl InFlight {
         for claimed in job {
             self.by_delivery.insert(
                 claimed.job.delivery_id,
-                (claimed.attempts_before, claimed.retry_schedule.clone()),
+                Pending {
+                    attempts_before: claimed.attempts_before,
+                    retry_schedule: claimed.retry_schedule.clone(),
+                    event_type: claimed.job.event_type.clone(),
+                },
             );
         }
         *self
@@ -267,7 +290,7 @@ impl InFlight {
             self.failing.insert(done.subscription_id);
         }
     }
-    fn take(&mut self, delivery_id: i64) -> Option<(i32, Option<String>)> {
+    fn take(&mut self, delivery_id: i64) -> Option<Pending> {
         self.by_delivery.remove(&delivery_id)
     }
 }
@@ -340,13 +363,9 @@ fn judge(outcome: &http::Outcome, attempt: i32, retry_schedule: Option<&str>) ->
     }
 }
 
-fn to_record(
-    o: http::Outcome,
-    attempts_before: i32,
-    retry_schedule: Option<String>,
-) -> queue::Recorded {
-    let attempt = attempts_before + 1;
-    let verdict = judge(&o, attempt, retry_schedule.as_deref());
+fn to_record(o: http::Outcome, pending: Pending) -> queue::Recorded {
+    let attempt = pending.attempts_before + 1;
+    let verdict = judge(&o, attempt, pending.retry_schedule.as_deref());
     queue::Recorded {
         delivery_id: o.delivery_id,
         subscription_id: o.subscription_id,
@@ -361,6 +380,7 @@ fn to_record(
         body: o.response_body,
         error: o.error,
         verdict,
+        event_type: pending.event_type,
     }
 }
 
@@ -389,7 +409,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let (d, index) = slot_of(arg.value());
     let workers = gucs::workers();
-    let Some(database) = gucs::databases().get(d).cloned() else { return };
+    let Some(database) = gucs::databases().ok().and_then(|names| names.get(d).cloned()) else { return };
     if index >= workers.min(MAX_WORKERS) {
         return;
     }
@@ -564,14 +584,14 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             for o in done.outcomes {
                 counts.attempts += 1;
                 counts.bytes_sent += o.bytes_sent;
-                if let Some((before, sched)) = in_flight.take(o.delivery_id) {
+                if let Some(pending) = in_flight.take(o.delivery_id) {
                     if let Some((size, cap)) = o.oversized {
                         warning!(
                             "pg_webhooks: delivery {} not sent and dead: its payload of {size} bytes exceeds webhooks.max_payload_bytes ({cap})",
                             o.delivery_id
                         );
                     }
-                    let r = to_record(o, before, sched);
+                    let r = to_record(o, pending);
                     match r.verdict.outcome {
                         "succeeded" => counts.succeeded += 1,
                         "dead" => {
@@ -586,8 +606,11 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         }
         state.me.add(counts);
         let disable_after = gucs::disable_after();
-        BackgroundWorker::transaction(move || queue::record(batch, released, &disable_after))
-            .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
+        let worker = state.index as i16;
+        BackgroundWorker::transaction(move || {
+            queue::record(batch, released, &disable_after, worker)
+        })
+        .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
     }
 
     let batch = gucs::batch_size();
@@ -667,13 +690,16 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         Duration::ZERO
     } else if retention_busy {
         sleep.min(Duration::from_millis(10))
-    } else {
+    } else if fans_out {
         sleep.min(
             state
                 .retention
                 .next_at
                 .saturating_duration_since(Instant::now()),
         )
+    } else {
+        // Retention is worker 0's: its timer (never moved on by the others) is none of theirs.
+        sleep
     }
 }
 
@@ -732,6 +758,10 @@ impl Retention {
         BackgroundWorker::transaction(queue::end_orphans)
             .unwrap_or_else(|e| error!("pg_webhooks: ending orphaned deliveries failed: {e}"));
         let retention = gucs::retention();
+        // The rollups are small (rows per subscription and minute or hour): one statement.
+        let r = retention.clone();
+        BackgroundWorker::transaction(move || queue::retain_stats(&r))
+            .unwrap_or_else(|e| error!("pg_webhooks: trimming the rollups failed: {e}"));
         let deadline = now + RETENTION_BUDGET;
         // Deliveries (with their attempts) first, then the events they no longer refer to.
         let steps: [(RetentionStep, &mut i64); 2] = [

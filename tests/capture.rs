@@ -681,3 +681,71 @@ fn a_partition_owned_by_another_role_is_not_read_with_the_owners_rights() {
         "the other role's code ran with the owner's rights"
     );
 }
+
+#[test]
+fn a_partitioned_child_and_one_of_its_partitions_listed_by_two_tables_capture_for_both() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TABLE pp_orders (id int PRIMARY KEY, status text);
+           CREATE TABLE pp_returns (id int PRIMARY KEY, status text);
+           CREATE TABLE pp_items (id int, order_id int, return_id int, sku text) PARTITION BY LIST (sku);
+           CREATE TABLE pp_items_a PARTITION OF pp_items FOR VALUES IN ('a');
+           CREATE TABLE pp_items_b PARTITION OF pp_items FOR VALUES IN ('b');
+           SELECT webhooks.track('pp_orders', entity => 'ppo',
+                  children => '{"items": {"table": "pp_items", "foreign_key": "order_id"}}');
+           SELECT webhooks.track('pp_returns', entity => 'ppr',
+                  children => '{"items": {"table": "pp_items_a", "foreign_key": "return_id"}}');"#,
+    )
+    .expect("tables");
+    c.batch_execute("INSERT INTO pp_orders VALUES (1, 'new'); INSERT INTO pp_returns VALUES (10, 'new');")
+        .expect("parents");
+    c.batch_execute("INSERT INTO pp_items VALUES (1, 1, 10, 'a')").expect("an item in the partition both see");
+    c.batch_execute("INSERT INTO pp_items VALUES (2, 1, 10, 'b')").expect("an item only the orders see");
+    assert_eq!(types(&mut c, "ppo"), ["ppo.created", "ppo.updated", "ppo.updated"]);
+    assert_eq!(types(&mut c, "ppr"), ["ppr.created", "ppr.updated"]);
+    let last = events(&mut c, "ppo").pop().expect("an event").1;
+    assert_eq!(last["items"].as_array().map(Vec::len), Some(2));
+    // The parent row lock is taken for both parents: a second writer of an item of order 1
+    // waits for the first.
+    let mut other = cluster().connect();
+    c.batch_execute("BEGIN; UPDATE pp_items SET id = id WHERE id = 1").expect("hold");
+    let err = other
+        .batch_execute("SET lock_timeout = '200ms'; SELECT * FROM pp_orders WHERE id = 1 FOR UPDATE NOWAIT")
+        .expect_err("the order is locked by the item's writer");
+    assert_eq!(err.as_db_error().map(|e| e.code().clone()), Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    let err = other
+        .batch_execute("SELECT * FROM pp_returns WHERE id = 10 FOR UPDATE NOWAIT")
+        .expect_err("the return is locked too");
+    assert_eq!(err.as_db_error().map(|e| e.code().clone()), Some(postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    c.batch_execute("ROLLBACK").expect("rollback");
+}
+
+#[test]
+fn a_child_table_listed_twice_by_one_table_counts_under_both_foreign_keys() {
+    let mut c = cluster().connect();
+    c.batch_execute(
+        r#"CREATE TABLE tw_stock (id int PRIMARY KEY);
+           CREATE TABLE tw_moves (id int PRIMARY KEY, from_id int, to_id int);
+           SELECT webhooks.track('tw_stock', entity => 'tw', children =>
+                  '{"outgoing": {"table": "tw_moves", "foreign_key": "from_id"},
+                    "incoming": {"table": "tw_moves", "foreign_key": "to_id"}}');
+           INSERT INTO tw_stock VALUES (1), (2);"#,
+    )
+    .expect("tables");
+    c.batch_execute("INSERT INTO tw_moves VALUES (1, 1, 2)").expect("a move");
+    let evs = events(&mut c, "tw");
+    let updated: Vec<(i64, usize, usize)> = evs
+        .iter()
+        .filter(|(t, _)| t == "tw.updated")
+        .map(|(_, d)| {
+            (
+                d["id"].as_i64().unwrap_or(0),
+                d["outgoing"].as_array().map(Vec::len).unwrap_or(9),
+                d["incoming"].as_array().map(Vec::len).unwrap_or(9),
+            )
+        })
+        .collect();
+    let mut updated = updated;
+    updated.sort();
+    assert_eq!(updated, [(1, 1, 0), (2, 0, 1)], "both ends of the move: {evs:?}");
+}

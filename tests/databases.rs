@@ -214,3 +214,48 @@ fn worker_status_is_for_readers_and_tells_a_worker_that_is_not_running() {
         .get(0);
     assert!(gone);
 }
+
+#[test]
+fn idle_workers_sleep_and_say_idle() {
+    // Workers 1.. used to spin on a retention timer only worker 0 moves on.
+    let cluster = Cluster::start("idle_workers", &["webhooks.workers = 3", "webhooks.poll_interval = '1h'"]);
+    let mut su = cluster.connect();
+    let wakes = |c: &mut Client| -> Vec<(i32, String, Option<std::time::SystemTime>)> {
+        c.query("SELECT worker, state, last_wake_at FROM webhooks.worker_status() ORDER BY worker", &[])
+            .expect("status")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    let first = wait_for("three idle workers", WAIT, || {
+        let w = wakes(&mut su);
+        (w.len() == 3 && w.iter().all(|(_, s, _)| s == "idle")).then_some(w)
+    });
+    // Nothing to do and an hour's poll: none of them wakes (a wake is a positive change of
+    // last_wake_at; two seconds of none is a spinning worker's thousands).
+    std::thread::sleep(Duration::from_secs(2));
+    let later = wakes(&mut su);
+    for ((i, _, before), (_, state, after)) in first.iter().zip(&later) {
+        assert_eq!(state, "idle", "worker {i}");
+        assert_eq!(before, after, "worker {i} woke with nothing to do");
+    }
+}
+
+#[test]
+fn a_database_list_that_is_not_one_serves_nothing_and_says_why() {
+    let cluster = Cluster::start("bad_list", &["webhooks.database = 'shop,,billing'"]);
+    wait_for("the launcher's warning", WAIT, || {
+        cluster.server_log().contains("webhooks.database is not a list of databases").then_some(())
+    });
+    let mut su = cluster.connect();
+    let n: i64 = su.query_one("SELECT count(*) FROM webhooks.worker_status()", &[]).expect("status").get(0);
+    assert_eq!(n, 0, "no database is served, not even the default one");
+    let running: i64 = su
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_webhooks worker'", &[])
+        .expect("activity")
+        .get(0);
+    assert_eq!(running, 0);
+    // Set in a session or with ALTER SYSTEM, such a value is refused at once.
+    let err = su.batch_execute("ALTER SYSTEM SET webhooks.database = 'a, a'").expect_err("refused");
+    assert_eq!(err.as_db_error().map(|e| e.code().clone()), Some(SqlState::INVALID_PARAMETER_VALUE));
+}

@@ -225,3 +225,83 @@ fn a_dump_restored_into_a_new_cluster_keeps_tracking_and_subscriptions_and_resen
         .batch_execute("INSERT INTO order_items (order_id, sku, qty) VALUES (2, 'D', 1)")
         .expect("children are written as before");
 }
+
+#[test]
+fn a_restore_finds_columns_by_name_after_drops_and_renames_and_keeps_a_0_1_0_dump_writable() {
+    common::install_archived_script("0.1.0");
+    let old = Cluster::start("restore_cols_src", &[]);
+    let mut src = old.connect();
+    // Dropped columns before the key, the status and the foreign key: pg_dump renumbers the
+    // columns. A renamed column: its new name is what the restore must find.
+    src.batch_execute(
+        "CREATE TABLE orders (legacy text, id int PRIMARY KEY, gone int, state text, note text);
+         ALTER TABLE orders DROP COLUMN legacy; ALTER TABLE orders DROP COLUMN gone;
+         CREATE TABLE order_items (junk int, id int PRIMARY KEY, order_ref int, sku text);
+         ALTER TABLE order_items DROP COLUMN junk;
+         SELECT webhooks.track('orders', status_column => 'state',
+                children => '{\"items\": {\"table\": \"order_items\", \"foreign_key\": \"order_ref\"}}');
+         ALTER TABLE orders RENAME COLUMN state TO status;
+         ALTER TABLE order_items RENAME COLUMN order_ref TO order_id;",
+    )
+    .expect("source");
+    let names: (String, String, String) = {
+        let r = src
+            .query_one("SELECT key_column::text, status_column::text, child_fk_columns::text FROM webhooks._tracked", &[])
+            .expect("names");
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!(names, ("id".into(), "status".into(), "{order_id}".into()), "renames are followed");
+    // And a database at 0.1.0, whose dump has its children by OID only.
+    src.batch_execute("CREATE DATABASE legacy").expect("legacy db");
+    let mut legacy = old.connect_db("legacy");
+    legacy
+        .batch_execute(
+            "DROP EXTENSION IF EXISTS pg_webhooks; CREATE EXTENSION pg_webhooks VERSION '0.1.0';
+             CREATE TABLE orders (id int PRIMARY KEY, status text);
+             CREATE TABLE order_items (id int PRIMARY KEY, order_id int, sku text);
+             SELECT webhooks.track('orders', status_column => 'status',
+                    children => '{\"items\": {\"table\": \"order_items\", \"foreign_key\": \"order_id\"}}');",
+        )
+        .expect("0.1.0 source");
+    let (dump, legacy_dump) = (old.dump("postgres"), old.dump("legacy"));
+    drop((src, legacy));
+    old.stop();
+
+    let new = Cluster::start("restore_cols_dst", &[]);
+    let mut su = new.connect();
+    su.batch_execute("CREATE DATABASE shop").expect("shop");
+    su.batch_execute("CREATE DATABASE legacy").expect("legacy");
+    new.restore("shop", &dump);
+    let mut shop = new.connect_db("shop");
+    shop.batch_execute("INSERT INTO orders VALUES (1, 'new', 'hello')").expect("order 1");
+    shop.batch_execute("INSERT INTO orders VALUES (2, 'new', 'hello')").expect("order 2");
+    shop.batch_execute("INSERT INTO order_items VALUES (5, 1, 'x')").expect("item");
+    shop.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 2").expect("pay");
+    let evs: Vec<(String, Option<String>, serde_json::Value)> = shop
+        .query("SELECT type, key, data FROM webhooks.events ORDER BY seq", &[])
+        .expect("events")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let summary: Vec<(String, Option<String>)> = evs.iter().map(|(t, k, _)| (t.clone(), k.clone())).collect();
+    let s = |t: &str, k: &str| (t.to_string(), Some(k.to_string()));
+    assert_eq!(
+        summary,
+        [s("order.created", "1"), s("order.created", "2"), s("order.updated", "1"), s("order.status_updated", "2"), s("order.paid", "2")],
+        "keyed by id, the status column found, the item under its order"
+    );
+    assert_eq!(evs[2].2["items"][0]["sku"], json!("x"));
+    assert_eq!(evs[3].2["previous_status"], json!("new"));
+
+    // The 0.1.0 dump: restored with a warning, its children left out, every write working.
+    new.restore("legacy", &legacy_dump);
+    let mut l = new.connect_db("legacy");
+    let children: String = l.query_one("SELECT children::text FROM webhooks._tracked", &[]).expect("tracked").get(0);
+    assert_eq!(children, "[]");
+    l.batch_execute("INSERT INTO orders VALUES (1, 'new')").expect("an order");
+    l.batch_execute("INSERT INTO order_items VALUES (1, 1, 'x')").expect("an item: the old child trigger does nothing");
+    let types: Vec<String> =
+        l.query("SELECT type FROM webhooks.events ORDER BY seq", &[]).expect("events").iter().map(|r| r.get(0)).collect();
+    assert_eq!(types, ["order.created"]);
+    assert!(new.server_log().contains("was dumped by pg_webhooks 0.1.0"), "the restore warned");
+}

@@ -9,30 +9,10 @@ use common::{wait_for, Cluster, Receiver};
 use postgres::Client;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 const OLD: &str = "0.1.0";
-
-/// The archived full script of version `OLD`, put where CREATE EXTENSION ... VERSION finds it
-/// (a server that ran the old version had it there; the package and `cargo pgrx install` ship
-/// only the update scripts beside the current version's).
-fn install_old_script() {
-    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
-    let out = std::process::Command::new(&pg_config)
-        .arg("--sharedir")
-        .output()
-        .expect("pg_config --sharedir");
-    let extdir = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
-    let name = format!("pg_webhooks--{OLD}.sql");
-    let archived = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/archive").join(&name);
-    let text = std::fs::read(&archived).expect("archived script");
-    let target = extdir.join(&name);
-    if std::fs::read(&target).ok().as_deref() != Some(&text[..]) {
-        std::fs::write(&target, &text).unwrap_or_else(|e| panic!("write {}: {e}", target.display()));
-    }
-}
 
 /// Every object of the extension with what defines it: definitions, columns, constraints,
 /// indexes, triggers, options, privileges and comments. Two databases with equal maps have the
@@ -136,7 +116,7 @@ fn worker_state(c: &mut Client, db: &str) -> Option<String> {
 
 #[test]
 fn a_database_at_the_previous_version_updates_and_delivers_what_it_captured_before() {
-    install_old_script();
+    common::install_archived_script(OLD);
     let cluster = Cluster::start(
         "upgrade",
         &["webhooks.database = 'postgres, shop'", "webhooks.poll_interval = '200ms'"],
@@ -231,7 +211,7 @@ fn a_database_at_the_previous_version_updates_and_delivers_what_it_captured_befo
 
 #[test]
 fn the_update_script_cannot_be_run_by_hand_and_an_unknown_version_is_refused() {
-    install_old_script();
+    common::install_archived_script(OLD);
     let cluster = Cluster::start("upgrade_refusals", &[]);
     let mut c = cluster.connect();
     let err = c

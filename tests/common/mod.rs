@@ -227,10 +227,22 @@ impl Cluster {
     /// `pg_dump` of database `db` (plain SQL, as a superuser).
     pub fn dump(&self, db: &str) -> Vec<u8> {
         let out = Command::new(self.bindir.join("pg_dump"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ])
             .output()
             .expect("pg_dump");
-        assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
@@ -238,16 +250,32 @@ impl Cluster {
     pub fn restore(&self, db: &str, dump: &[u8]) {
         use std::io::Write;
         let mut psql = Command::new(self.bindir.join("psql"))
-            .args(["-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+            ])
             .args(["-U", "postgres", "-d", db])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("psql");
-        psql.stdin.take().expect("stdin").write_all(dump).expect("feed the dump");
+        psql.stdin
+            .take()
+            .expect("stdin")
+            .write_all(dump)
+            .expect("feed the dump");
         let out = psql.wait_with_output().expect("psql");
-        assert!(out.status.success(), "the restore failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn server_log(&self) -> String {
@@ -466,4 +494,27 @@ pub fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
         .unwrap_or_else(|| panic!("{sql}: not a database error: {err}"));
     assert_eq!(db.code(), &state, "{sql}: {}", db.message());
     format!("{} {}", db.message(), db.hint().unwrap_or_default())
+}
+
+/// The archived full script of an earlier `version` (sql/archive/), put where CREATE
+/// EXTENSION ... VERSION finds it (a server that ran the old version had it there; the package
+/// and `cargo pgrx install` ship only the update scripts beside the current version's).
+pub fn install_archived_script(version: &str) {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
+    let out = std::process::Command::new(&pg_config)
+        .arg("--sharedir")
+        .output()
+        .expect("pg_config --sharedir");
+    let extdir = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
+    let name = format!("pg_webhooks--{version}.sql");
+    let archived = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/archive").join(&name);
+    let text = std::fs::read(&archived).expect("archived script");
+    let target = extdir.join(&name);
+    if std::fs::read(&target).ok().as_deref() != Some(&text[..]) {
+        // Written aside and renamed: a test creating the extension meanwhile reads either no
+        // file or the whole one.
+        let aside = extdir.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::write(&aside, &text).unwrap_or_else(|e| panic!("write {}: {e}", aside.display()));
+        std::fs::rename(&aside, &target).unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
+    }
 }
