@@ -31,7 +31,13 @@ WITH members AS (
 SELECT pg_catalog.pg_describe_object(m.classid, m.objid, 0),
        CASE m.classid
        WHEN 'pg_catalog.pg_proc'::regclass THEN
-            pg_catalog.pg_get_functiondef(m.objid)
+            (SELECT CASE WHEN p.prokind = 'a' THEN
+                        (SELECT format('aggregate %s(%s) sfunc %s stype %s final %s combine %s init %s',
+                                       p.oid::regproc, pg_catalog.pg_get_function_arguments(p.oid), a.aggtransfn,
+                                       a.aggtranstype::regtype, a.aggfinalfn, a.aggcombinefn, a.agginitval)
+                           FROM pg_catalog.pg_aggregate a WHERE a.aggfnoid = p.oid)
+                    ELSE pg_catalog.pg_get_functiondef(p.oid) END
+               FROM pg_catalog.pg_proc p WHERE p.oid = m.objid)
             || ' acl=' || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text)
                                       FROM pg_catalog.pg_proc p, unnest(p.proacl) a WHERE p.oid = m.objid), '-')
             || ' comment=' || coalesce(pg_catalog.obj_description(m.objid, 'pg_proc'), '-')
