@@ -74,9 +74,14 @@ const FAN_OUT: &str = fan_out!("");
 /// transaction that records how far fan-out got, so each is counted once, and fan-out reads
 /// them anyway. One row per type and hour in the batch, of worker 0's own (only worker 0 fans
 /// out), so nothing else ever waits for its lock.
+/// (`_event_stats` keeps an event type's first 200 characters: its key is indexed, an index
+/// entry holds at most 2704 bytes, and a type from `status_events` has no length limit. A
+/// type that long must not stop fan-out or recording; types sharing 200 characters share a
+/// row.)
 const FAN_OUT_COUNTED: &str = fan_out!(", es AS (
     INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, emitted)
-    SELECT pg_catalog.date_trunc('hour', e.created_at, 'UTC'), e.type, 0, pg_catalog.count(*)
+    SELECT pg_catalog.date_trunc('hour', e.created_at, 'UTC'), pg_catalog.left(e.type, 200), 0,
+           pg_catalog.count(*)
       FROM e GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (bucket, event_type, worker) DO UPDATE SET emitted = t.emitted + excluded.emitted
 )");
@@ -510,9 +515,11 @@ const RECORD_WITH_STATS: &str = concat!(record_prefix!(), ", ds AS (
            latency_hist = webhooks._hist_add(t.latency_hist, excluded.latency_hist)
 ), es AS (
     INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, delivered, retried, dead)
-    SELECT pg_catalog.to_timestamp(u.bucket), u.type, $14, u.delivered, u.retried, u.dead
+    SELECT pg_catalog.to_timestamp(u.bucket), pg_catalog.left(u.type, 200), $14,
+           pg_catalog.sum(u.delivered), pg_catalog.sum(u.retried), pg_catalog.sum(u.dead)
       FROM unnest($23::text[], $24::int8[], $25::int8[], $26::int8[], $27::int8[])
            AS u(type, bucket, delivered, retried, dead)
+     GROUP BY 1, 2
     ON CONFLICT (bucket, event_type, worker) DO UPDATE
        SET delivered = t.delivered + excluded.delivered, retried = t.retried + excluded.retried,
            dead = t.dead + excluded.dead

@@ -702,3 +702,37 @@ fn request_is_for_readers_only_and_refuses_hostile_input() {
     );
     assert!(msg.contains("no longer exists"), "{msg}");
 }
+
+#[test]
+fn an_event_type_too_long_for_an_index_entry_stops_neither_fan_out_nor_recording() {
+    // An admin may map a status to any type status_events' check allows, however long; the
+    // rollup keyed by type keeps its first 200 characters (an index entry holds 2704 bytes).
+    let mut c = db();
+    c.batch_execute(
+        "CREATE ROLE longtype_admin LOGIN; GRANT webhooks_admin TO longtype_admin;
+         CREATE TABLE lt_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('lt_orders', entity => 'lt', status_column => 'status');",
+    )
+    .expect("setup");
+    let rx = Receiver::start();
+    let (sub, _) = subscribe(&mut c, &rx, "/longtype", "{lt.*,ltafter.*}", "", json!({}));
+    let long = format!("lt.{}", "x".repeat(6000));
+    let mut admin = cluster().connect_as("postgres", "longtype_admin");
+    admin
+        .execute("INSERT INTO webhooks.status_events (entity, status, event_type) VALUES ('lt', 'weird', $1)", &[&long])
+        .expect("a long event type");
+    c.batch_execute("INSERT INTO lt_orders VALUES (1, 'weird')").expect("a write in that status");
+    c.batch_execute("SELECT webhooks.emit('ltafter.done', '{}')").expect("an unrelated later event");
+    let got = rx.wait_for_requests("/longtype", 3, WAIT);
+    let types: Vec<String> = got.iter().map(|r| r["json"]["type"].as_str().unwrap_or_default().to_string()).collect();
+    assert!(types.contains(&long) && types.contains(&"ltafter.done".to_string()), "{:?}", types.iter().map(|t| t.len()).collect::<Vec<_>>());
+    wait_all(&mut c, sub, 3, "succeeded");
+    let kept: i64 = c
+        .query_one(
+            "SELECT max(length(event_type))::int8 FROM webhooks.event_stats WHERE event_type LIKE 'lt.x%'",
+            &[],
+        )
+        .expect("stats")
+        .get(0);
+    assert_eq!(kept, 200);
+}
