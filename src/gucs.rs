@@ -376,8 +376,8 @@ mod tests {
 
     #[test]
     fn a_database_list_is_comma_separated_and_trimmed() {
-        assert_eq!(parse_databases("shop").unwrap(), ["shop"]);
-        assert_eq!(parse_databases(" shop ,billing,  Other Db ").unwrap(), ["shop", "billing", "Other Db"]);
+        assert_eq!(parse_databases("shop").expect("one name"), ["shop"]);
+        assert_eq!(parse_databases(" shop ,billing,  Other Db ").expect("three names"), ["shop", "billing", "Other Db"]);
     }
 
     #[test]
