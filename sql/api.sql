@@ -541,6 +541,63 @@ BEGIN
 END
 $$;
 
+-- subscribe's parameter `secret` has the name of its result column, which PL/pgSQL does not
+-- allow: subscribe is a SQL function handing its arguments to _subscribe. API: Private
+CREATE FUNCTION webhooks._subscribe(
+    p_url text, p_event_types text[], p_description text, p_headers jsonb, p_filter jsonb,
+    p_signature text, p_signature_header text, p_timeout interval, p_retry_schedule text,
+    p_secret text, p_signature_options jsonb, p_tls jsonb
+) RETURNS TABLE (o_id bigint, o_secret text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url    text;
+    v_id     bigint;
+    v_secret text := p_secret;
+    v_sig    jsonb;
+    v_tls    jsonb;
+BEGIN
+    IF p_url IS NULL OR btrim(p_url) = '' THEN
+        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_url := webhooks._check_url(p_url);
+    IF p_event_types IS NULL THEN
+        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM webhooks._check_event_patterns(p_event_types);
+    PERFORM webhooks._check_headers(p_headers);
+    IF p_filter IS NOT NULL AND jsonb_typeof(p_filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
+    END IF;
+    -- The style with its header and options, normalized (src/api.rs _check_signature).
+    v_sig := webhooks._check_signature(p_signature, p_signature_header, p_signature_options::text);
+    IF p_timeout IS NOT NULL AND (p_timeout < interval '1 millisecond' OR p_timeout > interval '10 minutes') THEN
+        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retry_schedule IS NOT NULL THEN
+        PERFORM webhooks._check_retry_schedule(p_retry_schedule);
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret(p_signature, v_secret);
+    END IF;
+    IF p_tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(p_tls::text, v_url);
+    END IF;
+
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header,
+                                         timeout, retry_schedule, signature_options, tls)
+    VALUES (v_url, p_event_types, p_description, p_filter, p_signature, v_sig ->> 'signature_header',
+            p_timeout, p_retry_schedule, NULLIF(v_sig -> 'signature_options', 'null'), v_tls)
+    RETURNING _subscriptions.id INTO v_id;
+    INSERT INTO webhooks._secrets (subscription_id, secret, headers, tls) VALUES (v_id, v_secret, p_headers, p_tls);
+    RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
 CREATE FUNCTION webhooks.subscribe(
     url text,
     event_types text[] DEFAULT '{*}',
@@ -550,54 +607,17 @@ CREATE FUNCTION webhooks.subscribe(
     signature text DEFAULT 'standard',
     signature_header text DEFAULT NULL,
     timeout interval DEFAULT NULL,
-    retry_schedule text DEFAULT NULL
+    retry_schedule text DEFAULT NULL,
+    secret text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL,
+    tls jsonb DEFAULT NULL
 ) RETURNS TABLE (id bigint, secret text)
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_url    text;
-    v_id     bigint;
-    v_secret text := webhooks._generate_secret();
-BEGIN
-    IF url IS NULL OR btrim(url) = '' THEN
-        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    v_url := webhooks._check_url(url);
-    IF event_types IS NULL THEN
-        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM webhooks._check_event_patterns(event_types);
-    PERFORM webhooks._check_headers(headers);
-    IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
-        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
-    END IF;
-    IF signature IS NULL OR signature NOT IN ('standard', 'hex') THEN
-        RAISE EXCEPTION 'signature must be ''standard'' or ''hex''' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF signature = 'hex' THEN
-        signature_header := coalesce(signature_header, 'X-Webhook-Signature');
-    END IF;
-    IF signature_header IS NOT NULL THEN
-        IF signature <> 'hex' THEN
-            RAISE EXCEPTION 'signature_header applies to signature => ''hex'' only' USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        PERFORM webhooks._check_headers(jsonb_build_object(signature_header, ''));
-    END IF;
-    IF timeout IS NOT NULL AND (timeout < interval '1 millisecond' OR timeout > interval '10 minutes') THEN
-        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF retry_schedule IS NOT NULL THEN
-        PERFORM webhooks._check_retry_schedule(retry_schedule);
-    END IF;
-
-    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
-    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
-    RETURNING _subscriptions.id INTO v_id;
-    INSERT INTO webhooks._secrets (subscription_id, secret, headers) VALUES (v_id, v_secret, headers);
-    RETURN QUERY SELECT v_id, v_secret;
-END
+    SELECT s.o_id, s.o_secret
+      FROM webhooks._subscribe(url, event_types, description, headers, filter, signature, signature_header,
+                               timeout, retry_schedule, secret, signature_options, tls) AS s
 $$;
 
 CREATE FUNCTION webhooks._set_state(p_id bigint, p_state text) RETURNS void
@@ -653,17 +673,23 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours') RETURNS text
+CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours', secret text DEFAULT NULL)
+RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p_id     bigint := id;
-    v_secret text := webhooks._generate_secret();
+    v_secret text := rotate_secret.secret;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     IF grace IS NULL OR grace < interval '0' OR grace > interval '30 days' THEN
         RAISE EXCEPTION 'grace must be between 0 and 30 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret((SELECT s.signature FROM webhooks._subscriptions s WHERE s.id = p_id), v_secret);
     END IF;
     UPDATE webhooks._secrets k
        SET previous_secret = CASE WHEN grace > interval '0' THEN k.secret END,
@@ -672,6 +698,64 @@ BEGIN
      WHERE k.subscription_id = p_id;
     UPDATE webhooks._subscriptions s SET updated_at = now() WHERE s.id = p_id;
     RETURN v_secret;
+END
+$$;
+
+-- A subscription's signature style, header and options, validated as subscribe does. The
+-- secrets stay; a switch to 'standard' needs secrets in its form (whsec_ + base64), the
+-- previous one too while its grace lasts. API: Public
+CREATE FUNCTION webhooks.set_signature(
+    id bigint,
+    signature text,
+    signature_header text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sig jsonb;
+    v_key webhooks._secrets;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    v_sig := webhooks._check_signature(signature, signature_header, signature_options::text);
+    SELECT * INTO v_key FROM webhooks._secrets k WHERE k.subscription_id = p_id FOR UPDATE;
+    BEGIN
+        PERFORM webhooks._check_secret(signature, v_key.secret);
+        IF v_key.previous_expires_at > now() THEN
+            PERFORM webhooks._check_secret(signature, v_key.previous_secret);
+        END IF;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'the subscription''s secret cannot sign with signature => ''%''', signature
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Rotate to a secret of that style first: webhooks.rotate_secret(id, ''0'', secret => ...), or without secret for a new whsec_ one.';
+    END;
+    UPDATE webhooks._subscriptions s
+       SET signature = set_signature.signature,
+           signature_header = v_sig ->> 'signature_header',
+           signature_options = NULLIF(v_sig -> 'signature_options', 'null'),
+           updated_at = now()
+     WHERE s.id = p_id;
+END
+$$;
+
+-- A subscription's TLS settings (NULL: none, the public roots and no client certificate),
+-- validated as subscribe does; the worker makes its connections anew with them. API: Public
+CREATE FUNCTION webhooks.set_tls(id bigint, tls jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_tls jsonb;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(set_tls.tls::text, (SELECT s.url FROM webhooks._subscriptions s WHERE s.id = p_id));
+    END IF;
+    UPDATE webhooks._secrets k SET tls = set_tls.tls WHERE k.subscription_id = p_id;
+    UPDATE webhooks._subscriptions s SET tls = v_tls, updated_at = now() WHERE s.id = p_id;
 END
 $$;
 
@@ -827,7 +911,9 @@ SELECT s.id,
        k.previous_expires_at AS previous_secret_expires_at,
        s.failing_since,
        s.created_at,
-       s.updated_at
+       s.updated_at,
+       s.signature_options,
+       s.tls
   FROM webhooks._subscriptions s
   LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
 
@@ -944,13 +1030,17 @@ COMMENT ON FUNCTION webhooks.track(regclass, text, name, name, jsonb) IS
     'Capture INSERT/UPDATE/DELETE on a table as <entity>.created/updated/status_updated/<status>/deleted events, net per transaction, payload read at commit.';
 COMMENT ON FUNCTION webhooks.untrack(regclass) IS 'Stop capturing a table (removes its triggers).';
 COMMENT ON FUNCTION webhooks.emit(text, jsonb, text) IS 'Enqueue any other event; delivered after commit. Returns the event id.';
-COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text) IS
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb) IS
     'Create a subscription; returns its id and its signing secret (shown only this once).';
 COMMENT ON FUNCTION webhooks.pause(bigint) IS 'Hold deliveries of a subscription; events keep queueing.';
 COMMENT ON FUNCTION webhooks.resume(bigint) IS 'Resume a paused or disabled subscription; its held backlog flows again.';
 COMMENT ON FUNCTION webhooks.unsubscribe(bigint) IS 'Delete a subscription; queued deliveries end as dead, history stays.';
-COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval) IS
-    'New signing secret (returned once); the old one still signs during the grace period.';
+COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval, text) IS
+    'New signing secret (generated, or the one given; returned once); the old one still signs during the grace period.';
+COMMENT ON FUNCTION webhooks.set_signature(bigint, text, text, jsonb) IS
+    'Change how a subscription''s deliveries are signed (style, header, options); the secrets stay.';
+COMMENT ON FUNCTION webhooks.set_tls(bigint, jsonb) IS
+    'Set (or, with NULL, remove) a subscription''s client certificate and key and CA bundle.';
 COMMENT ON FUNCTION webhooks.send_test(bigint) IS 'Queue a webhook.test delivery; returns the delivery id.';
 COMMENT ON FUNCTION webhooks.redeliver(bigint) IS 'Queue a new delivery of the same event (same webhook-id); returns its id.';
 COMMENT ON FUNCTION webhooks.replay(bigint, timestamptz, timestamptz, text[]) IS
@@ -969,6 +1059,8 @@ COMMENT ON COLUMN webhooks.deliveries.redelivery_of IS 'The delivery this one re
 COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolution to the end of the capped response body.';
 COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
 COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
+COMMENT ON COLUMN webhooks.subscriptions.signature_options IS 'The hmac style''s settings: header, encoding, prefix, signed, timestamp_header, timestamp_format.';
+COMMENT ON COLUMN webhooks.subscriptions.tls IS 'What may be shown of the TLS settings: the client certificate''s subject, issuer and expiry (not_after), the CA bundle''s size; never the key.';
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 COMMENT ON FUNCTION webhooks.request(bigint) IS
@@ -1041,9 +1133,10 @@ GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text),
     webhooks.emit(text, jsonb, text),
-    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text),
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb),
     webhooks.pause(bigint), webhooks.resume(bigint), webhooks.unsubscribe(bigint),
-    webhooks.rotate_secret(bigint, interval), webhooks.send_test(bigint),
+    webhooks.rotate_secret(bigint, interval, text), webhooks.send_test(bigint),
+    webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb),
     webhooks.redeliver(bigint), webhooks.replay(bigint, timestamptz, timestamptz, text[]),
     webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb)
     TO webhooks_admin;

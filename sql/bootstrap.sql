@@ -84,7 +84,7 @@ CREATE TABLE webhooks._subscriptions (
     event_types      text[] NOT NULL,
     description      text,
     filter           jsonb,
-    signature        text NOT NULL DEFAULT 'standard' CHECK (signature IN ('standard', 'hex')),
+    signature        text NOT NULL DEFAULT 'standard' CHECK (signature IN ('standard', 'hex', 'hmac', 'stripe')),
     signature_header text,
     timeout          interval,
     retry_schedule   text,
@@ -105,7 +105,13 @@ CREATE TABLE webhooks._subscriptions (
     consecutive_failures integer NOT NULL DEFAULT 0,
     last_error       text,
     last_error_at    timestamptz,
-    last_status_code integer
+    last_status_code integer,
+    -- The hmac style's settings, normalized (src/signing.rs HmacOptions::to_json); NULL for
+    -- the other styles. Last, as the update to 0.2.0 adds them.
+    signature_options jsonb,
+    -- What may be shown of the TLS settings (src/tls.rs): the client certificate's subject,
+    -- issuer and expiry, the CA bundle's size. The PEMs are in _secrets.tls.
+    tls              jsonb
 );
 
 CREATE INDEX _subscriptions_new_idx ON webhooks._subscriptions (id) WHERE NOT fanned_out;
@@ -116,7 +122,9 @@ CREATE TABLE webhooks._secrets (
     secret              text NOT NULL,
     previous_secret     text,
     previous_expires_at timestamptz,
-    headers             jsonb NOT NULL DEFAULT '{}'
+    headers             jsonb NOT NULL DEFAULT '{}',
+    -- {"client_certificate", "client_key", "ca_bundle"} as PEM text (src/tls.rs), or NULL.
+    tls                 jsonb
 );
 
 -- API: Private

@@ -716,3 +716,257 @@ GRANT SELECT ON webhooks.subscription_health, webhooks.event_stats TO webhooks_r
 GRANT EXECUTE ON FUNCTION webhooks.request(bigint), webhooks._hist_sum(bigint[]),
                           webhooks._hist_quantile(bigint[], double precision), webhooks._backlog(bigint)
     TO webhooks_reader;
+
+------------------------------------------------------------------------------------------
+-- #11 signatures, brought secrets, mutual TLS: the hmac and stripe styles with their options,
+-- a secret the subscriber brings (subscribe, rotate_secret), per-subscription TLS settings
+-- (client certificate and key, CA bundle; the PEMs in _secrets), set_signature and set_tls.
+------------------------------------------------------------------------------------------
+ALTER TABLE webhooks._subscriptions
+    DROP CONSTRAINT _subscriptions_signature_check,
+    ADD CONSTRAINT _subscriptions_signature_check CHECK (signature IN ('standard', 'hex', 'hmac', 'stripe')),
+    ADD COLUMN signature_options jsonb,
+    ADD COLUMN tls jsonb;
+ALTER TABLE webhooks._secrets ADD COLUMN tls jsonb;
+
+-- The Rust functions (as `cargo pgrx schema` writes them).
+CREATE FUNCTION webhooks."_check_signature"(
+	"signature" TEXT, /* core::option::Option<&str> */
+	"signature_header" TEXT, /* core::option::Option<&str> */
+	"signature_options" TEXT /* core::option::Option<&str> */
+) RETURNS jsonb /* pgrx::datum::json::JsonB */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_signature_wrapper';
+
+CREATE FUNCTION webhooks."_check_secret"(
+	"signature" TEXT, /* core::option::Option<&str> */
+	"secret" TEXT /* core::option::Option<&str> */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_secret_wrapper';
+
+CREATE FUNCTION webhooks."_check_tls"(
+	"tls" TEXT, /* core::option::Option<&str> */
+	"url" TEXT /* core::option::Option<&str> */
+) RETURNS jsonb /* pgrx::datum::json::JsonB */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_tls_wrapper';
+
+-- subscribe gains secret, signature_options and tls (after retry_schedule).
+DROP FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text);
+-- subscribe's parameter `secret` has the name of its result column, which PL/pgSQL does not
+-- allow: subscribe is a SQL function handing its arguments to _subscribe. API: Private
+CREATE FUNCTION webhooks._subscribe(
+    p_url text, p_event_types text[], p_description text, p_headers jsonb, p_filter jsonb,
+    p_signature text, p_signature_header text, p_timeout interval, p_retry_schedule text,
+    p_secret text, p_signature_options jsonb, p_tls jsonb
+) RETURNS TABLE (o_id bigint, o_secret text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url    text;
+    v_id     bigint;
+    v_secret text := p_secret;
+    v_sig    jsonb;
+    v_tls    jsonb;
+BEGIN
+    IF p_url IS NULL OR btrim(p_url) = '' THEN
+        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_url := webhooks._check_url(p_url);
+    IF p_event_types IS NULL THEN
+        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM webhooks._check_event_patterns(p_event_types);
+    PERFORM webhooks._check_headers(p_headers);
+    IF p_filter IS NOT NULL AND jsonb_typeof(p_filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
+    END IF;
+    -- The style with its header and options, normalized (src/api.rs _check_signature).
+    v_sig := webhooks._check_signature(p_signature, p_signature_header, p_signature_options::text);
+    IF p_timeout IS NOT NULL AND (p_timeout < interval '1 millisecond' OR p_timeout > interval '10 minutes') THEN
+        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retry_schedule IS NOT NULL THEN
+        PERFORM webhooks._check_retry_schedule(p_retry_schedule);
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret(p_signature, v_secret);
+    END IF;
+    IF p_tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(p_tls::text, v_url);
+    END IF;
+
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header,
+                                         timeout, retry_schedule, signature_options, tls)
+    VALUES (v_url, p_event_types, p_description, p_filter, p_signature, v_sig ->> 'signature_header',
+            p_timeout, p_retry_schedule, NULLIF(v_sig -> 'signature_options', 'null'), v_tls)
+    RETURNING _subscriptions.id INTO v_id;
+    INSERT INTO webhooks._secrets (subscription_id, secret, headers, tls) VALUES (v_id, v_secret, p_headers, p_tls);
+    RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
+CREATE FUNCTION webhooks.subscribe(
+    url text,
+    event_types text[] DEFAULT '{*}',
+    description text DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    filter jsonb DEFAULT NULL,
+    signature text DEFAULT 'standard',
+    signature_header text DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    retry_schedule text DEFAULT NULL,
+    secret text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL,
+    tls jsonb DEFAULT NULL
+) RETURNS TABLE (id bigint, secret text)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.o_id, s.o_secret
+      FROM webhooks._subscribe(url, event_types, description, headers, filter, signature, signature_header,
+                               timeout, retry_schedule, secret, signature_options, tls) AS s
+$$;
+
+-- rotate_secret may take the new secret.
+DROP FUNCTION webhooks.rotate_secret(bigint, interval);
+CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours', secret text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id     bigint := id;
+    v_secret text := rotate_secret.secret;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF grace IS NULL OR grace < interval '0' OR grace > interval '30 days' THEN
+        RAISE EXCEPTION 'grace must be between 0 and 30 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret((SELECT s.signature FROM webhooks._subscriptions s WHERE s.id = p_id), v_secret);
+    END IF;
+    UPDATE webhooks._secrets k
+       SET previous_secret = CASE WHEN grace > interval '0' THEN k.secret END,
+           previous_expires_at = CASE WHEN grace > interval '0' THEN now() + grace END,
+           secret = v_secret
+     WHERE k.subscription_id = p_id;
+    UPDATE webhooks._subscriptions s SET updated_at = now() WHERE s.id = p_id;
+    RETURN v_secret;
+END
+$$;
+
+-- A subscription's signature style, header and options, validated as subscribe does. The
+-- secrets stay; a switch to 'standard' needs secrets in its form (whsec_ + base64), the
+-- previous one too while its grace lasts. API: Public
+CREATE FUNCTION webhooks.set_signature(
+    id bigint,
+    signature text,
+    signature_header text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sig jsonb;
+    v_key webhooks._secrets;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    v_sig := webhooks._check_signature(signature, signature_header, signature_options::text);
+    SELECT * INTO v_key FROM webhooks._secrets k WHERE k.subscription_id = p_id FOR UPDATE;
+    BEGIN
+        PERFORM webhooks._check_secret(signature, v_key.secret);
+        IF v_key.previous_expires_at > now() THEN
+            PERFORM webhooks._check_secret(signature, v_key.previous_secret);
+        END IF;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'the subscription''s secret cannot sign with signature => ''%''', signature
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Rotate to a secret of that style first: webhooks.rotate_secret(id, ''0'', secret => ...), or without secret for a new whsec_ one.';
+    END;
+    UPDATE webhooks._subscriptions s
+       SET signature = set_signature.signature,
+           signature_header = v_sig ->> 'signature_header',
+           signature_options = NULLIF(v_sig -> 'signature_options', 'null'),
+           updated_at = now()
+     WHERE s.id = p_id;
+END
+$$;
+
+-- A subscription's TLS settings (NULL: none, the public roots and no client certificate),
+-- validated as subscribe does; the worker makes its connections anew with them. API: Public
+CREATE FUNCTION webhooks.set_tls(id bigint, tls jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_tls jsonb;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(set_tls.tls::text, (SELECT s.url FROM webhooks._subscriptions s WHERE s.id = p_id));
+    END IF;
+    UPDATE webhooks._secrets k SET tls = set_tls.tls WHERE k.subscription_id = p_id;
+    UPDATE webhooks._subscriptions s SET tls = v_tls, updated_at = now() WHERE s.id = p_id;
+END
+$$;
+
+CREATE OR REPLACE VIEW webhooks.subscriptions AS
+SELECT s.id,
+       webhooks._mask_url(s.url) AS url,
+       s.event_types,
+       s.state = 'active' AS active,
+       s.state,
+       s.disabled_reason,
+       s.description,
+       s.filter,
+       s.signature,
+       s.signature_header,
+       s.timeout,
+       s.retry_schedule,
+       ARRAY(SELECT jsonb_object_keys(k.headers) ORDER BY 1) AS header_names,
+       k.previous_expires_at AS previous_secret_expires_at,
+       s.failing_since,
+       s.created_at,
+       s.updated_at,
+       s.signature_options,
+       s.tls
+  FROM webhooks._subscriptions s
+  LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
+
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb) IS
+    'Create a subscription; returns its id and its signing secret (shown only this once).';
+COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval, text) IS
+    'New signing secret (generated, or the one given; returned once); the old one still signs during the grace period.';
+COMMENT ON FUNCTION webhooks.set_signature(bigint, text, text, jsonb) IS
+    'Change how a subscription''s deliveries are signed (style, header, options); the secrets stay.';
+COMMENT ON FUNCTION webhooks.set_tls(bigint, jsonb) IS
+    'Set (or, with NULL, remove) a subscription''s client certificate and key and CA bundle.';
+COMMENT ON COLUMN webhooks.subscriptions.signature_options IS 'The hmac style''s settings: header, encoding, prefix, signed, timestamp_header, timestamp_format.';
+COMMENT ON COLUMN webhooks.subscriptions.tls IS 'What may be shown of the TLS settings: the client certificate''s subject, issuer and expiry (not_after), the CA bundle''s size; never the key.';
+
+REVOKE EXECUTE ON FUNCTION webhooks._check_signature(text, text, text), webhooks._check_secret(text, text),
+                           webhooks._check_tls(text, text),
+                           webhooks._subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb),
+                           webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb),
+                           webhooks.rotate_secret(bigint, interval, text),
+                           webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb),
+    webhooks.rotate_secret(bigint, interval, text),
+    webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb)
+    TO webhooks_admin;

@@ -21,6 +21,7 @@ mod schedule;
 mod shmem;
 mod signing;
 mod stats;
+mod tls;
 mod worker;
 
 ::pgrx::pg_module_magic!();

@@ -404,7 +404,7 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", even
        e.data::text, s.url, s.signature, s.signature_header,
        (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
        CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
-       k.headers::text, c.head
+       k.headers::text, c.head, s.signature_options::text, k.tls::text
   FROM chain c
   JOIN webhooks._events e ON e.seq = c.event_seq
   JOIN webhooks._subscriptions s ON s.id = c.subscription_id
@@ -632,14 +632,11 @@ pub fn claim(
                     out.push(Vec::new());
                     last_head = head;
                 }
-                let signature = match row.get::<String>(9)?.as_deref() {
-                    Some("hex") => Signature::Hex {
-                        header: row
-                            .get::<String>(10)?
-                            .unwrap_or_else(|| "X-Webhook-Signature".into()),
-                    },
-                    _ => Signature::Standard,
-                };
+                let signature = Signature::from_columns(
+                    row.get::<String>(9)?.as_deref(),
+                    row.get::<String>(10)?,
+                    row.get::<String>(17)?.as_deref(),
+                );
                 let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
                 secrets.extend(row.get::<String>(14)?);
                 let headers: Vec<(String, String)> = row
@@ -672,6 +669,7 @@ pub fn claim(
                         signature,
                         secrets,
                         headers,
+                        tls: row.get::<String>(18)?,
                         timeout,
                         max_response_bytes,
                         max_payload_bytes: crate::gucs::max_payload_bytes(),
