@@ -298,19 +298,24 @@ impl HmacOptions {
     }
 
     /// The options as stored (`_subscriptions.signature_options`) and shown by the view:
-    /// every key, defaults filled in; the header is `signature_header`'s.
+    /// every key, defaults filled in (the timestamp's keys only with a timestamp header); the
+    /// header is `signature_header`'s too. `parse` reads it back as it is.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "header": self.header,
             "encoding": match self.encoding { Encoding::Hex => "hex", Encoding::Base64 => "base64" },
             "prefix": self.prefix,
             "signed": if self.signs_timestamp { "timestamp.body" } else { "body" },
-            "timestamp_header": self.timestamp_header,
-            "timestamp_format": match self.timestamp_format {
+        });
+        if let Some(header) = &self.timestamp_header {
+            out["timestamp_header"] = header.as_str().into();
+            out["timestamp_format"] = match self.timestamp_format {
                 TimestampFormat::Unix => "unix",
                 TimestampFormat::Iso8601 => "iso8601",
-            },
-        })
+            }
+            .into();
+        }
+        out
     }
 
     /// The options the worker reads back from the stored form; what was validated once is
@@ -604,6 +609,12 @@ mod tests {
         .expect("valid");
         let stored = o.to_json().to_string();
         assert_eq!(HmacOptions::from_stored(Some("X-Sig"), Some(&stored)), o);
+        // Without a timestamp header too (the stored form then has no timestamp keys).
+        let o = HmacOptions::parse(None, Some(r#"{"header":"X-Hub-Signature-256","prefix":"sha256="}"#))
+            .expect("valid");
+        let stored = o.to_json().to_string();
+        assert!(!stored.contains("timestamp"), "{stored}");
+        assert_eq!(HmacOptions::from_stored(Some("X-Hub-Signature-256"), Some(&stored)), o);
     }
 
     #[test]

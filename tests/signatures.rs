@@ -119,7 +119,7 @@ fn each_style_verifies_as_its_platform_documents() {
         .collect();
     let verdicts = verify(&cases);
     for (path, ..) in subs {
-        assert_eq!(verdicts[path], json!(true), "{path}: {}", verdicts[path]);
+        assert_eq!(verdicts[path], json!(true), "{path}: {verdicts:?} {cases:?}");
     }
     let log = rx.wait_for_requests("/standard", 1, WAIT);
     assert_eq!(log[0]["verified"], json!(true), "{}", log[0]["verify_error"]);
