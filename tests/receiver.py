@@ -260,6 +260,9 @@ class TlsServer(Server):
     context = None
 
     def process_request_thread(self, request, client_address):
+        # A second descriptor of the connection: wrap_socket closes its own when the
+        # handshake fails, and this one keeps the connection open for a lingering close.
+        raw = request.dup()
         try:
             tls = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
@@ -270,13 +273,15 @@ class TlsServer(Server):
             # reset the connection, the alert just sent lost with it. Read until the client
             # hangs up (it does once it reads the alert), for a few seconds at most.
             try:
-                request.settimeout(5)
-                while request.recv(65536):
+                raw.settimeout(5)
+                while raw.recv(65536):
                     pass
             except OSError:
                 pass
+            raw.close()
             self.shutdown_request(request)
             return
+        raw.close()
         super().process_request_thread(tls, client_address)
 
 
