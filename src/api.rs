@@ -399,7 +399,11 @@ fn _check_signature(
             (Some(o.header.clone()), Some(o.to_json()))
         }
         _ => {
-            let default = if style == "hex" { "X-Webhook-Signature" } else { "Stripe-Signature" };
+            let default = if style == "hex" {
+                "X-Webhook-Signature"
+            } else {
+                "Stripe-Signature"
+            };
             let header = signature_header.unwrap_or(default);
             signing::check_header_name("signature_header", header).unwrap_or_else(|e| bad(&e));
             (Some(header.to_string()), None)
@@ -413,7 +417,10 @@ fn _check_signature(
 #[pg_extern(immutable, parallel_safe)]
 fn _check_secret(signature: Option<&str>, secret: Option<&str>) {
     let Some(secret) = secret else {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "secret must not be NULL here")
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "secret must not be NULL here",
+        )
     };
     if let Err(e) = signing::check_secret(signature.unwrap_or("standard"), secret) {
         raise_with_hint(
@@ -436,8 +443,13 @@ fn _check_tls(tls: Option<&str>, url: Option<&str>) -> pgrx::JsonB {
             "tls is '{\"client_certificate\": PEM, \"client_key\": PEM, \"ca_bundle\": PEM}' (certificate and key together, the bundle optional).",
         )
     };
-    let settings = crate::tls::TlsSettings::parse(tls.unwrap_or("null")).unwrap_or_else(|e| bad(&e));
-    if !url.unwrap_or_default().to_ascii_lowercase().starts_with("https:") {
+    let settings =
+        crate::tls::TlsSettings::parse(tls.unwrap_or("null")).unwrap_or_else(|e| bad(&e));
+    if !url
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .starts_with("https:")
+    {
         bad("tls applies to https:// URLs only");
     }
     pgrx::JsonB(settings.check().unwrap_or_else(|e| bad(&e)))

@@ -38,12 +38,19 @@ pub enum Signature {
 impl Signature {
     /// The style from a subscription's columns (`signature`, `signature_header`,
     /// `signature_options`), as subscribe stored them.
-    pub fn from_columns(style: Option<&str>, header: Option<String>, options: Option<&str>) -> Self {
+    pub fn from_columns(
+        style: Option<&str>,
+        header: Option<String>,
+        options: Option<&str>,
+    ) -> Self {
         match style {
             Some("hex") => Signature::Hex {
                 header: header.unwrap_or_else(|| "X-Webhook-Signature".into()),
             },
-            Some("hmac") => Signature::Hmac(signing::HmacOptions::from_stored(header.as_deref(), options)),
+            Some("hmac") => Signature::Hmac(signing::HmacOptions::from_stored(
+                header.as_deref(),
+                options,
+            )),
             Some("stripe") => Signature::Stripe {
                 header: header.unwrap_or_else(|| "Stripe-Signature".into()),
             },
@@ -334,10 +341,19 @@ impl Agents {
         }
         let agent = crate::tls::TlsSettings::parse(settings)
             .and_then(|s| s.ureq_config())
-            .map(|config| self.factory.build(Some(config), self.factory.threads.min(4)))
+            .map(|config| {
+                self.factory
+                    .build(Some(config), self.factory.threads.min(4))
+            })
             .map_err(|e| format!("the subscription's TLS settings cannot be used: {e}"));
-        if cache.entries.len() >= MAX_TLS_AGENTS && !cache.entries.contains_key(&job.subscription_id) {
-            let oldest = cache.entries.iter().min_by_key(|(_, e)| e.used).map(|(id, _)| *id);
+        if cache.entries.len() >= MAX_TLS_AGENTS
+            && !cache.entries.contains_key(&job.subscription_id)
+        {
+            let oldest = cache
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(id, _)| *id);
             if let Some(id) = oldest {
                 cache.entries.remove(&id);
             }
@@ -476,8 +492,10 @@ fn run_job(
     let mut jobs = chain.into_iter();
     for job in jobs.by_ref() {
         let outcome = match agents.for_job(&job) {
-            Ok(agent) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(&agent, &job)))
-                .unwrap_or_else(|panic| panicked(&job, panic)),
+            Ok(agent) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(&agent, &job)))
+                    .unwrap_or_else(|panic| panicked(&job, panic))
+            }
             Err(e) => not_sent(&job, e),
         };
         // An oversized delivery ends dead and releases its key: the chain goes on.
@@ -657,9 +675,15 @@ fn client_certificate_problem(text: &str) -> String {
     let alert = &text[at + MARK.len()..];
     let reason = if alert.starts_with("CertificateRequired") {
         "the server requires a client certificate and none was sent (see webhooks.set_tls)"
-    } else if ["UnknownCA", "BadCertificate", "CertificateUnknown", "UnsupportedCertificate", "AccessDenied"]
-        .iter()
-        .any(|a| alert.starts_with(a))
+    } else if [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|a| alert.starts_with(a))
     {
         "the server refused the client certificate (it is not issued by a CA the server trusts, or not accepted for this client)"
     } else if alert.starts_with("CertificateExpired") {

@@ -118,7 +118,11 @@ fn _request(
         created_at: created_at.unwrap_or_default(),
         data: data.unwrap_or_else(|| "{}".into()),
         url: url.unwrap_or_default(),
-        signature: Signature::from_columns(signature.as_deref(), signature_header, options.as_deref()),
+        signature: Signature::from_columns(
+            signature.as_deref(),
+            signature_header,
+            options.as_deref(),
+        ),
         secrets: vec![String::new(); secrets.unwrap_or(1).max(1) as usize],
         headers,
         tls: None,

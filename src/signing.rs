@@ -587,8 +587,14 @@ mod tests {
             (r#"{"header": "Webhook-Signature"}"#, "set by pg_webhooks"),
             (r#"{"prefix": "a\nb"}"#, "\"prefix\""),
             (r#"{"signed": "all"}"#, "\"signed\""),
-            (r#"{"timestamp_format": "unix"}"#, "needs a \"timestamp_header\""),
-            (r#"{"timestamp_header": "x-webhook-signature"}"#, "must differ"),
+            (
+                r#"{"timestamp_format": "unix"}"#,
+                "needs a \"timestamp_header\"",
+            ),
+            (
+                r#"{"timestamp_header": "x-webhook-signature"}"#,
+                "must differ",
+            ),
         ];
         for (json, want) in bad {
             let e = HmacOptions::parse(None, Some(json)).expect_err(json);
@@ -610,11 +616,17 @@ mod tests {
         let stored = o.to_json().to_string();
         assert_eq!(HmacOptions::from_stored(Some("X-Sig"), Some(&stored)), o);
         // Without a timestamp header too (the stored form then has no timestamp keys).
-        let o = HmacOptions::parse(None, Some(r#"{"header":"X-Hub-Signature-256","prefix":"sha256="}"#))
-            .expect("valid");
+        let o = HmacOptions::parse(
+            None,
+            Some(r#"{"header":"X-Hub-Signature-256","prefix":"sha256="}"#),
+        )
+        .expect("valid");
         let stored = o.to_json().to_string();
         assert!(!stored.contains("timestamp"), "{stored}");
-        assert_eq!(HmacOptions::from_stored(Some("X-Hub-Signature-256"), Some(&stored)), o);
+        assert_eq!(
+            HmacOptions::from_stored(Some("X-Hub-Signature-256"), Some(&stored)),
+            o
+        );
     }
 
     #[test]

@@ -115,7 +115,10 @@ impl TlsSettings {
                 let mut store = rustls::RootCertStore::empty();
                 for (i, cert) in roots.iter().enumerate() {
                     store.add(cert.clone()).map_err(|e| {
-                        format!("tls \"ca_bundle\": certificate {} is not usable as a CA: {e}", i + 1)
+                        format!(
+                            "tls \"ca_bundle\": certificate {} is not usable as a CA: {e}",
+                            i + 1
+                        )
                     })?;
                 }
                 summary.insert(
@@ -127,9 +130,12 @@ impl TlsSettings {
             None => builder.with_root_certificates(rustls::RootCertStore::empty()),
         };
         if let Some((chain, key)) = &parsed.client {
-            let (subject, issuer, not_after) = describe_certificate(&chain[0]).ok_or_else(|| {
-                "tls \"client_certificate\": the first certificate is not an X.509 certificate".to_string()
-            })?;
+            let (subject, issuer, not_after) = describe_certificate(&chain[0]).ok_or_else(
+                || {
+                    "tls \"client_certificate\": the first certificate is not an X.509 certificate"
+                        .to_string()
+                },
+            )?;
             builder
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .map_err(|e| match e {
@@ -180,7 +186,9 @@ impl TlsSettings {
 /// A rustls error about a key, without anything of the key.
 fn key_error(e: &rustls::Error) -> String {
     match e {
-        rustls::Error::General(_) => "its algorithm is not supported (RSA, ECDSA P-256/P-384 or Ed25519)".into(),
+        rustls::Error::General(_) => {
+            "its algorithm is not supported (RSA, ECDSA P-256/P-384 or Ed25519)".into()
+        }
         other => other.to_string(),
     }
 }
@@ -200,7 +208,9 @@ fn certificates(key: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, St
         ));
     }
     if key == "client_certificate" && describe_certificate(&out[0]).is_none() {
-        return Err(format!("tls \"{key}\": the first certificate is not an X.509 certificate"));
+        return Err(format!(
+            "tls \"{key}\": the first certificate is not an X.509 certificate"
+        ));
     }
     Ok(out)
 }
@@ -216,7 +226,9 @@ fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
@@ -230,7 +242,9 @@ fn name(mut rdns: &[u8]) -> String {
         let mut attrs = set;
         while let Some((_, attr, rest)) = der(attrs) {
             attrs = rest;
-            let Some((0x06, oid, value)) = der(attr) else { continue };
+            let Some((0x06, oid, value)) = der(attr) else {
+                continue;
+            };
             let label = match oid {
                 [0x55, 0x04, 0x03] => "CN",
                 [0x55, 0x04, 0x06] => "C",
@@ -280,18 +294,32 @@ fn time(tag: u8, t: &[u8]) -> Option<String> {
 
 /// (subject, issuer, notAfter) of a certificate, or None if it is not one.
 fn describe_certificate(cert: &[u8]) -> Option<(String, String, String)> {
-    let (0x30, certificate, _) = der(cert)? else { return None };
-    let (0x30, tbs, _) = der(certificate)? else { return None };
+    let (0x30, certificate, _) = der(cert)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = der(certificate)? else {
+        return None;
+    };
     let mut rest = tbs;
     let (tag, _, after) = der(rest)?;
     if tag == 0xa0 {
         rest = after; // version
     }
-    let (0x02, _, rest) = der(rest)? else { return None }; // serial
-    let (0x30, _, rest) = der(rest)? else { return None }; // signature algorithm
-    let (0x30, issuer, rest) = der(rest)? else { return None };
-    let (0x30, validity, rest) = der(rest)? else { return None };
-    let (0x30, subject, _) = der(rest)? else { return None };
+    let (0x02, _, rest) = der(rest)? else {
+        return None;
+    }; // serial
+    let (0x30, _, rest) = der(rest)? else {
+        return None;
+    }; // signature algorithm
+    let (0x30, issuer, rest) = der(rest)? else {
+        return None;
+    };
+    let (0x30, validity, rest) = der(rest)? else {
+        return None;
+    };
+    let (0x30, subject, _) = der(rest)? else {
+        return None;
+    };
     let (_, _, validity_rest) = der(validity)?;
     let (tag, not_after, _) = der(validity_rest)?;
     Some((name(subject), name(issuer), time(tag, not_after)?))
@@ -319,7 +347,9 @@ mod tests {
     #[test]
     fn pem_that_does_not_parse_is_refused_without_echoing_it() {
         let s = TlsSettings {
-            ca_bundle: Some("-----BEGIN CERTIFICATE-----\nnot base64 !!\n-----END CERTIFICATE-----\n".into()),
+            ca_bundle: Some(
+                "-----BEGIN CERTIFICATE-----\nnot base64 !!\n-----END CERTIFICATE-----\n".into(),
+            ),
             ..Default::default()
         };
         let e = s.check().expect_err("bad pem");
@@ -337,9 +367,18 @@ mod tests {
 
     #[test]
     fn der_times_and_lengths() {
-        assert_eq!(time(0x17, b"270101120000Z").as_deref(), Some("2027-01-01T12:00:00Z"));
-        assert_eq!(time(0x18, b"20991231235959Z").as_deref(), Some("2099-12-31T23:59:59Z"));
-        assert_eq!(der(&[0x30, 0x82, 0x00, 0x01, 0x05]), Some((0x30, &[5u8][..], &[][..])));
+        assert_eq!(
+            time(0x17, b"270101120000Z").as_deref(),
+            Some("2027-01-01T12:00:00Z")
+        );
+        assert_eq!(
+            time(0x18, b"20991231235959Z").as_deref(),
+            Some("2099-12-31T23:59:59Z")
+        );
+        assert_eq!(
+            der(&[0x30, 0x82, 0x00, 0x01, 0x05]),
+            Some((0x30, &[5u8][..], &[][..]))
+        );
         assert_eq!(der(&[0x30, 0x05, 0x00]), None);
     }
 }

@@ -22,7 +22,10 @@ fn cluster() -> &'static Cluster {
     static ROLES: std::sync::Once = std::sync::Once::new();
     let cluster = shared_cluster(
         "mtls",
-        &["webhooks.retry_schedule = '200ms,400ms'", "webhooks.timeout = '5s'"],
+        &[
+            "webhooks.retry_schedule = '200ms,400ms'",
+            "webhooks.timeout = '5s'",
+        ],
     );
     ROLES.call_once(|| {
         cluster
@@ -52,25 +55,68 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA (`{name}.pem`, `{name}.key`), P-256 keys.
 fn make_ca(dir: &Path, name: &str, cn: &str) {
-    openssl(dir, &[
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-days", "2",
-        "-subj", &format!("/CN={cn}"),
-    ]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
 }
 
 /// A certificate `{name}.pem` with key `{name}.key`, issued by the CA `ca`.
 fn make_cert(dir: &Path, ca: &str, name: &str, subject: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
-    openssl(dir, &[
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", subject,
-    ]);
-    openssl(dir, &[
-        "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"),
-        "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-out", &format!("{name}.pem"),
-        "-days", "2", "-extfile", &format!("{name}.ext"),
-    ]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subject,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ],
+    );
 }
 
 struct Pki {
@@ -81,13 +127,19 @@ impl Pki {
     /// A CA, a server and client certificates of its, and another CA with a client
     /// certificate, in a directory of the test's own (`name`).
     fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("pg_webhooks_mtls_{name}_{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("pg_webhooks_mtls_{name}_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         make_ca(&dir, "ca", "Test CA A");
         make_ca(&dir, "other_ca", "Test CA B");
-        make_cert(&dir, "ca", "server", "/CN=127.0.0.1",
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n");
+        make_cert(
+            &dir,
+            "ca",
+            "server",
+            "/CN=127.0.0.1",
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        );
         let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
         make_cert(&dir, "ca", "client", "/O=Shop/CN=shop-client", client_ext);
         make_cert(&dir, "other_ca", "intruder", "/CN=intruder", client_ext);
@@ -156,7 +208,11 @@ fn ended(c: &mut Client, id: i64) -> (String, Vec<Option<String>>) {
 #[test]
 fn client_certificates_are_shown_per_subscription_and_refusals_are_said_plainly() {
     let pki = Pki::new("e2e");
-    let rx = Receiver::start_mtls(&pki.path("server.pem"), &pki.path("server.key"), &pki.path("ca.pem"));
+    let rx = Receiver::start_mtls(
+        &pki.path("server.pem"),
+        &pki.path("server.key"),
+        &pki.path("ca.pem"),
+    );
     let port = rx.tls_port.expect("HTTPS port");
     let url = |p: &str| format!("https://127.0.0.1:{port}{p}");
     let mut c = admin();
@@ -185,14 +241,20 @@ fn client_certificates_are_shown_per_subscription_and_refusals_are_said_plainly(
     assert_eq!(errors.len(), 3, "{errors:?}");
     for e in &errors {
         let e = e.as_deref().unwrap_or_default();
-        assert!(e.contains("the server refused the client certificate"), "{e}");
+        assert!(
+            e.contains("the server refused the client certificate"),
+            "{e}"
+        );
     }
     // No certificate: the receiver requires one.
     let (status, errors) = outcome(&mut c, s_none);
     assert_eq!(status, "dead");
     for e in &errors {
         let e = e.as_deref().unwrap_or_default();
-        assert!(e.contains("requires a client certificate and none was sent"), "{e}");
+        assert!(
+            e.contains("requires a client certificate and none was sent"),
+            "{e}"
+        );
     }
     // Without the subscription's CA bundle the test CA is not trusted.
     let (status, errors) = outcome(&mut c, s_plain);
@@ -205,27 +267,55 @@ fn client_certificates_are_shown_per_subscription_and_refusals_are_said_plainly(
         assert!(rx.log(path).is_empty(), "{path}: no request got through");
     }
     let failures = rx.tls_failures();
-    assert!(failures.len() >= 9, "the receiver refused the handshakes: {failures:?}");
+    assert!(
+        failures.len() >= 9,
+        "the receiver refused the handshakes: {failures:?}"
+    );
 
     // The view shows who the certificate is, never the key.
     let row = c
-        .query_one("SELECT tls, row_to_json(s)::text FROM webhooks.subscriptions s WHERE id = $1", &[&s_good])
+        .query_one(
+            "SELECT tls, row_to_json(s)::text FROM webhooks.subscriptions s WHERE id = $1",
+            &[&s_good],
+        )
         .expect("view");
     let tls: Value = row.get(0);
-    assert_eq!(tls["client_certificate"]["subject"], "O=Shop, CN=shop-client", "{tls}");
+    assert_eq!(
+        tls["client_certificate"]["subject"], "O=Shop, CN=shop-client",
+        "{tls}"
+    );
     assert_eq!(tls["client_certificate"]["issuer"], "CN=Test CA A", "{tls}");
-    assert!(tls["client_certificate"]["not_after"].as_str().is_some_and(|t| t.ends_with('Z')), "{tls}");
+    assert!(
+        tls["client_certificate"]["not_after"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{tls}"
+    );
     assert_eq!(tls["ca_bundle"]["certificates"], 1, "{tls}");
     let text: String = row.get(1);
-    let key_body: String = pki.pem("client.key").lines().nth(1).unwrap_or("?").to_string();
-    assert!(!text.contains("PRIVATE KEY") && !text.contains(&key_body), "{text}");
+    let key_body: String = pki
+        .pem("client.key")
+        .lines()
+        .nth(1)
+        .unwrap_or("?")
+        .to_string();
+    assert!(
+        !text.contains("PRIVATE KEY") && !text.contains(&key_body),
+        "{text}"
+    );
 
     // The wrong subscription gets the right certificate: the worker makes its connection
     // anew, and a redelivery goes through.
-    c.execute("SELECT webhooks.set_tls($1, $2::text::jsonb)", &[&s_wrong, &good.to_string()])
-        .expect("set_tls");
+    c.execute(
+        "SELECT webhooks.set_tls($1, $2::text::jsonb)",
+        &[&s_wrong, &good.to_string()],
+    )
+    .expect("set_tls");
     let dead: i64 = c
-        .query_one("SELECT id FROM webhooks.deliveries WHERE subscription_id = $1", &[&s_wrong])
+        .query_one(
+            "SELECT id FROM webhooks.deliveries WHERE subscription_id = $1",
+            &[&s_wrong],
+        )
         .expect("delivery")
         .get(0);
     let again: i64 = c
@@ -238,9 +328,13 @@ fn client_certificates_are_shown_per_subscription_and_refusals_are_said_plainly(
     assert_eq!(log[0]["client_subject"], "shop-client");
 
     // Removing the settings: the public roots again, which do not know the test CA.
-    c.execute("SELECT webhooks.set_tls($1, NULL)", &[&s_good]).expect("clear");
+    c.execute("SELECT webhooks.set_tls($1, NULL)", &[&s_good])
+        .expect("clear");
     let tls: Option<Value> = c
-        .query_one("SELECT tls FROM webhooks.subscriptions WHERE id = $1", &[&s_good])
+        .query_one(
+            "SELECT tls FROM webhooks.subscriptions WHERE id = $1",
+            &[&s_good],
+        )
         .expect("view")
         .get(0);
     assert_eq!(tls, None);
@@ -250,7 +344,13 @@ fn client_certificates_are_shown_per_subscription_and_refusals_are_said_plainly(
         .get(0);
     let (status, errors) = ended(&mut c, test);
     assert_eq!(status, "dead", "{errors:?}");
-    assert!(errors.iter().all(|e| e.as_deref().unwrap_or_default().contains("TLS certificate verification failed")), "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e
+            .as_deref()
+            .unwrap_or_default()
+            .contains("TLS certificate verification failed")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -258,7 +358,10 @@ fn tls_settings_are_validated_at_subscribe_time_without_echoing_keys() {
     let pki = Pki::new("validation");
     let mut c = admin();
     let before: i64 = c
-        .query_one("SELECT count(*) FROM webhooks.subscriptions WHERE url LIKE 'http%://127.0.0.1:9/x'", &[])
+        .query_one(
+            "SELECT count(*) FROM webhooks.subscriptions WHERE url LIKE 'http%://127.0.0.1:9/x'",
+            &[],
+        )
         .expect("count")
         .get(0);
     let key = pki.pem("client.key");
@@ -266,14 +369,32 @@ fn tls_settings_are_validated_at_subscribe_time_without_echoing_keys() {
     let key_line = key.lines().nth(1).unwrap_or("?").to_string();
     let broken_key = key.replace(&key_line, &key_line.chars().rev().collect::<String>());
     let cases = [
-        (json!({"client_certificate": cert, "client_key": "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"}), "\"client_key\""),
-        (json!({"client_certificate": cert, "client_key": broken_key}), "\"client_key\""),
-        (json!({"client_certificate": cert, "client_key": pki.pem("intruder.key")}), "\"client_key\" is not the key of \"client_certificate\""),
-        (json!({"client_certificate": "hello", "client_key": key}), "\"client_certificate\" has no PEM certificate"),
-        (json!({"client_certificate": key, "client_key": key}), "\"client_certificate\" has no PEM certificate"),
+        (
+            json!({"client_certificate": cert, "client_key": "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"}),
+            "\"client_key\"",
+        ),
+        (
+            json!({"client_certificate": cert, "client_key": broken_key}),
+            "\"client_key\"",
+        ),
+        (
+            json!({"client_certificate": cert, "client_key": pki.pem("intruder.key")}),
+            "\"client_key\" is not the key of \"client_certificate\"",
+        ),
+        (
+            json!({"client_certificate": "hello", "client_key": key}),
+            "\"client_certificate\" has no PEM certificate",
+        ),
+        (
+            json!({"client_certificate": key, "client_key": key}),
+            "\"client_certificate\" has no PEM certificate",
+        ),
         (json!({"client_certificate": cert}), "go together"),
         (json!({"client_key": key}), "go together"),
-        (json!({"ca_bundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}), "\"ca_bundle\""),
+        (
+            json!({"ca_bundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}),
+            "\"ca_bundle\"",
+        ),
         (json!({"ca_bundle": 42}), "\"ca_bundle\" must be a string"),
         (json!({"ca": cert}), "unknown key \"ca\""),
         (json!({}), "names nothing"),
@@ -288,10 +409,18 @@ fn tls_settings_are_validated_at_subscribe_time_without_echoing_keys() {
             )
             .expect_err(want);
         let db = err.as_db_error().expect("db error");
-        assert_eq!(db.code(), &SqlState::INVALID_PARAMETER_VALUE, "{want}: {}", db.message());
+        assert_eq!(
+            db.code(),
+            &SqlState::INVALID_PARAMETER_VALUE,
+            "{want}: {}",
+            db.message()
+        );
         assert!(db.message().contains(want), "{want}: {}", db.message());
         let shown = format!("{} {}", db.message(), db.hint().unwrap_or_default());
-        assert!(!shown.contains(&key_line) && !shown.contains("not a key"), "{shown}");
+        assert!(
+            !shown.contains(&key_line) && !shown.contains("not a key"),
+            "{shown}"
+        );
     }
     let e = fails(
         &mut c,
@@ -303,18 +432,35 @@ fn tls_settings_are_validated_at_subscribe_time_without_echoing_keys() {
     );
     assert!(e.contains("https:// URLs only"), "{e}");
     let after: i64 = c
-        .query_one("SELECT count(*) FROM webhooks.subscriptions WHERE url LIKE 'http%://127.0.0.1:9/x'", &[])
+        .query_one(
+            "SELECT count(*) FROM webhooks.subscriptions WHERE url LIKE 'http%://127.0.0.1:9/x'",
+            &[],
+        )
         .expect("count")
         .get(0);
     assert_eq!(after, before, "nothing was written");
     // set_tls refuses the same way and leaves the settings as they were.
-    let id = subscribe(&mut c, "https://127.0.0.1:9/ok", "mtlsbad.*", Some(json!({"ca_bundle": pki.pem("ca.pem")})));
+    let id = subscribe(
+        &mut c,
+        "https://127.0.0.1:9/ok",
+        "mtlsbad.*",
+        Some(json!({"ca_bundle": pki.pem("ca.pem")})),
+    );
     let err = c
-        .execute("SELECT webhooks.set_tls($1, $2::text::jsonb)", &[&id, &json!({"client_certificate": cert}).to_string()])
+        .execute(
+            "SELECT webhooks.set_tls($1, $2::text::jsonb)",
+            &[&id, &json!({"client_certificate": cert}).to_string()],
+        )
         .expect_err("no key");
-    assert_eq!(err.as_db_error().map(|d| d.code().clone()), Some(SqlState::INVALID_PARAMETER_VALUE));
+    assert_eq!(
+        err.as_db_error().map(|d| d.code().clone()),
+        Some(SqlState::INVALID_PARAMETER_VALUE)
+    );
     let tls: Value = c
-        .query_one("SELECT tls FROM webhooks.subscriptions WHERE id = $1", &[&id])
+        .query_one(
+            "SELECT tls FROM webhooks.subscriptions WHERE id = $1",
+            &[&id],
+        )
         .expect("view")
         .get(0);
     assert_eq!(tls, json!({"ca_bundle": {"certificates": 1}}));

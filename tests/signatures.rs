@@ -84,11 +84,41 @@ fn each_style_verifies_as_its_platform_documents() {
     let iso = r#"{"header": "X-Signature", "signed": "timestamp.body", "timestamp_header": "X-Webhook-Timestamp", "timestamp_format": "iso8601"}"#;
     let unix = r#"{"header": "X-Signature", "signed": "timestamp.body", "encoding": "base64", "prefix": "v1="}"#;
     let subs = [
-        ("/github", "github", "hmac", "gh-webhook-secret", Some(github)),
-        ("/shopify", "shopify", "hmac", "shpss_0123456789abcdef", Some(shopify)),
-        ("/iso", "iso_ts", "hmac", "it's a \"quoted\" secret", Some(iso)),
-        ("/unix", "unix_ts", "hmac", "unix-ts-secret-ünïcode", Some(unix)),
-        ("/stripe", "stripe", "stripe", "whsec_stripe_test_0123456789", None),
+        (
+            "/github",
+            "github",
+            "hmac",
+            "gh-webhook-secret",
+            Some(github),
+        ),
+        (
+            "/shopify",
+            "shopify",
+            "hmac",
+            "shpss_0123456789abcdef",
+            Some(shopify),
+        ),
+        (
+            "/iso",
+            "iso_ts",
+            "hmac",
+            "it's a \"quoted\" secret",
+            Some(iso),
+        ),
+        (
+            "/unix",
+            "unix_ts",
+            "hmac",
+            "unix-ts-secret-ünïcode",
+            Some(unix),
+        ),
+        (
+            "/stripe",
+            "stripe",
+            "stripe",
+            "whsec_stripe_test_0123456789",
+            None,
+        ),
         ("/seed002", "seed002", "hex", "your_secret_key", None),
     ];
     for (path, _, style, secret, options) in subs {
@@ -100,12 +130,20 @@ fn each_style_verifies_as_its_platform_documents() {
             )
             .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
             .expect("subscribe");
-        assert_eq!(returned, secret, "subscribe returns the secret it was given");
+        assert_eq!(
+            returned, secret,
+            "subscribe returns the secret it was given"
+        );
     }
     // Standard Webhooks with a brought secret: the receiver checks it with the official library.
     let standard = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     rx.configure(json!({"path": "/standard", "secret": standard}));
-    subscribe(&mut c, &rx.url("/standard"), "sigstyle.*", &format!(", secret => '{standard}'"));
+    subscribe(
+        &mut c,
+        &rx.url("/standard"),
+        "sigstyle.*",
+        &format!(", secret => '{standard}'"),
+    );
 
     let mut app = cluster().connect();
     app.batch_execute(
@@ -119,14 +157,25 @@ fn each_style_verifies_as_its_platform_documents() {
         .collect();
     let verdicts = verify(&cases);
     for (path, ..) in subs {
-        assert_eq!(verdicts[path], json!(true), "{path}: {verdicts:?} {cases:?}");
+        assert_eq!(
+            verdicts[path],
+            json!(true),
+            "{path}: {verdicts:?} {cases:?}"
+        );
     }
     let log = rx.wait_for_requests("/standard", 1, WAIT);
-    assert_eq!(log[0]["verified"], json!(true), "{}", log[0]["verify_error"]);
+    assert_eq!(
+        log[0]["verified"],
+        json!(true),
+        "{}",
+        log[0]["verify_error"]
+    );
 
     // What each platform's receiver reads besides the signature.
     let iso_req = &rx.log("/iso")[0]["headers"];
-    let ts = iso_req["x-webhook-timestamp"].as_str().expect("iso timestamp");
+    let ts = iso_req["x-webhook-timestamp"]
+        .as_str()
+        .expect("iso timestamp");
     assert!(ts.ends_with('Z') && ts.len() == 20, "{ts}");
     let stripe = rx.log("/stripe")[0]["headers"]["stripe-signature"].clone();
     let stripe = stripe.as_str().expect("stripe header");
@@ -145,7 +194,12 @@ fn each_style_verifies_as_its_platform_documents() {
 fn rotation_to_a_brought_secret_and_a_new_style() {
     let mut c = admin();
     let rx = Receiver::start();
-    let (sub, _) = subscribe(&mut c, &rx.url("/rot/1"), "sigrot.*", ", signature => 'stripe', secret => 'whsec_old_secret_1234'");
+    let (sub, _) = subscribe(
+        &mut c,
+        &rx.url("/rot/1"),
+        "sigrot.*",
+        ", signature => 'stripe', secret => 'whsec_old_secret_1234'",
+    );
     let new: String = c
         .query_one(
             "SELECT webhooks.rotate_secret($1, '1 hour', secret => 'whsec_new_secret_5678')",
@@ -155,10 +209,17 @@ fn rotation_to_a_brought_secret_and_a_new_style() {
         .get(0);
     assert_eq!(new, "whsec_new_secret_5678");
     let mut app = cluster().connect();
-    app.batch_execute("SELECT webhooks.emit('sigrot.one', '{\"n\": 1}')").expect("emit");
+    app.batch_execute("SELECT webhooks.emit('sigrot.one', '{\"n\": 1}')")
+        .expect("emit");
     let log = rx.wait_for_requests("/rot/1", 1, WAIT);
-    let header = log[0]["headers"]["stripe-signature"].as_str().unwrap_or_default();
-    assert_eq!(header.matches("v1=").count(), 2, "both live secrets sign: {header}");
+    let header = log[0]["headers"]["stripe-signature"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        header.matches("v1=").count(),
+        2,
+        "both live secrets sign: {header}"
+    );
     let cases = [
         json!({"name": "new", "check": "stripe", "secret": "whsec_new_secret_5678", "headers": log[0]["headers"], "body": log[0]["body"]}),
         json!({"name": "old", "check": "stripe_old", "secret": "whsec_old_secret_1234", "headers": log[0]["headers"], "body": log[0]["body"]}),
@@ -185,9 +246,12 @@ fn rotation_to_a_brought_secret_and_a_new_style() {
     let options: Value = row.get(2);
     assert_eq!(options["prefix"], "sha256=");
     assert_eq!(options["encoding"], "hex");
-    app.batch_execute("SELECT webhooks.emit('sigrot.two', '{\"n\": 2}')").expect("emit");
+    app.batch_execute("SELECT webhooks.emit('sigrot.two', '{\"n\": 2}')")
+        .expect("emit");
     let log = rx.wait_for_requests("/rot/1", 2, WAIT);
-    let cases = [json!({"name": "gh", "check": "github", "secret": "whsec_new_secret_5678", "headers": log[1]["headers"], "body": log[1]["body"]})];
+    let cases = [
+        json!({"name": "gh", "check": "github", "secret": "whsec_new_secret_5678", "headers": log[1]["headers"], "body": log[1]["body"]}),
+    ];
     assert_eq!(verify(&cases)["gh"], json!(true));
     assert!(log[1]["headers"].get("stripe-signature").is_none());
 
@@ -197,8 +261,14 @@ fn rotation_to_a_brought_secret_and_a_new_style() {
         &format!("SELECT webhooks.set_signature({sub}, 'standard')"),
         SqlState::INVALID_PARAMETER_VALUE,
     );
-    assert!(e.contains("cannot sign with signature => 'standard'"), "{e}");
-    assert!(!e.contains("whsec_new_secret_5678") && !e.contains("whsec_old"), "{e}");
+    assert!(
+        e.contains("cannot sign with signature => 'standard'"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("whsec_new_secret_5678") && !e.contains("whsec_old"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -211,9 +281,16 @@ fn secrets_and_signatures_never_leave() {
         "signever.*",
         &format!(", signature => 'hmac', secret => '{secret}', signature_options => '{{\"prefix\": \"sha256=\", \"timestamp_header\": \"X-Ts\", \"signed\": \"timestamp.body\"}}'"),
     );
-    let (stripe_sub, _) = subscribe(&mut c, "http://127.0.0.1:9/never2", "signever.*", &format!(", signature => 'stripe', secret => '{secret}'"));
-    c.batch_execute(&format!("SELECT webhooks.pause({sub}); SELECT webhooks.pause({stripe_sub})"))
-        .expect("pause");
+    let (stripe_sub, _) = subscribe(
+        &mut c,
+        "http://127.0.0.1:9/never2",
+        "signever.*",
+        &format!(", signature => 'stripe', secret => '{secret}'"),
+    );
+    c.batch_execute(&format!(
+        "SELECT webhooks.pause({sub}); SELECT webhooks.pause({stripe_sub})"
+    ))
+    .expect("pause");
     let row: Value = c
         .query_one(
             "SELECT json_agg(s)::jsonb FROM webhooks.subscriptions s WHERE id IN ($1, $2)",
@@ -223,12 +300,17 @@ fn secrets_and_signatures_never_leave() {
         .get(0);
     assert!(!row.to_string().contains(secret), "{row}");
     // The admin cannot read the secrets table.
-    let e = fails(&mut c, "SELECT * FROM webhooks._secrets", SqlState::INSUFFICIENT_PRIVILEGE);
+    let e = fails(
+        &mut c,
+        "SELECT * FROM webhooks._secrets",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
     assert!(e.contains("permission denied"), "{e}");
 
     // request() shows how the request is signed, never the signature.
     let mut app = cluster().connect();
-    app.batch_execute("SELECT webhooks.emit('signever.x', '{}')").expect("emit");
+    app.batch_execute("SELECT webhooks.emit('signever.x', '{}')")
+        .expect("emit");
     let deliveries: Vec<i64> = common::wait_for("two deliveries", WAIT, || {
         let ids: Vec<i64> = c
             .query(
@@ -250,8 +332,15 @@ fn secrets_and_signatures_never_leave() {
     assert_eq!(hmac["x-webhook-signature"], "sha256=***", "{hmac}");
     assert_eq!(hmac["x-ts"], hmac["webhook-timestamp"], "{hmac}");
     let stripe = headers(&mut c, deliveries[1]);
-    let ts = stripe["webhook-timestamp"].as_str().unwrap_or("?").to_string();
-    assert_eq!(stripe["stripe-signature"], format!("t={ts},v1=***"), "{stripe}");
+    let ts = stripe["webhook-timestamp"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    assert_eq!(
+        stripe["stripe-signature"],
+        format!("t={ts},v1=***"),
+        "{stripe}"
+    );
 
     // A refused call's error and the server log hold no secret (the secret travels as a bind
     // parameter, which PostgreSQL does not log by default).
@@ -266,19 +355,31 @@ fn secrets_and_signatures_never_leave() {
     assert_eq!(db.code(), &SqlState::INVALID_PARAMETER_VALUE);
     assert!(!db.message().contains(secret), "{}", db.message());
     let err = c
-        .query_one("SELECT webhooks.rotate_secret($1, '0', secret => $2)", &[&sub, &"short"])
+        .query_one(
+            "SELECT webhooks.rotate_secret($1, '0', secret => $2)",
+            &[&sub, &"short"],
+        )
         .expect_err("short");
-    assert_eq!(err.as_db_error().map(|d| d.code().clone()), Some(SqlState::INVALID_PARAMETER_VALUE));
-    assert!(!cluster().server_log().contains(secret), "the server log has the secret");
+    assert_eq!(
+        err.as_db_error().map(|d| d.code().clone()),
+        Some(SqlState::INVALID_PARAMETER_VALUE)
+    );
+    assert!(
+        !cluster().server_log().contains(secret),
+        "the server log has the secret"
+    );
 }
 
 #[test]
 fn bad_signature_settings_are_refused_and_nothing_is_written() {
     let mut c = admin();
     let count = |c: &mut Client| -> i64 {
-        c.query_one("SELECT count(*) FROM webhooks.subscriptions WHERE url = 'http://127.0.0.1:9/bad'", &[])
-            .expect("count")
-            .get(0)
+        c.query_one(
+            "SELECT count(*) FROM webhooks.subscriptions WHERE url = 'http://127.0.0.1:9/bad'",
+            &[],
+        )
+        .expect("count")
+        .get(0)
     };
     let before = count(&mut c);
     let sub = "SELECT webhooks.subscribe('http://127.0.0.1:9/bad'";
@@ -319,14 +420,25 @@ fn bad_signature_settings_are_refused_and_nothing_is_written() {
     assert_eq!(count(&mut c), before, "nothing was written");
 
     // set_signature validates the same way and changes nothing when it refuses.
-    let (id, _) = subscribe(&mut c, "http://127.0.0.1:9/ok", "sigbad.*", ", signature => 'hex'");
+    let (id, _) = subscribe(
+        &mut c,
+        "http://127.0.0.1:9/ok",
+        "sigbad.*",
+        ", signature => 'hex'",
+    );
     let e = fails(
         &mut c,
-        &format!("SELECT webhooks.set_signature({id}, 'hmac', signature_options => '{{\"nope\": 1}}')"),
+        &format!(
+            "SELECT webhooks.set_signature({id}, 'hmac', signature_options => '{{\"nope\": 1}}')"
+        ),
         SqlState::INVALID_PARAMETER_VALUE,
     );
     assert!(e.contains("unknown key"), "{e}");
-    let e = fails(&mut c, "SELECT webhooks.set_signature(999999999, 'hex')", SqlState::NO_DATA_FOUND);
+    let e = fails(
+        &mut c,
+        "SELECT webhooks.set_signature(999999999, 'hex')",
+        SqlState::NO_DATA_FOUND,
+    );
     assert!(e.contains("does not exist"), "{e}");
     let e = fails(
         &mut c,
