@@ -846,6 +846,51 @@ mod tests {
     }
 
     #[test]
+    fn tls_agents_are_per_subscription_remade_on_change_and_bounded() {
+        let agents = Agents::new(AgentFactory {
+            threads: 2,
+            allow_private: Arc::new(AtomicBool::new(false)),
+        });
+        let mut j = job("{}");
+        assert!(
+            agents.for_job(&j).is_ok(),
+            "no TLS settings: the shared agent"
+        );
+        assert!(agents.tls.lock().expect("cache").entries.is_empty());
+        // Settings that cannot be used: the attempt fails with why, and the verdict is kept
+        // like an agent would be.
+        j.tls = Some(r#"{"ca_bundle": "no PEM here"}"#.into());
+        let e = agents.for_job(&j).err().unwrap_or_default();
+        assert!(
+            e.starts_with("the subscription's TLS settings cannot be used: tls \"ca_bundle\""),
+            "{e}"
+        );
+        j.tls = Some(r#"{"nope": 1}"#.into());
+        let e = agents.for_job(&j).err().unwrap_or_default();
+        assert!(
+            e.contains("unknown key"),
+            "changed settings are used at once: {e}"
+        );
+        assert_eq!(agents.tls.lock().expect("cache").entries.len(), 1);
+        for id in 0..(MAX_TLS_AGENTS as i64 * 3) {
+            j.subscription_id = 1000 + id;
+            let _ = agents.for_job(&j);
+        }
+        let cache = agents.tls.lock().expect("cache");
+        assert_eq!(cache.entries.len(), MAX_TLS_AGENTS);
+        assert!(
+            cache
+                .entries
+                .contains_key(&(1000 + MAX_TLS_AGENTS as i64 * 3 - 1)),
+            "the newest stays"
+        );
+        assert!(
+            !cache.entries.contains_key(&2),
+            "the least recently used went first"
+        );
+    }
+
+    #[test]
     fn describe_masks_credentials() {
         let url = "https://bob:pw@example.invalid/x";
         let e = ureq::Error::BadUri(format!("bad {url}"));
