@@ -247,7 +247,15 @@ fn every_template_construct_end_to_end() {
     let delivery: i64 = e.get(8);
     assert_eq!(body["delivery"], json!({"id": delivery, "attempt": 1, "subscription": sub}));
 
-    // webhooks.request() shows the body byte for byte as it was sent, and the shape's header.
+    // webhooks.request() shows the body byte for byte as it was sent (once the attempt is
+    // recorded: until then its timestamp is now), and the shape's header.
+    wait_for("the attempt to be recorded", WAIT, || {
+        let st: String = c
+            .query_one("SELECT status FROM webhooks.deliveries WHERE id = $1", &[&delivery])
+            .ok()?
+            .get(0);
+        (st == "succeeded").then_some(())
+    });
     let req = c
         .query_one("SELECT headers, body FROM webhooks.request($1)", &[&delivery])
         .expect("request");
