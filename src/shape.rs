@@ -166,7 +166,8 @@ enum Filter {
     Lower,
 }
 
-const ROOTS: &str = "id, type, stored_type, created_at, data, delivery_id, attempt, timestamp, subscription_id";
+const ROOTS: &str =
+    "id, type, stored_type, created_at, data, delivery_id, attempt, timestamp, subscription_id";
 
 // ------------------------------------------------------------------------------------------
 // A JSON tree of the shape itself (keys in the order written, numbers as text)
@@ -239,7 +240,9 @@ impl<'a> TreeParser<'a> {
     }
     fn value(&mut self, depth: usize) -> Result<T, String> {
         if depth > MAX_TEMPLATE_DEPTH + 8 {
-            return Err(format!("shape is nested deeper than {MAX_TEMPLATE_DEPTH} levels"));
+            return Err(format!(
+                "shape is nested deeper than {MAX_TEMPLATE_DEPTH} levels"
+            ));
         }
         self.ws();
         let Some(&c) = self.s.get(self.at) else {
@@ -343,7 +346,10 @@ pub fn parse(text: &str) -> Result<Shape, String> {
             text.len()
         ));
     }
-    let mut p = TreeParser { s: text.as_bytes(), at: 0 };
+    let mut p = TreeParser {
+        s: text.as_bytes(),
+        at: 0,
+    };
     let tree = p.value(0)?;
     p.ws();
     if p.at != text.len() {
@@ -464,7 +470,10 @@ pub fn check_header_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
         return Err(format!("invalid header name \"{}\"", shown(name)));
     }
-    if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+    if RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+    {
         return Err(format!(
             "header \"{name}\" is set by pg_webhooks and cannot be used"
         ));
@@ -499,7 +508,11 @@ impl Shape {
 
 /// Where in the template an error is, for messages: `body.order.created_at`.
 fn at(path: &str, key: &str) -> String {
-    if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$') && !key.is_empty() {
+    if key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        && !key.is_empty()
+    {
         format!("{path}.{key}")
     } else {
         format!("{path}[\"{}\"]", shown(key))
@@ -563,7 +576,10 @@ fn compile_operator(
     if let Some(v) = get("$merge") {
         only(&["$merge"])?;
         let T::Arr(parts) = v else {
-            return Err(format!("shape.{path}.$merge must be an array of templates of objects, not {}", v.kind()));
+            return Err(format!(
+                "shape.{path}.$merge must be an array of templates of objects, not {}",
+                v.kind()
+            ));
         };
         return parts
             .iter()
@@ -575,16 +591,20 @@ fn compile_operator(
     if let Some(v) = get("$each") {
         only(&["$each", "to", "as"])?;
         let T::Str(src) = v else {
-            return Err(format!("shape.{path}.$each must be a string \"{{{{ path }}}}\", not {}", v.kind()));
+            return Err(format!(
+                "shape.{path}.$each must be a string \"{{{{ path }}}}\", not {}",
+                v.kind()
+            ));
         };
-        let source = match compile_string(src, vars).map_err(|e| format!("shape.{path}.$each: {e}"))? {
-            Node::Expr(e) => e,
-            _ => {
-                return Err(format!(
+        let source =
+            match compile_string(src, vars).map_err(|e| format!("shape.{path}.$each: {e}"))? {
+                Node::Expr(e) => e,
+                _ => {
+                    return Err(format!(
                     "shape.{path}.$each must be one expression such as \"{{{{ data.items }}}}\""
                 ))
-            }
-        };
+                }
+            };
         let var = match get("as") {
             None => "item".to_string(),
             Some(T::Str(name)) => {
@@ -595,17 +615,31 @@ fn compile_operator(
                 }
                 name.clone()
             }
-            Some(other) => return Err(format!("shape.{path}.as must be a string, not {}", other.kind())),
+            Some(other) => {
+                return Err(format!(
+                    "shape.{path}.as must be a string, not {}",
+                    other.kind()
+                ))
+            }
         };
         let Some(to) = get("to") else {
-            return Err(format!("shape.{path}: $each needs \"to\", the template of each element"));
+            return Err(format!(
+                "shape.{path}: $each needs \"to\", the template of each element"
+            ));
         };
         vars.push(var.clone());
         let to = compile(to, depth + 1, vars, &format!("{path}.to"));
         vars.pop();
-        return Ok(Node::Each { source, var, to: Box::new(to?) });
+        return Ok(Node::Each {
+            source,
+            var,
+            to: Box::new(to?),
+        });
     }
-    let (k, _) = members.iter().find(|(k, _)| k.starts_with('$')).expect("checked by the caller");
+    let (k, _) = members
+        .iter()
+        .find(|(k, _)| k.starts_with('$'))
+        .expect("checked by the caller");
     Err(format!(
         "shape.{path}: unknown operator \"{}\" (operators: $each, $merge, $literal; a key starting with $ is written inside {{\"$literal\": ...}})",
         shown(k)
@@ -640,8 +674,10 @@ fn compile_string(s: &str, vars: &[String]) -> Result<Node, String> {
             parts.push(Part::Text(text.to_string()));
         }
         let after = &rest[open + 2..];
-        let close = find_close(after).ok_or_else(|| format!("\"{{{{\" without \"}}}}\" in \"{}\"", shown(s)))?;
-        let expr = parse_expr(&after[..close], vars).map_err(|e| format!("{e} in \"{}\"", shown(s)))?;
+        let close = find_close(after)
+            .ok_or_else(|| format!("\"{{{{\" without \"}}}}\" in \"{}\"", shown(s)))?;
+        let expr =
+            parse_expr(&after[..close], vars).map_err(|e| format!("{e} in \"{}\"", shown(s)))?;
         parts.push(Part::Expr(expr));
         rest = &after[close + 2..];
     }
@@ -653,7 +689,9 @@ fn compile_string(s: &str, vars: &[String]) -> Result<Node, String> {
     }
     if parts.len() == 1 {
         if let Part::Expr(_) = &parts[0] {
-            let Some(Part::Expr(e)) = parts.pop() else { unreachable!() };
+            let Some(Part::Expr(e)) = parts.pop() else {
+                unreachable!()
+            };
             return Ok(Node::Expr(e));
         }
     }
@@ -786,7 +824,11 @@ fn parse_expr(s: &str, vars: &[String]) -> Result<Expr, String> {
                     "subscription_id" => Root::SubscriptionId,
                     "null" | "true" | "false" => Root::Const(name.clone()),
                     other => {
-                        let each = if vars.is_empty() { String::new() } else { format!(", {}", vars.join(", ")) };
+                        let each = if vars.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {}", vars.join(", "))
+                        };
                         return Err(format!(
                             "unknown name \"{}\" (a path starts with {ROOTS}{each})",
                             shown(other)
@@ -880,14 +922,22 @@ fn parse_expr(s: &str, vars: &[String]) -> Result<Expr, String> {
             return Err(format!("more than {MAX_FILTERS} filters"));
         }
     }
-    Ok(Expr { root, steps, filters })
+    Ok(Expr {
+        root,
+        steps,
+        filters,
+    })
 }
 
 fn offset_arg(name: &str, t: Option<&Tok>, default: Option<i32>) -> Result<Option<i32>, String> {
     match t {
         None => Ok(default),
-        Some(Tok::Str(s)) => parse_offset(s)
-            .map_err(|_| format!("{name}: the offset must be 'Z' or like '+02:00' or '-05:30', not '{}'", shown(s))),
+        Some(Tok::Str(s)) => parse_offset(s).map_err(|_| {
+            format!(
+                "{name}: the offset must be 'Z' or like '+02:00' or '-05:30', not '{}'",
+                shown(s)
+            )
+        }),
         Some(_) => Err(format!("{name}: the offset is a string such as '+02:00'")),
     }
 }
@@ -903,7 +953,11 @@ fn parse_offset(s: &str) -> Result<Option<i32>, ()> {
     }
     let h: i32 = s[1..3].parse().map_err(|_| ())?;
     let m: i32 = s[4..6].parse().map_err(|_| ())?;
-    if !s[1..3].bytes().all(|c| c.is_ascii_digit()) || !s[4..6].bytes().all(|c| c.is_ascii_digit()) || h > 23 || m > 59 {
+    if !s[1..3].bytes().all(|c| c.is_ascii_digit())
+        || !s[4..6].bytes().all(|c| c.is_ascii_digit())
+        || h > 23
+        || m > 59
+    {
         return Err(());
     }
     let v = h * 60 + m;
@@ -1375,7 +1429,24 @@ fn parse_timestamp(s: &str) -> Option<Instant> {
     if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !(1..=12).contains(&mo) {
         return None;
     }
-    let month_days = [31, if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let month_days = [
+        31,
+        if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 {
+            29
+        } else {
+            28
+        },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if d < 1 || d > month_days[(mo - 1) as usize] {
         return None;
     }
@@ -1456,7 +1527,10 @@ fn instant_of(value: &str, filter: &str) -> Result<Option<Instant>, RenderError>
             if f.is_finite() && f.abs() < 253_402_300_800.0 {
                 let secs = f.floor();
                 let nanos = ((f - secs) * 1e9).round().min(999_999_999.0) as u32;
-                return Ok(Some(Instant { secs: secs as i64, nanos }));
+                return Ok(Some(Instant {
+                    secs: secs as i64,
+                    nanos,
+                }));
             }
         }
     }
@@ -1466,13 +1540,19 @@ fn instant_of(value: &str, filter: &str) -> Result<Option<Instant>, RenderError>
     )))
 }
 
-fn civil(t: Instant, offset_min: i32, filter: &str) -> Result<(i64, i64, i64, i64, i64, i64), RenderError> {
+fn civil(
+    t: Instant,
+    offset_min: i32,
+    filter: &str,
+) -> Result<(i64, i64, i64, i64, i64, i64), RenderError> {
     let local = t.secs + offset_min as i64 * 60;
     let days = local.div_euclid(86_400);
     let rem = local.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     if !(0..=9999).contains(&y) {
-        return Err(RenderError::Failed(format!("{filter}: the year {y} is out of range 0000-9999")));
+        return Err(RenderError::Failed(format!(
+            "{filter}: the year {y} is out of range 0000-9999"
+        )));
     }
     Ok((y, m, d, rem / 3600, rem % 3600 / 60, rem % 60))
 }
@@ -1606,7 +1686,11 @@ fn apply<'a>(f: &Filter, v: Cow<'a, str>) -> Result<Cow<'a, str>, RenderError> {
             if is_null {
                 return Ok(v);
             }
-            let name = if matches!(f, Filter::Upper) { "upper" } else { "lower" };
+            let name = if matches!(f, Filter::Upper) {
+                "upper"
+            } else {
+                "lower"
+            };
             let s = decode_json_string(v.trim()).ok_or_else(|| {
                 RenderError::Failed(format!("{name}: {} is not a string", kind_of(&v)))
             })?;
@@ -1617,7 +1701,9 @@ fn apply<'a>(f: &Filter, v: Cow<'a, str>) -> Result<Cow<'a, str>, RenderError> {
             }))
         }
         Filter::Iso8601(offset, digits) => {
-            let Some(t) = instant_of(&v, "iso8601")? else { return Ok(v) };
+            let Some(t) = instant_of(&v, "iso8601")? else {
+                return Ok(v);
+            };
             let (y, m, d, h, mi, s) = civil(t, offset.unwrap_or(0), "iso8601")?;
             let mut o = format!("\"{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
             match digits {
@@ -1637,8 +1723,14 @@ fn apply<'a>(f: &Filter, v: Cow<'a, str>) -> Result<Cow<'a, str>, RenderError> {
             Cow::Owned(o)
         }
         Filter::Datetime(offset) | Filter::Date(offset) => {
-            let name = if matches!(f, Filter::Date(_)) { "date" } else { "datetime" };
-            let Some(t) = instant_of(&v, name)? else { return Ok(v) };
+            let name = if matches!(f, Filter::Date(_)) {
+                "date"
+            } else {
+                "datetime"
+            };
+            let Some(t) = instant_of(&v, name)? else {
+                return Ok(v);
+            };
             let (y, m, d, h, mi, s) = civil(t, *offset, name)?;
             Cow::Owned(if matches!(f, Filter::Date(_)) {
                 format!("\"{y:04}-{m:02}-{d:02}\"")
@@ -1647,11 +1739,15 @@ fn apply<'a>(f: &Filter, v: Cow<'a, str>) -> Result<Cow<'a, str>, RenderError> {
             })
         }
         Filter::Unix => {
-            let Some(t) = instant_of(&v, "unix")? else { return Ok(v) };
+            let Some(t) = instant_of(&v, "unix")? else {
+                return Ok(v);
+            };
             Cow::Owned(t.secs.to_string())
         }
         Filter::UnixMs => {
-            let Some(t) = instant_of(&v, "unix_ms")? else { return Ok(v) };
+            let Some(t) = instant_of(&v, "unix_ms")? else {
+                return Ok(v);
+            };
             Cow::Owned((t.secs * 1000 + (t.nanos / 1_000_000) as i64).to_string())
         }
     })
@@ -1745,7 +1841,10 @@ fn eval(node: &Node, scope: &mut Scope, out: &mut Out) -> Result<(), RenderError
             let mut merged: Vec<(String, String)> = Vec::new();
             let mut size = 0;
             for p in parts {
-                let mut part = Out { buf: String::new(), limit: out.limit };
+                let mut part = Out {
+                    buf: String::new(),
+                    limit: out.limit,
+                };
                 eval(p, scope, &mut part)?;
                 if part.buf == "null" {
                     continue;
@@ -1800,7 +1899,11 @@ pub fn envelope_body(event_id: &str, event_type: &str, created_at: &str, data: &
 
 /// A delivery's event type, body and extra headers under `shape` (None: as today). The body
 /// is capped at `max_bytes` (a larger one is `Oversized`).
-pub fn render(shape: Option<&Shape>, env: &Envelope, max_bytes: usize) -> Result<Rendered, RenderError> {
+pub fn render(
+    shape: Option<&Shape>,
+    env: &Envelope,
+    max_bytes: usize,
+) -> Result<Rendered, RenderError> {
     let Some(shape) = shape else {
         let body = envelope_body(env.event_id, env.event_type, env.created_at, env.data);
         if body.len() > max_bytes {
@@ -1816,8 +1919,15 @@ pub fn render(shape: Option<&Shape>, env: &Envelope, max_bytes: usize) -> Result
     let body = match &shape.body {
         None => envelope_body(env.event_id, &event_type, env.created_at, env.data),
         Some(template) => {
-            let mut scope = Scope { env, event_type: &event_type, vars: Vec::new() };
-            let mut out = Out { buf: String::new(), limit: max_bytes };
+            let mut scope = Scope {
+                env,
+                event_type: &event_type,
+                vars: Vec::new(),
+            };
+            let mut out = Out {
+                buf: String::new(),
+                limit: max_bytes,
+            };
             eval(template, &mut scope, &mut out)?;
             out.buf
         }
@@ -1839,7 +1949,11 @@ pub fn render(shape: Option<&Shape>, env: &Envelope, max_bytes: usize) -> Result
     if let Some(h) = &shape.delivery_id_header {
         headers.push((h.clone(), env.event_id.to_string()));
     }
-    Ok(Rendered { event_type, body: body.into_bytes(), headers })
+    Ok(Rendered {
+        event_type,
+        body: body.into_bytes(),
+        headers,
+    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1988,7 +2102,11 @@ pub fn js_number(x: f64) -> String {
 
 /// An array index in ECMAScript's sense: the canonical form of an integer 0 .. 2^32 - 2.
 fn array_index(k: &str) -> Option<u32> {
-    if k.is_empty() || k.len() > 10 || (k.len() > 1 && k.starts_with('0')) || !k.bytes().all(|b| b.is_ascii_digit()) {
+    if k.is_empty()
+        || k.len() > 10
+        || (k.len() > 1 && k.starts_with('0'))
+        || !k.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let n: u64 = k.parse().ok()?;
@@ -2101,12 +2219,17 @@ mod tests {
         let s = parse(r#"{"event_names": {"order.shipped": "ORDER_SHIPPED"}, "event_type_header": "X-Event-Type", "delivery_id_header": "X-Delivery-Id"}"#).expect("valid");
         let r = render(Some(&s), &env(DATA), 1 << 20).expect("renders");
         assert_eq!(r.event_type, "ORDER_SHIPPED");
-        assert!(String::from_utf8(r.body).expect("utf8").contains(r#""type":"ORDER_SHIPPED""#));
+        assert!(String::from_utf8(r.body)
+            .expect("utf8")
+            .contains(r#""type":"ORDER_SHIPPED""#));
         assert_eq!(
             r.headers,
             vec![
                 ("X-Event-Type".to_string(), "ORDER_SHIPPED".to_string()),
-                ("X-Delivery-Id".to_string(), "0b4e0a55-0000-4000-8000-000000000001".to_string())
+                (
+                    "X-Delivery-Id".to_string(),
+                    "0b4e0a55-0000-4000-8000-000000000001".to_string()
+                )
             ]
         );
         assert!(s.is_renamed("ORDER_SHIPPED"));
@@ -2126,7 +2249,10 @@ mod tests {
         assert_eq!(v["ok"], true);
         assert!(v["none"].is_null());
         assert_eq!(v["order"]["ref"], "ORD-1");
-        assert!(b.contains(r#""total":59.90"#), "numbers exactly as stored: {b}");
+        assert!(
+            b.contains(r#""total":59.90"#),
+            "numbers exactly as stored: {b}"
+        );
         assert_eq!(v["order"]["who"], "Ada \"the\" Countess");
         assert!(v["order"]["missing"].is_null());
         assert_eq!(v["evt"], "evt_0b4e0a55-0000-4000-8000-000000000001");
@@ -2201,31 +2327,58 @@ mod tests {
         ] {
             assert_eq!(parse_timestamp(s).map(|t| t.secs), Some(secs), "{s}");
         }
-        for bad in ["2024-02-30", "2024-13-01", "24-01-01", "2024-01-01T25:00", "2024-01-01X", "2024-01-01T10:00+1"] {
+        for bad in [
+            "2024-02-30",
+            "2024-13-01",
+            "24-01-01",
+            "2024-01-01T25:00",
+            "2024-01-01X",
+            "2024-01-01T10:00+1",
+        ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn data_dependent_failures_are_errors_at_delivery() {
-        let e = body(r#"{"body": "{{ data.customer | unix }}"}"#, DATA).expect_err("not a timestamp");
-        assert!(matches!(&e, RenderError::Failed(m) if m.contains("unix") && m.contains("is not a timestamp")), "{e:?}");
-        let e = body(r#"{"body": {"$each": "{{ data.total }}", "to": 1}}"#, DATA).expect_err("not an array");
-        assert!(matches!(&e, RenderError::Failed(m) if m.contains("not an array")), "{e:?}");
-        let e = body(r#"{"body": {"$merge": ["{{ data.items }}"]}}"#, DATA).expect_err("not an object");
-        assert!(matches!(&e, RenderError::Failed(m) if m.contains("not an object")), "{e:?}");
+        let e =
+            body(r#"{"body": "{{ data.customer | unix }}"}"#, DATA).expect_err("not a timestamp");
+        assert!(
+            matches!(&e, RenderError::Failed(m) if m.contains("unix") && m.contains("is not a timestamp")),
+            "{e:?}"
+        );
+        let e = body(r#"{"body": {"$each": "{{ data.total }}", "to": 1}}"#, DATA)
+            .expect_err("not an array");
+        assert!(
+            matches!(&e, RenderError::Failed(m) if m.contains("not an array")),
+            "{e:?}"
+        );
+        let e =
+            body(r#"{"body": {"$merge": ["{{ data.items }}"]}}"#, DATA).expect_err("not an object");
+        assert!(
+            matches!(&e, RenderError::Failed(m) if m.contains("not an object")),
+            "{e:?}"
+        );
         let e = body(r#"{"body": "{{ data.total | upper }}"}"#, DATA).expect_err("not a string");
-        assert!(matches!(&e, RenderError::Failed(m) if m.contains("upper")), "{e:?}");
+        assert!(
+            matches!(&e, RenderError::Failed(m) if m.contains("upper")),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn the_output_is_capped_while_it_is_built() {
         // Each element repeats the whole data: quadratic growth stops at the cap.
         let s = parse(r#"{"body": {"$each": "{{ data.items }}", "to": ["{{ data }}", "{{ data }}", "{{ data }}"]}}"#).expect("valid");
-        let items: Vec<String> = (0..2000).map(|i| format!("{{\"sku\": \"S{i}\"}}")).collect();
+        let items: Vec<String> = (0..2000)
+            .map(|i| format!("{{\"sku\": \"S{i}\"}}"))
+            .collect();
         let data = format!("{{\"items\": [{}]}}", items.join(", "));
         let e = render(Some(&s), &env(&data), 100_000).expect_err("capped");
-        assert!(matches!(e, RenderError::Oversized(n) if n > 100_000 && n < 400_000), "{e:?}");
+        assert!(
+            matches!(e, RenderError::Oversized(n) if n > 100_000 && n < 400_000),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -2234,38 +2387,77 @@ mod tests {
             ("[]", "must be a JSON object"),
             (r#"{"bodyy": 1}"#, "unknown key \"bodyy\""),
             (r#"{"event_names": []}"#, "event_names must be an object"),
-            (r#"{"event_names": {"order.created": 1}}"#, "must be a string"),
+            (
+                r#"{"event_names": {"order.created": 1}}"#,
+                "must be a string",
+            ),
             (r#"{"event_names": {"order.created": ""}}"#, "is empty"),
-            (r#"{"event_names": {"order.created": "A B"}}"#, "printable ASCII"),
-            (r#"{"event_names": {"order.created": "a\r\nX: y"}}"#, "printable ASCII"),
-            (r#"{"event_type_header": "Webhook-Signature"}"#, "set by pg_webhooks"),
+            (
+                r#"{"event_names": {"order.created": "A B"}}"#,
+                "printable ASCII",
+            ),
+            (
+                r#"{"event_names": {"order.created": "a\r\nX: y"}}"#,
+                "printable ASCII",
+            ),
+            (
+                r#"{"event_type_header": "Webhook-Signature"}"#,
+                "set by pg_webhooks",
+            ),
             (r#"{"event_type_header": "X Bad"}"#, "invalid header name"),
             (r#"{"event_type_header": 3}"#, "must be a string"),
-            (r#"{"event_type_header": "X-A", "delivery_id_header": "x-a"}"#, "the same header"),
+            (
+                r#"{"event_type_header": "X-A", "delivery_id_header": "x-a"}"#,
+                "the same header",
+            ),
             (r#"{"json": "python"}"#, "as_stored\" or \"javascript"),
             (r#"{"body": "{{ nope }}"}"#, "unknown name \"nope\""),
-            (r#"{"body": "{{ data.x | nope }}"}"#, "unknown filter \"nope\""),
+            (
+                r#"{"body": "{{ data.x | nope }}"}"#,
+                "unknown filter \"nope\"",
+            ),
             (r#"{"body": "{{ data.x "}"#, "without \"}}\""),
             (r#"{"body": "x }}"}"#, "without \"{{\""),
             (r#"{"body": "{{ }}"}"#, "empty"),
             (r#"{"body": "{{ data..x }}"}"#, "a path goes on"),
             (r#"{"body": "{{ data.x | iso8601('+2') }}"}"#, "offset"),
             (r#"{"body": "{{ data.x | iso8601('Z', 2) }}"}"#, "0, 3 or 6"),
-            (r#"{"body": "{{ data.x | default }}"}"#, "default takes one argument"),
-            (r#"{"body": {"$each": "data.items", "to": 1}}"#, "one expression"),
+            (
+                r#"{"body": "{{ data.x | default }}"}"#,
+                "default takes one argument",
+            ),
+            (
+                r#"{"body": {"$each": "data.items", "to": 1}}"#,
+                "one expression",
+            ),
             (r#"{"body": {"$each": "{{ data.items }}"}}"#, "needs \"to\""),
-            (r#"{"body": {"$each": "{{ data.items }}", "to": 1, "as": "data"}}"#, ".as must be"),
-            (r#"{"body": {"$each": "{{ data.items }}", "to": 1, "extra": 2}}"#, "does not belong"),
-            (r#"{"body": {"$script": "x"}}"#, "unknown operator \"$script\""),
+            (
+                r#"{"body": {"$each": "{{ data.items }}", "to": 1, "as": "data"}}"#,
+                ".as must be",
+            ),
+            (
+                r#"{"body": {"$each": "{{ data.items }}", "to": 1, "extra": 2}}"#,
+                "does not belong",
+            ),
+            (
+                r#"{"body": {"$script": "x"}}"#,
+                "unknown operator \"$script\"",
+            ),
             (r#"{"body": {"$merge": {}}}"#, "$merge must be an array"),
-            (r#"{"body": {"a": "{{ item.sku }}"}}"#, "unknown name \"item\""),
+            (
+                r#"{"body": {"a": "{{ item.sku }}"}}"#,
+                "unknown name \"item\"",
+            ),
             (r#"{"body": "{{ 'unterminated }}"}"#, "without \"}}\""),
         ] {
             let e = parse(shape).expect_err(shape);
             assert!(e.contains(says), "{shape}: {e}");
         }
         let deep = format!("{{\"body\": {}1{}}}", "[".repeat(40), "]".repeat(40));
-        assert!(parse(&deep).expect_err("deep").contains("deeper than"), "deep");
+        assert!(
+            parse(&deep).expect_err("deep").contains("deeper than"),
+            "deep"
+        );
         let big = format!("{{\"body\": \"{}\"}}", "x".repeat(MAX_SHAPE_BYTES));
         assert!(parse(&big).expect_err("big").contains("at most"), "big");
         assert!(parse(r#"{"body": "{{ '{{' }} literal"}"#).is_ok());
@@ -2303,9 +2495,16 @@ mod tests {
         let mut out = String::new();
         javascript_json(r#"{"b": "\u00e9\u2028\/\u0001\u001f\u007f", "2": 1, "a": [1, {"10": 0, "9": 0, "x": 0}], "b": "last", "01": 2}"#, &mut out)
             .expect("valid");
-        assert_eq!(out, "{\"2\":1,\"b\":\"last\",\"a\":[1,{\"9\":0,\"10\":0,\"x\":0}],\"01\":2}");
+        assert_eq!(
+            out,
+            "{\"2\":1,\"b\":\"last\",\"a\":[1,{\"9\":0,\"10\":0,\"x\":0}],\"01\":2}"
+        );
         let mut out = String::new();
-        javascript_json(r#""\u00e9\u2028\/\u0001\u001f\u007f\ud83d\ude00""#, &mut out).expect("valid");
+        javascript_json(
+            r#""\u00e9\u2028\/\u0001\u001f\u007f\ud83d\ude00""#,
+            &mut out,
+        )
+        .expect("valid");
         assert_eq!(out, "\"é\u{2028}/\\u0001\\u001f\u{7f}😀\"");
         let deep = format!("{}{}", "[".repeat(2000), "]".repeat(2000));
         assert!(javascript_json(&deep, &mut String::new()).is_err());
@@ -2315,7 +2514,10 @@ mod tests {
     fn patterns_may_name_renamed_types() {
         let s = parse(r#"{"event_names": {"order.shipped": "orders/shipped_v2"}}"#).expect("valid");
         let ok = |p: &[&str], s: Option<&Shape>| {
-            check_patterns(&p.iter().map(|x| Some(x.to_string())).collect::<Vec<_>>(), s)
+            check_patterns(
+                &p.iter().map(|x| Some(x.to_string())).collect::<Vec<_>>(),
+                s,
+            )
         };
         assert!(ok(&["orders/shipped_v2", "order.*"], Some(&s)).is_ok());
         assert!(ok(&["orders/shipped_v2"], None).is_err());

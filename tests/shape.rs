@@ -57,7 +57,14 @@ fn app() -> Client {
 
 /// Subscribe `rx`'s `path` as shape_admin for `customer`'s orders; the receiver verifies the
 /// Standard Webhooks signature with the secret. Returns (id, secret).
-fn subscribe(rx: &Receiver, path: &str, customer: &str, patterns: &str, shape: Option<Value>, extra: &str) -> (i64, String) {
+fn subscribe(
+    rx: &Receiver,
+    path: &str,
+    customer: &str,
+    patterns: &str,
+    shape: Option<Value>,
+    extra: &str,
+) -> (i64, String) {
     let shape = shape.map(|s| s.to_string());
     let row = admin()
         .query_one(
@@ -94,7 +101,9 @@ fn received(rx: &Receiver, path: &str, n: usize) -> Vec<Value> {
 }
 
 fn header<'a>(r: &'a Value, name: &str) -> &'a str {
-    r["headers"][name].as_str().unwrap_or_else(|| panic!("no {name} header in {r}"))
+    r["headers"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} header in {r}"))
 }
 
 #[test]
@@ -103,40 +112,90 @@ fn renamed_event_types_and_subscribing_by_either_name() {
     let names = json!({"order.created": "ORDER_CREATED", "order.cancelled": "order.canceled"});
     let shape = json!({"event_names": names, "event_type_header": "X-Event-Type", "delivery_id_header": "X-Delivery-Id"});
     // By the new names, by the stored name, and by a prefix that matches both spellings.
-    let (a, _) = subscribe(&rx, "/by-new-name", "renames", "{ORDER_CREATED,order.canceled}", Some(shape.clone()), "");
-    let (b, _) = subscribe(&rx, "/by-stored-name", "renames", "{order.created}", Some(shape.clone()), "");
-    let (_c, _) = subscribe(&rx, "/by-prefix", "renames", "{order.*}", Some(json!({"event_names": names})), "");
+    let (a, _) = subscribe(
+        &rx,
+        "/by-new-name",
+        "renames",
+        "{ORDER_CREATED,order.canceled}",
+        Some(shape.clone()),
+        "",
+    );
+    let (b, _) = subscribe(
+        &rx,
+        "/by-stored-name",
+        "renames",
+        "{order.created}",
+        Some(shape.clone()),
+        "",
+    );
+    let (_c, _) = subscribe(
+        &rx,
+        "/by-prefix",
+        "renames",
+        "{order.*}",
+        Some(json!({"event_names": names})),
+        "",
+    );
     order(101, "renames", "pending");
-    app().batch_execute("UPDATE shop.orders SET status = 'cancelled' WHERE id = 101").expect("cancel");
+    app()
+        .batch_execute("UPDATE shop.orders SET status = 'cancelled' WHERE id = 101")
+        .expect("cancel");
 
     let by_new = received(&rx, "/by-new-name", 2);
-    let types: Vec<&str> = by_new.iter().map(|r| r["json"]["type"].as_str().unwrap_or_default()).collect();
+    let types: Vec<&str> = by_new
+        .iter()
+        .map(|r| r["json"]["type"].as_str().unwrap_or_default())
+        .collect();
     assert_eq!(types, ["ORDER_CREATED", "order.canceled"]);
     for r in &by_new {
         assert_eq!(header(r, "x-event-type"), r["json"]["type"]);
         assert_eq!(header(r, "x-delivery-id"), header(r, "webhook-id"));
         assert_eq!(header(r, "x-delivery-id"), r["json"]["id"]);
         assert_eq!(r["json"]["data"]["total"], 59.9);
-        assert!(r["body"].as_str().unwrap_or_default().contains("\"total\":59.90"), "as stored: {r}");
+        assert!(
+            r["body"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("\"total\":59.90"),
+            "as stored: {r}"
+        );
     }
     let by_stored = received(&rx, "/by-stored-name", 1);
     assert_eq!(by_stored[0]["json"]["type"], "ORDER_CREATED");
-    assert_eq!(by_stored[0]["json"]["id"], by_new[0]["json"]["id"], "the same event");
+    assert_eq!(
+        by_stored[0]["json"]["id"], by_new[0]["json"]["id"],
+        "the same event"
+    );
     let by_prefix = received(&rx, "/by-prefix", 3);
-    let types: Vec<&str> = by_prefix.iter().map(|r| r["json"]["type"].as_str().unwrap_or_default()).collect();
-    assert_eq!(types, ["ORDER_CREATED", "order.status_updated", "order.canceled"]);
-    assert!(by_prefix[0]["headers"].get("x-event-type").is_none(), "no header unless asked for");
+    let types: Vec<&str> = by_prefix
+        .iter()
+        .map(|r| r["json"]["type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        types,
+        ["ORDER_CREATED", "order.status_updated", "order.canceled"]
+    );
+    assert!(
+        by_prefix[0]["headers"].get("x-event-type").is_none(),
+        "no header unless asked for"
+    );
     // The stored events keep their types; the delivery log keeps the stored one too.
     let mut c = admin();
     let stored: Vec<String> = c
-        .query("SELECT event_type FROM webhooks.deliveries WHERE subscription_id = $1 ORDER BY id", &[&a])
+        .query(
+            "SELECT event_type FROM webhooks.deliveries WHERE subscription_id = $1 ORDER BY id",
+            &[&a],
+        )
         .expect("deliveries")
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(stored, ["order.created", "order.cancelled"]);
     let n: i64 = c
-        .query_one("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = $1", &[&b])
+        .query_one(
+            "SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = $1",
+            &[&b],
+        )
         .expect("count")
         .get(0);
     assert_eq!(n, 1, "order.created only");
@@ -180,7 +239,14 @@ fn every_template_construct_end_to_end() {
             "delivery": {"id": "{{ delivery_id }}", "attempt": "{{ attempt }}", "subscription": "{{ subscription_id }}"}
         }
     });
-    let (sub, _) = subscribe(&rx, "/template", "template", "{orders/created_v2}", Some(shape), "");
+    let (sub, _) = subscribe(
+        &rx,
+        "/template",
+        "template",
+        "{orders/created_v2}",
+        Some(shape),
+        "",
+    );
     order(201, "template", "pending");
     let r = &received(&rx, "/template", 1)[0];
     let body = &r["json"];
@@ -209,9 +275,15 @@ fn every_template_construct_end_to_end() {
     assert_eq!(header(r, "x-topic"), "orders/created_v2");
     assert_eq!(body["stored"], "order.created");
     assert_eq!(body["id"], format!("evt_{event_id}"));
-    assert_eq!(body["constants"], json!({"currency": "EUR", "version": 2, "live": true, "none": null, "list": [1, "a"]}));
+    assert_eq!(
+        body["constants"],
+        json!({"currency": "EUR", "version": 2, "live": true, "none": null, "list": [1, "a"]})
+    );
     assert_eq!(body["order"]["ref"], "ORD-201/PENDING");
-    assert!(raw.contains("\"amount\":59.90"), "numbers exactly as stored: {raw}");
+    assert!(
+        raw.contains("\"amount\":59.90"),
+        "numbers exactly as stored: {raw}"
+    );
     assert_eq!(body["order"]["amount_text"], "59.90");
     assert_eq!(body["order"]["customer"], "template");
     assert!(body["order"]["missing"].is_null());
@@ -245,19 +317,28 @@ fn every_template_construct_end_to_end() {
         .get(0);
     assert_eq!(t["sent"], sent_iso);
     let delivery: i64 = e.get(8);
-    assert_eq!(body["delivery"], json!({"id": delivery, "attempt": 1, "subscription": sub}));
+    assert_eq!(
+        body["delivery"],
+        json!({"id": delivery, "attempt": 1, "subscription": sub})
+    );
 
     // webhooks.request() shows the body byte for byte as it was sent (once the attempt is
     // recorded: until then its timestamp is now), and the shape's header.
     wait_for("the attempt to be recorded", WAIT, || {
         let st: String = c
-            .query_one("SELECT status FROM webhooks.deliveries WHERE id = $1", &[&delivery])
+            .query_one(
+                "SELECT status FROM webhooks.deliveries WHERE id = $1",
+                &[&delivery],
+            )
             .ok()?
             .get(0);
         (st == "succeeded").then_some(())
     });
     let req = c
-        .query_one("SELECT headers, body FROM webhooks.request($1)", &[&delivery])
+        .query_one(
+            "SELECT headers, body FROM webhooks.request($1)",
+            &[&delivery],
+        )
         .expect("request");
     assert_eq!(req.get::<_, String>(1), raw);
     let headers: Value = req.get(0);
@@ -293,7 +374,9 @@ fn javascript_json_is_what_json_stringify_gives_checked_by_node() {
         if let Ok(Some(s)) = node.0.try_wait() {
             panic!("node exited: {s}");
         }
-        std::fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     });
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     let mut c = admin();
@@ -313,7 +396,9 @@ fn javascript_json_is_what_json_stringify_gives_checked_by_node() {
     let envelope = sub("/js-envelope", Some(json!({"json": "javascript"})));
     let templated = sub(
         "/js-template",
-        Some(json!({"json": "javascript", "body": {"order": "{{ data }}", "amount": "{{ data.total }}", "at": "{{ created_at | unix_ms }}"}})),
+        Some(
+            json!({"json": "javascript", "body": {"order": "{{ data }}", "amount": "{{ data.total }}", "at": "{{ created_at | unix_ms }}"}}),
+        ),
     );
     let as_stored = sub("/as-stored", None);
     // Tricky numbers and strings (unicode, control characters, U+2028, quotes, keys that are
@@ -326,20 +411,49 @@ fn javascript_json_is_what_json_stringify_gives_checked_by_node() {
         )
         .expect("order");
     let log = wait_for("three requests at the Node receiver", WAIT, || {
-        let text = ureq::get(&url("/_log")).call().ok()?.body_mut().read_to_string().ok()?;
+        let text = ureq::get(&url("/_log"))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
         let log: Vec<Value> = serde_json::from_str(&text).ok()?;
         (log.len() >= 3).then_some(log)
     });
-    let at = |p: &str| log.iter().find(|r| r["path"] == p).unwrap_or_else(|| panic!("no request on {p}: {log:?}"));
+    let at = |p: &str| {
+        log.iter()
+            .find(|r| r["path"] == p)
+            .unwrap_or_else(|| panic!("no request on {p}: {log:?}"))
+    };
     for p in ["/js-envelope", "/js-template"] {
         let r = at(p);
-        assert_eq!(r["same"], true, "{p}: JSON.stringify(JSON.parse(body)) differs from the body: {r}");
-        assert_eq!(r["verified"], true, "{p}: the JSON.stringify(req.body) signature fails: {r}");
+        assert_eq!(
+            r["same"], true,
+            "{p}: JSON.stringify(JSON.parse(body)) differs from the body: {r}"
+        );
+        assert_eq!(
+            r["verified"], true,
+            "{p}: the JSON.stringify(req.body) signature fails: {r}"
+        );
         let raw = r["raw"].as_str().expect("raw");
-        for spelled in ["59.9,", "\"one\":1,", "\"big\":1e+21", "\"tenth\":0.1", "\"negzero\":0", "12345678901234567000", "\"tiny\":1.5e-7", "\\u0001\\t\\n\u{2028}\u{2029}", "\\\"q\\\" \\\\ / \u{7f}", "\"b\":[1.5,0,100]"] {
+        for spelled in [
+            "59.9,",
+            "\"one\":1,",
+            "\"big\":1e+21",
+            "\"tenth\":0.1",
+            "\"negzero\":0",
+            "12345678901234567000",
+            "\"tiny\":1.5e-7",
+            "\\u0001\\t\\n\u{2028}\u{2029}",
+            "\\\"q\\\" \\\\ / \u{7f}",
+            "\"b\":[1.5,0,100]",
+        ] {
             assert!(raw.contains(spelled), "{p}: {spelled} not in {raw}");
         }
-        assert!(raw.contains("{\"2\":2,\"10\":1,"), "{p}: array-index keys first: {raw}");
+        assert!(
+            raw.contains("{\"2\":2,\"10\":1,"),
+            "{p}: array-index keys first: {raw}"
+        );
     }
     // The control: the body as stored is not what JSON.stringify gives, and that receiver
     // refuses it (so the check above can fail).
@@ -347,10 +461,17 @@ fn javascript_json_is_what_json_stringify_gives_checked_by_node() {
     assert_eq!(r["same"], false, "{r}");
     assert_eq!(r["verified"], false, "{r}");
     let mut c = admin();
-    for (s, status) in [(envelope, "succeeded"), (templated, "succeeded"), (as_stored, "dead")] {
+    for (s, status) in [
+        (envelope, "succeeded"),
+        (templated, "succeeded"),
+        (as_stored, "dead"),
+    ] {
         wait_for(&format!("subscription {s} {status}"), WAIT, || {
             let st: String = c
-                .query_one("SELECT status FROM webhooks.deliveries WHERE subscription_id = $1", &[&s])
+                .query_one(
+                    "SELECT status FROM webhooks.deliveries WHERE subscription_id = $1",
+                    &[&s],
+                )
                 .ok()?
                 .get(0);
             (st == status).then_some(())
@@ -369,28 +490,45 @@ fn set_shape_applies_to_attempts_made_after_it() {
     assert!(first[0]["json"]["data"].is_object(), "the envelope");
     let mut c = admin();
     let shape = json!({"event_names": {"order.created": "ORDER_CREATED"}, "body": {"evt": "evt_{{ id }}", "type": "{{ type }}"}});
-    c.execute("SELECT webhooks.set_shape($1, $2::text::jsonb)", &[&sub, &shape.to_string()])
-        .expect("set_shape");
+    c.execute(
+        "SELECT webhooks.set_shape($1, $2::text::jsonb)",
+        &[&sub, &shape.to_string()],
+    )
+    .expect("set_shape");
     let shown: Value = c
-        .query_one("SELECT shape FROM webhooks.subscriptions WHERE id = $1", &[&sub])
+        .query_one(
+            "SELECT shape FROM webhooks.subscriptions WHERE id = $1",
+            &[&sub],
+        )
         .expect("view")
         .get(0);
     assert_eq!(shown, shape);
     order(402, "later", "pending");
     let second = received(&rx, "/later", 2);
     let id = header(&second[1], "webhook-id");
-    assert_eq!(second[1]["json"], json!({"evt": format!("evt_{id}"), "type": "ORDER_CREATED"}));
+    assert_eq!(
+        second[1]["json"],
+        json!({"evt": format!("evt_{id}"), "type": "ORDER_CREATED"})
+    );
     // Removed again: a redelivery of the first event is the envelope again.
-    c.execute("SELECT webhooks.set_shape($1, NULL)", &[&sub]).expect("unset");
+    c.execute("SELECT webhooks.set_shape($1, NULL)", &[&sub])
+        .expect("unset");
     let d: i64 = c
-        .query_one("SELECT min(id) FROM webhooks.deliveries WHERE subscription_id = $1", &[&sub])
+        .query_one(
+            "SELECT min(id) FROM webhooks.deliveries WHERE subscription_id = $1",
+            &[&sub],
+        )
         .expect("delivery")
         .get(0);
-    c.execute("SELECT webhooks.redeliver($1)", &[&d]).expect("redeliver");
+    c.execute("SELECT webhooks.redeliver($1)", &[&d])
+        .expect("redeliver");
     let third = received(&rx, "/later", 3);
     assert_eq!(third[2]["body"], first[0]["body"]);
     let shown: Option<Value> = c
-        .query_one("SELECT shape FROM webhooks.subscriptions WHERE id = $1", &[&sub])
+        .query_one(
+            "SELECT shape FROM webhooks.subscriptions WHERE id = $1",
+            &[&sub],
+        )
         .expect("view")
         .get(0);
     assert!(shown.is_none());
@@ -399,12 +537,22 @@ fn set_shape_applies_to_attempts_made_after_it() {
 #[test]
 fn a_value_a_filter_cannot_take_fails_the_attempt_and_is_retried() {
     let rx = Receiver::start();
-    let (sub, _) = subscribe(&rx, "/bad-value", "badvalue", "{order.created}", Some(json!({"body": {"at": "{{ data.customer | unix }}"}})), "");
+    let (sub, _) = subscribe(
+        &rx,
+        "/bad-value",
+        "badvalue",
+        "{order.created}",
+        Some(json!({"body": {"at": "{{ data.customer | unix }}"}})),
+        "",
+    );
     order(501, "badvalue", "pending");
     let mut c = admin();
     wait_for("the delivery to end dead", WAIT, || {
         let st: String = c
-            .query_one("SELECT status FROM webhooks.deliveries WHERE subscription_id = $1", &[&sub])
+            .query_one(
+                "SELECT status FROM webhooks.deliveries WHERE subscription_id = $1",
+                &[&sub],
+            )
             .ok()?
             .get(0);
         (st == "dead").then_some(())
@@ -421,7 +569,10 @@ fn a_value_a_filter_cannot_take_fails_the_attempt_and_is_retried() {
         .collect();
     assert_eq!(errors.len(), 3, "retried per schedule: {errors:?}");
     for e in &errors {
-        assert!(e.contains("shaping the body failed: unix: \"badvalue\" is not a timestamp"), "{e}");
+        assert!(
+            e.contains("shaping the body failed: unix: \"badvalue\" is not a timestamp"),
+            "{e}"
+        );
     }
     assert!(rx.log("/bad-value").is_empty(), "nothing was sent");
 }
@@ -451,7 +602,13 @@ fn replay_and_render_match_either_name_and_give_the_pushed_shape() {
         assert_eq!(header(r, "webhook-id"), header(&first[0], "webhook-id"));
         assert_eq!(header(r, "x-delivery-id"), header(&first[0], "webhook-id"));
     }
-    fails(&mut c, &format!("SELECT webhooks.replay({sub}, now() - interval '1 hour', now(), '{{ORDER_SHIPPED}}')"), SqlState::INVALID_PARAMETER_VALUE);
+    fails(
+        &mut c,
+        &format!(
+            "SELECT webhooks.replay({sub}, now() - interval '1 hour', now(), '{{ORDER_SHIPPED}}')"
+        ),
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
 
     // _render, as a pull API would call it, gives the pushed body; owner only.
     let mut su = cluster().connect();
@@ -463,17 +620,35 @@ fn replay_and_render_match_either_name_and_give_the_pushed_shape() {
         )
         .expect("_render");
     assert_eq!(row.get::<_, String>(0), "ORDER_PAID");
-    assert_eq!(row.get::<_, String>(1), first[0]["body"].as_str().expect("body"));
-    assert_eq!(row.get::<_, Value>(2), json!({"X-Delivery-Id": header(&first[0], "webhook-id")}));
-    fails(&mut c, "SELECT * FROM webhooks._render(1, 1)", SqlState::INSUFFICIENT_PRIVILEGE);
-    let e = fails(&mut su, "SELECT * FROM webhooks._render(999999, 1)", SqlState::NO_DATA_FOUND);
+    assert_eq!(
+        row.get::<_, String>(1),
+        first[0]["body"].as_str().expect("body")
+    );
+    assert_eq!(
+        row.get::<_, Value>(2),
+        json!({"X-Delivery-Id": header(&first[0], "webhook-id")})
+    );
+    fails(
+        &mut c,
+        "SELECT * FROM webhooks._render(1, 1)",
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    let e = fails(
+        &mut su,
+        "SELECT * FROM webhooks._render(999999, 1)",
+        SqlState::NO_DATA_FOUND,
+    );
     assert!(e.contains("subscription 999999 does not exist"), "{e}");
 }
 
 #[test]
 fn malformed_shapes_are_refused_and_nothing_is_written() {
     let mut c = admin();
-    let count = |c: &mut Client| -> i64 { c.query_one("SELECT count(*) FROM webhooks.subscriptions", &[]).expect("count").get(0) };
+    let count = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM webhooks.subscriptions", &[])
+            .expect("count")
+            .get(0)
+    };
     let before = count(&mut c);
     let try_subscribe = |c: &mut Client, shape: &str, extra: &str| -> String {
         fails(
@@ -488,15 +663,39 @@ fn malformed_shapes_are_refused_and_nothing_is_written() {
         (r#"[]"#, "shape must be a JSON object"),
         (r#"null"#, "shape must be a JSON object"),
         (r#"{"bogus": 1}"#, "unknown key \"bogus\""),
-        (r#"{"event_names": {"order.created": 7}}"#, "shape.event_names[\"order.created\"] must be a string"),
-        (r#"{"event_names": {"order.created": "X\r\nInjected: 1"}}"#, "printable ASCII"),
-        (r#"{"event_type_header": "Webhook-Id"}"#, "set by pg_webhooks"),
-        (r#"{"delivery_id_header": "bad header"}"#, "invalid header name"),
+        (
+            r#"{"event_names": {"order.created": 7}}"#,
+            "shape.event_names[\"order.created\"] must be a string",
+        ),
+        (
+            r#"{"event_names": {"order.created": "X\r\nInjected: 1"}}"#,
+            "printable ASCII",
+        ),
+        (
+            r#"{"event_type_header": "Webhook-Id"}"#,
+            "set by pg_webhooks",
+        ),
+        (
+            r#"{"delivery_id_header": "bad header"}"#,
+            "invalid header name",
+        ),
         (r#"{"json": "ruby"}"#, "shape.json must be"),
-        (r#"{"body": {"order": {"at": "{{ created_at | iso8601('+25:00') }}"}}}"#, "shape.body.order.at: iso8601: the offset"),
-        (r#"{"body": "{{ pg_read_file('/etc/passwd') }}"}"#, "unknown name \"pg_read_file\""),
-        (r#"{"body": {"$function": "x"}}"#, "unknown operator \"$function\""),
-        (r#"{"body": {"items": {"$each": "{{ data.items }}", "to": "{{ item.sku }}", "bad": 1}}}"#, "shape.body.items: \"bad\" does not belong"),
+        (
+            r#"{"body": {"order": {"at": "{{ created_at | iso8601('+25:00') }}"}}}"#,
+            "shape.body.order.at: iso8601: the offset",
+        ),
+        (
+            r#"{"body": "{{ pg_read_file('/etc/passwd') }}"}"#,
+            "unknown name \"pg_read_file\"",
+        ),
+        (
+            r#"{"body": {"$function": "x"}}"#,
+            "unknown operator \"$function\"",
+        ),
+        (
+            r#"{"body": {"items": {"$each": "{{ data.items }}", "to": "{{ item.sku }}", "bad": 1}}}"#,
+            "shape.body.items: \"bad\" does not belong",
+        ),
         (r#"{"body": "{{ data.total"}"#, "without \"}}\""),
     ] {
         let e = try_subscribe(&mut c, shape, "");
@@ -507,19 +706,39 @@ fn malformed_shapes_are_refused_and_nothing_is_written() {
     let big = format!("{{\"body\": \"{}\"}}", "x".repeat(70_000));
     assert!(try_subscribe(&mut c, &big, "").contains("at most 65536"));
     // Headers that collide with the subscription's own.
-    let e = try_subscribe(&mut c, r#"{"event_type_header": "x-tenant"}"#, ", headers => '{\"X-Tenant\": \"a\"}'");
-    assert!(e.contains("already one of this subscription's headers"), "{e}");
-    let e = try_subscribe(&mut c, r#"{"delivery_id_header": "X-Sig"}"#, ", signature => 'hex', signature_header => 'X-Sig'");
-    assert!(e.contains("already one of this subscription's headers"), "{e}");
+    let e = try_subscribe(
+        &mut c,
+        r#"{"event_type_header": "x-tenant"}"#,
+        ", headers => '{\"X-Tenant\": \"a\"}'",
+    );
+    assert!(
+        e.contains("already one of this subscription's headers"),
+        "{e}"
+    );
+    let e = try_subscribe(
+        &mut c,
+        r#"{"delivery_id_header": "X-Sig"}"#,
+        ", signature => 'hex', signature_header => 'X-Sig'",
+    );
+    assert!(
+        e.contains("already one of this subscription's headers"),
+        "{e}"
+    );
     // event_types may name renamed types, only those of the shape.
     let e = fails(&mut c, "SELECT * FROM webhooks.subscribe('http://127.0.0.1:9/x', event_types => '{ORDER_CREATED}')", SqlState::INVALID_PARAMETER_VALUE);
-    assert!(e.contains("invalid event type pattern \"ORDER_CREATED\""), "{e}");
+    assert!(
+        e.contains("invalid event type pattern \"ORDER_CREATED\""),
+        "{e}"
+    );
     let e = fails(
         &mut c,
         r#"SELECT * FROM webhooks.subscribe('http://127.0.0.1:9/x', event_types => '{ORDER_CREATED}', shape => '{"event_names": {"order.created": "ORDER_NEW"}}')"#,
         SqlState::INVALID_PARAMETER_VALUE,
     );
-    assert!(e.contains("invalid event type pattern \"ORDER_CREATED\""), "{e}");
+    assert!(
+        e.contains("invalid event type pattern \"ORDER_CREATED\""),
+        "{e}"
+    );
     assert_eq!(count(&mut c), before, "nothing was written");
 
     // set_shape: the same checks, against the subscription as it is; nothing changes.
@@ -532,19 +751,101 @@ fn malformed_shapes_are_refused_and_nothing_is_written() {
         .expect("subscribe")
         .get(0);
     for (bad, says) in [
-        (r#"{"event_names": {"order.created": "ORDER_NEW"}}"#, "invalid event type pattern \"ORDER_CREATED\""),
-        (r#"{"event_names": {"order.created": "ORDER_CREATED"}, "event_type_header": "X-TENANT"}"#, "already one of"),
+        (
+            r#"{"event_names": {"order.created": "ORDER_NEW"}}"#,
+            "invalid event type pattern \"ORDER_CREATED\"",
+        ),
+        (
+            r#"{"event_names": {"order.created": "ORDER_CREATED"}, "event_type_header": "X-TENANT"}"#,
+            "already one of",
+        ),
         (r#"{"body": "}}"}"#, "without \"{{\""),
     ] {
-        let e = fails(&mut c, &format!("SELECT webhooks.set_shape({id}, '{bad}')"), SqlState::INVALID_PARAMETER_VALUE);
+        let e = fails(
+            &mut c,
+            &format!("SELECT webhooks.set_shape({id}, '{bad}')"),
+            SqlState::INVALID_PARAMETER_VALUE,
+        );
         assert!(e.contains(says), "{bad}: {e}");
     }
-    let e = fails(&mut c, &format!("SELECT webhooks.set_shape({id}, NULL)"), SqlState::INVALID_PARAMETER_VALUE);
-    assert!(e.contains("ORDER_CREATED"), "removing the names its event_types use: {e}");
-    let kept: Value = c.query_one("SELECT shape FROM webhooks.subscriptions WHERE id = $1", &[&id]).expect("view").get(0);
+    let e = fails(
+        &mut c,
+        &format!("SELECT webhooks.set_shape({id}, NULL)"),
+        SqlState::INVALID_PARAMETER_VALUE,
+    );
+    assert!(
+        e.contains("ORDER_CREATED"),
+        "removing the names its event_types use: {e}"
+    );
+    let kept: Value = c
+        .query_one(
+            "SELECT shape FROM webhooks.subscriptions WHERE id = $1",
+            &[&id],
+        )
+        .expect("view")
+        .get(0);
     assert_eq!(kept, serde_json::from_str::<Value>(shape).expect("json"));
-    fails(&mut c, "SELECT webhooks.set_shape(999999, '{}')", SqlState::NO_DATA_FOUND);
+    fails(
+        &mut c,
+        "SELECT webhooks.set_shape(999999, '{}')",
+        SqlState::NO_DATA_FOUND,
+    );
     // An application role may not change shapes.
-    fails(&mut app(), &format!("SELECT webhooks.set_shape({id}, '{{}}')"), SqlState::INSUFFICIENT_PRIVILEGE);
-    c.execute("SELECT webhooks.unsubscribe($1)", &[&id]).expect("unsubscribe");
+    fails(
+        &mut app(),
+        &format!("SELECT webhooks.set_shape({id}, '{{}}')"),
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    );
+    c.execute("SELECT webhooks.unsubscribe($1)", &[&id])
+        .expect("unsubscribe");
+}
+
+#[test]
+fn a_template_whose_body_would_pass_max_payload_bytes_stops_and_is_never_sent() {
+    let rx = Receiver::start();
+    // Every element repeats the whole data: 300 items make a body of megabytes.
+    let (sub, _) = subscribe(
+        &rx,
+        "/huge",
+        "huge",
+        "{order.created}",
+        Some(json!({"body": {"$each": "{{ data.items }}", "to": "{{ data }}"}})),
+        "",
+    );
+    app()
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO shop.orders (id, customer, total) VALUES (701, 'huge', 1);
+             INSERT INTO shop.order_items (order_id, sku, qty) SELECT 701, 'SKU-' || g, g FROM generate_series(1, 300) g;
+             COMMIT;",
+        )
+        .expect("order");
+    let mut c = admin();
+    wait_for("the delivery to end dead", WAIT, || {
+        let st: String = c
+            .query_one(
+                "SELECT status FROM webhooks.deliveries WHERE subscription_id = $1",
+                &[&sub],
+            )
+            .ok()?
+            .get(0);
+        (st == "dead").then_some(())
+    });
+    let errors: Vec<String> = c
+        .query(
+            "SELECT a.error FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id WHERE d.subscription_id = $1",
+            &[&sub],
+        )
+        .expect("attempts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(errors.len(), 1, "dead at once, no retries: {errors:?}");
+    assert!(
+        errors[0].starts_with("payload of at least ")
+            && errors[0].ends_with("bytes exceeds webhooks.max_payload_bytes (262144); not sent"),
+        "{}",
+        errors[0]
+    );
+    assert!(rx.log("/huge").is_empty(), "nothing was sent");
 }
