@@ -380,10 +380,7 @@ fn _check_shape(
             "See \"Request shapes\" in the README: shape => '{\"event_names\": {...}, \"body\": {...}, \"event_type_header\": \"X-Event-Type\", \"json\": \"javascript\"}'.",
         )
     };
-    let parsed = match shape {
-        None => None,
-        Some(text) => Some(crate::shape::parse(text).unwrap_or_else(|e| bad(&e))),
-    };
+    let parsed = shape.map(|text| crate::shape::parse(text).unwrap_or_else(|e| bad(&e)));
     if let Some(patterns) = event_types {
         crate::shape::check_patterns(&patterns, parsed.as_ref()).unwrap_or_else(|e| bad(&e));
     }
