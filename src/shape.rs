@@ -1587,6 +1587,10 @@ struct Scope<'a> {
     env: &'a Envelope<'a>,
     event_type: &'a str,
     vars: Vec<Cow<'a, str>>,
+    /// Values of expressions that use no `$each` variable, by the expression's address: one
+    /// inside a `$each` (`{{ data.id }}` per item) is evaluated once, not once per element
+    /// (each evaluation scans the data).
+    memo: std::cell::RefCell<std::collections::HashMap<usize, Cow<'a, str>>>,
 }
 
 fn json_string(s: &str) -> String {
@@ -1635,6 +1639,21 @@ fn step_into<'v>(value: Cow<'v, str>, step: &Step) -> Cow<'v, str> {
 }
 
 fn eval_expr<'a>(e: &Expr, scope: &Scope<'a>) -> Result<Cow<'a, str>, RenderError> {
+    let constant = !matches!(e.root, Root::Var(_));
+    let key = e as *const Expr as usize;
+    if constant {
+        if let Some(v) = scope.memo.borrow().get(&key) {
+            return Ok(v.clone());
+        }
+    }
+    let v = eval_expr_uncached(e, scope)?;
+    if constant {
+        scope.memo.borrow_mut().insert(key, v.clone());
+    }
+    Ok(v)
+}
+
+fn eval_expr_uncached<'a>(e: &Expr, scope: &Scope<'a>) -> Result<Cow<'a, str>, RenderError> {
     let env = scope.env;
     let mut v: Cow<'a, str> = match &e.root {
         Root::Id => Cow::Owned(json_string(env.event_id)),
@@ -1923,6 +1942,7 @@ pub fn render(
                 env,
                 event_type: &event_type,
                 vars: Vec::new(),
+                memo: Default::default(),
             };
             let mut out = Out {
                 buf: String::new(),
@@ -2281,6 +2301,24 @@ mod tests {
         assert_eq!(camel("_private_key_"), "_privateKey_");
         assert_eq!(camel("address1"), "address1");
         assert_eq!(camel("a__b"), "aB");
+    }
+
+    #[test]
+    fn outer_paths_inside_each_see_the_whole_envelope() {
+        // 20,000 items, each mapped with a path into the (large) data outside the element
+        // (evaluated once, not once per item: a scan of the data each).
+        let items: Vec<String> = (0..20_000)
+            .map(|i| format!("{{\"sku\": \"S{i}\"}}"))
+            .collect();
+        let data = format!("{{\"items\": [{}], \"id\": 9}}", items.join(", "));
+        let s = parse(
+            r#"{"body": {"$each": "{{ data.items }}", "to": ["{{ item.sku }}", "{{ data.id }}"]}}"#,
+        )
+        .expect("valid");
+        let r = render(Some(&s), &env(&data), 1 << 24).expect("renders");
+        let b = String::from_utf8(r.body).expect("utf8");
+        assert!(b.starts_with(r#"[["S0",9],["S1",9],"#), "{}", &b[..40]);
+        assert!(b.ends_with(r#"["S19999",9]]"#));
     }
 
     #[test]
