@@ -2322,6 +2322,20 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_shape_and_renders() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("shape => $${").expect("the README's example") + "shape => $$".len();
+        let end = start + readme[start..].find("}$$").expect("its end") + 1;
+        let s = parse(&readme[start..end]).expect("the README's shape is valid");
+        let r = render(Some(&s), &env(DATA), 1 << 20).expect("renders");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+        assert_eq!(v["event"], "ORDER_SHIPPED");
+        assert_eq!(v["order"]["amount"], 59.9);
+        assert_eq!(v["items"][1]["sku"], "B-7");
+        assert_eq!(r.headers[0], ("X-Event-Type".to_string(), "ORDER_SHIPPED".to_string()));
+    }
+
+    #[test]
     fn merge_and_literal() {
         let b = body(
             r#"{"body": {"$merge": ["{{ data }}", {"event": "{{ type }}", "status": "SHIPPED"}, {"$literal": {"$ref": "{{ not a template }}"}}]}}"#,
