@@ -35,6 +35,20 @@ AS $$
        AND (filter IS NULL OR data @> filter)
 $$;
 
+-- The same, where a subscription's shape renames event types: a pattern matches the stored
+-- type or the name the subscription's receiver knows it by (event_names ->> event_type).
+CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb, event_names jsonb)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+               SELECT 1 FROM unnest(patterns) AS p,
+                      (VALUES (event_type), (event_names ->> event_type)) AS t(name)
+                WHERE p = '*' OR p = t.name
+                   OR (right(p, 2) = '.*' AND starts_with(t.name, left(p, -1))))
+       AND (filter IS NULL OR data @> filter)
+$$;
+
 ------------------------------------------------------------------------------------------
 -- Capture. API: Public
 ------------------------------------------------------------------------------------------
@@ -546,7 +560,7 @@ $$;
 CREATE FUNCTION webhooks._subscribe(
     p_url text, p_event_types text[], p_description text, p_headers jsonb, p_filter jsonb,
     p_signature text, p_signature_header text, p_timeout interval, p_retry_schedule text,
-    p_secret text, p_signature_options jsonb, p_tls jsonb
+    p_secret text, p_signature_options jsonb, p_tls jsonb, p_shape jsonb
 ) RETURNS TABLE (o_id bigint, o_secret text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -565,7 +579,9 @@ BEGIN
     IF p_event_types IS NULL THEN
         RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM webhooks._check_event_patterns(p_event_types);
+    IF p_shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(p_event_types);
+    END IF;
     PERFORM webhooks._check_headers(p_headers);
     IF p_filter IS NOT NULL AND jsonb_typeof(p_filter) <> 'object' THEN
         RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
@@ -587,11 +603,18 @@ BEGIN
     IF p_tls IS NOT NULL THEN
         v_tls := webhooks._check_tls(p_tls::text, v_url);
     END IF;
+    IF p_shape IS NOT NULL THEN
+        -- The shape, the patterns that may name its renamed types, and its headers against
+        -- the subscription's own (custom, signature and timestamp headers).
+        PERFORM webhooks._check_shape(p_shape::text, p_event_types,
+            ARRAY(SELECT jsonb_object_keys(p_headers)) || (v_sig ->> 'signature_header')
+                || (v_sig -> 'signature_options' ->> 'timestamp_header'));
+    END IF;
 
     INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header,
-                                         timeout, retry_schedule, signature_options, tls)
+                                         timeout, retry_schedule, shape, signature_options, tls)
     VALUES (v_url, p_event_types, p_description, p_filter, p_signature, v_sig ->> 'signature_header',
-            p_timeout, p_retry_schedule, NULLIF(v_sig -> 'signature_options', 'null'), v_tls)
+            p_timeout, p_retry_schedule, p_shape, NULLIF(v_sig -> 'signature_options', 'null'), v_tls)
     RETURNING _subscriptions.id INTO v_id;
     INSERT INTO webhooks._secrets (subscription_id, secret, headers, tls) VALUES (v_id, v_secret, p_headers, p_tls);
     RETURN QUERY SELECT v_id, v_secret;
@@ -610,14 +633,39 @@ CREATE FUNCTION webhooks.subscribe(
     retry_schedule text DEFAULT NULL,
     secret text DEFAULT NULL,
     signature_options jsonb DEFAULT NULL,
-    tls jsonb DEFAULT NULL
+    tls jsonb DEFAULT NULL,
+    shape jsonb DEFAULT NULL
 ) RETURNS TABLE (id bigint, secret text)
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT s.o_id, s.o_secret
       FROM webhooks._subscribe(url, event_types, description, headers, filter, signature, signature_header,
-                               timeout, retry_schedule, secret, signature_options, tls) AS s
+                               timeout, retry_schedule, secret, signature_options, tls, shape) AS s
+$$;
+
+-- Change (or, with NULL, remove) a subscription's request shape; deliveries attempted from
+-- now on are shaped by it. Checked as subscribe checks it, against the subscription's
+-- event_types, custom headers and signature header.
+CREATE FUNCTION webhooks.set_shape(id bigint, shape jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sub webhooks._subscriptions;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    IF shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(v_sub.event_types);
+    ELSE
+        PERFORM webhooks._check_shape(shape::text, v_sub.event_types,
+            ARRAY(SELECT jsonb_object_keys(k.headers) FROM webhooks._secrets k WHERE k.subscription_id = p_id)
+            || v_sub.signature_header || (v_sub.signature_options ->> 'timestamp_header'));
+    END IF;
+    UPDATE webhooks._subscriptions s SET shape = set_shape.shape, updated_at = now() WHERE s.id = p_id;
+END
 $$;
 
 CREATE FUNCTION webhooks._set_state(p_id bigint, p_state text) RETURNS void
@@ -721,6 +769,11 @@ BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     v_sig := webhooks._check_signature(signature, signature_header, signature_options::text);
     SELECT * INTO v_key FROM webhooks._secrets k WHERE k.subscription_id = p_id FOR UPDATE;
+    -- The shape's headers must not collide with the new signature's.
+    PERFORM webhooks._check_shape(sub.shape::text, sub.event_types,
+                ARRAY(SELECT jsonb_object_keys(v_key.headers)) || (v_sig ->> 'signature_header')
+                    || (v_sig -> 'signature_options' ->> 'timestamp_header'))
+       FROM webhooks._subscriptions sub WHERE sub.id = p_id AND sub.shape IS NOT NULL;
     BEGIN
         PERFORM webhooks._check_secret(signature, v_key.secret);
         IF v_key.previous_expires_at > now() THEN
@@ -843,10 +896,11 @@ BEGIN
     IF since IS NULL OR until IS NULL OR since > until THEN
         RAISE EXCEPTION 'replay needs since <= until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF event_types IS NOT NULL THEN
-        PERFORM webhooks._check_event_patterns(event_types);
-    END IF;
     SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
+    IF event_types IS NOT NULL THEN
+        -- Patterns may name the subscription's renamed types, as its own event_types may.
+        PERFORM webhooks._check_shape(v_sub.shape::text, event_types, NULL);
+    END IF;
     -- Replayed deliveries keep commit order per key among themselves, but do not wait
     -- behind the live queue (their ordering key is their own).
     WITH ev AS (
@@ -856,8 +910,8 @@ BEGIN
            AND e.type <> 'webhook.test'
            -- Not this transaction's own emits: they get their final seq at commit.
            AND e.xid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()
-           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data)
-           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data))
+           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data, v_sub.shape -> 'event_names')
+           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data, v_sub.shape -> 'event_names'))
            FOR KEY SHARE OF e
     ), d AS (
         INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
@@ -912,6 +966,7 @@ SELECT s.id,
        s.failing_since,
        s.created_at,
        s.updated_at,
+       s.shape,
        s.signature_options,
        s.tls
   FROM webhooks._subscriptions s
@@ -1030,8 +1085,10 @@ COMMENT ON FUNCTION webhooks.track(regclass, text, name, name, jsonb) IS
     'Capture INSERT/UPDATE/DELETE on a table as <entity>.created/updated/status_updated/<status>/deleted events, net per transaction, payload read at commit.';
 COMMENT ON FUNCTION webhooks.untrack(regclass) IS 'Stop capturing a table (removes its triggers).';
 COMMENT ON FUNCTION webhooks.emit(text, jsonb, text) IS 'Enqueue any other event; delivered after commit. Returns the event id.';
-COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb) IS
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb) IS
     'Create a subscription; returns its id and its signing secret (shown only this once).';
+COMMENT ON FUNCTION webhooks.set_shape(bigint, jsonb) IS
+    'Set (NULL: remove) a subscription''s request shape: event names, body template, event type and delivery id headers, JSON spelling. Applies to attempts made from now on.';
 COMMENT ON FUNCTION webhooks.pause(bigint) IS 'Hold deliveries of a subscription; events keep queueing.';
 COMMENT ON FUNCTION webhooks.resume(bigint) IS 'Resume a paused or disabled subscription; its held backlog flows again.';
 COMMENT ON FUNCTION webhooks.unsubscribe(bigint) IS 'Delete a subscription; queued deliveries end as dead, history stays.';
@@ -1059,6 +1116,7 @@ COMMENT ON COLUMN webhooks.deliveries.redelivery_of IS 'The delivery this one re
 COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolution to the end of the capped response body.';
 COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
 COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
+COMMENT ON COLUMN webhooks.subscriptions.shape IS 'The request shape (event names, body template, headers, JSON spelling); NULL: the Standard Webhooks envelope.';
 COMMENT ON COLUMN webhooks.subscriptions.signature_options IS 'The hmac style''s settings: header, encoding, prefix, signed, timestamp_header, timestamp_format.';
 COMMENT ON COLUMN webhooks.subscriptions.tls IS 'What may be shown of the TLS settings: the client certificate''s subject, issuer and expiry (not_after), the CA bundle''s size; never the key.';
 COMMENT ON FUNCTION webhooks.worker_status() IS
@@ -1133,12 +1191,14 @@ GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text),
     webhooks.emit(text, jsonb, text),
-    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb),
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb),
+    webhooks.set_shape(bigint, jsonb),
     webhooks.pause(bigint), webhooks.resume(bigint), webhooks.unsubscribe(bigint),
     webhooks.rotate_secret(bigint, interval, text), webhooks.send_test(bigint),
     webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb),
     webhooks.redeliver(bigint), webhooks.replay(bigint, timestamptz, timestamptz, text[]),
-    webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb)
+    webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb),
+    webhooks._matches(text[], jsonb, text, jsonb, jsonb)
     TO webhooks_admin;
 GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
 GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;

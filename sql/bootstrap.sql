@@ -106,6 +106,9 @@ CREATE TABLE webhooks._subscriptions (
     last_error       text,
     last_error_at    timestamptz,
     last_status_code integer,
+    -- The request shape (src/shape.rs): event names, body template, extra headers, JSON
+    -- spelling; NULL = the Standard Webhooks envelope. Validated by subscribe/set_shape.
+    shape            jsonb,
     -- The hmac style's settings, normalized (src/signing.rs HmacOptions::to_json); NULL for
     -- the other styles. Last, as the update to 0.2.0 adds them.
     signature_options jsonb,

@@ -516,14 +516,21 @@ pub fn install_archived_script(version: &str) {
         .expect("pg_config --sharedir");
     let extdir = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
     let name = format!("pg_webhooks--{version}.sql");
-    let archived = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/archive").join(&name);
+    let archived = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sql/archive")
+        .join(&name);
     let text = std::fs::read(&archived).expect("archived script");
     let target = extdir.join(&name);
     if std::fs::read(&target).ok().as_deref() != Some(&text[..]) {
         // Written aside and renamed: a test creating the extension meanwhile reads either no
         // file or the whole one.
-        let aside = extdir.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+        let aside = extdir.join(format!(
+            ".{name}.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::write(&aside, &text).unwrap_or_else(|e| panic!("write {}: {e}", aside.display()));
-        std::fs::rename(&aside, &target).unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
+        std::fs::rename(&aside, &target)
+            .unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
     }
 }
