@@ -1147,6 +1147,11 @@ BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     v_sig := webhooks._check_signature(signature, signature_header, signature_options::text);
     SELECT * INTO v_key FROM webhooks._secrets k WHERE k.subscription_id = p_id FOR UPDATE;
+    -- The shape's headers must not collide with the new signature's.
+    PERFORM webhooks._check_shape(sub.shape::text, sub.event_types,
+                ARRAY(SELECT jsonb_object_keys(v_key.headers)) || (v_sig ->> 'signature_header')
+                    || (v_sig -> 'signature_options' ->> 'timestamp_header'))
+       FROM webhooks._subscriptions sub WHERE sub.id = p_id AND sub.shape IS NOT NULL;
     BEGIN
         PERFORM webhooks._check_secret(signature, v_key.secret);
         IF v_key.previous_expires_at > now() THEN
