@@ -342,7 +342,7 @@ pub struct Receiver {
 
 /// A new directory that no other receiver of any test binary, in this run or an earlier one,
 /// has used: `create_dir` fails on an existing one, so a port file can never be another's.
-fn private_dir(prefix: &str) -> PathBuf {
+pub fn private_dir(prefix: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     loop {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
