@@ -169,7 +169,7 @@ fn column_exists(relid: pg_sys::Oid, attnum: i16) -> bool {
 }
 
 /// Run `f` as the owner of the extension's tables (who alone may write `_tracked`).
-fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = as_caller(|| {
         Spi::get_one::<pg_sys::Oid>(
             "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'webhooks._tracked'::pg_catalog.regclass",

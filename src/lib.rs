@@ -15,6 +15,7 @@ mod http;
 mod netcheck;
 mod patterns;
 mod plans;
+mod poll;
 mod queue;
 mod request;
 mod schedule;
