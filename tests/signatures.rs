@@ -409,6 +409,8 @@ fn bad_signature_settings_are_refused_and_nothing_is_written() {
         (format!("{sub}, secret => 'not-a-whsec-secret')"), "does not start with \"whsec_\""),
         (format!("{sub}, secret => 'whsec_aGVsbG8=')"), "24 to 64 bytes"),
         (format!("{sub}, secret => 'whsec_***not base64***')"), "not valid base64"),
+        ("SELECT webhooks.subscribe(NULL, delivery => 'poll', secret => 'a-poll-secret')".into(), "apply to push subscriptions only"),
+        ("SELECT webhooks.subscribe(NULL, delivery => 'poll', signature_options => '{}')".into(), "apply to push subscriptions only"),
     ];
     for (sql, want) in &cases {
         let e = fails(&mut c, sql, SqlState::INVALID_PARAMETER_VALUE);
