@@ -10,14 +10,17 @@
 //! run as the extension's owner and executable by nobody else.
 
 use crate::error::{raise, raise_with_hint};
-use crate::shape::{self, Envelope, Shape};
+use crate::shape::{self, Envelope, RenderError, Shape};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 /// The event type and body a push of this event to the subscription would send (its shape
 /// applied: renamed type, body template, JSON spelling; without a shape the Standard Webhooks
 /// envelope `{"id","type","created_at","data"}`), byte for byte as the worker builds them
-/// (`shape::render`), with this delivery's id, attempt 1 and `timestamp` (now).
+/// (`shape::render`), with this delivery's id, attempt 1 and `timestamp` (now), capped at
+/// `webhooks.max_payload_bytes` as a push is. Err: why it cannot be handed out (the
+/// delivery's error, as a push's attempt would record it).
+#[allow(clippy::too_many_arguments)]
 fn shaped(
     shape: Option<&Shape>,
     subscription_id: i64,
@@ -27,7 +30,8 @@ fn shaped(
     created_at: &str,
     data: &str,
     timestamp: i64,
-) -> (String, String) {
+    cap: usize,
+) -> Result<(String, String), String> {
     let envelope = Envelope {
         event_id,
         event_type,
@@ -38,20 +42,55 @@ fn shaped(
         timestamp,
         subscription_id,
     };
-    let rendered = shape::render(shape, &envelope, usize::MAX).unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-            &format!("the event of delivery {cursor} cannot be shaped: {e}"),
-        )
-    });
-    let body = String::from_utf8(rendered.body).unwrap_or_else(|_| {
-        raise(
-            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            &format!("the body of delivery {cursor} is not UTF-8"),
-        )
-    });
-    (rendered.event_type, body)
+    let rendered =
+        shape::render(shape, &envelope, cap).map_err(|e| match e {
+            RenderError::Oversized(size) => format!(
+            "payload of {}{size} bytes exceeds webhooks.max_payload_bytes ({cap}); not handed out",
+            if shape.is_some_and(|s| s.body.is_some()) { "at least " } else { "" },
+        ),
+            e @ RenderError::Failed(_) => e.to_string(),
+        })?;
+    let body = String::from_utf8(rendered.body)
+        .map_err(|_| format!("the body of delivery {cursor} is not UTF-8"))?;
+    Ok((rendered.event_type, body))
 }
+
+/// Deliveries `ids` of a poll subscription that cannot be handed out (`errors`, one each:
+/// their body fails to shape or passes the cap, which no retry changes) end dead at once, as
+/// a push of them does, with an attempt saying why; the rest of the batch goes on. Run as the
+/// extension's owner, in poll()'s transaction, after `_poll` handed them out (and counted the
+/// attempt). Redeliverable like any dead delivery (after `set_shape`).
+const DEAD: &str = "\
+WITH r AS (
+    SELECT * FROM unnest($2::int8[], $3::text[]) AS r(delivery_id, error)
+), q AS (
+    DELETE FROM webhooks._queue q USING r
+     WHERE q.subscription_id = $1 AND q.delivery_id = r.delivery_id
+    RETURNING q.delivery_id, q.attempts, q.claimed_at, r.error
+), d AS (
+    UPDATE webhooks._deliveries d
+       SET status = 'dead', attempts = q.attempts, next_attempt_at = NULL, last_status_code = NULL,
+           last_error = q.error
+      FROM q WHERE d.id = q.delivery_id AND d.status NOT IN ('succeeded', 'dead')
+    RETURNING d.id, d.event_seq, q.attempts, q.claimed_at, q.error
+), a AS (
+    INSERT INTO webhooks._attempts (delivery_id, attempt, started_at, duration_ms, status_code, response_body, error)
+    SELECT d.id, d.attempts, d.claimed_at, 0, NULL, NULL, d.error FROM d
+), ds AS (
+    INSERT INTO webhooks._delivery_stats AS t (width, bucket, subscription_id, worker, attempts, failed, dead)
+    SELECT w.width, pg_catalog.date_trunc(w.unit, now(), 'UTC'), $1, -1, n.n, n.n, n.n
+      FROM (SELECT pg_catalog.count(*) AS n FROM d) n
+     CROSS JOIN (VALUES (interval '1 minute', 'minute'), (interval '1 hour', 'hour')) AS w(width, unit)
+     WHERE n.n > 0
+    ON CONFLICT (width, bucket, subscription_id, worker) DO UPDATE
+       SET attempts = t.attempts + excluded.attempts, failed = t.failed + excluded.failed,
+           dead = t.dead + excluded.dead
+)
+INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, dead)
+SELECT pg_catalog.date_trunc('hour', now(), 'UTC'), pg_catalog.left(e.type, 200), -1, pg_catalog.count(*)
+  FROM d JOIN webhooks._events e ON e.seq = d.event_seq
+ GROUP BY 2 ORDER BY 2
+ON CONFLICT ON CONSTRAINT _event_stats_pkey DO UPDATE SET dead = t.dead + excluded.dead";
 
 /// The subscription's shape, parsed (None: none).
 fn shape_of(subscription: i64) -> Option<Shape> {
@@ -168,21 +207,46 @@ fn poll(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let out: Vec<PollRow> = rows
-        .into_iter()
-        .map(|(cursor, id, event_type, at, at_text, data, id_text)| {
-            let (event_type, body) = shaped(
-                shape.as_ref(),
-                subscription,
-                cursor,
-                &id_text,
-                &event_type,
-                &at_text,
-                &data,
-                now,
-            );
-            (cursor, id, event_type, at, body)
+    let cap = crate::gucs::max_payload_bytes();
+    let mut out: Vec<PollRow> = Vec::with_capacity(rows.len());
+    let mut dead: (Vec<i64>, Vec<String>) = (Vec::new(), Vec::new());
+    for (cursor, id, event_type, at, at_text, data, id_text) in rows {
+        match shaped(
+            shape.as_ref(),
+            subscription,
+            cursor,
+            &id_text,
+            &event_type,
+            &at_text,
+            &data,
+            now,
+            cap,
+        ) {
+            Ok((event_type, body)) => out.push((cursor, id, event_type, at, body)),
+            Err(e) => {
+                warning!("pg_webhooks: delivery {cursor} of poll subscription {subscription} is dead: {e}");
+                dead.0.push(cursor);
+                dead.1.push(e);
+            }
+        }
+    }
+    if !dead.0.is_empty() {
+        crate::api::as_extension_owner(|| {
+            Spi::connect_mut(|c| {
+                c.update(
+                    DEAD,
+                    None,
+                    &[subscription.into(), dead.0.into(), dead.1.into()],
+                )
+                .map(|_| ())
+            })
         })
-        .collect();
+        .unwrap_or_else(|e| {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                &format!("pg_webhooks: {e}"),
+            )
+        });
+    }
     TableIterator::new(out)
 }

@@ -39,6 +39,9 @@ SELECT e.id::text, e.type, ",
  WHERE d.id = $1"
 );
 
+/// The largest body request() and _render() build: webhooks.max_payload_bytes' upper bound.
+const SHOWN_MAX: usize = crate::gucs::MAX_MAX_PAYLOAD_BYTES as usize;
+
 fn missing(what: String) -> ! {
     raise(PgSqlErrorCode::ERRCODE_NO_DATA_FOUND, &what)
 }
@@ -132,13 +135,15 @@ fn _request(
         tls: None,
         timeout: Duration::ZERO,
         max_response_bytes: 0,
-        // Shown whatever its size (the worker would not send one over the cap).
-        max_payload_bytes: usize::MAX,
+        // Shown whatever its size up to the largest webhooks.max_payload_bytes allows (the
+        // worker would not send one over its cap); a template (nested $each) can make far
+        // more of a small event, which is not built past that.
+        max_payload_bytes: SHOWN_MAX,
         shape: shape.map(|text| crate::shape::parse(&text).map(std::sync::Arc::new)),
         attempt: attempt.unwrap_or(1),
     };
     let timestamp = timestamp.unwrap_or(0);
-    let request = http::shaped(&job, timestamp, usize::MAX).unwrap_or_else(|e| {
+    let request = http::shaped(&job, timestamp, SHOWN_MAX).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
             &format!("the event of delivery {id} cannot be sent: {e}"),
@@ -251,7 +256,7 @@ fn _render(
         timestamp: now.unwrap_or(0),
         subscription_id: sub,
     };
-    let rendered = crate::shape::render(shape.as_ref(), &envelope, usize::MAX).unwrap_or_else(|e| {
+    let rendered = crate::shape::render(shape.as_ref(), &envelope, SHOWN_MAX).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
             &format!("event {seq} cannot be shaped for subscription {sub}: {e}"),
