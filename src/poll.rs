@@ -224,7 +224,11 @@ fn poll(
         ) {
             Ok((event_type, body)) => out.push((cursor, id, event_type, at, body)),
             Err(e) => {
-                warning!("pg_webhooks: delivery {cursor} of poll subscription {subscription} is dead: {e}");
+                // The reason goes to the delivery's attempt, not to the server log: a filter's
+                // error quotes the event's data.
+                warning!(
+                    "pg_webhooks: delivery {cursor} of poll subscription {subscription} cannot be handed out and is dead (see its attempt in webhooks.attempts)"
+                );
                 dead.0.push(cursor);
                 dead.1.push(e);
             }
