@@ -91,6 +91,12 @@ class Endpoint:
             self.changed.notify_all()
             conns = list(self.conns)
         if mode == "down" and was != "down":
+            # shutdown() first: a close() alone leaves the socket listening while the accept
+            # thread is blocked in accept(2) on it, and the port could not be bound again.
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.listener.close()
             for c in conns:
                 try:
@@ -99,12 +105,16 @@ class Endpoint:
                     pass
         elif was == "down" and mode != "down":
             # The port is ours to bind again (SO_REUSEADDR); retry briefly if the kernel lags.
-            for _ in range(100):
+            for _ in range(200):
                 try:
                     self.bind()
                     break
-                except OSError:
+                except OSError as e:
+                    error = e
                     time.sleep(0.05)
+            else:
+                print("cannot listen again on %d: %s" % (self.port, error), file=sys.stderr,
+                      flush=True)
 
     def serve(self, conn):
         try:
@@ -128,12 +138,15 @@ class Endpoint:
                 entry = {"endpoint": self.name, "webhook_id": headers.get("webhook-id"),
                          "mode": mode, "acked": False, "verified": verified,
                          "verify_error": error}
+                # Logged before answering, so that the log is in the order requests arrived
+                # (a key's next delivery may come on another connection as soon as this one
+                # is answered); "acked" once the whole answer is written.
+                log(entry)
                 if mode == "ok":
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    entry["acked"] = True
-                    log(entry)
+                    with LOCK:
+                        entry["acked"] = True
                     continue
-                log(entry)
                 if mode == "500":
                     conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")
                 elif mode == "429":
@@ -304,6 +317,14 @@ class Control(BaseHTTPRequestHandler):
         self.reply(200, {"ok": True})
 
 
+class ControlServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients hanging up is normal
+            super().handle_error(request, client_address)
+
+
 MODES = {"ok", "500", "429", "hang", "close", "trickle", "down", "slow_headers", "garbage",
          "flood", "silent"}
 
@@ -317,8 +338,7 @@ def main(argv=None):
         ep = Endpoint(name)
         ep.bind()
         ENDPOINTS[name] = ep
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Control)
-    server.daemon_threads = True
+    server = ControlServer(("127.0.0.1", 0), Control)
     ports = {"control": server.server_address[1],
              "endpoints": {n: e.port for n, e in ENDPOINTS.items()}}
     directory = os.path.dirname(os.path.abspath(args.port_file))
