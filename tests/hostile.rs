@@ -60,19 +60,29 @@ fn hostile_receivers_end_at_their_deadline_and_do_not_slow_a_healthy_endpoint() 
         "no_read",
     ]);
     let mut su = cluster.connect();
-    su.batch_execute(
-        "CREATE ROLE integrations LOGIN; GRANT webhooks_admin TO integrations;",
-    )
-    .expect("roles");
+    su.batch_execute("CREATE ROLE integrations LOGIN; GRANT webhooks_admin TO integrations;")
+        .expect("roles");
     let mut c = cluster.connect_as("postgres", "integrations");
     let timeout = format!("{HOSTILE_TIMEOUT_S}s");
     // (endpoint, URL, mode, what its attempt's error must say, whether it ends at the deadline)
     let hostile = [
-        ("slow_headers", rx.url("slow_headers"), "slow_headers", "timeout", true),
+        (
+            "slow_headers",
+            rx.url("slow_headers"),
+            "slow_headers",
+            "timeout",
+            true,
+        ),
         ("garbage", rx.url("garbage"), "garbage", "", false),
         ("trickle", rx.url("trickle"), "trickle", "timeout", true),
         ("flood", rx.url("flood"), "flood", "HTTP 500", false),
-        ("tls_silent", rx.https_url("tls_silent"), "silent", "timeout", true),
+        (
+            "tls_silent",
+            rx.https_url("tls_silent"),
+            "silent",
+            "timeout",
+            true,
+        ),
         ("no_read", rx.url("no_read"), "silent", "timeout", true),
     ];
     let mut subs = Vec::new();
@@ -97,14 +107,18 @@ fn hostile_receivers_end_at_their_deadline_and_do_not_slow_a_healthy_endpoint() 
         }
     }
     // Wait until every deadline-bound endpoint has its requests (connections) outstanding.
-    wait_for("the hostile endpoints to be reached", Duration::from_secs(60), || {
-        let counts = rx.counts();
-        hostile
-            .iter()
-            .filter(|h| h.4)
-            .all(|(name, ..)| counts[*name]["connections"].as_i64().unwrap_or(0) >= 4)
-            .then_some(())
-    });
+    wait_for(
+        "the hostile endpoints to be reached",
+        Duration::from_secs(60),
+        || {
+            let counts = rx.counts();
+            hostile
+                .iter()
+                .filter(|h| h.4)
+                .all(|(name, ..)| counts[*name]["connections"].as_i64().unwrap_or(0) >= 4)
+                .then_some(())
+        },
+    );
     for i in 0..HEALTHY {
         c.execute(
             "SELECT webhooks.emit('healthy.ping', jsonb_build_object('i', $1::int8))",
@@ -140,7 +154,9 @@ fn hostile_receivers_end_at_their_deadline_and_do_not_slow_a_healthy_endpoint() 
     let log = rx.log();
     let healthy_log: Vec<_> = log.iter().filter(|e| e["endpoint"] == "healthy").collect();
     assert_eq!(healthy_log.len() as i64, HEALTHY, "each healthy event once");
-    assert!(healthy_log.iter().all(|e| e["verified"] == true && e["acked"] == true));
+    assert!(healthy_log
+        .iter()
+        .all(|e| e["verified"] == true && e["acked"] == true));
 
     // Then every hostile attempt ends, by its deadline, with a clear error, and is dead
     // (retry_schedule '': one attempt).
@@ -177,8 +193,16 @@ fn hostile_receivers_end_at_their_deadline_and_do_not_slow_a_healthy_endpoint() 
     // The worker's threads are all free again: a new healthy event is delivered.
     c.execute("SELECT webhooks.emit('healthy.after', '{}')", &[])
         .expect("emit after");
-    wait_for("the delivery after the hostile ones", Duration::from_secs(30), || {
-        (rx.log().iter().filter(|e| e["endpoint"] == "healthy").count() as i64 == HEALTHY + 1)
-            .then_some(())
-    });
+    wait_for(
+        "the delivery after the hostile ones",
+        Duration::from_secs(30),
+        || {
+            (rx.log()
+                .iter()
+                .filter(|e| e["endpoint"] == "healthy")
+                .count() as i64
+                == HEALTHY + 1)
+                .then_some(())
+        },
+    );
 }

@@ -107,10 +107,20 @@ enum Ended {
 
 /// One writer transaction; `orders` are this writer's orders known to exist (their creation
 /// was acknowledged), so that an update always finds its row and gives an event.
-fn transaction(c: &mut Client, rng: &mut Rng, token: &str, writer: u64, n: u64, orders: &mut Vec<i64>) -> (Ended, Option<i64>) {
+fn transaction(
+    c: &mut Client,
+    rng: &mut Rng,
+    token: &str,
+    writer: u64,
+    n: u64,
+    orders: &mut Vec<i64>,
+) -> (Ended, Option<i64>) {
     let pick = rng.below(100);
     let mut created = None;
-    let work = |t: &mut postgres::Transaction, rng: &mut Rng, created: &mut Option<i64>| -> Result<bool, postgres::Error> {
+    let work = |t: &mut postgres::Transaction,
+                rng: &mut Rng,
+                created: &mut Option<i64>|
+     -> Result<bool, postgres::Error> {
         let rollback = pick >= 92;
         if pick < 30 || orders.is_empty() || rollback {
             let id = (writer * 10_000_000 + n) as i64;
@@ -129,7 +139,10 @@ fn transaction(c: &mut Client, rng: &mut Rng, token: &str, writer: u64, n: u64, 
         } else if pick < 60 {
             let id = orders[rng.below(orders.len() as u64) as usize];
             let status = ["paid", "shipped", "delivered", "cancelled"][rng.below(4) as usize];
-            t.execute("UPDATE orders SET status = $2, txn = $3 WHERE id = $1", &[&id, &status, &token])?;
+            t.execute(
+                "UPDATE orders SET status = $2, txn = $3 WHERE id = $1",
+                &[&id, &status, &token],
+            )?;
         } else if pick < 78 {
             let id = orders[rng.below(orders.len() as u64) as usize];
             t.execute(
@@ -174,7 +187,14 @@ fn transaction(c: &mut Client, rng: &mut Rng, token: &str, writer: u64, n: u64, 
     }
 }
 
-fn writer(cluster: &Cluster, seed: u64, w: u64, rate: u64, stop: Arc<AtomicBool>, ledger: Arc<Mutex<Ledger>>) {
+fn writer(
+    cluster: &Cluster,
+    seed: u64,
+    w: u64,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+    ledger: Arc<Mutex<Ledger>>,
+) {
     let mut rng = Rng(seed ^ (w + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
     let mut orders = Vec::new();
     let period = Duration::from_micros(1_000_000 / rate.max(1));
@@ -220,10 +240,13 @@ fn writer(cluster: &Cluster, seed: u64, w: u64, rate: u64, stop: Arc<AtomicBool>
 }
 
 fn worker_pid(c: &mut Client) -> Option<i32> {
-    c.query_opt("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_webhooks worker' LIMIT 1", &[])
-        .ok()
-        .flatten()
-        .map(|r| r.get(0))
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_webhooks worker' LIMIT 1",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .map(|r| r.get(0))
 }
 
 /// kB of a /proc/PID/status field.
@@ -242,14 +265,21 @@ fn fault_soak_accounts_for_every_event() {
     let seed = std::env::var("SOAK_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     let seconds = env_u64("SOAK_SECONDS", 100);
     let writers = env_u64("SOAK_WRITERS", 3);
     let rate = env_u64("SOAK_RATE", 6);
     println!("soak: seed {seed} (SOAK_SEED={seed} replays the choices), {seconds} s of faults, {writers} writers x {rate}/s");
     let result = std::panic::catch_unwind(|| soak(seed, seconds, writers, rate));
     if let Err(e) = result {
-        eprintln!("soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds}");
+        eprintln!(
+            "soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds}"
+        );
         std::panic::resume_unwind(e);
     }
 }
@@ -259,14 +289,25 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
     // 48 retries (the most is 50), about 90 s of failing: longer than any fault lasts.
     schedule.extend(std::iter::repeat_n("2s", 45));
     let schedule = format!("webhooks.retry_schedule = '{}'", schedule.join(","));
-    let cluster = Arc::new(Cluster::start("soak", &[&schedule, "webhooks.max_retry_after = 2", "log_min_messages = warning"]));
+    let cluster = Arc::new(Cluster::start(
+        "soak",
+        &[
+            &schedule,
+            "webhooks.max_retry_after = 2",
+            "log_min_messages = warning",
+        ],
+    ));
     let rx = Arc::new(Chaos::start(&ENDPOINTS));
     let set: String = cluster
         .connect()
         .query_one("SELECT current_setting('webhooks.retry_schedule')", &[])
         .expect("setting")
         .get(0);
-    assert_eq!(format!("webhooks.retry_schedule = '{set}'"), schedule, "the soak's retry schedule is in force");
+    assert_eq!(
+        format!("webhooks.retry_schedule = '{set}'"),
+        schedule,
+        "the soak's retry schedule is in force"
+    );
     let mut su = cluster.connect();
     su.batch_execute(
         r#"CREATE ROLE shop LOGIN; GRANT webhooks_admin TO shop;
@@ -298,14 +339,21 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
     let mut threads = Vec::new();
     for w in 0..writers {
         let (cluster, stop, ledger) = (cluster.clone(), stop_writers.clone(), ledger.clone());
-        threads.push(std::thread::spawn(move || writer(&cluster, seed, w, rate, stop, ledger)));
+        threads.push(std::thread::spawn(move || {
+            writer(&cluster, seed, w, rate, stop, ledger)
+        }));
     }
     // The worker's memory, sampled; peaks over all its incarnations (a crash starts a new one).
     let stop_sampler = Arc::new(AtomicBool::new(false));
     let peak_hwm = Arc::new(AtomicU64::new(0));
     let peak_anon = Arc::new(AtomicU64::new(0));
     let sampler = {
-        let (cluster, stop, hwm, anon) = (cluster.clone(), stop_sampler.clone(), peak_hwm.clone(), peak_anon.clone());
+        let (cluster, stop, hwm, anon) = (
+            cluster.clone(),
+            stop_sampler.clone(),
+            peak_hwm.clone(),
+            peak_anon.clone(),
+        );
         std::thread::spawn(move || {
             let mut c: Option<Client> = None;
             while !stop.load(Ordering::Relaxed) {
@@ -345,17 +393,26 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         if now >= next_fault {
             let roll = rng.below(100);
             if roll < 15 {
-                let pid = cluster.connect_as_result("postgres", "postgres").ok().and_then(|mut c| worker_pid(&mut c));
+                let pid = cluster
+                    .connect_as_result("postgres", "postgres")
+                    .ok()
+                    .and_then(|mut c| worker_pid(&mut c));
                 if let Some(pid) = pid {
                     // SAFETY: a plain kill(2) of a server process this test started.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
-                    crashes.push(Crash { at: unix_now(), what: "worker SIGKILL" });
+                    crashes.push(Crash {
+                        at: unix_now(),
+                        what: "worker SIGKILL",
+                    });
                     *faults.entry("worker SIGKILL").or_default() += 1;
                 }
             } else if roll < 25 {
                 let before = unix_now();
                 cluster.crash_and_restart();
-                crashes.push(Crash { at: before, what: "server restart -m immediate" });
+                crashes.push(Crash {
+                    at: before,
+                    what: "server restart -m immediate",
+                });
                 *faults.entry("server restart -m immediate").or_default() += 1;
             } else {
                 let ep = ENDPOINTS[rng.below(ENDPOINTS.len() as u64) as usize];
@@ -426,9 +483,15 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
     {
         event_of.insert(r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4)));
     }
-    let events_of_uncommitted = event_of.values().filter(|e| !committed.contains(&e.3)).count();
+    let events_of_uncommitted = event_of
+        .values()
+        .filter(|e| !committed.contains(&e.3))
+        .count();
     let tokens_with_events: HashSet<&String> = event_of.values().map(|e| &e.3).collect();
-    let committed_without_events = committed.iter().filter(|t| !tokens_with_events.contains(t)).count();
+    let committed_without_events = committed
+        .iter()
+        .filter(|t| !tokens_with_events.contains(t))
+        .count();
     let dead: Vec<(String, String, Option<String>)> = c
         .query(
             "SELECT d.id::text, s.url, d.last_error FROM webhooks.deliveries d JOIN webhooks.subscriptions s ON s.id = d.subscription_id WHERE d.status = 'dead' LIMIT 10",
@@ -465,8 +528,16 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         if e["acked"] != Value::Bool(true) {
             continue;
         }
-        let ep = ENDPOINTS.iter().copied().find(|n| *n == ep).expect("known endpoint");
-        let times = delivered.entry(ep).or_default().entry(id.clone()).or_default();
+        let ep = ENDPOINTS
+            .iter()
+            .copied()
+            .find(|n| *n == ep)
+            .expect("known endpoint");
+        let times = delivered
+            .entry(ep)
+            .or_default()
+            .entry(id.clone())
+            .or_default();
         times.push(e["t"].as_f64().unwrap_or(0.0));
         // Receivers dedupe on webhook-id: the order that counts is that of first arrivals. (A
         // job's chain of one key is recorded after its last request, so a crash in between
@@ -474,16 +545,24 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         let first = times.len() == 1;
         if let Some(key) = &event.1 {
             if !first {
-                if max_seq.get(&(ep, event.0.clone(), key.clone())).is_some_and(|m| event.2 < *m) {
+                if max_seq
+                    .get(&(ep, event.0.clone(), key.clone()))
+                    .is_some_and(|m| event.2 < *m)
+                {
                     redelivered_behind += 1;
                 }
                 continue;
             }
-            let max = max_seq.entry((ep, event.0.clone(), key.clone())).or_insert(i64::MIN);
+            let max = max_seq
+                .entry((ep, event.0.clone(), key.clone()))
+                .or_insert(i64::MIN);
             if event.2 < *max {
                 order_violations += 1;
                 violating.push((event.0.clone(), key.clone()));
-                eprintln!("order violation at {ep}: event {id} (seq {}) of key {}/{key} after seq {max}", event.2, event.0);
+                eprintln!(
+                    "order violation at {ep}: event {id} (seq {}) of key {}/{key} after seq {max}",
+                    event.2, event.0
+                );
             }
             *max = (*max).max(event.2);
         }
@@ -517,8 +596,20 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
                 r.get::<_, String>(5), r.get::<_, Option<String>>(6), r.get::<_, Option<String>>(7).unwrap_or_default()
             );
         }
-        for e in log.iter().filter(|e| event_of.get(e["webhook_id"].as_str().unwrap_or_default()).is_some_and(|ev| &ev.0 == entity && ev.1.as_ref() == Some(key))) {
-            eprintln!("  received {} {} seq {} mode {} acked {} t {}", e["endpoint"], e["webhook_id"], event_of[e["webhook_id"].as_str().unwrap_or_default()].2, e["mode"], e["acked"], e["t"]);
+        for e in log.iter().filter(|e| {
+            event_of
+                .get(e["webhook_id"].as_str().unwrap_or_default())
+                .is_some_and(|ev| &ev.0 == entity && ev.1.as_ref() == Some(key))
+        }) {
+            eprintln!(
+                "  received {} {} seq {} mode {} acked {} t {}",
+                e["endpoint"],
+                e["webhook_id"],
+                event_of[e["webhook_id"].as_str().unwrap_or_default()].2,
+                e["mode"],
+                e["acked"],
+                e["t"]
+            );
         }
     }
     for crash in &crashes {
@@ -536,7 +627,10 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         for (id, times) in &got {
             for pair in times.windows(2) {
                 duplicates += 1;
-                if crashes.iter().any(|c| c.at >= pair[0] - 1.0 && c.at <= pair[1]) {
+                if crashes
+                    .iter()
+                    .any(|c| c.at >= pair[0] - 1.0 && c.at <= pair[1])
+                {
                     dup_after_crash += 1;
                 } else {
                     dup_unexplained.push((ep, id.clone(), pair[0], pair[1]));
@@ -555,9 +649,20 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         ledger.rolled_back.len(),
         ledger.aborted.len()
     );
-    println!("  committed transactions: {}, committed events: {} x {} endpoints", committed.len(), event_of.len(), ENDPOINTS.len());
-    println!("  requests received: {requests}; delivered unique: {delivered_unique} (of {} expected)", event_of.len() * ENDPOINTS.len());
-    println!("  duplicates: {duplicates} ({dup_after_crash} after a crash or kill, {} otherwise)", dup_unexplained.len());
+    println!(
+        "  committed transactions: {}, committed events: {} x {} endpoints",
+        committed.len(),
+        event_of.len(),
+        ENDPOINTS.len()
+    );
+    println!(
+        "  requests received: {requests}; delivered unique: {delivered_unique} (of {} expected)",
+        event_of.len() * ENDPOINTS.len()
+    );
+    println!(
+        "  duplicates: {duplicates} ({dup_after_crash} after a crash or kill, {} otherwise)",
+        dup_unexplained.len()
+    );
     println!("  lost: {lost}");
     println!("  never-committed delivered: {never_committed_delivered}");
     println!("  per-key order violations: {order_violations} (first arrivals; {redelivered_behind} duplicates came again after a later event of their key)");
@@ -569,7 +674,10 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         peak_hwm.load(Ordering::Relaxed),
         peak_anon.load(Ordering::Relaxed)
     );
-    println!("  drained {:.1} s after the faults stopped", unix_now() - faults_done);
+    println!(
+        "  drained {:.1} s after the faults stopped",
+        unix_now() - faults_done
+    );
     for d in dup_unexplained.iter().take(10) {
         eprintln!("  duplicate with no crash between: {d:?}");
     }
@@ -579,11 +687,26 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
     assert_eq!(lost, 0, "lost");
     assert_eq!(never_committed_delivered, 0, "never-committed delivered");
     assert_eq!(order_violations, 0, "per-key order violations");
-    assert_eq!(acked_not_durable, 0, "acknowledged transactions that did not commit");
-    assert_eq!(rolled_back_committed, 0, "rolled-back transactions that committed");
-    assert_eq!(events_of_uncommitted, 0, "events of uncommitted transactions");
-    assert_eq!(committed_without_events, 0, "committed transactions without events");
+    assert_eq!(
+        acked_not_durable, 0,
+        "acknowledged transactions that did not commit"
+    );
+    assert_eq!(
+        rolled_back_committed, 0,
+        "rolled-back transactions that committed"
+    );
+    assert_eq!(
+        events_of_uncommitted, 0,
+        "events of uncommitted transactions"
+    );
+    assert_eq!(
+        committed_without_events, 0,
+        "committed transactions without events"
+    );
     assert_eq!(unverified, 0, "requests whose signature did not verify");
     assert!(dead.is_empty(), "dead deliveries: {dead:?}");
-    assert!(dup_unexplained.is_empty(), "duplicates with no crash between them: {dup_unexplained:?}");
+    assert!(
+        dup_unexplained.is_empty(),
+        "duplicates with no crash between them: {dup_unexplained:?}"
+    );
 }

@@ -49,7 +49,10 @@ impl Chaos {
             {
                 break v;
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "the chaos receiver did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the chaos receiver did not start"
+            );
             std::thread::sleep(Duration::from_millis(25));
         };
         let control = ports["control"].as_u64().expect("control port") as u16;
@@ -59,7 +62,12 @@ impl Chaos {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_u64().expect("port") as u16))
             .collect();
-        Chaos { child, dir, control, ports }
+        Chaos {
+            child,
+            dir,
+            control,
+            ports,
+        }
     }
 
     pub fn port(&self, endpoint: &str) -> u16 {
@@ -97,7 +105,12 @@ impl Chaos {
         let mut resp = ureq::get(&format!("http://127.0.0.1:{}/log", self.control))
             .call()
             .expect("chaos receiver log");
-        let text = resp.body_mut().with_config().limit(1 << 30).read_to_string().expect("log body");
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .expect("log body");
         serde_json::from_str(&text).expect("log json")
     }
 
