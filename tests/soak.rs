@@ -275,7 +275,9 @@ fn fault_soak_accounts_for_every_event() {
     let writers = env_u64("SOAK_WRITERS", 3);
     let rate = env_u64("SOAK_RATE", 6);
     println!("soak: seed {seed} (SOAK_SEED={seed} replays the choices), {seconds} s of faults, {writers} writers x {rate}/s");
+    let started = Instant::now();
     let result = std::panic::catch_unwind(|| soak(seed, seconds, writers, rate));
+    println!("soak: {:.0} s in all", started.elapsed().as_secs_f64());
     if let Err(e) = result {
         eprintln!(
             "soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds}"
@@ -435,6 +437,7 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         t.join().expect("writer");
     }
     let faults_done = unix_now();
+    println!("soak: faults and writers stopped");
 
     // Drain: every event fanned out to every subscription and every delivery finished.
     let mut c = cluster.connect();
@@ -503,7 +506,9 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         .collect();
 
     // What the receivers saw.
+    println!("soak: drained; counting");
     let log = rx.log();
+    println!("soak: {} requests in the receivers' log", log.len());
     let mut delivered: HashMap<&str, HashMap<String, Vec<f64>>> = HashMap::new();
     let mut never_committed_delivered = 0;
     let mut unverified = 0;
