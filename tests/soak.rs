@@ -393,7 +393,14 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
             }
         });
         if now >= next_fault {
-            let roll = rng.below(100);
+            // Every run has both crashes at least: a worker SIGKILL forced after a third of
+            // the time if none came yet, a server restart after two thirds.
+            let left = end.saturating_duration_since(now).as_secs_f64() / seconds.max(1) as f64;
+            let roll = match rng.below(100) {
+                _ if left < 2.0 / 3.0 && !faults.contains_key("worker SIGKILL") => 0,
+                _ if left < 1.0 / 3.0 && !faults.contains_key("server restart -m immediate") => 20,
+                roll => roll,
+            };
             if roll < 15 {
                 let pid = cluster
                     .connect_as_result("postgres", "postgres")
@@ -688,7 +695,10 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
     }
     assert!(drained, "the queue did not drain within 240 s");
     assert!(ledger.acked.len() > 100, "the writers got work through");
-    assert!(crashes.len() >= 2 || seconds < 30, "crashes were injected");
+    assert!(
+        faults.contains_key("worker SIGKILL") && faults.contains_key("server restart -m immediate"),
+        "both kinds of crash were injected: {faults:?}"
+    );
     assert_eq!(lost, 0, "lost");
     assert_eq!(never_committed_delivered, 0, "never-committed delivered");
     assert_eq!(order_violations, 0, "per-key order violations");
