@@ -280,7 +280,7 @@ fn fault_soak_accounts_for_every_event() {
     println!("soak: {:.0} s in all", started.elapsed().as_secs_f64());
     if let Err(e) = result {
         eprintln!(
-            "soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds}"
+            "soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds} SOAK_WRITERS={writers} SOAK_RATE={rate} cargo test --features pg15 --test soak"
         );
         std::panic::resume_unwind(e);
     }
