@@ -160,6 +160,17 @@ fn acknowledged_events_survive_failover_to_a_synchronous_standby_and_delivery_re
         0,
         "still none on the standby while the primary runs"
     );
+    // One endpoint fails from now on, so that the crash leaves it a backlog of retrying
+    // deliveries (with the claims the old worker held) for the new primary to carry on.
+    rx.set_mode("warehouse", "500");
+    wait_for("failed attempts at the warehouse", WAIT, || {
+        (rx.log()
+            .iter()
+            .filter(|e| e["endpoint"] == "warehouse" && e["mode"] == "500")
+            .count()
+            >= 5)
+            .then_some(())
+    });
     primary.kill();
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -172,6 +183,7 @@ fn acknowledged_events_survive_failover_to_a_synchronous_standby_and_delivery_re
         .unwrap_or(0.0);
     s.batch_execute("SELECT pg_promote()").expect("promote");
 
+    rx.set_mode("warehouse", "ok");
     // No manual step: the promoted standby's worker starts and delivers the backlog.
     wait_for("the worker to start on the promoted standby", WAIT, || {
         (webhook_processes(&mut s) == 2).then_some(())
@@ -271,6 +283,22 @@ fn acknowledged_events_survive_failover_to_a_synchronous_standby_and_delivery_re
         event_token.len(),
         log.len(),
         acked_lost.len()
+    );
+    let failed_before: HashSet<&str> = log
+        .iter()
+        .filter(|e| e["endpoint"] == "warehouse" && e["mode"] == "500")
+        .filter_map(|e| e["webhook_id"].as_str())
+        .collect();
+    let carried_on: HashSet<&str> = log
+        .iter()
+        .filter(|e| e["acked"] == true && e["t"].as_f64().unwrap_or(0.0) > promoted_at)
+        .filter(|e| failed_before.contains(e["webhook_id"].as_str().unwrap_or_default()))
+        .filter_map(|e| e["webhook_id"].as_str())
+        .collect();
+    println!("failover: {} events failed at the warehouse before the crash, {} of them delivered by the new primary", failed_before.len(), carried_on.len());
+    assert!(
+        !carried_on.is_empty(),
+        "the new primary delivered the backlog the old one left"
     );
     assert!(
         ledger.acked.len() >= 50,
