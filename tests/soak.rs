@@ -113,7 +113,7 @@ fn transaction(
     token: &str,
     writer: u64,
     n: u64,
-    orders: &mut Vec<i64>,
+    orders: &[i64],
 ) -> (Ended, Option<i64>) {
     let pick = rng.below(100);
     let mut created = None;
@@ -208,7 +208,7 @@ fn writer(
         let Some(client) = c.as_mut() else { break };
         n += 1;
         let token = format!("w{w}-{n}");
-        let (ended, created) = transaction(client, &mut rng, &token, w, n, &mut orders);
+        let (ended, created) = transaction(client, &mut rng, &token, w, n, &orders);
         let mut l = ledger.lock().expect("ledger");
         match ended {
             Ended::Acked => {
