@@ -29,10 +29,7 @@
 //! wrong transaction is caught even when its type and data happen to match.
 //!
 //! `MODEL_SEED` (default: from the clock), `MODEL_TRANSACTIONS` (default 3000),
-//! `MODEL_SESSIONS` (default 1) and `MODEL_ORDERS` (order keys, default 8). With several
-//! sessions the test finds one capture bug that is not fixed yet (see the last test here: an
-//! order committed between its item's BEFORE trigger and the item's foreign key check), so the
-//! suite runs one session until it is; `MODEL_SESSIONS=4` shows it within a few seeds. The seed is
+//! `MODEL_SESSIONS` (default 1) and `MODEL_ORDERS` (order keys, default 8). The seed is
 //! printed first and in every failure: `MODEL_SEED=... cargo test --test model` runs the same
 //! transactions again (their interleaving may differ; the check holds for any interleaving).
 
@@ -1757,21 +1754,17 @@ fn an_item_insert_skipped_by_on_conflict_neither_creates_its_order_nor_skips_its
     );
 }
 
-/// Found with MODEL_SEED=2 (4 sessions), NOT FIXED: an item's BEFORE trigger looks for (and
-/// locks) its order before the row is written, the foreign key checks the order after. When the
-/// order is committed by another session in between (here while the item insert waits for a
-/// conflicting insert of the same item id, which then rolls back), the item is written, the
+/// Found with MODEL_SEED=2 (4 sessions): an item's BEFORE trigger looks for (and locks) its
+/// order before the row is written, the foreign key checks the order after. When the order is
+/// committed by another session in between (here while the item insert waits for a
+/// conflicting insert of the same item id, which then rolls back), the item was written, the
 /// order was never locked (the foreign key's KEY SHARE lets other writers of the order through)
-/// and capture gives no event for the order's new item (before the fix of the notes of unseen
-/// parents, a second `created`).
-/// The suite leaves it out until the bug is fixed (it fails, deterministically):
-/// `MODEL_KNOWN_BUGS=1 cargo test --test model an_order_committed` runs it.
+/// and capture gave no event for the order's new item (before the fix of the notes of unseen
+/// parents, a second `created`). Capture now looks for such parents again once the statement's
+/// foreign keys are checked (and at commit), locks them, and reads their items "before" without
+/// the transaction's own rows.
 #[test]
 fn an_order_committed_while_its_item_insert_waits_gets_the_items_update_and_lock() {
-    if std::env::var_os("MODEL_KNOWN_BUGS").is_none() {
-        eprintln!("known bug, not fixed: set MODEL_KNOWN_BUGS=1 to run this reproduction");
-        return;
-    }
     let mut c = small_shop("rpg", true);
     c.batch_execute("INSERT INTO rpg_orders VALUES (2)")
         .expect("order 2");
