@@ -956,7 +956,7 @@ fn recheck_unseen(level: Option<u32>) {
             continue;
         };
         // An ERROR aborts the transaction (or the subtransaction), whose end resets the flag.
-        note_child_change(&cfg, &key, true);
+        note_child_change(&cfg, &key, true, true);
     }
     RECHECKING.with(|r| r.set(false));
 }
@@ -2038,16 +2038,23 @@ fn _capture_child<'a>(
         let tupdesc = (*td.tg_relation).rd_att;
         for (cfg, registered, idx) in registrations {
             let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
-            // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
-            let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
+            // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent. Whether
+            // the row is written under it (an insert, an update's new parent): only such a
+            // parent, not found, is looked for again (see `recheck_unseen`).
+            let mut parent_keys: Vec<(String, bool)> = column_text(td.tg_trigtuple, tupdesc, fk_att)
                 .into_iter()
+                .map(|k| (k, pgrx::trigger_fired_by_insert(event)))
                 .collect();
             if pgrx::trigger_fired_by_update(event) {
-                parent_keys.extend(column_text(td.tg_newtuple, tupdesc, fk_att));
+                if let Some(new_key) = column_text(td.tg_newtuple, tupdesc, fk_att) {
+                    match parent_keys.first_mut() {
+                        Some((old_key, under)) if *old_key == new_key => *under = true,
+                        _ => parent_keys.push((new_key, true)),
+                    }
+                }
             }
-            parent_keys.dedup();
-            for key in parent_keys {
-                note_child_change(&cfg, &key, false);
+            for (key, written_under) in parent_keys {
+                note_child_change(&cfg, &key, false, written_under);
             }
         }
     }
@@ -2085,6 +2092,16 @@ impl LatestSnapshot {
         }
         LatestSnapshot
     }
+    /// Everything committed by now and all of this transaction's own changes, those of the
+    /// running command included (the plain latest snapshot does not see the rows of the
+    /// current command until the command counter moves on).
+    fn push_with_all_own_changes() -> LatestSnapshot {
+        unsafe {
+            pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+            (*pg_sys::GetActiveSnapshot()).curcid = pg_sys::GetCurrentCommandId(false).saturating_add(1);
+        }
+        LatestSnapshot
+    }
     fn get(&self) -> pg_sys::Snapshot {
         unsafe { pg_sys::GetActiveSnapshot() }
     }
@@ -2101,7 +2118,9 @@ impl Drop for LatestSnapshot {
 
 /// `recheck`: called by `recheck_unseen` for a parent not found before, whose children this
 /// transaction may have changed since (they are read without its own changes).
-fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool) {
+/// `written_under`: the child row is written under this parent (an insert, an update's new
+/// parent); only then is a parent not found looked for again.
+fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool, written_under: bool) {
     // Decide under the borrow, query without it (the queries may wait on a lock).
     let known = with_table(cfg.relid, |tt| tt.child_keys.get(fk_key).cloned());
     if let Some(key) = known {
@@ -2154,6 +2173,16 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool) {
     let Some(arg) = cfg.key_datum(fk_key) else {
         return;
     };
+    // A parent not found before matters only if this transaction's own changes are among its
+    // children now (a child insert that ON CONFLICT DO NOTHING skipped left none): only then is
+    // it locked, so that looking again never makes a COMMIT wait (or deadlock) for nothing.
+    if recheck
+        && as_role(cfg.owner, || {
+            children_now(cfg, fk_key, arg, Own::All) == children_now(cfg, fk_key, arg, Own::Without)
+        })
+    {
+        return;
+    }
     // The first change under this spelling locks the parent row, which also gives the key as
     // the table spells it; the first change to an existing parent's children notes them.
     let (locked_key, snapshot) = as_role(cfg.owner, || {
@@ -2184,43 +2213,16 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool) {
                 }
             })
         };
-        let children_snapshot = || {
-            if without_own {
-                LatestSnapshot::push_without_own_changes()
-            } else {
-                LatestSnapshot::push()
-            }
-        };
-        let direct = if needs_snapshot && cfg.children_direct.is_some() {
-            let latest = children_snapshot();
+        let children = if needs_snapshot {
             let k = locked_key.as_deref().unwrap_or(fk_key);
-            with_output_settings(|| {
-                children_direct_json(cfg, cfg.children_direct.as_deref().unwrap_or(&[]), k, latest.get())
-            })
-        } else {
-            None
-        };
-        let children = if direct.is_some() {
-            direct
-        } else if needs_snapshot {
-            let latest = children_snapshot();
-            // Read-only: a read-write SPI call would give the snapshot the current command id.
-            rows_with_snapshot_read_only(
-                &cfg.children_query,
-                &[cfg.key_type_oid],
-                &[Some(arg)],
-                latest.get(),
-            )
-            .into_iter()
-            .next()
-            .map(|arrays| cfg.children_json(&arrays))
+            children_now(cfg, k, arg, if without_own { Own::Without } else { Own::Earlier })
         } else {
             None
         };
         (locked_key, children)
     });
     let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
-    if locked_key.is_none() && !recheck {
+    if locked_key.is_none() && !recheck && written_under {
         let level = STATEMENT_LEVEL.with(|l| l.get());
         UNSEEN.with(|u| {
             let mut u = u.borrow_mut();
@@ -2256,6 +2258,40 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool) {
     if !recheck {
         maybe_spill();
     }
+}
+
+/// Which of this transaction's own changes a read of children sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Own {
+    /// Those of earlier commands (the plain latest snapshot).
+    Earlier,
+    /// None.
+    Without,
+    /// All, the running command's included.
+    All,
+}
+
+/// The children of `key` (`arg` is the key as a value, for the SQL path) as JSON, as they
+/// are now, with `own` changes of this transaction (see `LatestSnapshot`). Run as the table's
+/// owner.
+fn children_now(cfg: &TableConfig, key: &str, arg: pg_sys::Datum, own: Own) -> Option<Option<String>> {
+    let snapshot = || match own {
+        Own::Earlier => LatestSnapshot::push(),
+        Own::Without => LatestSnapshot::push_without_own_changes(),
+        Own::All => LatestSnapshot::push_with_all_own_changes(),
+    };
+    if let Some(direct) = cfg.children_direct.as_deref() {
+        let latest = snapshot();
+        if let Some(found) = with_output_settings(|| children_direct_json(cfg, direct, key, latest.get())) {
+            return Some(found);
+        }
+    }
+    let latest = snapshot();
+    // Read-only: a read-write SPI call would give the snapshot the current command id.
+    rows_with_snapshot_read_only(&cfg.children_query, &[cfg.key_type_oid], &[Some(arg)], latest.get())
+        .into_iter()
+        .next()
+        .map(|arrays| cfg.children_json(&arrays))
 }
 
 /// One event to write: `data` = row JSON || children JSON || extra JSON.

@@ -599,3 +599,27 @@ fn notes_moved_to_disk_keep_every_capture_rule() {
     println!("capture memory: the transaction wrote {spilled} temporary files");
     assert!(spilled > 0, "the notes were expected to move to temporary files");
 }
+
+#[test]
+fn capture_memory_is_a_session_setting_in_kilobytes_with_a_floor() {
+    let mut c = db();
+    let row = c
+        .query_one(
+            "SELECT boot_val, unit, min_val, context FROM pg_settings WHERE name = 'webhooks.capture_memory'",
+            &[],
+        )
+        .expect("pg_settings");
+    let got: (String, String, String, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(got, ("16384".into(), "kB".into(), "64".into(), "user".into()));
+    for bad in ["'10kB'", "-1", "'lots'", "'3TB'"] {
+        let err = c
+            .batch_execute(&format!("SET webhooks.capture_memory = {bad}"))
+            .expect_err(bad);
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+            "{bad}: {err}"
+        );
+    }
+    c.batch_execute("SET webhooks.capture_memory = '1GB'").expect("a session may set it");
+}
