@@ -2,7 +2,8 @@
 # Installs everything pg_webhooks needs on a fresh Debian machine, skipping what is there:
 # PostgreSQL and its headers, clang, dpkg-dev (scripts/package.sh: dpkg-shlibdeps,
 # dpkg-architecture), cargo-pgrx (pinned), `cargo pgrx init`, and the Python Standard Webhooks
-# library the test receiver verifies signatures with. Reads pgrx.toml.
+# library the test receiver verifies signatures with, Flask and Express for the seed receivers
+# (tests/seeds). Reads pgrx.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,4 +38,22 @@ if ! python3 -c 'import standardwebhooks' 2>/dev/null; then
     # Debian's own python3 refuses system-wide pip installs; install for this user then.
     python3 -m pip install -q --disable-pip-version-check standardwebhooks 2>/dev/null \
         || python3 -m pip install -q --disable-pip-version-check --user --break-system-packages standardwebhooks
+fi
+
+# The receivers written to the letter of ../shared/seeds (tests/seeds.rs) run under Flask and
+# Express, as those documents' code does: Flask from PyPI, Express from npm (pinned in
+# tests/seeds/package-lock.json, installed into tests/seeds/node_modules).
+if ! python3 -c 'import flask' 2>/dev/null; then
+    echo "setup: installing the Flask Python library"
+    python3 -m pip install -q --disable-pip-version-check flask 2>/dev/null \
+        || python3 -m pip install -q --disable-pip-version-check --user --break-system-packages flask
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "setup: installing Node.js"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [ ! -d tests/seeds/node_modules/express ]; then
+    echo "setup: installing Express for tests/seeds"
+    (cd tests/seeds && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi

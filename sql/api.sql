@@ -35,6 +35,20 @@ AS $$
        AND (filter IS NULL OR data @> filter)
 $$;
 
+-- The same, where a subscription's shape renames event types: a pattern matches the stored
+-- type or the name the subscription's receiver knows it by (event_names ->> event_type).
+CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb, event_names jsonb)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+               SELECT 1 FROM unnest(patterns) AS p,
+                      (VALUES (event_type), (event_names ->> event_type)) AS t(name)
+                WHERE p = '*' OR p = t.name
+                   OR (right(p, 2) = '.*' AND starts_with(t.name, left(p, -1))))
+       AND (filter IS NULL OR data @> filter)
+$$;
+
 ------------------------------------------------------------------------------------------
 -- Capture. API: Public
 ------------------------------------------------------------------------------------------
@@ -550,7 +564,8 @@ CREATE FUNCTION webhooks.subscribe(
     signature text DEFAULT 'standard',
     signature_header text DEFAULT NULL,
     timeout interval DEFAULT NULL,
-    retry_schedule text DEFAULT NULL
+    retry_schedule text DEFAULT NULL,
+    shape jsonb DEFAULT NULL
 ) RETURNS TABLE (id bigint, secret text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -567,7 +582,9 @@ BEGIN
     IF event_types IS NULL THEN
         RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM webhooks._check_event_patterns(event_types);
+    IF shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(event_types);
+    END IF;
     PERFORM webhooks._check_headers(headers);
     IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
         RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
@@ -591,12 +608,42 @@ BEGIN
     IF retry_schedule IS NOT NULL THEN
         PERFORM webhooks._check_retry_schedule(retry_schedule);
     END IF;
+    IF shape IS NOT NULL THEN
+        -- The shape, the patterns that may name its renamed types, and its headers against
+        -- the subscription's own.
+        PERFORM webhooks._check_shape(shape::text, event_types,
+            ARRAY(SELECT jsonb_object_keys(headers)) || signature_header);
+    END IF;
 
-    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
-    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule)
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
+    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
     RETURNING _subscriptions.id INTO v_id;
     INSERT INTO webhooks._secrets (subscription_id, secret, headers) VALUES (v_id, v_secret, headers);
     RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
+-- Change (or, with NULL, remove) a subscription's request shape; deliveries attempted from
+-- now on are shaped by it. Checked as subscribe checks it, against the subscription's
+-- event_types, custom headers and signature header.
+CREATE FUNCTION webhooks.set_shape(id bigint, shape jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sub webhooks._subscriptions;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    IF shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(v_sub.event_types);
+    ELSE
+        PERFORM webhooks._check_shape(shape::text, v_sub.event_types,
+            ARRAY(SELECT jsonb_object_keys(k.headers) FROM webhooks._secrets k WHERE k.subscription_id = p_id)
+            || v_sub.signature_header);
+    END IF;
+    UPDATE webhooks._subscriptions s SET shape = set_shape.shape, updated_at = now() WHERE s.id = p_id;
 END
 $$;
 
@@ -759,10 +806,11 @@ BEGIN
     IF since IS NULL OR until IS NULL OR since > until THEN
         RAISE EXCEPTION 'replay needs since <= until' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF event_types IS NOT NULL THEN
-        PERFORM webhooks._check_event_patterns(event_types);
-    END IF;
     SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
+    IF event_types IS NOT NULL THEN
+        -- Patterns may name the subscription's renamed types, as its own event_types may.
+        PERFORM webhooks._check_shape(v_sub.shape::text, event_types, NULL);
+    END IF;
     -- Replayed deliveries keep commit order per key among themselves, but do not wait
     -- behind the live queue (their ordering key is their own).
     WITH ev AS (
@@ -772,8 +820,8 @@ BEGIN
            AND e.type <> 'webhook.test'
            -- Not this transaction's own emits: they get their final seq at commit.
            AND e.xid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()
-           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data)
-           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data))
+           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data, v_sub.shape -> 'event_names')
+           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data, v_sub.shape -> 'event_names'))
            FOR KEY SHARE OF e
     ), d AS (
         INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
@@ -827,7 +875,8 @@ SELECT s.id,
        k.previous_expires_at AS previous_secret_expires_at,
        s.failing_since,
        s.created_at,
-       s.updated_at
+       s.updated_at,
+       s.shape
   FROM webhooks._subscriptions s
   LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
 
@@ -944,8 +993,10 @@ COMMENT ON FUNCTION webhooks.track(regclass, text, name, name, jsonb) IS
     'Capture INSERT/UPDATE/DELETE on a table as <entity>.created/updated/status_updated/<status>/deleted events, net per transaction, payload read at commit.';
 COMMENT ON FUNCTION webhooks.untrack(regclass) IS 'Stop capturing a table (removes its triggers).';
 COMMENT ON FUNCTION webhooks.emit(text, jsonb, text) IS 'Enqueue any other event; delivered after commit. Returns the event id.';
-COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text) IS
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb) IS
     'Create a subscription; returns its id and its signing secret (shown only this once).';
+COMMENT ON FUNCTION webhooks.set_shape(bigint, jsonb) IS
+    'Set (NULL: remove) a subscription''s request shape: event names, body template, event type and delivery id headers, JSON spelling. Applies to attempts made from now on.';
 COMMENT ON FUNCTION webhooks.pause(bigint) IS 'Hold deliveries of a subscription; events keep queueing.';
 COMMENT ON FUNCTION webhooks.resume(bigint) IS 'Resume a paused or disabled subscription; its held backlog flows again.';
 COMMENT ON FUNCTION webhooks.unsubscribe(bigint) IS 'Delete a subscription; queued deliveries end as dead, history stays.';
@@ -969,6 +1020,7 @@ COMMENT ON COLUMN webhooks.deliveries.redelivery_of IS 'The delivery this one re
 COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolution to the end of the capped response body.';
 COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
 COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
+COMMENT ON COLUMN webhooks.subscriptions.shape IS 'The request shape (event names, body template, headers, JSON spelling); NULL: the Standard Webhooks envelope.';
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 COMMENT ON FUNCTION webhooks.request(bigint) IS
@@ -1041,11 +1093,13 @@ GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text),
     webhooks.emit(text, jsonb, text),
-    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text),
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb),
+    webhooks.set_shape(bigint, jsonb),
     webhooks.pause(bigint), webhooks.resume(bigint), webhooks.unsubscribe(bigint),
     webhooks.rotate_secret(bigint, interval), webhooks.send_test(bigint),
     webhooks.redeliver(bigint), webhooks.replay(bigint, timestamptz, timestamptz, text[]),
-    webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb)
+    webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb),
+    webhooks._matches(text[], jsonb, text, jsonb, jsonb)
     TO webhooks_admin;
 GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
 GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;

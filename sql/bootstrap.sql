@@ -105,7 +105,10 @@ CREATE TABLE webhooks._subscriptions (
     consecutive_failures integer NOT NULL DEFAULT 0,
     last_error       text,
     last_error_at    timestamptz,
-    last_status_code integer
+    last_status_code integer,
+    -- The request shape (src/shape.rs): event names, body template, extra headers, JSON
+    -- spelling; NULL = the Standard Webhooks envelope. Validated by subscribe/set_shape.
+    shape            jsonb
 );
 
 CREATE INDEX _subscriptions_new_idx ON webhooks._subscriptions (id) WHERE NOT fanned_out;

@@ -716,3 +716,233 @@ GRANT SELECT ON webhooks.subscription_health, webhooks.event_stats TO webhooks_r
 GRANT EXECUTE ON FUNCTION webhooks.request(bigint), webhooks._hist_sum(bigint[]),
                           webhooks._hist_quantile(bigint[], double precision), webhooks._backlog(bigint)
     TO webhooks_reader;
+
+------------------------------------------------------------------------------------------
+-- Request shapes (issue 11, part A): webhooks._subscriptions.shape, subscribe's shape
+-- parameter, set_shape, matching by either name (_matches with event_names), replay matching
+-- either name, the shape in webhooks.subscriptions, _check_shape and _render (src/shape.rs,
+-- src/request.rs).
+------------------------------------------------------------------------------------------
+ALTER TABLE webhooks._subscriptions ADD COLUMN shape jsonb;
+
+-- Rust functions (src/api.rs, src/request.rs). API: Private
+CREATE FUNCTION webhooks."_check_shape"(
+	"shape" TEXT, /* Option < & str > */
+	"event_types" TEXT[], /* :: std :: option :: Option < Vec < Option < String > > > */
+	"reserved_headers" TEXT[] /* :: std :: option :: Option < Vec < Option < String > > > */
+) RETURNS void
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_check_shape_wrapper';
+
+CREATE FUNCTION webhooks."_render"(
+	"subscription_id" bigint, /* Option < i64 > */
+	"event_seq" bigint, /* Option < i64 > */
+	"delivery_id" bigint DEFAULT NULL /* Option < i64 > */
+) RETURNS TABLE (
+	"event_type" TEXT,  /* String */
+	"body" TEXT,  /* String */
+	"headers" jsonb  /* JsonB */
+)
+STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_render_wrapper';
+
+-- The same, where a subscription's shape renames event types: a pattern matches the stored
+-- type or the name the subscription's receiver knows it by (event_names ->> event_type).
+CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb, event_names jsonb)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+               SELECT 1 FROM unnest(patterns) AS p,
+                      (VALUES (event_type), (event_names ->> event_type)) AS t(name)
+                WHERE p = '*' OR p = t.name
+                   OR (right(p, 2) = '.*' AND starts_with(t.name, left(p, -1))))
+       AND (filter IS NULL OR data @> filter)
+$$;
+
+DROP FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text);
+CREATE FUNCTION webhooks.subscribe(
+    url text,
+    event_types text[] DEFAULT '{*}',
+    description text DEFAULT NULL,
+    headers jsonb DEFAULT '{}',
+    filter jsonb DEFAULT NULL,
+    signature text DEFAULT 'standard',
+    signature_header text DEFAULT NULL,
+    timeout interval DEFAULT NULL,
+    retry_schedule text DEFAULT NULL,
+    shape jsonb DEFAULT NULL
+) RETURNS TABLE (id bigint, secret text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url    text;
+    v_id     bigint;
+    v_secret text := webhooks._generate_secret();
+BEGIN
+    IF url IS NULL OR btrim(url) = '' THEN
+        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_url := webhooks._check_url(url);
+    IF event_types IS NULL THEN
+        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(event_types);
+    END IF;
+    PERFORM webhooks._check_headers(headers);
+    IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
+    END IF;
+    IF signature IS NULL OR signature NOT IN ('standard', 'hex') THEN
+        RAISE EXCEPTION 'signature must be ''standard'' or ''hex''' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF signature = 'hex' THEN
+        signature_header := coalesce(signature_header, 'X-Webhook-Signature');
+    END IF;
+    IF signature_header IS NOT NULL THEN
+        IF signature <> 'hex' THEN
+            RAISE EXCEPTION 'signature_header applies to signature => ''hex'' only' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        PERFORM webhooks._check_headers(jsonb_build_object(signature_header, ''));
+    END IF;
+    IF timeout IS NOT NULL AND (timeout < interval '1 millisecond' OR timeout > interval '10 minutes') THEN
+        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF retry_schedule IS NOT NULL THEN
+        PERFORM webhooks._check_retry_schedule(retry_schedule);
+    END IF;
+    IF shape IS NOT NULL THEN
+        -- The shape, the patterns that may name its renamed types, and its headers against
+        -- the subscription's own.
+        PERFORM webhooks._check_shape(shape::text, event_types,
+            ARRAY(SELECT jsonb_object_keys(headers)) || signature_header);
+    END IF;
+
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
+    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
+    RETURNING _subscriptions.id INTO v_id;
+    INSERT INTO webhooks._secrets (subscription_id, secret, headers) VALUES (v_id, v_secret, headers);
+    RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
+-- Change (or, with NULL, remove) a subscription's request shape; deliveries attempted from
+-- now on are shaped by it. Checked as subscribe checks it, against the subscription's
+-- event_types, custom headers and signature header.
+CREATE FUNCTION webhooks.set_shape(id bigint, shape jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sub webhooks._subscriptions;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    IF shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(v_sub.event_types);
+    ELSE
+        PERFORM webhooks._check_shape(shape::text, v_sub.event_types,
+            ARRAY(SELECT jsonb_object_keys(k.headers) FROM webhooks._secrets k WHERE k.subscription_id = p_id)
+            || v_sub.signature_header);
+    END IF;
+    UPDATE webhooks._subscriptions s SET shape = set_shape.shape, updated_at = now() WHERE s.id = p_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION webhooks.replay(
+    id bigint,
+    since timestamptz,
+    until timestamptz DEFAULT now(),
+    event_types text[] DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id    bigint := id;
+    v_sub   webhooks._subscriptions;
+    v_count integer;
+    -- Ordering keys of their own, unique to this call (two replays in one transaction too).
+    v_batch text := 'replay:' || pg_catalog.gen_random_uuid() || ':';
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF since IS NULL OR until IS NULL OR since > until THEN
+        RAISE EXCEPTION 'replay needs since <= until' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
+    IF event_types IS NOT NULL THEN
+        -- Patterns may name the subscription's renamed types, as its own event_types may.
+        PERFORM webhooks._check_shape(v_sub.shape::text, event_types, NULL);
+    END IF;
+    -- Replayed deliveries keep commit order per key among themselves, but do not wait
+    -- behind the live queue (their ordering key is their own).
+    WITH ev AS (
+        -- Locked so that retention (SKIP LOCKED) leaves them until these deliveries commit.
+        SELECT e.seq, e.entity, e.key FROM webhooks._events e
+         WHERE e.created_at >= since AND e.created_at < until
+           AND e.type <> 'webhook.test'
+           -- Not this transaction's own emits: they get their final seq at commit.
+           AND e.xid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()
+           AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data, v_sub.shape -> 'event_names')
+           AND (event_types IS NULL OR webhooks._matches(event_types, NULL, e.type, e.data, v_sub.shape -> 'event_names'))
+           FOR KEY SHARE OF e
+    ), d AS (
+        INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
+        SELECT ev.seq, p_id, now() FROM ev ORDER BY ev.seq
+        RETURNING _deliveries.id, _deliveries.event_seq
+    )
+    INSERT INTO webhooks._queue (delivery_id, subscription_id, event_seq, ordering_key, head)
+    SELECT d.id, p_id, d.event_seq, CASE WHEN ev.key IS NOT NULL THEN v_batch || ev.entity || ':' || ev.key END,
+           ev.key IS NULL OR row_number() OVER (PARTITION BY ev.entity, ev.key ORDER BY d.event_seq) = 1
+      FROM d JOIN ev ON ev.seq = d.event_seq;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM webhooks._wake_worker_at_commit();
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+CREATE OR REPLACE VIEW webhooks.subscriptions AS
+SELECT s.id,
+       webhooks._mask_url(s.url) AS url,
+       s.event_types,
+       s.state = 'active' AS active,
+       s.state,
+       s.disabled_reason,
+       s.description,
+       s.filter,
+       s.signature,
+       s.signature_header,
+       s.timeout,
+       s.retry_schedule,
+       ARRAY(SELECT jsonb_object_keys(k.headers) ORDER BY 1) AS header_names,
+       k.previous_expires_at AS previous_secret_expires_at,
+       s.failing_since,
+       s.created_at,
+       s.updated_at,
+       s.shape
+  FROM webhooks._subscriptions s
+  LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
+
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb) IS
+    'Create a subscription; returns its id and its signing secret (shown only this once).';
+COMMENT ON FUNCTION webhooks.set_shape(bigint, jsonb) IS
+    'Set (NULL: remove) a subscription''s request shape: event names, body template, event type and delivery id headers, JSON spelling. Applies to attempts made from now on.';
+COMMENT ON COLUMN webhooks.subscriptions.shape IS 'The request shape (event names, body template, headers, JSON spelling); NULL: the Standard Webhooks envelope.';
+REVOKE EXECUTE ON FUNCTION webhooks._matches(text[], jsonb, text, jsonb, jsonb),
+                           webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb),
+                           webhooks.set_shape(bigint, jsonb),
+                           webhooks._check_shape(text, text[], text[]),
+                           webhooks._render(bigint, bigint, bigint)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb),
+                          webhooks.set_shape(bigint, jsonb),
+                          webhooks._matches(text[], jsonb, text, jsonb, jsonb)
+    TO webhooks_admin;

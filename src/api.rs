@@ -362,3 +362,39 @@ fn _unregister_tracked(tbl: pg_sys::Oid) {
         }
     }
 }
+
+/// Raises 22023 unless `shape` (jsonb text) is a valid request shape (src/shape.rs) whose
+/// headers are none of `reserved_headers` (the subscription's custom header names and
+/// signature header), and every pattern of `event_types` is a pattern or one of the shape's
+/// renamed event names. NULL `event_types`: the patterns are not checked.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_shape(
+    shape: Option<&str>,
+    event_types: Option<Vec<Option<String>>>,
+    reserved_headers: Option<Vec<Option<String>>>,
+) {
+    let bad = |message: &str| -> ! {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            message,
+            "See \"Request shapes\" in the README: shape => '{\"event_names\": {...}, \"body\": {...}, \"event_type_header\": \"X-Event-Type\", \"json\": \"javascript\"}'.",
+        )
+    };
+    let parsed = shape.map(|text| crate::shape::parse(text).unwrap_or_else(|e| bad(&e)));
+    if let Some(patterns) = event_types {
+        crate::shape::check_patterns(&patterns, parsed.as_ref()).unwrap_or_else(|e| bad(&e));
+    }
+    let Some(parsed) = parsed else { return };
+    for name in parsed.header_names() {
+        if reserved_headers
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|r| r.eq_ignore_ascii_case(name))
+        {
+            bad(&format!(
+                "shape header \"{name}\" is already one of this subscription's headers (custom or signature)"
+            ));
+        }
+    }
+}

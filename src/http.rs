@@ -5,6 +5,7 @@
 //! pipe that the main thread waits on together with its latch. Destination addresses are
 //! checked after DNS resolution, on every new connection.
 
+use crate::shape::{self, Envelope, RenderError, Rendered, Shape};
 use crate::{netcheck, signing};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -47,6 +48,11 @@ pub struct Job {
     pub max_response_bytes: usize,
     /// Largest request body to send (`webhooks.max_payload_bytes`); a larger one is not sent.
     pub max_payload_bytes: usize,
+    /// The subscription's request shape (event names, body template, headers), if it has one;
+    /// `Err` if the stored shape cannot be read (every attempt then fails saying why).
+    pub shape: Option<Result<Arc<Shape>, String>>,
+    /// This attempt's number (1 for the first), for templates.
+    pub attempt: i32,
 }
 
 /// What came of a job (deliveries of one subscription, sent one after the other): the attempts
@@ -82,33 +88,41 @@ impl Outcome {
     }
 }
 
-/// The compact JSON body `{"id","type","created_at","data"}`, in that order. `data` is the
-/// stored jsonb text with its insignificant white space removed, never re-parsed, so numbers
-/// such as `59.90` or a 30-digit numeric reach the receiver exactly as stored.
-pub fn body(job: &Job) -> Result<Vec<u8>, serde_json::Error> {
-    let mut out = String::with_capacity(job.data.len() + 160);
-    out.push_str("{\"id\":");
-    out.push_str(&serde_json::to_string(&job.event_id)?);
-    out.push_str(",\"type\":");
-    out.push_str(&serde_json::to_string(&job.event_type)?);
-    out.push_str(",\"created_at\":");
-    out.push_str(&serde_json::to_string(&job.created_at)?);
-    out.push_str(",\"data\":");
-    compact_json_into(&job.data, &mut out);
-    out.push('}');
-    Ok(out.into_bytes())
+/// The request's event type, body and the shape's headers. Without a shape the body is the
+/// compact envelope `{"id","type","created_at","data"}`, in that order, `data` the stored jsonb
+/// text with its insignificant white space removed, never re-parsed, so numbers such as
+/// `59.90` or a 30-digit numeric reach the receiver exactly as stored. `timestamp` is the
+/// attempt's unix seconds; the body is capped at `max_bytes` (src/shape.rs).
+pub fn shaped(job: &Job, timestamp: i64, max_bytes: usize) -> Result<Rendered, RenderError> {
+    let shape = match &job.shape {
+        None => None,
+        Some(Ok(shape)) => Some(shape.as_ref()),
+        Some(Err(e)) => return Err(RenderError::Failed(e.clone())),
+    };
+    let envelope = Envelope {
+        event_id: &job.event_id,
+        event_type: &job.event_type,
+        created_at: &job.created_at,
+        data: &job.data,
+        delivery_id: job.delivery_id,
+        attempt: job.attempt,
+        timestamp,
+        subscription_id: job.subscription_id,
+    };
+    shape::render(shape, &envelope, max_bytes)
 }
 
 /// The headers pg_webhooks sets on the request for `job`, in the order it sets them, names in
 /// lower case as they go on the wire (the HTTP client adds `host`, `content-length`, `accept`,
 /// and `user-agent` unless a custom header sets one). `timestamp` is the attempt's unix
-/// seconds, `body` what `body()` made. With `masked`, no signature is computed: each one's
+/// seconds, `body` what `shaped()` made, `shape_headers` its headers. With `masked`, no signature is computed: each one's
 /// value is shown as `***` (`v1,***` per secret in the standard style, so a rotation's two
 /// signatures show as two), and so is every custom header value, all of which may be secrets.
 pub fn headers(
     job: &Job,
     timestamp: i64,
     body: &[u8],
+    shape_headers: &[(String, String)],
     masked: bool,
 ) -> Result<Vec<(String, String)>, String> {
     let mut out = vec![
@@ -123,6 +137,10 @@ pub fn headers(
             value.clone()
         };
         out.push((name.to_ascii_lowercase(), value));
+    }
+    // The shape's event type and delivery id headers: not secrets, shown as sent.
+    for (name, value) in shape_headers {
+        out.push((name.to_ascii_lowercase(), value.clone()));
     }
     match &job.signature {
         Signature::Standard => {
@@ -146,27 +164,6 @@ pub fn headers(
         }
     }
     Ok(out)
-}
-
-/// Copy JSON text without the white space between tokens (strings are kept byte for byte).
-fn compact_json_into(json: &str, out: &mut String) {
-    let mut in_string = false;
-    let mut escaped = false;
-    for ch in json.chars() {
-        if in_string {
-            out.push(ch);
-            if escaped {
-                escaped = false;
-            } else if ch == '\\' {
-                escaped = true;
-            } else if ch == '"' {
-                in_string = false;
-            }
-        } else if !ch.is_ascii_whitespace() {
-            in_string = ch == '"';
-            out.push(ch);
-        }
-    }
 }
 
 /// Resolves with the system resolver, then drops addresses a webhook must not reach.
@@ -380,20 +377,24 @@ fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
         bytes_sent: 0,
         oversized: None,
     };
-    let result = body(job)
-        .map_err(|e| format!("event data is not valid JSON: {e}"))
-        .and_then(|body| {
-            if body.len() > job.max_payload_bytes {
-                outcome.oversized = Some((body.len(), job.max_payload_bytes));
-                return Err(format!(
-                    "payload of {} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
-                    body.len(),
-                    job.max_payload_bytes
-                ));
-            }
-            outcome.bytes_sent = body.len() as u64;
-            send(agent, job, &body, unix_seconds(started_at))
-        });
+    let timestamp = unix_seconds(started_at);
+    let result = match shaped(job, timestamp, job.max_payload_bytes) {
+        Ok(request) => {
+            outcome.bytes_sent = request.body.len() as u64;
+            send(agent, job, &request, timestamp)
+        }
+        Err(RenderError::Oversized(size)) => {
+            outcome.oversized = Some((size, job.max_payload_bytes));
+            // A template stops making its body as soon as it passes the cap.
+            let templated = matches!(&job.shape, Some(Ok(s)) if s.body.is_some());
+            Err(format!(
+                "payload of {}{size} bytes exceeds webhooks.max_payload_bytes ({}); not sent",
+                if templated { "at least " } else { "" },
+                job.max_payload_bytes
+            ))
+        }
+        Err(e @ RenderError::Failed(_)) => Err(e.to_string()),
+    };
     outcome.duration_ms = clock.elapsed().as_secs_f64() * 1000.0;
     match result {
         Ok((status, body, retry_after)) => {
@@ -433,15 +434,16 @@ fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
 fn send(
     agent: &ureq::Agent,
     job: &Job,
-    body: &[u8],
+    shaped: &Rendered,
     timestamp: i64,
 ) -> Result<(u16, String, Option<String>), String> {
+    let body = &shaped.body[..];
     let mut request = agent
         .post(&job.url)
         .config()
         .timeout_global(Some(job.timeout))
         .build();
-    for (name, value) in headers(job, timestamp, &body, false)? {
+    for (name, value) in headers(job, timestamp, body, &shaped.headers, false)? {
         request = request.header(name, value);
     }
     let mut response = request
@@ -522,7 +524,13 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_response_bytes: 10,
             max_payload_bytes: 1 << 20,
+            shape: None,
+            attempt: 1,
         }
+    }
+
+    fn body(job: &Job) -> Result<Vec<u8>, RenderError> {
+        shaped(job, 0, usize::MAX).map(|r| r.body)
     }
 
     #[test]

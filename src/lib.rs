@@ -18,6 +18,7 @@ mod plans;
 mod queue;
 mod request;
 mod schedule;
+mod shape;
 mod shmem;
 mod signing;
 mod stats;

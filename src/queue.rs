@@ -3,6 +3,8 @@
 //! short transaction of its own by the worker's main thread.
 
 use crate::http::{Job, Signature};
+use crate::shape::Shape;
+use std::sync::Arc;
 use crate::plans::with_plan;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -53,7 +55,7 @@ WITH e AS (
     SELECT e.seq, s.id, now()
       FROM e JOIN webhooks._subscriptions s
         ON s.fanned_out
-       AND webhooks._matches(s.event_types, s.filter, e.type, e.data)
+       AND webhooks._matches(s.event_types, s.filter, e.type, e.data, s.shape -> 'event_names')
        AND NOT pg_catalog.pg_visible_in_snapshot(e.xid, s.created_snapshot)
      ORDER BY e.seq, s.id
     RETURNING id, event_seq, subscription_id
@@ -98,7 +100,7 @@ WITH s AS (
     UPDATE webhooks._subscriptions s SET fanned_out = true
      WHERE s.id IN (SELECT n.id FROM webhooks._subscriptions n WHERE NOT n.fanned_out
                       FOR UPDATE SKIP LOCKED)
-    RETURNING s.id, s.event_types, s.filter, s.created_snapshot
+    RETURNING s.id, s.event_types, s.filter, s.created_snapshot, s.shape
 ), e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, s.id AS sub
       FROM s CROSS JOIN LATERAL (
@@ -106,7 +108,7 @@ WITH s AS (
             WHERE ev.xid >= pg_catalog.pg_snapshot_xmin(s.created_snapshot)
               AND NOT pg_catalog.pg_visible_in_snapshot(ev.xid, s.created_snapshot)
               AND pg_catalog.pg_visible_in_snapshot(ev.xid, $1::pg_snapshot)
-              AND webhooks._matches(s.event_types, s.filter, ev.type, ev.data)) ev
+              AND webhooks._matches(s.event_types, s.filter, ev.type, ev.data, s.shape -> 'event_names')) ev
 ), d AS (
     INSERT INTO webhooks._deliveries (event_seq, subscription_id, next_attempt_at)
     SELECT e.seq, e.sub, now() FROM e ORDER BY e.seq, e.sub
@@ -404,7 +406,7 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", even
        e.data::text, s.url, s.signature, s.signature_header,
        (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
        CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
-       k.headers::text, c.head
+       k.headers::text, c.head, s.shape::text
   FROM chain c
   JOIN webhooks._events e ON e.seq = c.event_seq
   JOIN webhooks._subscriptions s ON s.id = c.subscription_id
@@ -626,6 +628,9 @@ pub fn claim(
             // Chains, each in order: the rows come grouped by their head.
             let mut out: Vec<Vec<Claimed>> = Vec::new();
             let mut last_head = None;
+            // One parse per distinct shape of the claim.
+            let mut shapes: std::collections::HashMap<String, Result<Arc<Shape>, String>> =
+                std::collections::HashMap::new();
             for row in rows {
                 let head = row.get::<i64>(16)?;
                 if head != last_head || out.is_empty() {
@@ -658,8 +663,19 @@ pub fn claim(
                     .filter(|ms| *ms > 0)
                     .map(|ms| Duration::from_millis(ms as u64))
                     .unwrap_or(default_timeout);
+                let shape = row.get::<String>(17)?.map(|text| {
+                    shapes
+                        .entry(text)
+                        .or_insert_with_key(|text| {
+                            crate::shape::parse(text)
+                                .map(Arc::new)
+                                .map_err(|e| format!("the subscription's shape cannot be used: {e}"))
+                        })
+                        .clone()
+                });
+                let attempts_before = row.get::<i32>(3)?.unwrap_or(0);
                 out.last_mut().expect("pushed above").push(Claimed {
-                    attempts_before: row.get::<i32>(3)?.unwrap_or(0),
+                    attempts_before,
                     retry_schedule: row.get::<String>(12)?,
                     job: Job {
                         delivery_id: row.get::<i64>(1)?.unwrap_or(0),
@@ -675,6 +691,8 @@ pub fn claim(
                         timeout,
                         max_response_bytes,
                         max_payload_bytes: crate::gucs::max_payload_bytes(),
+                        shape,
+                        attempt: attempts_before + 1,
                     },
                 });
             }

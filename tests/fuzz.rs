@@ -42,6 +42,8 @@ enum Kind {
     Interval,
     Timestamptz,
     Url,
+    /// A subscription's request shape (jsonb).
+    Shape,
 }
 
 /// Hostile values every argument gets (as text, cast to the argument's type by the server).
@@ -165,6 +167,45 @@ fn kind_values(kind: Kind) -> Vec<Option<String>> {
             s("{\"a\": \"\\u202e\\u0301\"}"),
             s("{"),
         ],
+        Kind::Shape => {
+            let mut v = vec![
+                s("{\"event_names\": {\"order.created\": \"ORDER\\r\\nX-Evil: 1\"}}"),
+                s("{\"event_names\": {\"order.created\": \"\"}}"),
+                s("{\"event_names\": {\"\": \"X\"}}"),
+                s("{\"event_names\": [\"order.created\"]}"),
+                s("{\"event_names\": {\"order.created\": null}}"),
+                s("{\"event_type_header\": \"Webhook-Signature\"}"),
+                s("{\"event_type_header\": \"Host\"}"),
+                s("{\"event_type_header\": \"Authorization\"}"),
+                s("{\"delivery_id_header\": \"X-A\\r\\nX-B\"}"),
+                s("{\"delivery_id_header\": \"\"}"),
+                s("{\"event_type_header\": \"X-A\", \"delivery_id_header\": \"x-a\"}"),
+                s("{\"json\": \"python\"}"),
+                s("{\"json\": null}"),
+                s("{\"body\": \"{{ data\"}"),
+                s("{\"body\": \"{{ pg_read_file('/etc/passwd') }}\"}"),
+                s("{\"body\": \"{{ data | nope }}\"}"),
+                s("{\"body\": \"{{ data.x | iso8601('+99:00') }}\"}"),
+                s("{\"body\": \"{{ data[99999999999999999999] }}\"}"),
+                s("{\"body\": \"{{ data.x | default('a', 'b') }}\"}"),
+                s("{\"body\": {\"$each\": \"{{ data.items }}\"}}"),
+                s("{\"body\": {\"$eval\": \"1+1\"}}"),
+                s("{\"body\": {\"$merge\": 1}}"),
+                s("{\"body\": {\"$literal\": 1, \"x\": 2}}"),
+                s("{\"body\": {\"a\": \"}}\"}}"),
+                s("{\"body\": \"{{ '\\u0000' }}\"}"),
+                s("{\"unknown\": 1}"),
+                s("[]"),
+                s("\"{{ data }}\""),
+            ];
+            v.push(s(&format!("{{\"body\": {}1{}}}", "[".repeat(40), "]".repeat(40))));
+            v.push(s(&format!("{{\"body\": \"{}\"}}", "{{ data }}".repeat(10_000))));
+            v.push(s(&format!(
+                "{{\"event_names\": {{{}}}}}",
+                (0..1500).map(|i| format!("\"order.e{i}\": \"E{i}\"")).collect::<Vec<_>>().join(",")
+            )));
+            v
+        }
         Kind::Interval => vec![
             s("1 second"),
             s("0"),
@@ -223,6 +264,9 @@ struct Func {
     management: bool,
 }
 
+/// A shape that subscribe and set_shape accept.
+const VALID_SHAPE: &str = r#"{"event_names": {"order.created": "ORDER_CREATED"}, "body": {"id": "evt_{{ id }}", "at": "{{ created_at | unix }}", "items": {"$each": "{{ data.items }}", "to": {"productSku": "{{ item.sku }}"}}}, "event_type_header": "X-Event-Type", "json": "javascript"}"#;
+
 /// Every public function, with arguments that work.
 fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
     let s = |x: &str| Some(x.to_string());
@@ -260,7 +304,7 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
         },
         Func {
             name: "subscribe",
-            sql: "SELECT id::text FROM webhooks.subscribe(url => $1::text, event_types => $2::text::text[], description => $3::text, headers => $4::text::jsonb, filter => $5::text::jsonb, signature => $6::text, signature_header => $7::text, timeout => $8::text::interval, retry_schedule => $9::text)",
+            sql: "SELECT id::text FROM webhooks.subscribe(url => $1::text, event_types => $2::text::text[], description => $3::text, headers => $4::text::jsonb, filter => $5::text::jsonb, signature => $6::text, signature_header => $7::text, timeout => $8::text::interval, retry_schedule => $9::text, shape => $10::text::jsonb)",
             args: vec![
                 (Kind::Url, s("https://hooks.example.com/in")),
                 (Kind::TextArray, s("{order.*}")),
@@ -271,7 +315,14 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
                 (Kind::Text, s("X-Sig")),
                 (Kind::Interval, s("10 seconds")),
                 (Kind::Text, s("1s,1m")),
+                (Kind::Shape, s(VALID_SHAPE)),
             ],
+            management: true,
+        },
+        Func {
+            name: "set_shape",
+            sql: "SELECT webhooks.set_shape($1::text::bigint, $2::text::jsonb)::text",
+            args: vec![(Kind::Bigint, s(&sub)), (Kind::Shape, s(VALID_SHAPE))],
             management: true,
         },
         Func {
@@ -372,6 +423,18 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
                 (Kind::Jsonb, s("{\"a\": 1}")),
                 (Kind::Text, s("order.created")),
                 (Kind::Jsonb, s("{\"a\": 1, \"b\": 2}")),
+            ],
+            management: true,
+        },
+        Func {
+            name: "_matches with names",
+            sql: "SELECT webhooks._matches($1::text::text[], $2::text::jsonb, $3::text, $4::text::jsonb, $5::text::jsonb)::text",
+            args: vec![
+                (Kind::TextArray, s("{ORDER_CREATED}")),
+                (Kind::Jsonb, s("{\"a\": 1}")),
+                (Kind::Text, s("order.created")),
+                (Kind::Jsonb, s("{\"a\": 1, \"b\": 2}")),
+                (Kind::Jsonb, s("{\"order.created\": \"ORDER_CREATED\"}")),
             ],
             management: true,
         },
@@ -553,6 +616,23 @@ fn after_success(
                     );
                 }
             }
+        }
+        "set_shape" => {
+            // What was accepted is what the subscription now shows, and it sends no header
+            // value or name that could split a request.
+            let same: bool = c
+                .query_one(
+                    "SELECT shape IS NOT DISTINCT FROM $2::text::jsonb FROM webhooks.subscriptions WHERE id = $1::text::bigint",
+                    &[&args[0], &args[1]],
+                )
+                .unwrap_or_else(|e| panic!("{what} succeeded, then reading the shape failed: {e}"))
+                .get(0);
+            assert!(same, "{what}: the subscription does not show the shape set");
+            let shape = args[1].clone().unwrap_or_default();
+            assert!(
+                !shape.contains("\\r") && !shape.contains("\\n") || !shape.contains("header") && !shape.contains("event_names"),
+                "{what}: a shape with CR/LF in a header or an event name was accepted"
+            );
         }
         "unsubscribe" => {
             let row = c

@@ -342,7 +342,7 @@ pub struct Receiver {
 
 /// A new directory that no other receiver of any test binary, in this run or an earlier one,
 /// has used: `create_dir` fails on an existing one, so a port file can never be another's.
-fn private_dir(prefix: &str) -> PathBuf {
+pub fn private_dir(prefix: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     loop {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -507,14 +507,21 @@ pub fn install_archived_script(version: &str) {
         .expect("pg_config --sharedir");
     let extdir = Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("extension");
     let name = format!("pg_webhooks--{version}.sql");
-    let archived = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/archive").join(&name);
+    let archived = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sql/archive")
+        .join(&name);
     let text = std::fs::read(&archived).expect("archived script");
     let target = extdir.join(&name);
     if std::fs::read(&target).ok().as_deref() != Some(&text[..]) {
         // Written aside and renamed: a test creating the extension meanwhile reads either no
         // file or the whole one.
-        let aside = extdir.join(format!(".{name}.{}.{:?}", std::process::id(), std::thread::current().id()));
+        let aside = extdir.join(format!(
+            ".{name}.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::write(&aside, &text).unwrap_or_else(|e| panic!("write {}: {e}", aside.display()));
-        std::fs::rename(&aside, &target).unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
+        std::fs::rename(&aside, &target)
+            .unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
     }
 }
