@@ -12,6 +12,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_admin') THEN
         CREATE ROLE webhooks_admin NOLOGIN;
     END IF;
+    -- Consumers of poll subscriptions: may call webhooks.poll() for the subscriptions
+    -- webhooks.grant_poll() gave them.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_consumer') THEN
+        CREATE ROLE webhooks_consumer NOLOGIN;
+    END IF;
     -- Capture writes events as this role: it can insert events and read its configuration,
     -- nothing else. Nobody logs in as it or is granted it.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'webhooks_capture') THEN
@@ -20,6 +25,7 @@ BEGIN
 END
 $$;
 GRANT webhooks_reader TO webhooks_admin;
+GRANT webhooks_consumer TO webhooks_admin;
 
 ------------------------------------------------------------------------------------------
 -- Matching. API: Private
@@ -555,6 +561,90 @@ BEGIN
 END
 $$;
 
+-- subscribe's parameter `secret` has the name of its result column, which PL/pgSQL does not
+-- allow: subscribe is a SQL function handing its arguments to _subscribe. API: Private
+CREATE FUNCTION webhooks._subscribe(
+    p_url text, p_event_types text[], p_description text, p_headers jsonb, p_filter jsonb,
+    p_signature text, p_signature_header text, p_timeout interval, p_retry_schedule text,
+    p_secret text, p_signature_options jsonb, p_tls jsonb, p_shape jsonb, p_delivery text
+) RETURNS TABLE (o_id bigint, o_secret text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url    text;
+    v_id     bigint;
+    v_secret text := p_secret;
+    v_sig    jsonb;
+    v_tls    jsonb;
+BEGIN
+    IF p_delivery IS NULL OR p_delivery NOT IN ('push', 'poll') THEN
+        RAISE EXCEPTION 'delivery must be ''push'' or ''poll''' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'push: the worker POSTs each event to url. poll: a consumer takes them with webhooks.poll().';
+    END IF;
+    IF p_delivery = 'poll' THEN
+        -- Nothing is sent: what only shapes a request would be silently ignored.
+        IF p_url IS NOT NULL THEN
+            RAISE EXCEPTION 'a poll subscription has no url' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'Pass url => NULL with delivery => ''poll''; its consumer calls webhooks.poll().';
+        END IF;
+        IF p_headers IS DISTINCT FROM '{}'::jsonb OR p_signature IS DISTINCT FROM 'standard'
+           OR p_signature_header IS NOT NULL OR p_timeout IS NOT NULL OR p_retry_schedule IS NOT NULL
+           OR p_secret IS NOT NULL OR p_signature_options IS NOT NULL OR p_tls IS NOT NULL THEN
+            RAISE EXCEPTION 'headers, signature, signature_header, timeout, retry_schedule, secret, signature_options and tls apply to push subscriptions only'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSE
+        IF p_url IS NULL OR btrim(p_url) = '' THEN
+            RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_url := webhooks._check_url(p_url);
+    END IF;
+    IF p_event_types IS NULL THEN
+        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_shape IS NULL THEN
+        PERFORM webhooks._check_event_patterns(p_event_types);
+    END IF;
+    PERFORM webhooks._check_headers(p_headers);
+    IF p_filter IS NOT NULL AND jsonb_typeof(p_filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
+    END IF;
+    -- The style with its header and options, normalized (src/api.rs _check_signature).
+    v_sig := webhooks._check_signature(p_signature, p_signature_header, p_signature_options::text);
+    IF p_timeout IS NOT NULL AND (p_timeout < interval '1 millisecond' OR p_timeout > interval '10 minutes') THEN
+        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retry_schedule IS NOT NULL THEN
+        PERFORM webhooks._check_retry_schedule(p_retry_schedule);
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret(p_signature, v_secret);
+    END IF;
+    IF p_tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(p_tls::text, v_url);
+    END IF;
+    IF p_shape IS NOT NULL THEN
+        -- The shape, the patterns that may name its renamed types, and its headers against
+        -- the subscription's own (custom, signature and timestamp headers).
+        PERFORM webhooks._check_shape(p_shape::text, p_event_types,
+            ARRAY(SELECT jsonb_object_keys(p_headers)) || (v_sig ->> 'signature_header')
+                || (v_sig -> 'signature_options' ->> 'timestamp_header'));
+    END IF;
+
+    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header,
+                                         timeout, retry_schedule, shape, delivery, signature_options, tls)
+    VALUES (v_url, p_event_types, p_description, p_filter, p_signature, v_sig ->> 'signature_header',
+            p_timeout, p_retry_schedule, p_shape, p_delivery, NULLIF(v_sig -> 'signature_options', 'null'), v_tls)
+    RETURNING _subscriptions.id INTO v_id;
+    INSERT INTO webhooks._secrets (subscription_id, secret, headers, tls) VALUES (v_id, v_secret, p_headers, p_tls);
+    RETURN QUERY SELECT v_id, v_secret;
+END
+$$;
+
 CREATE FUNCTION webhooks.subscribe(
     url text,
     event_types text[] DEFAULT '{*}',
@@ -565,62 +655,18 @@ CREATE FUNCTION webhooks.subscribe(
     signature_header text DEFAULT NULL,
     timeout interval DEFAULT NULL,
     retry_schedule text DEFAULT NULL,
-    shape jsonb DEFAULT NULL
+    secret text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL,
+    tls jsonb DEFAULT NULL,
+    shape jsonb DEFAULT NULL,
+    delivery text DEFAULT 'push'
 ) RETURNS TABLE (id bigint, secret text)
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_url    text;
-    v_id     bigint;
-    v_secret text := webhooks._generate_secret();
-BEGIN
-    IF url IS NULL OR btrim(url) = '' THEN
-        RAISE EXCEPTION 'url must not be empty' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    v_url := webhooks._check_url(url);
-    IF event_types IS NULL THEN
-        RAISE EXCEPTION 'event_types must not be NULL' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF shape IS NULL THEN
-        PERFORM webhooks._check_event_patterns(event_types);
-    END IF;
-    PERFORM webhooks._check_headers(headers);
-    IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
-        RAISE EXCEPTION 'filter must be a JSON object' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'The filter is matched by containment against the event data, e.g. ''{"currency": "EUR"}''.';
-    END IF;
-    IF signature IS NULL OR signature NOT IN ('standard', 'hex') THEN
-        RAISE EXCEPTION 'signature must be ''standard'' or ''hex''' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF signature = 'hex' THEN
-        signature_header := coalesce(signature_header, 'X-Webhook-Signature');
-    END IF;
-    IF signature_header IS NOT NULL THEN
-        IF signature <> 'hex' THEN
-            RAISE EXCEPTION 'signature_header applies to signature => ''hex'' only' USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        PERFORM webhooks._check_headers(jsonb_build_object(signature_header, ''));
-    END IF;
-    IF timeout IS NOT NULL AND (timeout < interval '1 millisecond' OR timeout > interval '10 minutes') THEN
-        RAISE EXCEPTION 'timeout must be between 1 millisecond and 10 minutes' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF retry_schedule IS NOT NULL THEN
-        PERFORM webhooks._check_retry_schedule(retry_schedule);
-    END IF;
-    IF shape IS NOT NULL THEN
-        -- The shape, the patterns that may name its renamed types, and its headers against
-        -- the subscription's own.
-        PERFORM webhooks._check_shape(shape::text, event_types,
-            ARRAY(SELECT jsonb_object_keys(headers)) || signature_header);
-    END IF;
-
-    INSERT INTO webhooks._subscriptions (url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
-    VALUES (v_url, event_types, description, filter, signature, signature_header, timeout, retry_schedule, shape)
-    RETURNING _subscriptions.id INTO v_id;
-    INSERT INTO webhooks._secrets (subscription_id, secret, headers) VALUES (v_id, v_secret, headers);
-    RETURN QUERY SELECT v_id, v_secret;
-END
+    SELECT s.o_id, s.o_secret
+      FROM webhooks._subscribe(url, event_types, description, headers, filter, signature, signature_header,
+                               timeout, retry_schedule, secret, signature_options, tls, shape, delivery) AS s
 $$;
 
 -- Change (or, with NULL, remove) a subscription's request shape; deliveries attempted from
@@ -641,7 +687,7 @@ BEGIN
     ELSE
         PERFORM webhooks._check_shape(shape::text, v_sub.event_types,
             ARRAY(SELECT jsonb_object_keys(k.headers) FROM webhooks._secrets k WHERE k.subscription_id = p_id)
-            || v_sub.signature_header);
+            || v_sub.signature_header || (v_sub.signature_options ->> 'timestamp_header'));
     END IF;
     UPDATE webhooks._subscriptions s SET shape = set_shape.shape, updated_at = now() WHERE s.id = p_id;
 END
@@ -700,17 +746,23 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours') RETURNS text
+CREATE FUNCTION webhooks.rotate_secret(id bigint, grace interval DEFAULT '24 hours', secret text DEFAULT NULL)
+RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p_id     bigint := id;
-    v_secret text := webhooks._generate_secret();
+    v_secret text := rotate_secret.secret;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
     IF grace IS NULL OR grace < interval '0' OR grace > interval '30 days' THEN
         RAISE EXCEPTION 'grace must be between 0 and 30 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_secret IS NULL THEN
+        v_secret := webhooks._generate_secret();
+    ELSE
+        PERFORM webhooks._check_secret((SELECT s.signature FROM webhooks._subscriptions s WHERE s.id = p_id), v_secret);
     END IF;
     UPDATE webhooks._secrets k
        SET previous_secret = CASE WHEN grace > interval '0' THEN k.secret END,
@@ -719,6 +771,73 @@ BEGIN
      WHERE k.subscription_id = p_id;
     UPDATE webhooks._subscriptions s SET updated_at = now() WHERE s.id = p_id;
     RETURN v_secret;
+END
+$$;
+
+-- A subscription's signature style, header and options, validated as subscribe does. The
+-- secrets stay; a switch to 'standard' needs secrets in its form (whsec_ + base64), the
+-- previous one too while its grace lasts. API: Public
+CREATE FUNCTION webhooks.set_signature(
+    id bigint,
+    signature text,
+    signature_header text DEFAULT NULL,
+    signature_options jsonb DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_sig jsonb;
+    v_key webhooks._secrets;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF (SELECT s.delivery FROM webhooks._subscriptions s WHERE s.id = p_id) = 'poll' THEN
+        RAISE EXCEPTION 'subscription % is a poll subscription: nothing of it is signed', p_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_sig := webhooks._check_signature(signature, signature_header, signature_options::text);
+    SELECT * INTO v_key FROM webhooks._secrets k WHERE k.subscription_id = p_id FOR UPDATE;
+    -- The shape's headers must not collide with the new signature's.
+    PERFORM webhooks._check_shape(sub.shape::text, sub.event_types,
+                ARRAY(SELECT jsonb_object_keys(v_key.headers)) || (v_sig ->> 'signature_header')
+                    || (v_sig -> 'signature_options' ->> 'timestamp_header'))
+       FROM webhooks._subscriptions sub WHERE sub.id = p_id AND sub.shape IS NOT NULL;
+    BEGIN
+        PERFORM webhooks._check_secret(signature, v_key.secret);
+        IF v_key.previous_expires_at > now() THEN
+            PERFORM webhooks._check_secret(signature, v_key.previous_secret);
+        END IF;
+    EXCEPTION WHEN invalid_parameter_value THEN
+        RAISE EXCEPTION 'the subscription''s secret cannot sign with signature => ''%''', signature
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Rotate to a secret of that style first: webhooks.rotate_secret(id, ''0'', secret => ...), or without secret for a new whsec_ one.';
+    END;
+    UPDATE webhooks._subscriptions s
+       SET signature = set_signature.signature,
+           signature_header = v_sig ->> 'signature_header',
+           signature_options = NULLIF(v_sig -> 'signature_options', 'null'),
+           updated_at = now()
+     WHERE s.id = p_id;
+END
+$$;
+
+-- A subscription's TLS settings (NULL: none, the public roots and no client certificate),
+-- validated as subscribe does; the worker makes its connections anew with them. API: Public
+CREATE FUNCTION webhooks.set_tls(id bigint, tls jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id  bigint := id;
+    v_tls jsonb;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF tls IS NOT NULL THEN
+        v_tls := webhooks._check_tls(set_tls.tls::text, (SELECT s.url FROM webhooks._subscriptions s WHERE s.id = p_id));
+    END IF;
+    UPDATE webhooks._secrets k SET tls = set_tls.tls WHERE k.subscription_id = p_id;
+    UPDATE webhooks._subscriptions s SET tls = v_tls, updated_at = now() WHERE s.id = p_id;
 END
 $$;
 
@@ -740,27 +859,254 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION webhooks.send_test(id bigint) RETURNS bigint
+-- A sample value of a column for send_test: synthesized from the column's type (and, for a
+-- few common text columns, its name), never read from a row, so that no customer's data
+-- reaches a test endpoint and an empty table gives samples too. Built-in types only: a value
+-- of a type a user made would need its input function or a cast (somebody's code, run with
+-- the extension's rights), so such a column (other than an enum) is null. `p_n` numbers the
+-- row (1 for the entity, 1, 2 for its children); `p_key`: the row's key column. Values are
+-- written under the settings capture writes payloads with. API: Private
+CREATE FUNCTION webhooks._sample_value(p_name name, p_type oid, p_typmod integer, p_n integer, p_key boolean)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET TimeZone = 'UTC' SET DateStyle = 'ISO, MDY' SET IntervalStyle = 'postgres' SET extra_float_digits = 1
+SET bytea_output = 'hex'
+AS $$
+DECLARE
+    v_type   oid := p_type;
+    v_typmod integer := p_typmod;
+    v_kind   "char";
+    v_cat    "char";
+    v_base   oid;
+    v_bmod   integer;
+    v_name   text := lower(p_name);
+    v_text   text;
+BEGIN
+    FOR i IN 1..50 LOOP  -- domains over domains: their base type
+        SELECT t.typtype, t.typcategory, t.typbasetype, t.typtypmod INTO v_kind, v_cat, v_base, v_bmod
+          FROM pg_type t WHERE t.oid = v_type;
+        EXIT WHEN v_kind IS DISTINCT FROM 'd';
+        v_type := v_base;
+        v_typmod := v_bmod;
+    END LOOP;
+    IF v_kind = 'e' THEN
+        RETURN (SELECT to_jsonb(e.enumlabel::text) FROM pg_enum e WHERE e.enumtypid = v_type ORDER BY e.enumsortorder LIMIT 1);
+    END IF;
+    IF v_cat = 'A' THEN
+        RETURN '[]';
+    END IF;
+    CASE v_type
+    WHEN 'int2'::regtype, 'int4'::regtype, 'int8'::regtype THEN
+        RETURN to_jsonb(p_n);
+    WHEN 'numeric'::regtype THEN
+        -- numeric(p, s): as many decimals as the column keeps (59.90, not 59.9).
+        RETURN to_jsonb(CASE WHEN v_typmod >= 4 THEN round(29.95 * p_n, ((v_typmod - 4) & 65535)) ELSE 29.95 * p_n END);
+    WHEN 'float4'::regtype, 'float8'::regtype THEN
+        RETURN to_jsonb(29.95::float8 * p_n);
+    WHEN 'bool'::regtype THEN
+        RETURN 'true';
+    WHEN 'uuid'::regtype THEN
+        RETURN to_jsonb(gen_random_uuid());
+    WHEN 'date'::regtype THEN
+        RETURN to_jsonb(current_date);
+    WHEN 'timestamptz'::regtype THEN
+        RETURN to_jsonb(now());
+    WHEN 'timestamp'::regtype THEN
+        RETURN to_jsonb(localtimestamp);
+    WHEN 'time'::regtype THEN
+        RETURN to_jsonb(localtime);
+    WHEN 'timetz'::regtype THEN
+        RETURN to_jsonb(current_time);
+    WHEN 'interval'::regtype THEN
+        RETURN to_jsonb(interval '1 day');
+    WHEN 'json'::regtype, 'jsonb'::regtype THEN
+        RETURN '{}';
+    WHEN 'inet'::regtype, 'cidr'::regtype THEN
+        RETURN to_jsonb('192.0.2.1'::text);
+    WHEN 'bytea'::regtype THEN
+        RETURN to_jsonb('\x00'::bytea);
+    WHEN 'text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype THEN
+        v_text := CASE
+            WHEN p_key THEN 'sample-' || p_n
+            WHEN v_name LIKE '%email%' THEN 'customer' || p_n || '@example.com'
+            WHEN v_name LIKE '%phone%' THEN '+15555550' || lpad(p_n::text, 3, '0')
+            WHEN v_name LIKE '%currency%' THEN 'EUR'
+            WHEN v_name LIKE '%country%' THEN 'DE'
+            WHEN v_name LIKE '%sku%' THEN 'SKU-' || lpad(p_n::text, 4, '0')
+            WHEN v_name LIKE '%url%' THEN 'https://example.com/' || p_n
+            WHEN v_name LIKE '%status%' THEN 'pending'
+            WHEN v_name LIKE '%name%' OR v_name LIKE '%customer%' THEN 'Ada Lovelace'
+            ELSE 'sample ' || p_name
+        END;
+        -- varchar(n) / char(n): no longer than the column allows.
+        IF v_type IN ('varchar'::regtype, 'bpchar'::regtype) AND v_typmod > 4 THEN
+            v_text := left(v_text, v_typmod - 4);
+        END IF;
+        RETURN to_jsonb(v_text);
+    ELSE
+        RETURN 'null';
+    END CASE;
+END
+$$;
+
+-- One sample row of table p_rel as capture writes a row (its columns by name): p_key_attnum
+-- gets p_n (or its type's sample key), p_fk_attnum the parent's key p_parent, p_status_attnum
+-- the status p_status. API: Private
+CREATE FUNCTION webhooks._sample_row(p_rel oid, p_n integer, p_key_attnum smallint, p_fk_attnum smallint,
+                                     p_parent jsonb, p_status_attnum smallint, p_status text)
+RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(jsonb_object_agg(a.attname,
+               CASE WHEN a.attnum = p_fk_attnum THEN p_parent
+                    WHEN a.attnum = p_status_attnum AND p_status IS NOT NULL THEN to_jsonb(p_status)
+                    ELSE webhooks._sample_value(a.attname, a.atttypid, a.atttypmod, p_n, a.attnum = p_key_attnum) END
+               ORDER BY a.attnum), '{}'::jsonb)
+      FROM pg_attribute a
+     WHERE a.attrelid = p_rel AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+
+-- The event types capture can write for the tracked tables, with what each is made of: the
+-- table, the kind of change and, for status events, the status. API: Private
+CREATE FUNCTION webhooks._sample_types()
+RETURNS TABLE (event_type text, relid oid, kind text, status text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.entity || '.' || k.kind, t.relid::oid, k.kind, NULL::text
+      FROM webhooks._tracked t
+     CROSS JOIN (VALUES ('created'), ('updated'), ('deleted'), ('status_updated')) AS k(kind)
+     WHERE k.kind <> 'status_updated' OR t.status_attnum IS NOT NULL
+    UNION ALL
+    -- A type that several statuses map to (cancelled, canceled): the status named like it.
+    (SELECT DISTINCT ON (m.event_type) m.event_type, t.relid::oid, 'status', m.status
+       FROM webhooks._tracked t JOIN webhooks.status_events m ON m.entity = t.entity
+      WHERE t.status_attnum IS NOT NULL
+      ORDER BY m.event_type, m.entity || '.' || m.status <> m.event_type, m.status)
+    ORDER BY 1
+$$;
+
+-- A realistic sample of event type p_type of a tracked table, as capture would write it: the
+-- row (synthesized, see _sample_value) with its children (two rows each) for created, updated
+-- and status events, previous_status and status for status events, the row alone for deleted.
+-- An unknown type: 22023, with the valid ones in the hint. API: Private
+CREATE FUNCTION webhooks._sample(p_type text)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_t        record;
+    v_tracked  webhooks._tracked;
+    v_key      jsonb;
+    v_status   text;
+    v_previous text;
+    v_labels   text[];
+    v_data     jsonb;
+    v_children jsonb := '{}';
+    v_child    record;
+    v_child_pk smallint;
+    v_type     oid;
+BEGIN
+    SELECT * INTO v_t FROM webhooks._sample_types() s WHERE s.event_type = p_type LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no tracked table has events of type "%"', left(p_type, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = coalesce('Valid types: webhook.test, '
+                                  || left((SELECT string_agg(s.event_type, ', ' ORDER BY s.event_type)
+                                             FROM webhooks._sample_types() s), 2000) || '.',
+                                  'No table is tracked: only webhook.test can be sent (webhooks.track() a table first).');
+    END IF;
+    SELECT * INTO v_tracked FROM webhooks._tracked t WHERE t.relid = v_t.relid;
+    v_key := webhooks._sample_value(
+        (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = v_t.relid AND a.attnum = v_tracked.key_attnum),
+        (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = v_t.relid AND a.attnum = v_tracked.key_attnum),
+        (SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = v_t.relid AND a.attnum = v_tracked.key_attnum),
+        1001, true);
+    IF v_tracked.status_attnum IS NOT NULL THEN
+        -- An enum status column offers its labels; otherwise the statuses status_events maps.
+        SELECT a.atttypid INTO v_type FROM pg_attribute a
+         WHERE a.attrelid = v_t.relid AND a.attnum = v_tracked.status_attnum;
+        FOR i IN 1..50 LOOP  -- a domain's base type
+            EXIT WHEN (SELECT t.typtype FROM pg_type t WHERE t.oid = v_type) IS DISTINCT FROM 'd';
+            v_type := (SELECT t.typbasetype FROM pg_type t WHERE t.oid = v_type);
+        END LOOP;
+        SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) INTO v_labels
+          FROM pg_enum e WHERE e.enumtypid = v_type;
+        v_previous := coalesce(v_labels[1], 'pending');
+        v_status := CASE
+            WHEN v_t.kind = 'status' THEN v_t.status
+            WHEN v_t.kind = 'status_updated' THEN
+                 coalesce(v_labels[2],
+                          (SELECT m.status FROM webhooks.status_events m
+                            WHERE m.entity = v_tracked.entity AND m.status <> v_previous
+                            ORDER BY m.status <> 'paid', m.status LIMIT 1),
+                          'paid')
+            ELSE v_previous END;
+        IF v_previous = v_status THEN
+            v_previous := coalesce((SELECT l FROM unnest(v_labels) l WHERE l <> v_status LIMIT 1), 'pending');
+        END IF;
+    END IF;
+    v_data := webhooks._sample_row(v_t.relid, 1, v_tracked.key_attnum, NULL, NULL,
+                                   v_tracked.status_attnum, v_status);
+    -- The key column holds the sample key (1001 as a number of the key's type).
+    v_data := v_data || jsonb_build_object(
+        (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = v_t.relid AND a.attnum = v_tracked.key_attnum)::text, v_key);
+    IF v_t.kind = 'deleted' THEN
+        RETURN v_data;  -- a deleted row comes without its children
+    END IF;
+    FOR v_child IN
+        SELECT c.value ->> 'name' AS name, (c.value ->> 'relid')::oid AS relid, (c.value ->> 'fk_attnum')::smallint AS fk
+          FROM jsonb_array_elements(v_tracked.children) WITH ORDINALITY AS c(value, ord) ORDER BY c.ord
+    LOOP
+        SELECT i.indkey[0] INTO v_child_pk FROM pg_index i
+         WHERE i.indrelid = v_child.relid AND i.indisprimary AND i.indnatts = 1;
+        v_children := v_children || jsonb_build_object(v_child.name, (
+            SELECT jsonb_agg(webhooks._sample_row(v_child.relid, n, v_child_pk, v_child.fk, v_key, NULL, NULL) ORDER BY n)
+              FROM generate_series(1, 2) n));
+    END LOOP;
+    v_data := v_data || v_children;
+    IF v_t.kind IN ('status_updated', 'status') THEN
+        v_data := v_data || jsonb_build_object('previous_status', v_previous, 'status', v_status);
+    END IF;
+    RETURN v_data;
+END
+$$;
+
+CREATE FUNCTION webhooks.send_test(id bigint, event_type text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    p_id  bigint := id;
-    v_seq bigint;
-    v_at  timestamptz;
+    p_id   bigint := id;
+    p_type text := coalesce(event_type, 'webhook.test');
+    v_data jsonb;
+    v_sub  webhooks._subscriptions;
+    v_seq  bigint;
+    v_at   timestamptz;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
+    IF p_type = 'webhook.test' THEN
+        v_data := jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.');
+    ELSE
+        v_data := webhooks._sample(p_type);
+        SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
+        IF NOT webhooks._matches(v_sub.event_types, v_sub.filter, p_type, v_data) THEN
+            RAISE NOTICE 'subscription % would not receive % events (event_types or filter); the sample is sent anyway', p_id, p_type;
+        END IF;
+    END IF;
     -- A test event is delivered to this subscription only: transaction id 0, which is in no
-    -- batch the fan-out takes.
+    -- batch the fan-out takes (and which replay skips). Entity 'webhook': made by pg_webhooks,
+    -- not by a change of a tracked row.
     INSERT INTO webhooks._events (type, entity, key, data, xid)
-    VALUES ('webhook.test', 'webhook', NULL,
-            jsonb_build_object('subscription_id', p_id, 'message', 'This is a test delivery from pg_webhooks.'),
-            '0'::xid8)
+    VALUES (p_type, 'webhook', NULL, v_data, '0'::xid8)
     RETURNING seq, created_at INTO v_seq, v_at;
     -- Fan-out never sees it, so it is counted as emitted here (writer -1: SQL functions).
     INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, emitted)
-    VALUES (date_trunc('hour', v_at, 'UTC'), 'webhook.test', -1, 1)
-    ON CONFLICT (bucket, event_type, worker) DO UPDATE SET emitted = t.emitted + 1;
+    VALUES (date_trunc('hour', v_at, 'UTC'), left(p_type, 200), -1, 1)
+    ON CONFLICT ON CONSTRAINT _event_stats_pkey DO UPDATE SET emitted = t.emitted + 1;
     RETURN webhooks._enqueue_unordered(v_seq, p_id, NULL);
 END
 $$;
@@ -818,6 +1164,7 @@ BEGIN
         SELECT e.seq, e.entity, e.key FROM webhooks._events e
          WHERE e.created_at >= since AND e.created_at < until
            AND e.type <> 'webhook.test'
+           AND e.xid <> '0'::xid8  -- send_test's events (samples too) were for one subscription only
            -- Not this transaction's own emits: they get their final seq at commit.
            AND e.xid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()
            AND webhooks._matches(v_sub.event_types, v_sub.filter, e.type, e.data, v_sub.shape -> 'event_names')
@@ -837,6 +1184,134 @@ BEGIN
         PERFORM webhooks._wake_worker_at_commit();
     END IF;
     RETURN v_count;
+END
+$$;
+
+------------------------------------------------------------------------------------------
+-- Pull instead of push. API: Public (webhooks.poll is in src/poll.rs)
+------------------------------------------------------------------------------------------
+-- The work of webhooks.poll(), run as the extension's owner once poll() has checked that the
+-- caller may poll the subscription: executable by nobody else. A subscription's pollers take
+-- its row lock in turn (one at a time, each seeing what the one before acknowledged), and its
+-- deliveries come in the order of their ids, the order fan-out created them in: commit order,
+-- per ordering key as pushes keep it (redeliveries, replays and samples are unordered, as for
+-- pushes, and come where their ids put them). `p_after` first acknowledges the deliveries up to
+-- that cursor that an earlier call handed out (claimed_by -1): they end succeeded, with an
+-- attempt row saying so. A delivery queued by a transaction that committed after a higher
+-- cursor was handed out is not acknowledged by that cursor: it was never handed out, and
+-- comes in the next call. Then the next p_limit deliveries, acknowledged or not yet, are
+-- handed out again from the start: a consumer that restarts with its last cursor gets
+-- everything after it again, and nothing before it twice.
+CREATE FUNCTION webhooks._poll(p_subscription bigint, p_after bigint, p_limit integer)
+RETURNS TABLE (cursor bigint, event_id uuid, event_type text, created_at timestamptz, created_at_text text, data text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sub webhooks._subscriptions;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 10000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 10000' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One poller of a subscription at a time (NO KEY: the FK from _secrets need not wait).
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_subscription FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription % does not exist', coalesce(p_subscription::text, 'NULL') USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_sub.delivery <> 'poll' THEN
+        RAISE EXCEPTION 'subscription % is delivered by push, not polled', p_subscription
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Create a subscription with url => NULL, delivery => ''poll'' for a consumer that polls.';
+    END IF;
+    IF p_after IS NOT NULL THEN
+        WITH q AS (
+            DELETE FROM webhooks._queue q
+             WHERE q.subscription_id = p_subscription AND q.delivery_id <= p_after AND q.claimed_by = -1
+            RETURNING q.delivery_id, q.attempts, q.claimed_at
+        ), d AS (
+            UPDATE webhooks._deliveries d
+               SET status = 'succeeded', attempts = q.attempts, delivered_at = now(), next_attempt_at = NULL,
+                   last_status_code = NULL, last_error = NULL
+              FROM q WHERE d.id = q.delivery_id AND d.status NOT IN ('succeeded', 'dead')
+            RETURNING d.id, d.event_seq, q.attempts, q.claimed_at
+        ), a AS (
+            INSERT INTO webhooks._attempts (delivery_id, attempt, started_at, duration_ms, status_code, response_body, error)
+            SELECT d.id, d.attempts, d.claimed_at, EXTRACT(epoch FROM now() - d.claimed_at) * 1000, NULL,
+                   'acknowledged through webhooks.poll()', NULL
+              FROM d
+        ), ds AS (
+            -- subscription_health counts them as delivered (writer -1: SQL functions; the
+            -- subscription's pollers are serialized, so the row is nobody else's).
+            INSERT INTO webhooks._delivery_stats AS t (width, bucket, subscription_id, worker, attempts, succeeded)
+            SELECT w.width, date_trunc(w.unit, now(), 'UTC'), p_subscription, -1, n.n, n.n
+              FROM (SELECT count(*) AS n FROM d) n
+             CROSS JOIN (VALUES (interval '1 minute', 'minute'), (interval '1 hour', 'hour')) AS w(width, unit)
+             WHERE n.n > 0
+            ON CONFLICT (width, bucket, subscription_id, worker) DO UPDATE
+               SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded
+        )
+        INSERT INTO webhooks._event_stats AS t (bucket, event_type, worker, delivered)
+        SELECT date_trunc('hour', now(), 'UTC'), left(e.type, 200), -1, count(*)
+          FROM d JOIN webhooks._events e ON e.seq = d.event_seq
+         GROUP BY 2 ORDER BY 2
+        ON CONFLICT ON CONSTRAINT _event_stats_pkey DO UPDATE SET delivered = t.delivered + excluded.delivered;
+    END IF;
+    IF v_sub.state <> 'active' THEN
+        -- Held, as a paused push subscription's deliveries are, until it is resumed.
+        RAISE NOTICE 'subscription % is %: its deliveries are held until webhooks.resume(%)', p_subscription, v_sub.state, p_subscription;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH pick AS (
+        SELECT q.delivery_id FROM webhooks._queue q
+         WHERE q.subscription_id = p_subscription
+         ORDER BY q.subscription_id, q.delivery_id
+         LIMIT p_limit
+    ), handed AS (
+        UPDATE webhooks._queue q SET claimed_at = now(), claimed_by = -1, attempts = q.attempts + 1
+          FROM pick WHERE q.delivery_id = pick.delivery_id
+        RETURNING q.delivery_id, q.event_seq
+    )
+    SELECT h.delivery_id, e.id, e.type, e.created_at,
+           to_char(e.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), e.data::text
+      FROM handed h JOIN webhooks._events e ON e.seq = h.event_seq
+     ORDER BY h.delivery_id;
+END
+$$;
+
+-- Let `role` (and its members) poll subscription `id`; webhooks_admin may poll them all. The
+-- role also needs webhooks_consumer (USAGE on the schema, EXECUTE on poll). API: Public
+CREATE FUNCTION webhooks.grant_poll(id bigint, role regrole) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id bigint := id;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (SELECT s.delivery FROM webhooks._subscriptions s WHERE s.id = p_id) <> 'poll' THEN
+        RAISE EXCEPTION 'subscription % is delivered by push, not polled', p_id USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO webhooks._poll_grants (subscription_id, role) VALUES (p_id, role) ON CONFLICT DO NOTHING;
+    IF NOT pg_has_role(role::oid, 'webhooks_consumer', 'USAGE') THEN
+        RAISE NOTICE 'role % is not a member of webhooks_consumer: it cannot call webhooks.poll() yet', role
+            USING HINT = format('GRANT webhooks_consumer TO %s;', role);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION webhooks.revoke_poll(id bigint, role regrole) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id bigint := id;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    DELETE FROM webhooks._poll_grants g WHERE g.subscription_id = p_id AND g.role = revoke_poll.role;
 END
 $$;
 
@@ -876,7 +1351,11 @@ SELECT s.id,
        s.failing_since,
        s.created_at,
        s.updated_at,
-       s.shape
+       s.shape,
+       s.delivery,
+       ARRAY(SELECT g.role FROM webhooks._poll_grants g WHERE g.subscription_id = s.id ORDER BY g.role::text) AS poll_roles,
+       s.signature_options,
+       s.tls
   FROM webhooks._subscriptions s
   LEFT JOIN webhooks._secrets k ON k.subscription_id = s.id;
 
@@ -993,16 +1472,27 @@ COMMENT ON FUNCTION webhooks.track(regclass, text, name, name, jsonb) IS
     'Capture INSERT/UPDATE/DELETE on a table as <entity>.created/updated/status_updated/<status>/deleted events, net per transaction, payload read at commit.';
 COMMENT ON FUNCTION webhooks.untrack(regclass) IS 'Stop capturing a table (removes its triggers).';
 COMMENT ON FUNCTION webhooks.emit(text, jsonb, text) IS 'Enqueue any other event; delivered after commit. Returns the event id.';
-COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb) IS
+COMMENT ON FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb, text) IS
     'Create a subscription; returns its id and its signing secret (shown only this once).';
 COMMENT ON FUNCTION webhooks.set_shape(bigint, jsonb) IS
     'Set (NULL: remove) a subscription''s request shape: event names, body template, event type and delivery id headers, JSON spelling. Applies to attempts made from now on.';
 COMMENT ON FUNCTION webhooks.pause(bigint) IS 'Hold deliveries of a subscription; events keep queueing.';
 COMMENT ON FUNCTION webhooks.resume(bigint) IS 'Resume a paused or disabled subscription; its held backlog flows again.';
 COMMENT ON FUNCTION webhooks.unsubscribe(bigint) IS 'Delete a subscription; queued deliveries end as dead, history stays.';
-COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval) IS
-    'New signing secret (returned once); the old one still signs during the grace period.';
-COMMENT ON FUNCTION webhooks.send_test(bigint) IS 'Queue a webhook.test delivery; returns the delivery id.';
+COMMENT ON FUNCTION webhooks.rotate_secret(bigint, interval, text) IS
+    'New signing secret (generated, or the one given; returned once); the old one still signs during the grace period.';
+COMMENT ON FUNCTION webhooks.set_signature(bigint, text, text, jsonb) IS
+    'Change how a subscription''s deliveries are signed (style, header, options); the secrets stay.';
+COMMENT ON FUNCTION webhooks.set_tls(bigint, jsonb) IS
+    'Set (or, with NULL, remove) a subscription''s client certificate and key and CA bundle.';
+COMMENT ON FUNCTION webhooks.send_test(bigint, text) IS
+    'Queue a test delivery to this subscription only: webhook.test, or a realistic sample of a tracked table''s event type (synthesized values, no real rows); returns the delivery id.';
+COMMENT ON FUNCTION webhooks.poll(bigint, bigint, integer) IS
+    'Acknowledge the deliveries of a poll subscription up to cursor `after`, then return the next ones in commit order (cursor, event id, type, created_at, body as a push would send it).';
+COMMENT ON FUNCTION webhooks.grant_poll(bigint, regrole) IS 'Let a role (a member of webhooks_consumer) poll this subscription.';
+COMMENT ON FUNCTION webhooks.revoke_poll(bigint, regrole) IS 'Take back webhooks.grant_poll().';
+COMMENT ON COLUMN webhooks.subscriptions.delivery IS 'push (the worker POSTs to url) | poll (a consumer calls webhooks.poll())';
+COMMENT ON COLUMN webhooks.subscriptions.poll_roles IS 'Roles granted webhooks.poll() on it besides webhooks_admin (webhooks.grant_poll).';
 COMMENT ON FUNCTION webhooks.redeliver(bigint) IS 'Queue a new delivery of the same event (same webhook-id); returns its id.';
 COMMENT ON FUNCTION webhooks.replay(bigint, timestamptz, timestamptz, text[]) IS
     'Queue new deliveries, in commit order, of the events in [since, until) that match the subscription now.';
@@ -1021,6 +1511,8 @@ COMMENT ON COLUMN webhooks.attempts.duration_ms IS 'From the start of DNS resolu
 COMMENT ON COLUMN webhooks.attempts.response_body IS 'The first webhooks.max_response_bytes bytes of the response.';
 COMMENT ON COLUMN webhooks.subscriptions.active IS 'False while paused or disabled (deliveries are held, not dropped).';
 COMMENT ON COLUMN webhooks.subscriptions.shape IS 'The request shape (event names, body template, headers, JSON spelling); NULL: the Standard Webhooks envelope.';
+COMMENT ON COLUMN webhooks.subscriptions.signature_options IS 'The hmac style''s settings: header, encoding, prefix, signed, timestamp_header, timestamp_format.';
+COMMENT ON COLUMN webhooks.subscriptions.tls IS 'What may be shown of the TLS settings: the client certificate''s subject, issuer and expiry (not_after), the CA bundle''s size; never the key.';
 COMMENT ON FUNCTION webhooks.worker_status() IS
     'One row per delivery worker of every database in webhooks.database, read from shared memory (no table is read): state, pid, last wake, requests in flight, queue depth, counters since the worker started. What a monitoring system should scrape.';
 COMMENT ON FUNCTION webhooks.request(bigint) IS
@@ -1093,16 +1585,22 @@ GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text),
     webhooks.emit(text, jsonb, text),
-    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, jsonb),
+    webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb, text),
     webhooks.set_shape(bigint, jsonb),
     webhooks.pause(bigint), webhooks.resume(bigint), webhooks.unsubscribe(bigint),
-    webhooks.rotate_secret(bigint, interval), webhooks.send_test(bigint),
+    webhooks.rotate_secret(bigint, interval, text), webhooks.send_test(bigint, text),
+    webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb),
+    webhooks.grant_poll(bigint, regrole), webhooks.revoke_poll(bigint, regrole),
     webhooks.redeliver(bigint), webhooks.replay(bigint, timestamptz, timestamptz, text[]),
     webhooks._singular(text), webhooks._mask_url(text), webhooks._matches(text[], jsonb, text, jsonb),
     webhooks._matches(text[], jsonb, text, jsonb, jsonb)
     TO webhooks_admin;
 GRANT EXECUTE ON FUNCTION webhooks._mask_url(text) TO webhooks_reader;
 GRANT EXECUTE ON FUNCTION webhooks.worker_status() TO webhooks_reader;
+-- Polling: the consumers' role (webhooks_admin is a member); poll() itself checks that the
+-- caller may poll the subscription it names.
+GRANT USAGE ON SCHEMA webhooks TO webhooks_consumer;
+GRANT EXECUTE ON FUNCTION webhooks.poll(bigint, bigint, integer) TO webhooks_consumer;
 
 -- pg_dump keeps user data of the configuration tables.
 SELECT pg_catalog.pg_extension_config_dump('webhooks._tracked', '');
@@ -1110,3 +1608,4 @@ SELECT pg_catalog.pg_extension_config_dump('webhooks.status_events', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks._subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks._subscriptions_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('webhooks._secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('webhooks._poll_grants', '');

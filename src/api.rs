@@ -169,7 +169,7 @@ fn column_exists(relid: pg_sys::Oid, attnum: i16) -> bool {
 }
 
 /// Run `f` as the owner of the extension's tables (who alone may write `_tracked`).
-fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = as_caller(|| {
         Spi::get_one::<pg_sys::Oid>(
             "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'webhooks._tracked'::pg_catalog.regclass",
@@ -397,4 +397,96 @@ fn _check_shape(
             ));
         }
     }
+}
+
+/// A signature style and its settings, validated and normalized for storing: returns
+/// `{"signature_header": …, "signature_options": …}` (each may be null). Raises 22023 naming
+/// the argument or key at fault.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_signature(
+    signature: Option<&str>,
+    signature_header: Option<&str>,
+    signature_options: Option<&str>,
+) -> pgrx::JsonB {
+    let bad = |message: &str| -> ! {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            message,
+            "signature is 'standard' (Standard Webhooks), 'hex', 'hmac' (with signature_options) or 'stripe'.",
+        )
+    };
+    let style = match signature {
+        Some(s @ ("standard" | "hex" | "hmac" | "stripe")) => s,
+        _ => bad("signature must be 'standard', 'hex', 'hmac' or 'stripe'"),
+    };
+    if signature_options.is_some() && style != "hmac" {
+        bad("signature_options applies to signature => 'hmac' only");
+    }
+    let (header, options) = match style {
+        "standard" => {
+            if signature_header.is_some() {
+                bad("signature_header applies to signature => 'hex', 'hmac' or 'stripe' only");
+            }
+            (None, None)
+        }
+        "hmac" => {
+            let o = signing::HmacOptions::parse(signature_header, signature_options)
+                .unwrap_or_else(|e| bad(&e));
+            (Some(o.header.clone()), Some(o.to_json()))
+        }
+        _ => {
+            let default = if style == "hex" {
+                "X-Webhook-Signature"
+            } else {
+                "Stripe-Signature"
+            };
+            let header = signature_header.unwrap_or(default);
+            signing::check_header_name("signature_header", header).unwrap_or_else(|e| bad(&e));
+            (Some(header.to_string()), None)
+        }
+    };
+    pgrx::JsonB(serde_json::json!({"signature_header": header, "signature_options": options}))
+}
+
+/// Raises 22023 unless a secret the subscriber brings can sign in `signature`'s style. The
+/// message never contains the secret.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_secret(signature: Option<&str>, secret: Option<&str>) {
+    let Some(secret) = secret else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "secret must not be NULL here",
+        )
+    };
+    if let Err(e) = signing::check_secret(signature.unwrap_or("standard"), secret) {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            &e,
+            "For 'hex', 'hmac' and 'stripe' a secret is 8 to 1024 bytes without control characters; for 'standard' it is whsec_ + base64 of 24 to 64 bytes.",
+        );
+    }
+}
+
+/// Checks TLS settings (JSON text) for a subscription to `url`; returns what may be shown
+/// about them (subject, issuer and expiry of the client certificate, the CA bundle's size).
+/// Raises 22023 naming the key at fault, never showing key material.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_tls(tls: Option<&str>, url: Option<&str>) -> pgrx::JsonB {
+    let bad = |message: &str| -> ! {
+        raise_with_hint(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            message,
+            "tls is '{\"client_certificate\": PEM, \"client_key\": PEM, \"ca_bundle\": PEM}' (certificate and key together, the bundle optional).",
+        )
+    };
+    let settings =
+        crate::tls::TlsSettings::parse(tls.unwrap_or("null")).unwrap_or_else(|e| bad(&e));
+    if !url
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .starts_with("https:")
+    {
+        bad("tls applies to https:// URLs only");
+    }
+    pgrx::JsonB(settings.check().unwrap_or_else(|e| bad(&e)))
 }

@@ -29,6 +29,35 @@ pub enum Signature {
     Standard,
     /// Lowercase hex HMAC of the raw body under the named header, newest secret only.
     Hex { header: String },
+    /// HMAC-SHA256 as `signature_options` say (header, encoding, prefix, what is signed, a
+    /// timestamp header), keyed by the secret's UTF-8 bytes, newest secret only.
+    Hmac(signing::HmacOptions),
+    /// Stripe's `t=<unix>,v1=<hex>[,v1=…]` under the named header, one `v1` per live secret.
+    Stripe { header: String },
+}
+
+impl Signature {
+    /// The style from a subscription's columns (`signature`, `signature_header`,
+    /// `signature_options`), as subscribe stored them.
+    pub fn from_columns(
+        style: Option<&str>,
+        header: Option<String>,
+        options: Option<&str>,
+    ) -> Self {
+        match style {
+            Some("hex") => Signature::Hex {
+                header: header.unwrap_or_else(|| "X-Webhook-Signature".into()),
+            },
+            Some("hmac") => Signature::Hmac(signing::HmacOptions::from_stored(
+                header.as_deref(),
+                options,
+            )),
+            Some("stripe") => Signature::Stripe {
+                header: header.unwrap_or_else(|| "Stripe-Signature".into()),
+            },
+            _ => Signature::Standard,
+        }
+    }
 }
 
 /// One attempt to make.
@@ -44,6 +73,8 @@ pub struct Job {
     /// Newest first; the second one only during a rotation grace.
     pub secrets: Vec<String>,
     pub headers: Vec<(String, String)>,
+    /// The subscription's TLS settings (`_secrets.tls`, JSON text), if any.
+    pub tls: Option<String>,
     pub timeout: Duration,
     pub max_response_bytes: usize,
     /// Largest request body to send (`webhooks.max_payload_bytes`); a larger one is not sent.
@@ -162,6 +193,28 @@ pub fn headers(
             };
             out.push((header.to_ascii_lowercase(), value));
         }
+        Signature::Hmac(options) => {
+            if let Some(name) = &options.timestamp_header {
+                out.push((name.to_ascii_lowercase(), options.timestamp_text(timestamp)));
+            }
+            let value = if masked {
+                format!("{}{MASK}", options.prefix)
+            } else {
+                let secret = job.secrets.first().map(String::as_str).unwrap_or_default();
+                options.sign(secret, timestamp, body)
+            };
+            out.push((options.header.to_ascii_lowercase(), value));
+        }
+        Signature::Stripe { header } => {
+            let value = if masked {
+                let v1 = vec![format!("v1={MASK}"); job.secrets.len().max(1)].join(",");
+                format!("t={timestamp},{v1}")
+            } else {
+                let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
+                signing::stripe_signature_header(&secrets, timestamp, body)
+            };
+            out.push((header.to_ascii_lowercase(), value));
+        }
     }
     Ok(out)
 }
@@ -205,6 +258,115 @@ impl Resolver for CheckedResolver {
     }
 }
 
+/// How every agent of the pool is made: the same settings, the same checked resolver; only
+/// the TLS configuration differs.
+#[derive(Clone)]
+struct AgentFactory {
+    threads: usize,
+    allow_private: Arc<AtomicBool>,
+}
+
+impl AgentFactory {
+    fn build(&self, tls: Option<ureq::tls::TlsConfig>, idle: usize) -> ureq::Agent {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(USER_AGENT)
+            .max_idle_connections(idle * 4)
+            .max_idle_connections_per_host(idle)
+            .max_idle_age(Duration::from_secs(60));
+        if let Some(tls) = tls {
+            config = config.tls_config(tls);
+        }
+        let resolver = CheckedResolver {
+            inner: DefaultResolver::default(),
+            allow_private: self.allow_private.clone(),
+        };
+        ureq::Agent::with_parts(config.build(), DefaultConnector::default(), resolver)
+    }
+}
+
+/// Agents of the subscriptions that have TLS settings of their own (a client certificate, a
+/// CA bundle), each with its own connections, by subscription. An agent is made again when the
+/// subscription's settings change (they are compared with the ones it was made from), and the
+/// least recently used is dropped beyond `MAX_TLS_AGENTS`, so memory stays bounded however
+/// many such subscriptions come and go.
+#[derive(Default)]
+struct TlsAgents {
+    entries: std::collections::HashMap<i64, TlsAgent>,
+    clock: u64,
+}
+
+struct TlsAgent {
+    settings: String,
+    agent: Result<ureq::Agent, String>,
+    used: u64,
+}
+
+const MAX_TLS_AGENTS: usize = 64;
+
+/// What the HTTP threads send with: the shared agent, or a subscription's own.
+#[derive(Clone)]
+struct Agents {
+    shared: ureq::Agent,
+    tls: Arc<Mutex<TlsAgents>>,
+    factory: AgentFactory,
+}
+
+impl Agents {
+    fn new(factory: AgentFactory) -> Self {
+        Agents {
+            shared: factory.build(None, factory.threads),
+            tls: Arc::default(),
+            factory,
+        }
+    }
+
+    fn for_job(&self, job: &Job) -> Result<ureq::Agent, String> {
+        let Some(settings) = &job.tls else {
+            return Ok(self.shared.clone());
+        };
+        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        cache.clock += 1;
+        let now = cache.clock;
+        if let Some(entry) = cache.entries.get_mut(&job.subscription_id) {
+            if &entry.settings == settings {
+                entry.used = now;
+                return entry.agent.clone();
+            }
+        }
+        let agent = crate::tls::TlsSettings::parse(settings)
+            .and_then(|s| s.ureq_config())
+            .map(|config| {
+                self.factory
+                    .build(Some(config), self.factory.threads.min(4))
+            })
+            .map_err(|e| format!("the subscription's TLS settings cannot be used: {e}"));
+        if cache.entries.len() >= MAX_TLS_AGENTS
+            && !cache.entries.contains_key(&job.subscription_id)
+        {
+            let oldest = cache
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                cache.entries.remove(&id);
+            }
+        }
+        cache.entries.insert(
+            job.subscription_id,
+            TlsAgent {
+                settings: settings.clone(),
+                agent: agent.clone(),
+                used: now,
+            },
+        );
+        agent
+    }
+}
+
 pub struct Pool {
     threads: usize,
     jobs: Sender<Vec<Job>>,
@@ -228,25 +390,15 @@ impl Pool {
         let (wake_read, wake_write) = nonblocking_pipe()?;
         let wake_write = Arc::new(wake_write);
         let allow_private = Arc::new(AtomicBool::new(allow_private));
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .proxy(None)
-            .user_agent(USER_AGENT)
-            .max_idle_connections(threads * 4)
-            .max_idle_connections_per_host(threads)
-            .max_idle_age(Duration::from_secs(60))
-            .build();
-        let resolver = CheckedResolver {
-            inner: DefaultResolver::default(),
+        let agents = Agents::new(AgentFactory {
+            threads,
             allow_private: allow_private.clone(),
-        };
-        let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), resolver);
+        });
         let (jobs_tx, jobs_rx) = channel::<Vec<Job>>();
         let (out_tx, out_rx) = channel::<JobOutcome>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         for i in 0..threads {
-            let agent = agent.clone();
+            let agents = agents.clone();
             let jobs_rx = jobs_rx.clone();
             let out_tx = out_tx.clone();
             let wake_write = wake_write.clone();
@@ -260,7 +412,7 @@ impl Pool {
                         },
                         Err(_) => return,
                     };
-                    let done = run_job(&agent, chain, attempt);
+                    let done = run_job(&agents, chain, attempt);
                     if out_tx.send(done).is_err() {
                         return;
                     }
@@ -325,7 +477,7 @@ fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 /// ends that attempt with an error (retried like any other), never the thread: its slot is
 /// always given back.
 fn run_job(
-    agent: &ureq::Agent,
+    agents: &Agents,
     chain: Vec<Job>,
     attempt: fn(&ureq::Agent, &Job) -> Outcome,
 ) -> JobOutcome {
@@ -336,8 +488,13 @@ fn run_job(
     };
     let mut jobs = chain.into_iter();
     for job in jobs.by_ref() {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(agent, &job)))
-            .unwrap_or_else(|panic| panicked(&job, panic));
+        let outcome = match agents.for_job(&job) {
+            Ok(agent) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(&agent, &job)))
+                    .unwrap_or_else(|panic| panicked(&job, panic))
+            }
+            Err(e) => not_sent(&job, e),
+        };
         // An oversized delivery ends dead and releases its key: the chain goes on.
         let ok = outcome.succeeded() || outcome.oversized.is_some();
         done.outcomes.push(outcome);
@@ -417,6 +574,11 @@ fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
+    not_sent(job, format!("internal error in the HTTP thread: {what}"))
+}
+
+/// The outcome of an attempt that sent nothing, with why.
+fn not_sent(job: &Job, error: String) -> Outcome {
     Outcome {
         delivery_id: job.delivery_id,
         subscription_id: job.subscription_id,
@@ -424,7 +586,7 @@ fn panicked(job: &Job, panic: Box<dyn std::any::Any + Send>) -> Outcome {
         duration_ms: 0.0,
         status: None,
         response_body: None,
-        error: Some(format!("internal error in the HTTP thread: {what}")),
+        error: Some(error),
         retry_after: None,
         bytes_sent: 0,
         oversized: None,
@@ -486,7 +648,7 @@ fn describe(e: &ureq::Error, url: &str) -> String {
 fn certificate_problem(text: &str) -> String {
     const MARK: &str = "invalid peer certificate: ";
     let Some(at) = text.find(MARK) else {
-        return text.to_string();
+        return client_certificate_problem(text);
     };
     let what = &text[at + MARK.len()..];
     let reason = if what.contains("UnknownIssuer") || what.contains("CaUsedAsEndEntity") {
@@ -505,6 +667,37 @@ fn certificate_problem(text: &str) -> String {
     format!("TLS certificate verification failed: {reason} ({what})")
 }
 
+/// A TLS alert from the server said plainly: most of them are about our client certificate
+/// (none sent, or one the server does not accept). The original is kept at the end.
+fn client_certificate_problem(text: &str) -> String {
+    const MARK: &str = "received fatal alert: ";
+    let Some(at) = text.find(MARK) else {
+        return text.to_string();
+    };
+    let alert = &text[at + MARK.len()..];
+    let reason = if alert.starts_with("CertificateRequired") {
+        "the server requires a client certificate and none was sent (see webhooks.set_tls)"
+    } else if [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|a| alert.starts_with(a))
+    {
+        "the server refused the client certificate (it is not issued by a CA the server trusts, or not accepted for this client)"
+    } else if alert.starts_with("CertificateExpired") {
+        "the server refused the client certificate: it has expired"
+    } else if alert.starts_with("CertificateRevoked") {
+        "the server refused the client certificate: it has been revoked"
+    } else {
+        "the server ended the TLS handshake"
+    };
+    format!("TLS handshake failed: {reason} (received fatal alert: {alert})")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,6 +714,7 @@ mod tests {
             signature: Signature::Standard,
             secrets: vec![],
             headers: vec![],
+            tls: None,
             timeout: Duration::from_secs(1),
             max_response_bytes: 10,
             max_payload_bytes: 1 << 20,
@@ -656,6 +850,51 @@ mod tests {
         assert_eq!(
             certificate_problem("io: Connection refused"),
             "io: Connection refused"
+        );
+    }
+
+    #[test]
+    fn tls_agents_are_per_subscription_remade_on_change_and_bounded() {
+        let agents = Agents::new(AgentFactory {
+            threads: 2,
+            allow_private: Arc::new(AtomicBool::new(false)),
+        });
+        let mut j = job("{}");
+        assert!(
+            agents.for_job(&j).is_ok(),
+            "no TLS settings: the shared agent"
+        );
+        assert!(agents.tls.lock().expect("cache").entries.is_empty());
+        // Settings that cannot be used: the attempt fails with why, and the verdict is kept
+        // like an agent would be.
+        j.tls = Some(r#"{"ca_bundle": "no PEM here"}"#.into());
+        let e = agents.for_job(&j).err().unwrap_or_default();
+        assert!(
+            e.starts_with("the subscription's TLS settings cannot be used: tls \"ca_bundle\""),
+            "{e}"
+        );
+        j.tls = Some(r#"{"nope": 1}"#.into());
+        let e = agents.for_job(&j).err().unwrap_or_default();
+        assert!(
+            e.contains("unknown key"),
+            "changed settings are used at once: {e}"
+        );
+        assert_eq!(agents.tls.lock().expect("cache").entries.len(), 1);
+        for id in 0..(MAX_TLS_AGENTS as i64 * 3) {
+            j.subscription_id = 1000 + id;
+            let _ = agents.for_job(&j);
+        }
+        let cache = agents.tls.lock().expect("cache");
+        assert_eq!(cache.entries.len(), MAX_TLS_AGENTS);
+        assert!(
+            cache
+                .entries
+                .contains_key(&(1000 + MAX_TLS_AGENTS as i64 * 3 - 1)),
+            "the newest stays"
+        );
+        assert!(
+            !cache.entries.contains_key(&2),
+            "the least recently used went first"
         );
     }
 

@@ -368,12 +368,13 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 /// fails: one hot key is delivered at the speed of its endpoint, not of a claim and a record
 /// per delivery. Only the head is marked claimed (by worker `$8`): the others are not heads,
 /// so nobody else can claim them, and a chain that stops leaves them as they were.
-const CLAIM: &str = concat!("\
+macro_rules! claim {
+    ($pushed:literal) => { concat!("\
 WITH room AS (
     SELECT s.id, $2 - COALESCE(f.n, 0) AS free
       FROM webhooks._subscriptions s
       LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = s.id
-     WHERE s.state = 'active' AND $2 - COALESCE(f.n, 0) > 0
+     WHERE s.state = 'active' AND $2 - COALESCE(f.n, 0) > 0", $pushed, "
 ), cand AS (
     SELECT c.delivery_id, c.next_attempt_at, c.event_seq
       FROM room CROSS JOIN LATERAL (
@@ -406,12 +407,19 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", even
        e.data::text, s.url, s.signature, s.signature_header,
        (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
        CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
-       k.headers::text, c.head, s.shape::text
+       k.headers::text, c.head, s.shape::text, s.signature_options::text, k.tls::text
   FROM chain c
   JOIN webhooks._events e ON e.seq = c.event_seq
   JOIN webhooks._subscriptions s ON s.id = c.subscription_id
   JOIN webhooks._secrets k ON k.subscription_id = s.id
- ORDER BY c.head, c.event_seq");
+ ORDER BY c.head, c.event_seq") };
+}
+
+/// Claims for a schema without poll subscriptions (0.1.0, before `ALTER EXTENSION ... UPDATE`).
+const CLAIM: &str = claim!("");
+/// Claims that leave poll subscriptions alone: their deliveries wait for `webhooks.poll()`.
+/// (The update that added `delivery` is the one that added the rollups: see stats_schema.)
+const CLAIM_PUSHED: &str = claim!(" AND s.delivery = 'push'");
 
 /// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
 /// `$13`: claimed deliveries handed back unattempted (their job stopped at an earlier failure).
@@ -608,7 +616,8 @@ pub fn claim(
         pg_sys::INT2OID,
         pg_sys::INT8ARRAYOID,
     ];
-    with_plan(CLAIM, &types, |plan| {
+    let query = if stats_schema()? { CLAIM_PUSHED } else { CLAIM };
+    with_plan(query, &types, |plan| {
         Spi::connect_mut(|c| {
             let rows = c.update(
                 plan,
@@ -637,14 +646,11 @@ pub fn claim(
                     out.push(Vec::new());
                     last_head = head;
                 }
-                let signature = match row.get::<String>(9)?.as_deref() {
-                    Some("hex") => Signature::Hex {
-                        header: row
-                            .get::<String>(10)?
-                            .unwrap_or_else(|| "X-Webhook-Signature".into()),
-                    },
-                    _ => Signature::Standard,
-                };
+                let signature = Signature::from_columns(
+                    row.get::<String>(9)?.as_deref(),
+                    row.get::<String>(10)?,
+                    row.get::<String>(18)?.as_deref(),
+                );
                 let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
                 secrets.extend(row.get::<String>(14)?);
                 let headers: Vec<(String, String)> = row
@@ -688,6 +694,7 @@ pub fn claim(
                         signature,
                         secrets,
                         headers,
+                        tls: row.get::<String>(19)?,
                         timeout,
                         max_response_bytes,
                         max_payload_bytes: crate::gucs::max_payload_bytes(),

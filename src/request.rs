@@ -25,7 +25,8 @@ SELECT e.id::text, e.type, ",
     ", e.data::text, s.url, s.signature, s.signature_header,
        1 + (k.previous_secret IS NOT NULL AND k.previous_expires_at > t.at)::int,
        k.headers::text, pg_catalog.floor(EXTRACT(epoch FROM t.at))::int8,
-       e.seq IS NOT NULL, s.id IS NOT NULL, d.subscription_id, s.shape::text, t.attempt
+       e.seq IS NOT NULL, s.id IS NOT NULL, d.subscription_id, s.shape::text, t.attempt,
+       s.signature_options::text
   FROM webhooks._deliveries d
   LEFT JOIN webhooks._events e ON e.seq = d.event_seq
   LEFT JOIN webhooks._subscriptions s ON s.id = d.subscription_id
@@ -78,6 +79,7 @@ fn _request(
             (r.get::<i32>(8)?, r.get::<String>(9)?, r.get::<i64>(10)?),
             (r.get::<bool>(11)?, r.get::<bool>(12)?, r.get::<i64>(13)?),
             (r.get::<String>(14)?, r.get::<i32>(15)?),
+            r.get::<String>(16)?,
         )))
     })
     .unwrap_or_else(|e| {
@@ -86,7 +88,7 @@ fn _request(
             &format!("pg_webhooks: {e}"),
         )
     });
-    let Some((event, sub, keys, found, (shape, attempt))) = row else {
+    let Some((event, sub, keys, found, (shape, attempt), options)) = row else {
         missing(format!("delivery {id} does not exist"))
     };
     let (has_event, has_sub, sub_id) = found;
@@ -120,14 +122,14 @@ fn _request(
         created_at: created_at.unwrap_or_default(),
         data: data.unwrap_or_else(|| "{}".into()),
         url: url.unwrap_or_default(),
-        signature: match signature.as_deref() {
-            Some("hex") => Signature::Hex {
-                header: signature_header.unwrap_or_else(|| "X-Webhook-Signature".into()),
-            },
-            _ => Signature::Standard,
-        },
+        signature: Signature::from_columns(
+            signature.as_deref(),
+            signature_header,
+            options.as_deref(),
+        ),
         secrets: vec![String::new(); secrets.unwrap_or(1).max(1) as usize],
         headers,
+        tls: None,
         timeout: Duration::ZERO,
         max_response_bytes: 0,
         // Shown whatever its size (the worker would not send one over the cap).

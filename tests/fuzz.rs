@@ -166,6 +166,15 @@ fn kind_values(kind: Kind) -> Vec<Option<String>> {
             s(&format!("{{\"k\": \"{}\"}}", "v".repeat(1 << 20))),
             s("{\"a\": \"\\u202e\\u0301\"}"),
             s("{"),
+            // signature_options and tls
+            s("{\"header\": \"X-A\\r\\nX-B: 1\"}"),
+            s("{\"encoding\": \"base64\", \"timestamp_format\": \"iso8601\"}"),
+            s("{\"signed\": \"timestamp.body\", \"timestamp_header\": \"webhook-signature\"}"),
+            s("{\"prefix\": \"\\u0000\"}"),
+            s("{\"client_certificate\": \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\\n\", \"client_key\": \"-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END PRIVATE KEY-----\\n\"}"),
+            s(&format!("{{\"ca_bundle\": \"-----BEGIN CERTIFICATE-----\\n{}\\n-----END CERTIFICATE-----\\n\"}}", "A".repeat(1 << 20))),
+            s("{\"ca_bundle\": \"-----BEGIN CERTIFICATE-----\\n-----END CERTIFICATE-----\\n\"}"),
+            s("{\"client_key\": \"x\"}"),
         ],
         Kind::Shape => {
             let mut v = vec![
@@ -268,9 +277,10 @@ struct Func {
 const VALID_SHAPE: &str = r#"{"event_names": {"order.created": "ORDER_CREATED"}, "body": {"id": "evt_{{ id }}", "at": "{{ created_at | unix }}", "items": {"$each": "{{ data.items }}", "to": {"productSku": "{{ item.sku }}"}}}, "event_type_header": "X-Event-Type", "json": "javascript"}"#;
 
 /// Every public function, with arguments that work.
-fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
+fn functions(sub: i64, delivery: i64, orders_oid: u32, poll_sub: i64) -> Vec<Func> {
     let s = |x: &str| Some(x.to_string());
     let sub = sub.to_string();
+    let poll_sub = poll_sub.to_string();
     let delivery = delivery.to_string();
     let orders_oid = orders_oid.to_string();
     vec![
@@ -304,18 +314,22 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
         },
         Func {
             name: "subscribe",
-            sql: "SELECT id::text FROM webhooks.subscribe(url => $1::text, event_types => $2::text::text[], description => $3::text, headers => $4::text::jsonb, filter => $5::text::jsonb, signature => $6::text, signature_header => $7::text, timeout => $8::text::interval, retry_schedule => $9::text, shape => $10::text::jsonb)",
+            sql: "SELECT id::text FROM webhooks.subscribe(url => $1::text, event_types => $2::text::text[], description => $3::text, headers => $4::text::jsonb, filter => $5::text::jsonb, signature => $6::text, signature_header => $7::text, timeout => $8::text::interval, retry_schedule => $9::text, secret => $10::text, signature_options => $11::text::jsonb, tls => $12::text::jsonb, shape => $13::text::jsonb, delivery => $14::text)",
             args: vec![
                 (Kind::Url, s("https://hooks.example.com/in")),
                 (Kind::TextArray, s("{order.*}")),
                 (Kind::Text, s("fuzz")),
                 (Kind::Jsonb, s("{\"Authorization\": \"Bearer t\"}")),
                 (Kind::Jsonb, s("{\"currency\": \"EUR\"}")),
-                (Kind::Text, s("hex")),
+                (Kind::Text, s("hmac")),
                 (Kind::Text, s("X-Sig")),
                 (Kind::Interval, s("10 seconds")),
                 (Kind::Text, s("1s,1m")),
+                (Kind::Text, s("fuzz-secret-123")),
+                (Kind::Jsonb, s("{\"encoding\": \"base64\", \"prefix\": \"sha256=\"}")),
+                (Kind::Jsonb, None),
                 (Kind::Shape, s(VALID_SHAPE)),
+                (Kind::Text, s("push")),
             ],
             management: true,
         },
@@ -344,9 +358,66 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32) -> Vec<Func> {
             management: true,
         },
         Func {
+            name: "rotate_secret to a brought secret",
+            sql: "SELECT length(webhooks.rotate_secret($1::text::bigint, $2::text::interval, secret => $3::text))::text",
+            args: vec![
+                (Kind::Bigint, s(&sub)),
+                (Kind::Interval, s("1 hour")),
+                (Kind::Text, s("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
+            ],
+            management: true,
+        },
+        Func {
+            name: "set_signature",
+            sql: "SELECT webhooks.set_signature($1::text::bigint, $2::text, $3::text, $4::text::jsonb)::text",
+            args: vec![
+                (Kind::Bigint, s(&sub)),
+                (Kind::Text, s("hmac")),
+                (Kind::Text, s("X-Hub-Signature-256")),
+                (Kind::Jsonb, s("{\"prefix\": \"sha256=\", \"signed\": \"timestamp.body\", \"timestamp_header\": \"X-Ts\"}")),
+            ],
+            management: true,
+        },
+        Func {
+            name: "set_tls",
+            sql: "SELECT webhooks.set_tls($1::text::bigint, $2::text::jsonb)::text",
+            args: vec![(Kind::Bigint, s(&sub)), (Kind::Jsonb, None)],
+            management: true,
+        },
+        Func {
             name: "send_test",
             sql: "SELECT webhooks.send_test($1::text::bigint)::text",
             args: vec![(Kind::Bigint, s(&sub))],
+            management: true,
+        },
+        Func {
+            name: "send_test sample",
+            sql: "SELECT webhooks.send_test($1::text::bigint, $2::text)::text",
+            args: vec![(Kind::Bigint, s(&sub)), (Kind::Text, s("tracked.created"))],
+            management: true,
+        },
+        Func {
+            name: "subscribe poll",
+            sql: "SELECT id::text FROM webhooks.subscribe(url => NULL, event_types => $1::text::text[], delivery => $2::text)",
+            args: vec![(Kind::TextArray, s("{fuzzorder.*}")), (Kind::Text, s("poll"))],
+            management: true,
+        },
+        Func {
+            name: "poll",
+            sql: "SELECT count(*)::text FROM webhooks.poll($1::text::bigint, $2::text::bigint, $3::text::int)",
+            args: vec![(Kind::Bigint, s(&poll_sub)), (Kind::Bigint, s("1")), (Kind::Bigint, s("10"))],
+            management: true,
+        },
+        Func {
+            name: "grant_poll",
+            sql: "SELECT webhooks.grant_poll($1::text::bigint, $2::text::regrole)::text",
+            args: vec![(Kind::Bigint, s(&poll_sub)), (Kind::Text, s("webhooks_reader"))],
+            management: true,
+        },
+        Func {
+            name: "revoke_poll",
+            sql: "SELECT webhooks.revoke_poll($1::text::bigint, $2::text::regrole)::text",
+            args: vec![(Kind::Bigint, s(&poll_sub)), (Kind::Text, s("webhooks_reader"))],
             management: true,
         },
         Func {
@@ -726,6 +797,13 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
         .query_one("SELECT webhooks.send_test($1)", &[&sub])
         .expect("a delivery")
         .get(0);
+    let poll_sub: i64 = admin
+        .query_one(
+            "SELECT id FROM webhooks.subscribe(NULL, delivery => 'poll')",
+            &[],
+        )
+        .expect("poll subscription")
+        .get(0);
     let orders_oid: u32 = admin
         .query_one("SELECT 'fuzz.fuzz_orders'::regclass::oid", &[])
         .expect("oid")
@@ -739,13 +817,13 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
     let common = common_values();
 
     // Every argument of every function, one at a time, the others valid.
-    let names: Vec<&str> = functions(sub, delivery, orders_oid)
+    let names: Vec<&str> = functions(sub, delivery, orders_oid, poll_sub)
         .iter()
         .map(|f| f.name)
         .collect();
     for name in names {
         for i in 0.. {
-            let fs = functions(sub, delivery, orders_oid);
+            let fs = functions(sub, delivery, orders_oid, poll_sub);
             let f = fs.iter().find(|f| f.name == name).expect("function");
             if i >= f.args.len() {
                 break;
@@ -753,7 +831,7 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
             let mut values = common.clone();
             values.extend(kind_values(f.args[i].0));
             for v in values {
-                let fs = functions(sub, delivery, orders_oid);
+                let fs = functions(sub, delivery, orders_oid, poll_sub);
                 let f = fs.iter().find(|f| f.name == name).expect("function");
                 let mut args: Vec<Option<String>> = f.args.iter().map(|(_, v)| v.clone()).collect();
                 args[i] = v;
@@ -767,7 +845,7 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
 
     // Random combinations: each argument valid or hostile at random.
     for _ in 0..400 {
-        let fs = functions(sub, delivery, orders_oid);
+        let fs = functions(sub, delivery, orders_oid, poll_sub);
         let f = &fs[rng.below(fs.len())];
         let args: Vec<Option<String>> = f
             .args
@@ -789,7 +867,7 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
 
     // The valid calls work as the admin (so that the failures above were the values' doing).
     // (_unregister_tracked has no table to forget here: its baseline is an oid that is none.)
-    for f in functions(sub, delivery, orders_oid)
+    for f in functions(sub, delivery, orders_oid, poll_sub)
         .into_iter()
         .filter(|f| f.name != "_unregister_tracked")
     {
@@ -801,7 +879,7 @@ fn hostile_arguments_fail_cleanly_change_nothing_and_crash_nothing() {
     }
 
     // A plain application role may call none of them: 42501, nothing changed.
-    for f in functions(sub, delivery, orders_oid)
+    for f in functions(sub, delivery, orders_oid, poll_sub)
         .iter()
         .filter(|f| f.management)
     {

@@ -6,7 +6,8 @@ official `standardwebhooks` library, hex style via Python's hmac/hashlib.
 Listens on 127.0.0.1 only.
 
     python3 tests/receiver.py [--port N] [--port-file PATH] [--quiet]
-                              [--tls-cert PEM --tls-key PEM --tls-port-file PATH]
+                              [--tls-cert PEM --tls-key PEM --tls-port-file PATH
+                               [--tls-client-ca PEM]]
 
 --port 0 (default) picks a free port. Once bound, the port number is written to
 --port-file (atomically: temp file + rename) and `listening on 127.0.0.1:PORT`
@@ -15,7 +16,10 @@ is printed to stdout. SIGTERM / SIGINT exit cleanly with status 0.
 With --tls-cert and --tls-key, a second listener on another free port of 127.0.0.1
 serves the same deliveries over HTTPS with that certificate (its port is written
 to --tls-port-file); the control API and the log stay on the plain port, and
-failed TLS handshakes are listed by GET /_tls_log.
+failed TLS handshakes are listed by GET /_tls_log. With --tls-client-ca, that listener
+requires a client certificate issued by that CA (ssl.CERT_REQUIRED): a client without
+one, or with another, is refused in the handshake. Each delivery's log entry then has
+"client_subject", the verified client certificate's subject (commonName), or null.
 
 Control API (JSON in and out):
 
@@ -117,6 +121,19 @@ def verify(cfg, raw, headers):
         return False, "%s: %s" % (type(e).__name__, e)
 
 
+def client_subject(conn):
+    """The commonName of the verified client certificate of a TLS connection, or None."""
+    try:
+        cert = conn.getpeercert()
+    except (AttributeError, ValueError):
+        return None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "pg_webhooks-test-receiver"
@@ -216,7 +233,7 @@ class Handler(BaseHTTPRequestHandler):
                 "seq": len(LOG) + 1, "method": self.command, "path": path, "target": self.path,
                 "received_at": received_at, "headers": headers, "body": text,
                 "json": parsed, "status": status, "verified": verified,
-                "verify_error": error,
+                "verify_error": error, "client_subject": client_subject(self.connection),
             })
         extra = []
         if cfg and cfg["retry_after"] is not None and status in (429, 503):
@@ -243,13 +260,28 @@ class TlsServer(Server):
     context = None
 
     def process_request_thread(self, request, client_address):
+        # A second descriptor of the connection: wrap_socket closes its own when the
+        # handshake fails, and this one keeps the connection open for a lingering close.
+        raw = request.dup()
         try:
             tls = self.context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
             with LOCK:
                 TLS_LOG.append({"error": str(e)})
+            # A lingering close, as web servers do: with TLS 1.3 the client may already have
+            # sent its request when the handshake fails here, and closing with it unread would
+            # reset the connection, the alert just sent lost with it. Read until the client
+            # hangs up (it does once it reads the alert), for a few seconds at most.
+            try:
+                raw.settimeout(5)
+                while raw.recv(65536):
+                    pass
+            except OSError:
+                pass
+            raw.close()
             self.shutdown_request(request)
             return
+        raw.close()
         super().process_request_thread(tls, client_address)
 
 
@@ -269,6 +301,7 @@ def main(argv=None):
     ap.add_argument("--tls-cert", help="PEM certificate of a second, HTTPS listener")
     ap.add_argument("--tls-key", help="PEM private key of the HTTPS listener")
     ap.add_argument("--tls-port-file", help="write the HTTPS listener's port here")
+    ap.add_argument("--tls-client-ca", help="PEM CA: the HTTPS listener requires client certificates it issued")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
@@ -285,6 +318,9 @@ def main(argv=None):
     if args.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.tls_client_ca)
         tls_server = TlsServer(("127.0.0.1", 0), Handler)
         tls_server.context = context
         threading.Thread(target=tls_server.serve_forever, kwargs={"poll_interval": 0.2},

@@ -361,16 +361,22 @@ pub fn private_dir(prefix: &str) -> PathBuf {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        Receiver::start_with(None)
+        Receiver::start_with(None, None)
     }
 
     /// A receiver that also serves deliveries over HTTPS on `tls_port`, with the certificate
     /// and key in these PEM files (control API and log stay on the plain port).
     pub fn start_tls(cert: &Path, key: &Path) -> Receiver {
-        Receiver::start_with(Some((cert, key)))
+        Receiver::start_with(Some((cert, key)), None)
     }
 
-    fn start_with(tls: Option<(&Path, &Path)>) -> Receiver {
+    /// As `start_tls`, the HTTPS listener requiring a client certificate issued by the CA in
+    /// `client_ca` (receiver.py --tls-client-ca).
+    pub fn start_mtls(cert: &Path, key: &Path, client_ca: &Path) -> Receiver {
+        Receiver::start_with(Some((cert, key)), Some(client_ca))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>, client_ca: Option<&Path>) -> Receiver {
         // Each receiver gets a directory of its own. The receivers of concurrent tests used to
         // share one named after the test process and a port that had been free a moment
         // before; two could pick the same name, and one then read the other's port file and
@@ -392,6 +398,9 @@ impl Receiver {
                 .arg("--tls-key")
                 .arg(key);
             command.arg("--tls-port-file").arg(&tls_port_file);
+        }
+        if let Some(ca) = client_ca {
+            command.arg("--tls-client-ca").arg(ca);
         }
         let mut child = command
             .stdout(Stdio::null())

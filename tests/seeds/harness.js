@@ -15,6 +15,7 @@ function recorded(name, handler) {
       path: req.path,
       headers: req.headers,
       raw: req.rawBody === undefined ? null : req.rawBody.toString('utf8'),
+      parsed: req.body === undefined ? null : req.body,
       status: null,
       reply: null,
     };

@@ -3,6 +3,7 @@ port of 127.0.0.1 only, write "<hook port> <log port>" to the file named by argv
 of every request and the status answered, served by GET /_log on the second port. The
 receivers' handlers, in the seed files, are the documents' code."""
 import json
+import logging
 import os
 import signal
 import sys
@@ -10,6 +11,9 @@ import threading
 
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
+
+# The request log is ours (GET /_log); werkzeug's line per request is noise in test output.
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 LOG = []
 _lock = threading.Lock()
