@@ -10,7 +10,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{row_json, rows_with_snapshot};
+use crate::plans::{row_json, rows_with_snapshot, rows_with_snapshot_read_only};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -456,7 +456,7 @@ struct Touch {
 
 /// Keys read back, and events written, per statement at commit: bounds the memory a
 /// transaction touching many rows needs at commit.
-const COMMIT_CHUNK: usize = 5000;
+const COMMIT_CHUNK: usize = 1000;
 
 struct TableTouches {
     relid: pg_sys::Oid,
@@ -471,6 +471,7 @@ impl TableTouches {
     fn touch(&mut self, key: &str, fresh: impl FnOnce() -> Touch) -> &mut Touch {
         let sub = current_subtransaction();
         if !self.touches.contains_key(key) {
+            add_note_bytes(NOTE_BYTES_PER_KEY + 2 * key.len());
             self.keys.push(key.to_string());
             let mut t = fresh();
             t.saved_in = sub;
@@ -521,7 +522,11 @@ impl TableTouches {
     }
 
     fn note_child_key(&mut self, fk_key: &str, key: String) {
+        let cost = CHILD_KEY_BYTES + fk_key.len() + key.len();
         let before = self.child_keys.insert(fk_key.to_string(), key);
+        if before.is_none() {
+            add_note_bytes(cost);
+        }
         let sub = current_subtransaction();
         if sub > TOP_SUBTRANSACTION {
             push_undo(Undo::ChildKey {
@@ -562,7 +567,242 @@ enum Undo {
 }
 
 fn push_undo(u: Undo) {
+    add_note_bytes(UNDO_BYTES);
     UNDO.with(|undo| undo.borrow_mut().push(u));
+}
+
+/// What a note costs in memory, as measured (about 440 bytes a row for a 100,000-row insert:
+/// the structures, the key twice, the hash table's and the vector's room to grow); strings
+/// kept in notes (status, a deleted row's JSON) are added as they are kept.
+const NOTE_BYTES_PER_KEY: usize = 480;
+const CHILD_KEY_BYTES: usize = 100;
+const UNDO_BYTES: usize = 200;
+
+fn add_note_bytes(n: usize) {
+    NOTE_BYTES.with(|b| b.set(b.get() + n));
+}
+
+/// When the notes take more than `webhooks.capture_memory`, they are moved to a sort on disk
+/// (see `Spill`), unless a subtransaction is open (its rollback needs the notes it changed,
+/// and their earlier states, in memory).
+fn maybe_spill() {
+    if NOTE_BYTES.with(|b| b.get()) <= crate::gucs::capture_memory_bytes()
+        || current_subtransaction() != TOP_SUBTRANSACTION
+        || RECHECKING.with(|r| r.get())
+    {
+        return;
+    }
+    let tables = TOUCHED.with(|t| std::mem::take(&mut *t.borrow_mut()));
+    // Outside any subtransaction, no rollback to a savepoint can come: the saved states of
+    // released subtransactions are of no use any more.
+    UNDO.with(|u| u.borrow_mut().clear());
+    NOTE_BYTES.with(|b| b.set(0));
+    SPILL.with(|s| {
+        let mut s = s.borrow_mut();
+        let spill = s.get_or_insert_with(Spill::begin);
+        for tt in &tables {
+            for key in &tt.keys {
+                if let Some(t) = tt.touches.get(key) {
+                    spill.put(tt.relid, key, t);
+                }
+            }
+        }
+    });
+}
+
+/// Notes moved out of memory: a sort (PostgreSQL's tuplesort, which keeps `work_mem`-like
+/// memory and writes the rest to temporary files) of one entry per note, ordered by table, key
+/// and when the note was moved. A key touched again after its note was moved gets a new note,
+/// which knows nothing of the old one (its "before" is the row as this transaction left it);
+/// at commit the entries of a key are folded, oldest first, into the note one kept in memory
+/// all along would be (`fold`): the oldest image of the row and of its children is the
+/// original, the newest version is where the row is. The net effect and every rule stay
+/// exact; events of a transaction that spilled come out ordered by table and key (per key
+/// order, the one that matters, is kept).
+struct Spill {
+    sort: *mut pg_sys::Tuplesortstate,
+    next: u64,
+    /// Keys with an entry of a parent a child trigger did not find (see `recheck_unseen`).
+    unseen: Vec<(pg_sys::Oid, String)>,
+}
+
+/// Runs `f` with the transaction's resource owner: the sort's temporary files outlive the
+/// statement that made them (a portal's resource owner closes its files when the portal is
+/// dropped). On an ERROR the transaction (no subtransaction is open while notes spill) aborts
+/// and restores the owner.
+unsafe fn with_transaction_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = pg_sys::CurrentResourceOwner;
+    pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+    let result = f();
+    pg_sys::CurrentResourceOwner = owner;
+    result
+}
+
+impl Spill {
+    fn begin() -> Spill {
+        // A quarter of the cap: the notes in memory and the sort's together stay within about
+        // twice the cap, transients (a hash table growing) included.
+        let work_mem_kb = (crate::gucs::capture_memory_bytes() / 4096).clamp(64, i32::MAX as usize) as i32;
+        let sort = unsafe {
+            // The sort's memory lives as long as the transaction.
+            let cxt = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+            let sort = with_transaction_owner(|| {
+                pg_sys::tuplesort_begin_datum(
+                    pg_sys::BYTEAOID,
+                    pg_sys::Oid::from(pg_sys::ByteaLessOperator),
+                    pg_sys::InvalidOid,
+                    false,
+                    work_mem_kb,
+                    std::ptr::null_mut(),
+                    pg_sys::TUPLESORT_NONE as i32,
+                )
+            });
+            pg_sys::MemoryContextSwitchTo(cxt);
+            sort
+        };
+        Spill {
+            sort,
+            next: 0,
+            unseen: Vec::new(),
+        }
+    }
+
+    /// One entry: table and key (then a NUL, which no key has, so that a key sorts before the
+    /// longer keys it begins), the entry's number, then the note.
+    fn put(&mut self, relid: pg_sys::Oid, key: &str, t: &Touch) {
+        if t.unseen && !t.row_touched {
+            self.unseen.push((relid, key.to_string()));
+        }
+        let mut b: Vec<u8> = Vec::with_capacity(96 + key.len());
+        b.extend_from_slice(&[0u8; 4]);
+        b.extend_from_slice(&relid.to_u32().to_be_bytes());
+        b.extend_from_slice(key.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&self.next.to_be_bytes());
+        self.next += 1;
+        encode_touch(t, &mut b);
+        unsafe {
+            let len = b.len() as i32;
+            pgrx::varlena::set_varsize_4b(b.as_mut_ptr().cast(), len);
+            let sort = self.sort;
+            with_transaction_owner(|| {
+                pg_sys::tuplesort_putdatum(sort, pg_sys::Datum::from(b.as_mut_ptr()), false)
+            });
+        }
+    }
+}
+
+fn encode_touch(t: &Touch, b: &mut Vec<u8>) {
+    let flags = u8::from(t.existed_before)
+        | u8::from(t.row_touched) << 1
+        | u8::from(t.children_touched) << 2
+        | u8::from(t.unseen) << 3
+        | u8::from(t.orig_row.is_some()) << 4
+        | u8::from(t.orig_children.is_some()) << 5
+        | u8::from(t.orig_status.is_some()) << 6
+        | u8::from(t.deleted_row.is_some()) << 7;
+    b.push(flags);
+    b.push(u8::from(t.version.is_some()));
+    if let Some(d) = &t.orig_row {
+        b.extend_from_slice(d);
+    }
+    if let Some(d) = &t.orig_children {
+        b.extend_from_slice(d);
+    }
+    for text in [&t.orig_status, &t.deleted_row].into_iter().flatten() {
+        b.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        b.extend_from_slice(text.as_bytes());
+    }
+    if let Some((rel, tid)) = &t.version {
+        b.extend_from_slice(&rel.to_u32().to_le_bytes());
+        b.extend_from_slice(&tid.ip_blkid.bi_hi.to_le_bytes());
+        b.extend_from_slice(&tid.ip_blkid.bi_lo.to_le_bytes());
+        b.extend_from_slice(&tid.ip_posid.to_le_bytes());
+    }
+}
+
+/// (table, key, note) of an entry `Spill::put` wrote.
+fn decode_entry(b: &[u8]) -> Option<(pg_sys::Oid, String, Touch)> {
+    let relid = pg_sys::Oid::from(u32::from_be_bytes(b.get(0..4)?.try_into().ok()?));
+    let nul = 4 + b.get(4..)?.iter().position(|c| *c == 0)?;
+    let key = std::str::from_utf8(&b[4..nul]).ok()?.to_string();
+    let mut at = nul + 1 + 8;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let flags = take(1)?[0];
+    let has_version = take(1)?[0] != 0;
+    let bit = |i: u8| flags & (1 << i) != 0;
+    let mut t = Touch {
+        existed_before: bit(0),
+        row_touched: bit(1),
+        children_touched: bit(2),
+        unseen: bit(3),
+        saved_in: TOP_SUBTRANSACTION,
+        ..Touch::default()
+    };
+    if bit(4) {
+        t.orig_row = Some(take(32)?.try_into().ok()?);
+    }
+    if bit(5) {
+        t.orig_children = Some(take(32)?.try_into().ok()?);
+    }
+    let mut text = |present: bool| -> Option<Option<String>> {
+        if !present {
+            return Some(None);
+        }
+        let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        Some(Some(std::str::from_utf8(take(len)?).ok()?.to_string()))
+    };
+    t.orig_status = text(bit(6))?;
+    t.deleted_row = text(bit(7))?;
+    if has_version {
+        let rel = pg_sys::Oid::from(u32::from_le_bytes(take(4)?.try_into().ok()?));
+        let mut tid: pg_sys::ItemPointerData = unsafe { std::mem::zeroed() };
+        tid.ip_blkid.bi_hi = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        tid.ip_blkid.bi_lo = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        tid.ip_posid = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        t.version = Some((rel, tid));
+    }
+    Some((relid, key, t))
+}
+
+/// The note kept in memory all along, from the note `acc` of a key and the newer note `b`
+/// started after `acc` was moved to the spill (see `Spill`): what each trigger would have
+/// done to `acc` had it still been there.
+fn fold(acc: &mut Touch, b: Touch) {
+    // A parent not found before, found (and locked) by `b`: its notes start afresh.
+    if b.children_touched && acc.unseen && !acc.row_touched && !b.unseen {
+        *acc = Touch {
+            existed_before: true,
+            children_touched: true,
+            orig_children: b.orig_children,
+            saved_in: TOP_SUBTRANSACTION,
+            ..Touch::default()
+        };
+    } else if b.children_touched {
+        // The first change of an existing row's children keeps their image from then.
+        if !acc.children_touched && acc.existed_before {
+            acc.orig_children = b.orig_children;
+        }
+        acc.children_touched = true;
+    }
+    if b.row_touched {
+        // The first own change of the row gives its image before the transaction, and
+        // whether it existed; later ones only where its newest version is.
+        if !acc.row_touched {
+            acc.existed_before = b.existed_before;
+            acc.row_touched = true;
+            acc.orig_row = b.orig_row;
+            acc.orig_status = b.orig_status;
+        }
+        acc.version = b.version;
+    }
+    if b.deleted_row.is_some() {
+        acc.deleted_row = b.deleted_row;
+    }
 }
 
 thread_local! {
@@ -590,6 +830,135 @@ thread_local! {
     static SUBXACT_ABORTED: Cell<bool> = const { Cell::new(false) };
     /// Notes as they were before the open subtransactions changed them, oldest first.
     static UNDO: RefCell<Vec<Undo>> = const { RefCell::new(Vec::new()) };
+    /// What the notes in memory cost, roughly (see `maybe_spill`).
+    static NOTE_BYTES: Cell<usize> = const { Cell::new(0) };
+    /// Notes moved out of memory in this transaction, if any.
+    static SPILL: RefCell<Option<Spill>> = const { RefCell::new(None) };
+}
+
+thread_local! {
+    /// How deeply statements are nested now: ExecutorRun, ExecutorFinish and utility
+    /// statements each count one (see `enter_statement`).
+    static STATEMENT_LEVEL: Cell<u32> = const { Cell::new(0) };
+    /// `STATEMENT_LEVEL` as each open subtransaction started: an ERROR skips the hooks' way
+    /// out, and rolling back to the subtransaction restores it.
+    static SUBXACT_LEVELS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Parents a child trigger did not find: (tracked table, the key as the child spells it,
+    /// the statement level the trigger fired at). See `recheck_unseen`.
+    static UNSEEN: RefCell<Vec<(pg_sys::Oid, String, u32)>> = const { RefCell::new(Vec::new()) };
+    static RECHECKING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Entering ExecutorRun, ExecutorFinish or a utility statement: returns the level to give
+/// back to `leave_statement`.
+pub fn enter_statement() -> u32 {
+    STATEMENT_LEVEL.with(|l| {
+        let level = l.get();
+        l.set(level + 1);
+        level
+    })
+}
+
+/// Leaving what `enter_statement` entered: whether parents that child triggers did not find
+/// are waiting to be looked for again (see `statement_finished`). Raises nothing.
+pub fn leave_statement(level: u32) -> bool {
+    STATEMENT_LEVEL.with(|l| l.set(level));
+    UNSEEN.with(|u| u.try_borrow().is_ok_and(|u| !u.is_empty()))
+}
+
+/// A statement at `level` has finished, its AFTER triggers (its foreign key checks) fired:
+/// the parents its child triggers did not find are looked for again.
+pub fn statement_finished(level: u32) {
+    recheck_unseen(Some(level));
+}
+
+pub fn subtransaction_started() {
+    let level = STATEMENT_LEVEL.with(|l| l.get());
+    SUBXACT_LEVELS.with(|s| s.borrow_mut().push(level));
+}
+
+pub fn subtransaction_committed() {
+    SUBXACT_LEVELS.with(|s| s.borrow_mut().pop());
+}
+
+/// A child trigger found no parent row with the key: the parent may be committed by another
+/// session before the child row is written (the child's insert waits for a conflicting
+/// insert of its own key, say), and the foreign key, which looks after the row is written,
+/// then finds it, with a KEY SHARE lock that lets other writers of the parent through. Such
+/// parents are looked for again, and locked, once the statement's foreign keys have been
+/// checked (`level`: keys noted inside the statement that finished at this level), and at
+/// commit (None: every parent still not found; deferred foreign keys are checked by then).
+/// Their children "before" are then read as others committed them, without this
+/// transaction's own changes (see `LatestSnapshot::push_without_own_changes`).
+fn recheck_unseen(level: Option<u32>) {
+    if RECHECKING.with(|r| r.get()) || !unsafe { pg_sys::IsTransactionState() } {
+        return;
+    }
+    let keys: Vec<(pg_sys::Oid, String)> = match level {
+        Some(level) => UNSEEN.with(|u| {
+            let mut u = u.borrow_mut();
+            let mut taken = Vec::new();
+            u.retain(|(relid, key, at)| {
+                if *at > level {
+                    taken.push((*relid, key.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+            taken
+        }),
+        None => {
+            UNSEEN.with(|u| u.borrow_mut().clear());
+            let mut keys: Vec<(pg_sys::Oid, String)> = SPILL.with(|s| {
+                s.borrow_mut()
+                    .as_mut()
+                    .map(|s| std::mem::take(&mut s.unseen))
+                    .unwrap_or_default()
+            });
+            TOUCHED.with(|t| {
+                for tt in t.borrow().iter() {
+                    keys.extend(
+                        tt.keys
+                            .iter()
+                            .filter(|k| tt.touches.get(*k).is_some_and(|t| t.unseen && !t.row_touched))
+                            .map(|k| (tt.relid, k.clone())),
+                    );
+                }
+            });
+            keys
+        }
+    };
+    if keys.is_empty() {
+        return;
+    }
+    RECHECKING.with(|r| r.set(true));
+    let mut last: Option<(pg_sys::Oid, String)> = None;
+    for (relid, key) in keys {
+        if last.as_ref() == Some(&(relid, key.clone())) {
+            continue;
+        }
+        last = Some((relid, key.clone()));
+        // A key whose note was moved to the spill is looked for again too (an extra lock of
+        // a parent found before changes nothing).
+        let spilled = SPILL.with(|s| s.borrow().is_some());
+        let still_unseen = with_table(relid, |tt| {
+            !tt.child_keys.contains_key(&key)
+                && match tt.touches.get(&key) {
+                    Some(t) => t.unseen && !t.row_touched,
+                    None => spilled,
+                }
+        });
+        if !still_unseen {
+            continue;
+        }
+        let Some(cfg) = config_for(relid) else {
+            continue;
+        };
+        // An ERROR aborts the transaction (or the subtransaction), whose end resets the flag.
+        note_child_change(&cfg, &key, true, true);
+    }
+    RECHECKING.with(|r| r.set(false));
 }
 
 /// SUBXACT_EVENT_ABORT_SUB: versions noted so far may have been undone, and the notes the
@@ -598,6 +967,10 @@ thread_local! {
 /// larger id: the entries to undo are those at the end of `UNDO` with an id at least its own.
 pub fn subtransaction_aborted() {
     SUBXACT_ABORTED.with(|a| a.set(true));
+    if let Some(level) = SUBXACT_LEVELS.with(|s| s.borrow_mut().pop()) {
+        STATEMENT_LEVEL.with(|l| l.set(level));
+    }
+    RECHECKING.with(|r| r.set(false));
     let sub = current_subtransaction();
     loop {
         let entry = UNDO.with(|undo| {
@@ -685,6 +1058,13 @@ pub fn forget_at_commit() {
 pub fn reset() {
     SUBXACT_ABORTED.with(|a| a.set(false));
     UNDO.with(|u| u.borrow_mut().clear());
+    UNSEEN.with(|u| u.borrow_mut().clear());
+    RECHECKING.with(|r| r.set(false));
+    SUBXACT_LEVELS.with(|s| s.borrow_mut().clear());
+    STATEMENT_LEVEL.with(|l| l.set(0));
+    NOTE_BYTES.with(|b| b.set(0));
+    // Its memory and files go with the transaction's (aborted: its resource owner closes them).
+    SPILL.with(|s| s.borrow_mut().take());
     TOUCHED.with(|t| t.borrow_mut().clear());
     EMITTED.with(|e| e.borrow_mut().clear());
     WAKE_AT_COMMIT.with(|w| w.set(None));
@@ -1547,6 +1927,7 @@ fn _capture_row<'a>(
                     t.existed_before = true;
                     t.row_touched = true;
                     t.orig_row = Some(row);
+                    add_note_bytes(status.as_ref().map_or(0, String::len));
                     t.orig_status = status;
                 }
             });
@@ -1582,6 +1963,7 @@ fn _capture_row<'a>(
         let note_deleted = |key: &str, json: String| {
             with_table(cfg.relid, |tt| {
                 if let Some(t) = tt.touch_mut(key) {
+                    add_note_bytes(json.len());
                     t.deleted_row = Some(json);
                     t.version = None;
                 }
@@ -1613,6 +1995,7 @@ fn _capture_row<'a>(
             }
         }
     }
+    maybe_spill();
     Ok(None)
 }
 
@@ -1655,16 +2038,23 @@ fn _capture_child<'a>(
         let tupdesc = (*td.tg_relation).rd_att;
         for (cfg, registered, idx) in registrations {
             let fk_att = attnum_in(registered, cfg.child_fk_attnums[idx], child);
-            // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent.
-            let mut parent_keys: Vec<String> = column_text(td.tg_trigtuple, tupdesc, fk_att)
+            // INSERT and DELETE: the row's parent; UPDATE: the old and the new parent. Whether
+            // the row is written under it (an insert, an update's new parent): only such a
+            // parent, not found, is looked for again (see `recheck_unseen`).
+            let mut parent_keys: Vec<(String, bool)> = column_text(td.tg_trigtuple, tupdesc, fk_att)
                 .into_iter()
+                .map(|k| (k, pgrx::trigger_fired_by_insert(event)))
                 .collect();
             if pgrx::trigger_fired_by_update(event) {
-                parent_keys.extend(column_text(td.tg_newtuple, tupdesc, fk_att));
+                if let Some(new_key) = column_text(td.tg_newtuple, tupdesc, fk_att) {
+                    match parent_keys.first_mut() {
+                        Some((old_key, under)) if *old_key == new_key => *under = true,
+                        _ => parent_keys.push((new_key, true)),
+                    }
+                }
             }
-            parent_keys.dedup();
-            for key in parent_keys {
-                note_child_change(&cfg, &key);
+            for (key, written_under) in parent_keys {
+                note_child_change(&cfg, &key, false, written_under);
             }
         }
     }
@@ -1691,6 +2081,27 @@ impl LatestSnapshot {
         unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
         LatestSnapshot
     }
+    /// Everything committed by now, and none of this transaction's own changes: its command
+    /// id is the first, so rows it inserted are not seen yet and rows it deleted or updated
+    /// still are (as a scan that started before its first command would see them).
+    fn push_without_own_changes() -> LatestSnapshot {
+        unsafe {
+            // A copy of its own (GetLatestSnapshot's is static): changing it is ours to do.
+            pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+            (*pg_sys::GetActiveSnapshot()).curcid = pg_sys::FirstCommandId;
+        }
+        LatestSnapshot
+    }
+    /// Everything committed by now and all of this transaction's own changes, those of the
+    /// running command included (the plain latest snapshot does not see the rows of the
+    /// current command until the command counter moves on).
+    fn push_with_all_own_changes() -> LatestSnapshot {
+        unsafe {
+            pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+            (*pg_sys::GetActiveSnapshot()).curcid = pg_sys::GetCurrentCommandId(false).saturating_add(1);
+        }
+        LatestSnapshot
+    }
     fn get(&self) -> pg_sys::Snapshot {
         unsafe { pg_sys::GetActiveSnapshot() }
     }
@@ -1705,7 +2116,11 @@ impl Drop for LatestSnapshot {
     }
 }
 
-fn note_child_change(cfg: &TableConfig, fk_key: &str) {
+/// `recheck`: called by `recheck_unseen` for a parent not found before, whose children this
+/// transaction may have changed since (they are read without its own changes).
+/// `written_under`: the child row is written under this parent (an insert, an update's new
+/// parent); only then is a parent not found looked for again.
+fn note_child_change(cfg: &TableConfig, fk_key: &str, recheck: bool, written_under: bool) {
     // Decide under the borrow, query without it (the queries may wait on a lock).
     let known = with_table(cfg.relid, |tt| tt.child_keys.get(fk_key).cloned());
     if let Some(key) = known {
@@ -1758,6 +2173,16 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
     let Some(arg) = cfg.key_datum(fk_key) else {
         return;
     };
+    // A parent not found before matters only if this transaction's own changes are among its
+    // children now (a child insert that ON CONFLICT DO NOTHING skipped left none): only then is
+    // it locked, so that looking again never makes a COMMIT wait (or deadlock) for nothing.
+    if recheck
+        && as_role(cfg.owner, || {
+            children_now(cfg, fk_key, arg, Own::All) == children_now(cfg, fk_key, arg, Own::Without)
+        })
+    {
+        return;
+    }
     // The first change under this spelling locks the parent row, which also gives the key as
     // the table spells it; the first change to an existing parent's children notes them.
     let (locked_key, snapshot) = as_role(cfg.owner, || {
@@ -1774,43 +2199,38 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
         // Also when the parent row is hidden: this transaction deleted it (its cascade is
         // deleting these children, or a statement fails on it), and a savepoint rollback may
         // bring it back, with the children it had before.
-        let needs_snapshot = {
+        // A parent not found before (`unseen`) may have children this transaction changed
+        // meanwhile: its children before are read without this transaction's own changes.
+        let (needs_snapshot, without_own) = {
             let k = locked_key.as_deref().unwrap_or(fk_key);
-            with_table(cfg.relid, |tt| {
-                tt.touches.get(k).is_none_or(|t| {
-                    (t.existed_before && !t.children_touched)
-                        || (locked_key.is_some() && t.unseen && !t.row_touched)
-                })
+            // (Once notes were moved to the spill, a key without a note may have one there.)
+            let spilled = SPILL.with(|s| s.borrow().is_some());
+            with_table(cfg.relid, |tt| match tt.touches.get(k) {
+                None => (true, recheck || spilled),
+                Some(t) => {
+                    let found_now = locked_key.is_some() && t.unseen && !t.row_touched;
+                    ((t.existed_before && !t.children_touched) || found_now, recheck || found_now)
+                }
             })
         };
-        let direct = if needs_snapshot && cfg.children_direct.is_some() {
-            let latest = LatestSnapshot::push();
+        let children = if needs_snapshot {
             let k = locked_key.as_deref().unwrap_or(fk_key);
-            with_output_settings(|| {
-                children_direct_json(cfg, cfg.children_direct.as_deref().unwrap_or(&[]), k, latest.get())
-            })
-        } else {
-            None
-        };
-        let children = if direct.is_some() {
-            direct
-        } else if needs_snapshot {
-            let latest = LatestSnapshot::push();
-            rows_with_snapshot(
-                &cfg.children_query,
-                &[cfg.key_type_oid],
-                &[Some(arg)],
-                latest.get(),
-            )
-            .into_iter()
-            .next()
-            .map(|arrays| cfg.children_json(&arrays))
+            children_now(cfg, k, arg, if without_own { Own::Without } else { Own::Earlier })
         } else {
             None
         };
         (locked_key, children)
     });
     let key = locked_key.clone().unwrap_or_else(|| fk_key.to_string());
+    if locked_key.is_none() && !recheck && written_under {
+        let level = STATEMENT_LEVEL.with(|l| l.get());
+        UNSEEN.with(|u| {
+            let mut u = u.borrow_mut();
+            if u.last().is_none_or(|(r, k, l)| *r != cfg.relid || k != fk_key || *l != level) {
+                u.push((cfg.relid, fk_key.to_string(), level));
+            }
+        });
+    }
     with_table(cfg.relid, |tt| {
         // Only a parent found and locked is remembered: the next child change of a parent not
         // found looks (and locks) again.
@@ -1835,6 +2255,43 @@ fn note_child_change(cfg: &TableConfig, fk_key: &str) {
             t.orig_children = children.as_deref().map(digest);
         }
     });
+    if !recheck {
+        maybe_spill();
+    }
+}
+
+/// Which of this transaction's own changes a read of children sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Own {
+    /// Those of earlier commands (the plain latest snapshot).
+    Earlier,
+    /// None.
+    Without,
+    /// All, the running command's included.
+    All,
+}
+
+/// The children of `key` (`arg` is the key as a value, for the SQL path) as JSON, as they
+/// are now, with `own` changes of this transaction (see `LatestSnapshot`). Run as the table's
+/// owner.
+fn children_now(cfg: &TableConfig, key: &str, arg: pg_sys::Datum, own: Own) -> Option<Option<String>> {
+    let snapshot = || match own {
+        Own::Earlier => LatestSnapshot::push(),
+        Own::Without => LatestSnapshot::push_without_own_changes(),
+        Own::All => LatestSnapshot::push_with_all_own_changes(),
+    };
+    if let Some(direct) = cfg.children_direct.as_deref() {
+        let latest = snapshot();
+        if let Some(found) = with_output_settings(|| children_direct_json(cfg, direct, key, latest.get())) {
+            return Some(found);
+        }
+    }
+    let latest = snapshot();
+    // Read-only: a read-write SPI call would give the snapshot the current command id.
+    rows_with_snapshot_read_only(&cfg.children_query, &[cfg.key_type_oid], &[Some(arg)], latest.get())
+        .into_iter()
+        .next()
+        .map(|arrays| cfg.children_json(&arrays))
 }
 
 /// One event to write: `data` = row JSON || children JSON || extra JSON.
@@ -1920,6 +2377,9 @@ struct RowAtCommit {
 
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
 pub fn write_events_at_commit() {
+    // Parents not found by a child trigger, maybe committed since (deferred foreign keys have
+    // been checked by now): locked and noted before their events are worked out.
+    recheck_unseen(None);
     // Capture runs no user code, but should anything it runs write a tracked table or emit
     // (a future change, another extension's hook), go on until nothing new is noted.
     for _ in 0..100 {
@@ -1965,6 +2425,24 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
     }
     let mut events = Vec::new();
     let mut wrote = false;
+    if let Some(mut spill) = SPILL.with(|s| s.borrow_mut().take()) {
+        for tt in &tables {
+            for key in &tt.keys {
+                if let Some(t) = tt.touches.get(key) {
+                    spill.put(tt.relid, key, t);
+                }
+            }
+        }
+        write_spilled_events(spill, &mut events, &mut wrote);
+        if !events.is_empty() {
+            wrote = true;
+            insert_events(std::mem::take(&mut events));
+        }
+        if wrote {
+            wake_worker_at_commit(Wake::Events);
+        }
+        return;
+    }
     for tt in &tables {
         // Looked up again: the transaction may have untracked, renamed or dropped it since.
         let Some(cfg) = config_for(tt.relid) else {
@@ -1988,6 +2466,75 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
     if wrote {
         wake_worker_at_commit(Wake::Events);
     }
+}
+
+/// The events of the notes in `spill` (and those put there from memory at commit): the
+/// entries come out sorted by table, key and age; each key's are folded into one note, and
+/// keys are read back in chunks as from memory.
+fn write_spilled_events(spill: Spill, events: &mut Vec<NewEvent>, wrote: &mut bool) {
+    let sort = spill.sort;
+    unsafe { with_transaction_owner(|| pg_sys::tuplesort_performsort(sort)) };
+    let mut relid = pg_sys::InvalidOid;
+    let mut keys: Vec<String> = Vec::new();
+    let mut touches: HashMap<String, Touch> = HashMap::new();
+    let flush = |relid: pg_sys::Oid,
+                 keys: &mut Vec<String>,
+                 touches: &mut HashMap<String, Touch>,
+                 events: &mut Vec<NewEvent>,
+                 wrote: &mut bool| {
+        if keys.is_empty() {
+            return;
+        }
+        if let Some(cfg) = config_for(relid) {
+            let rows = in_temp_context(|| rows_at_commit(&cfg, keys, touches));
+            for key in keys.iter() {
+                net_events(&cfg, key, &touches[key], rows.get(key), events);
+            }
+            if events.len() >= COMMIT_CHUNK {
+                *wrote = true;
+                insert_events(std::mem::take(events));
+            }
+        }
+        keys.clear();
+        touches.clear();
+    };
+    loop {
+        let entry = in_temp_context(|| unsafe {
+            let mut datum = pg_sys::Datum::from(0usize);
+            let mut is_null = false;
+            let found = with_transaction_owner(|| {
+                pg_sys::tuplesort_getdatum(sort, true, &mut datum, &mut is_null, std::ptr::null_mut())
+            });
+            if !found || is_null {
+                return None;
+            }
+            let v = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let bytes = std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(v).cast::<u8>(),
+                pgrx::varlena::varsize_any_exhdr(v),
+            );
+            Some(decode_entry(bytes).unwrap_or_else(|| {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "pg_webhooks: a note capture moved to disk could not be read back",
+                )
+            }))
+        });
+        let Some((rel, key, t)) = entry else { break };
+        if rel != relid || (keys.len() >= COMMIT_CHUNK && keys.last() != Some(&key)) {
+            flush(relid, &mut keys, &mut touches, events, wrote);
+            relid = rel;
+        }
+        match touches.get_mut(&key) {
+            Some(acc) => fold(acc, t),
+            None => {
+                keys.push(key.clone());
+                touches.insert(key, t);
+            }
+        }
+    }
+    flush(relid, &mut keys, &mut touches, events, wrote);
+    unsafe { with_transaction_owner(|| pg_sys::tuplesort_end(sort)) };
 }
 
 /// The rows of `keys` as they are at commit. A row this transaction wrote is read where the

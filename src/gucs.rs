@@ -37,6 +37,8 @@ static RETENTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30 days"));
 /// Slow safety poll of the worker; new events wake it at commit anyway.
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// Memory (kB) a transaction's capture notes may take before they move to temporary files.
+static CAPTURE_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_CAPTURE_MEMORY_KB);
 /// Allow plain-http endpoint URLs (superuser or config file only).
 static ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Allow endpoints on loopback, private, link-local and similar networks (superuser only).
@@ -133,6 +135,16 @@ pub fn init() {
         MAX_MAX_PAYLOAD_BYTES,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"webhooks.capture_memory",
+        c"Memory a transaction's capture notes may take in its backend.",
+        c"Capture notes each row a transaction changes (about 250 bytes a row); beyond this, the notes move to temporary files and are merged at commit, with the same events.",
+        &CAPTURE_MEMORY_KB,
+        64,
+        i32::MAX / 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"webhooks.max_retry_after",
@@ -348,6 +360,11 @@ pub fn max_response_bytes() -> usize {
 pub const DEFAULT_MAX_PAYLOAD_BYTES: i32 = 256 * 1024;
 /// Upper bound of `webhooks.max_payload_bytes` (64 MiB).
 pub const MAX_MAX_PAYLOAD_BYTES: i32 = 64 * 1024 * 1024;
+/// Default of `webhooks.capture_memory`: 16 MB, notes for about 60,000 rows.
+pub const DEFAULT_CAPTURE_MEMORY_KB: i32 = 16 * 1024;
+pub fn capture_memory_bytes() -> usize {
+    CAPTURE_MEMORY_KB.get().max(64) as usize * 1024
+}
 pub fn max_payload_bytes() -> usize {
     MAX_PAYLOAD_BYTES.get().max(1024) as usize
 }

@@ -52,6 +52,10 @@ pub extern "C-unwind" fn _PG_init() {
         pg_sys::RegisterSubXactCallback(Some(on_subtransaction_event), std::ptr::null_mut());
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EXECUTOR_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
     }
     worker::register();
 }
@@ -85,9 +89,68 @@ unsafe extern "C-unwind" fn on_subtransaction_event(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        capture::subtransaction_aborted();
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_START_SUB => capture::subtransaction_started(),
+        SUBXACT_EVENT_COMMIT_SUB => capture::subtransaction_committed(),
+        SUBXACT_EVENT_ABORT_SUB => capture::subtransaction_aborted(),
+        _ => {}
     }
+}
+
+static mut PREV_EXECUTOR_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+
+extern "C-unwind" {
+    // PostgreSQL's own, called without pgrx's guard: an ERROR passes through the hooks below
+    // as it would without them (the guard would catch and raise it again, losing fields such
+    // as the constraint name that applications read).
+    #[link_name = "standard_ExecutorRun"]
+    fn raw_standard_executor_run(
+        query_desc: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        execute_once: bool,
+    );
+    #[link_name = "standard_ExecutorFinish"]
+    fn raw_standard_executor_finish(query_desc: *mut pg_sys::QueryDesc);
+}
+
+/// Counts the executor's nesting (see `capture::enter_statement`): a child row's trigger fires
+/// inside ExecutorRun of the statement that writes it. No pgrx guard, and nothing here to drop:
+/// an ERROR jumps over this frame untouched (the level is restored by the (sub)transaction's
+/// abort).
+unsafe extern "C-unwind" fn executor_run(
+    query_desc: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    let level = capture::enter_statement();
+    match PREV_EXECUTOR_RUN {
+        Some(prev) => prev(query_desc, direction, count, execute_once),
+        None => raw_standard_executor_run(query_desc, direction, count, execute_once),
+    }
+    capture::leave_statement(level);
+}
+
+/// A statement's AFTER triggers (its foreign key checks among them) fire in ExecutorFinish:
+/// once they have, capture looks again for the parents its child triggers did not find.
+unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
+    let level = capture::enter_statement();
+    match PREV_EXECUTOR_FINISH {
+        Some(prev) => prev(query_desc),
+        None => raw_standard_executor_finish(query_desc),
+    }
+    if capture::leave_statement(level) {
+        statement_finished(level);
+    }
+}
+
+/// Rust that may raise: behind pgrx's guard.
+#[pg_guard]
+unsafe extern "C-unwind" fn statement_finished(level: u32) {
+    capture::statement_finished(level);
 }
 
 static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
@@ -112,6 +175,8 @@ unsafe extern "C-unwind" fn process_utility(
         && (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
         && (*(stmt as *mut pg_sys::TransactionStmt)).kind
             == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+    // COPY fires its AFTER triggers itself, without ExecutorFinish.
+    let level = capture::enter_statement();
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(
@@ -124,6 +189,9 @@ unsafe extern "C-unwind" fn process_utility(
             dest,
             qc,
         ),
+    }
+    if capture::leave_statement(level) {
+        capture::statement_finished(level);
     }
     if commit_prepared {
         // The prepared transaction is committed and visible now. It may have queued

@@ -48,6 +48,27 @@ pub fn rows_with_snapshot(
     args: &[Option<pg_sys::Datum>],
     snapshot: pg_sys::Snapshot,
 ) -> Vec<Vec<Option<String>>> {
+    rows_with_snapshot_as(query, arg_types, args, snapshot, false)
+}
+
+/// `rows_with_snapshot` of a read-only query, run with the snapshot exactly as given: a
+/// read-write call advances the command counter and gives the snapshot the current command id.
+pub fn rows_with_snapshot_read_only(
+    query: &str,
+    arg_types: &[pg_sys::Oid],
+    args: &[Option<pg_sys::Datum>],
+    snapshot: pg_sys::Snapshot,
+) -> Vec<Vec<Option<String>>> {
+    rows_with_snapshot_as(query, arg_types, args, snapshot, true)
+}
+
+fn rows_with_snapshot_as(
+    query: &str,
+    arg_types: &[pg_sys::Oid],
+    args: &[Option<pg_sys::Datum>],
+    snapshot: pg_sys::Snapshot,
+    read_only: bool,
+) -> Vec<Vec<Option<String>>> {
     Spi::connect(|_client| unsafe {
         // Kept per query and argument types: one text may be prepared for several row types.
         let cache_key = format!("{query}\u{0}{arg_types:?}");
@@ -83,7 +104,7 @@ pub fn rows_with_snapshot(
             nulls.as_ptr(),
             snapshot,
             std::ptr::null_mut(),
-            false,
+            read_only,
             true,
             0,
         );
@@ -119,16 +140,40 @@ pub fn rows_with_snapshot(
 
 /// `row_to_json` of a row (a composite datum). Only for rows of built-in types: for those it
 /// never looks up a cast, so no user code runs.
+/// Runs in a memory context of its own, reset after each row: `row_to_json` leaves its
+/// buffer (a kilobyte or more) behind, which over the rows a commit reads at once (thousands of
+/// orders and their items) added up to tens of megabytes.
 pub fn row_json(row: pg_sys::Datum) -> String {
+    thread_local! {
+        static SCRATCH: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    }
     unsafe {
+        let mut scratch = SCRATCH.with(|s| s.get());
+        if scratch.is_null() {
+            scratch = pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"pg_webhooks row json".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            );
+            SCRATCH.with(|s| s.set(scratch));
+        }
+        let outer = pg_sys::MemoryContextSwitchTo(scratch);
+        // On an ERROR the context is left as it is (and reset by the next call).
         let json = pg_sys::OidFunctionCall1Coll(
             pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
             pg_sys::InvalidOid,
             row,
         );
-        let c = pg_sys::text_to_cstring(json.cast_mut_ptr());
-        let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
-        pg_sys::pfree(c.cast());
+        let text = json.cast_mut_ptr::<pg_sys::varlena>();
+        let bytes = std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(text).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(text),
+        );
+        let s = String::from_utf8_lossy(bytes).into_owned();
+        pg_sys::MemoryContextSwitchTo(outer);
+        pg_sys::MemoryContextReset(scratch);
         s
     }
 }
