@@ -1093,7 +1093,7 @@ BEGIN
     ELSE
         v_data := webhooks._sample(p_type);
         SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id;
-        IF NOT webhooks._matches(v_sub.event_types, v_sub.filter, p_type, v_data) THEN
+        IF NOT webhooks._matches(v_sub.event_types, v_sub.filter, p_type, v_data, v_sub.shape -> 'event_names') THEN
             RAISE NOTICE 'subscription % would not receive % events (event_types or filter); the sample is sent anyway', p_id, p_type;
         END IF;
     END IF;

@@ -1083,3 +1083,50 @@ fn a_shaped_poll_subscription_gets_the_renamed_types_and_bodies_pushes_get() {
     }
     let _ = push;
 }
+
+/// send_test warns when the subscription would not receive the type it samples; a
+/// subscription that names the type by its shape's name receives it, so no warning.
+#[test]
+fn send_test_knows_a_subscription_that_names_the_type_by_its_shape_receives_it() {
+    let mut su = cluster().connect();
+    shop(&mut su, "pnotice");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut admin = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(cluster().port)
+        .user("pnotice_admin")
+        .dbname("postgres")
+        .notice_callback(move |n| seen.lock().expect("notices").push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .expect("admin with notices");
+    let renamed: i64 = admin
+        .query_one(
+            r#"SELECT id FROM webhooks.subscribe(NULL, '{ORDER_CREATED}', delivery => 'poll',
+                   shape => '{"event_names": {"pnotice.created": "ORDER_CREATED"}}')"#,
+            &[],
+        )
+        .expect("a subscription by the renamed type")
+        .get(0);
+    let other: i64 = admin
+        .query_one("SELECT id FROM webhooks.subscribe(NULL, '{pnotice.deleted}', delivery => 'poll')", &[])
+        .expect("a subscription to another type")
+        .get(0);
+    admin
+        .execute("SELECT webhooks.send_test($1, 'pnotice.created')", &[&renamed])
+        .expect("sample to the renamed subscription");
+    assert!(
+        notices.lock().expect("notices").is_empty(),
+        "no warning for a subscription that receives the type by its renamed name: {:?}",
+        notices.lock().expect("notices")
+    );
+    admin
+        .execute("SELECT webhooks.send_test($1, 'pnotice.created')", &[&other])
+        .expect("sample to the other subscription");
+    let got = notices.lock().expect("notices").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].contains("would not receive"), "{got:?}");
+    let polled = poll(&mut admin, renamed, None, 10);
+    assert_eq!(polled.len(), 1);
+    assert_eq!(polled[0].event_type, "ORDER_CREATED", "the sample is shaped as the subscription's events");
+}
