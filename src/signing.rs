@@ -110,16 +110,7 @@ pub fn generate_secret() -> Result<String, getrandom::Error> {
 }
 
 /// Header names pg_webhooks sets itself (or the HTTP client does): never a signature's header.
-const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "content-type",
-    "transfer-encoding",
-    "connection",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-];
+use crate::shape::RESERVED_HEADERS;
 
 /// How an `hmac` signature is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
