@@ -20,8 +20,19 @@ else
     RUNAS=(--pgdata "$PGDATA_DIR")
 fi
 
+# What the soak, failover, hostile-receiver, bounds and model tests counted (tests/common's
+# report!), printed after the run: cargo test shows a passing test's output to no one.
+rm -rf target/tmp/reports
+
 # An optional argument runs only the tests whose names contain it.
 cargo pgrx test "pg$PG_VERSION" "${RUNAS[@]}" ${1:+"$1"}
+
+if compgen -G "target/tmp/reports/*.txt" >/dev/null; then
+    for f in target/tmp/reports/*.txt; do
+        echo "== what tests/$(basename "$f" .txt).rs counted"
+        cat "$f"
+    done
+fi
 
 # Then the Debian package as a DBA installs it (tests/package.sh, named "package"): built by
 # scripts/package.sh, installed with dpkg -i into PostgreSQL's directories (after removing the

@@ -357,7 +357,7 @@ fn measured(cluster: &Cluster, db: &str, cap: &str, what: &str, sql: &str) -> (u
     let took = started.elapsed();
     let peak = probe.finish();
     let hwm = proc_status_kb(pid, "VmHWM");
-    println!(
+    report!(
         "capture memory: {what} (webhooks.capture_memory = {cap}): backend RssAnon {base} kB before, peak {peak} kB (+{} kB); VmHWM {hwm} kB; {took:.1?}",
         peak.saturating_sub(base)
     );
@@ -483,7 +483,7 @@ fn a_huge_transaction_keeps_backend_memory_bounded_and_captures_every_event() {
     for (what, base, peak, touched) in [("insert", b1, p1, n), ("update", b2, p2, n), ("items", b3, p3, 4 * m)] {
         let grew = peak.saturating_sub(base);
         let bound = cap_kb as u64 * 5 / 2 + touched as u64 * 64 / 1024 + 8 * 1024;
-        println!(
+        report!(
             "capture memory: {what}: +{grew} kB for {touched} rows ({} bytes a row); bound {bound} kB",
             grew * 1024 / touched as u64
         );
@@ -596,7 +596,7 @@ fn notes_moved_to_disk_keep_every_capture_rule() {
         .query_one("SELECT temp_files FROM pg_stat_database WHERE datname = 'capture_spill'", &[])
         .map(|r| r.get(0))
         .expect("temp files");
-    println!("capture memory: the transaction wrote {spilled} temporary files");
+    report!("capture memory: the transaction wrote {spilled} temporary files");
     assert!(spilled > 0, "the notes were expected to move to temporary files");
 }
 

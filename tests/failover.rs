@@ -273,7 +273,7 @@ fn acknowledged_events_survive_failover_to_a_synchronous_standby_and_delivery_re
         )
         .expect("dead")
         .get(0);
-    println!(
+    report!(
         "failover: {} acknowledged, {} unknown ({} committed), {} aborted; {} events on the new primary; \
          {} requests received ({by_new_primary} acknowledged after the promotion); lost {lost}, acknowledged but missing {}, never-committed delivered {never_committed}, dead {dead}",
         ledger.acked.len(),
@@ -295,7 +295,7 @@ fn acknowledged_events_survive_failover_to_a_synchronous_standby_and_delivery_re
         .filter(|e| failed_before.contains(e["webhook_id"].as_str().unwrap_or_default()))
         .filter_map(|e| e["webhook_id"].as_str())
         .collect();
-    println!("failover: {} events failed at the warehouse before the crash, {} of them delivered by the new primary", failed_before.len(), carried_on.len());
+    report!("failover: {} events failed at the warehouse before the crash, {} of them delivered by the new primary", failed_before.len(), carried_on.len());
     assert!(
         !carried_on.is_empty(),
         "the new primary delivered the backlog the old one left"

@@ -171,7 +171,7 @@ fn hostile_receivers_end_at_their_deadline_and_do_not_slow_a_healthy_endpoint() 
         );
         for (ms, status, err) in &got {
             let err = err.as_deref().unwrap_or_default();
-            println!("{name}: {ms:.0} ms, status {status:?}: {err}");
+            report!("{name}: {ms:.0} ms, status {status:?}: {err}");
             assert!(!err.is_empty(), "{name}: an error is recorded");
             assert!(err.contains(error), "{name}: {err:?} should say {error:?}");
             if *deadline_bound {

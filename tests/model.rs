@@ -1421,7 +1421,7 @@ fn setup(c: &mut Client, rng: &mut Rng, cfg: &Config) -> BTreeMap<i64, KeyState>
 #[test]
 fn random_transactions_give_the_events_of_the_model() {
     let cfg = Config::from_env();
-    eprintln!(
+    report!(
         "model: seed {} ({} transactions, {} sessions, {} order keys, {} item ids); replay with: {}",
         cfg.seed,
         cfg.transactions,
@@ -1548,7 +1548,7 @@ fn random_transactions_give_the_events_of_the_model() {
             cfg.replay()
         );
     }
-    eprintln!(
+    report!(
         "model: seed {}: {} attempts, {committed} committed, {rolled_back} rolled back ({retried} retries after deadlocks), {total_events} events as modelled; {:.1?} running, {:.1?} in all",
         cfg.seed,
         records.len(),

@@ -274,10 +274,10 @@ fn fault_soak_accounts_for_every_event() {
     let seconds = env_u64("SOAK_SECONDS", 100);
     let writers = env_u64("SOAK_WRITERS", 3);
     let rate = env_u64("SOAK_RATE", 6);
-    println!("soak: seed {seed} (SOAK_SEED={seed} replays the choices), {seconds} s of faults, {writers} writers x {rate}/s");
+    report!("soak: seed {seed} (SOAK_SEED={seed} replays the choices), {seconds} s of faults, {writers} writers x {rate}/s");
     let started = Instant::now();
     let result = std::panic::catch_unwind(|| soak(seed, seconds, writers, rate));
-    println!("soak: {:.0} s in all", started.elapsed().as_secs_f64());
+    report!("soak: {:.0} s in all", started.elapsed().as_secs_f64());
     if let Err(e) = result {
         eprintln!(
             "soak FAILED with seed {seed}: rerun with SOAK_SEED={seed} SOAK_SECONDS={seconds} SOAK_WRITERS={writers} SOAK_RATE={rate} cargo test --features pg15 --test soak"
@@ -444,7 +444,7 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         t.join().expect("writer");
     }
     let faults_done = unix_now();
-    println!("soak: faults and writers stopped");
+    report!("soak: faults and writers stopped");
 
     // Drain: every event fanned out to every subscription and every delivery finished.
     let mut c = cluster.connect();
@@ -513,9 +513,9 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         .collect();
 
     // What the receivers saw.
-    println!("soak: drained; counting");
+    report!("soak: drained; counting");
     let log = rx.log();
-    println!("soak: {} requests in the receivers' log", log.len());
+    report!("soak: {} requests in the receivers' log", log.len());
     let mut delivered: HashMap<&str, HashMap<String, Vec<f64>>> = HashMap::new();
     let mut never_committed_delivered = 0;
     let mut unverified = 0;
@@ -651,9 +651,9 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         }
     }
     let requests = log.len();
-    println!("soak: seed {seed}");
-    println!("  faults injected: {faults:?} (crashes: {})", crashes.len());
-    println!(
+    report!("soak: seed {seed}");
+    report!("  faults injected: {faults:?} (crashes: {})", crashes.len());
+    report!(
         "  writer transactions: {} acknowledged, {} unknown ({} of them committed), {} rolled back, {} aborted before COMMIT",
         ledger.acked.len(),
         ledger.unknown.len(),
@@ -661,32 +661,32 @@ fn soak(seed: u64, seconds: u64, writers: u64, rate: u64) {
         ledger.rolled_back.len(),
         ledger.aborted.len()
     );
-    println!(
+    report!(
         "  committed transactions: {}, committed events: {} x {} endpoints",
         committed.len(),
         event_of.len(),
         ENDPOINTS.len()
     );
-    println!(
+    report!(
         "  requests received: {requests}; delivered unique: {delivered_unique} (of {} expected)",
         event_of.len() * ENDPOINTS.len()
     );
-    println!(
+    report!(
         "  duplicates: {duplicates} ({dup_after_crash} after a crash or kill, {} otherwise)",
         dup_unexplained.len()
     );
-    println!("  lost: {lost}");
-    println!("  never-committed delivered: {never_committed_delivered}");
-    println!("  per-key order violations: {order_violations} (first arrivals; {redelivered_behind} duplicates came again after a later event of their key)");
-    println!("  acknowledged but not durable: {acked_not_durable}; rolled-back/aborted but committed: {rolled_back_committed}");
-    println!("  events of uncommitted transactions: {events_of_uncommitted}; committed transactions without events: {committed_without_events}");
-    println!("  unverified signatures: {unverified}; dead deliveries (first 10): {dead:?}");
-    println!(
+    report!("  lost: {lost}");
+    report!("  never-committed delivered: {never_committed_delivered}");
+    report!("  per-key order violations: {order_violations} (first arrivals; {redelivered_behind} duplicates came again after a later event of their key)");
+    report!("  acknowledged but not durable: {acked_not_durable}; rolled-back/aborted but committed: {rolled_back_committed}");
+    report!("  events of uncommitted transactions: {events_of_uncommitted}; committed transactions without events: {committed_without_events}");
+    report!("  unverified signatures: {unverified}; dead deliveries (first 10): {dead:?}");
+    report!(
         "  worker peak memory: VmHWM {} kB, RssAnon {} kB (sampled every 250 ms)",
         peak_hwm.load(Ordering::Relaxed),
         peak_anon.load(Ordering::Relaxed)
     );
-    println!(
+    report!(
         "  drained {:.1} s after the faults stopped",
         unix_now() - faults_done
     );

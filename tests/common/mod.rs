@@ -534,3 +534,35 @@ pub fn install_archived_script(version: &str) {
             .unwrap_or_else(|e| panic!("rename to {}: {e}", target.display()));
     }
 }
+
+/// Appends `line` to this test binary's report, `target/tmp/reports/<binary>.txt`, which
+/// scripts/test.sh prints after the suite: what the soak, failover, hostile-receiver, bounds
+/// and model tests counted is then in CI's output although cargo test keeps a passing test's
+/// output to itself. Use `report!`, which prints the line too.
+pub fn append_report(line: &str) {
+    use std::io::Write as _;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("reports");
+    let _ = std::fs::create_dir_all(&dir);
+    let name = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| s.rsplit_once('-').map(|(n, _)| n.to_string()).unwrap_or(s))
+        .unwrap_or_else(|| "tests".into());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.txt")))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// `println!` that also goes into the binary's report (see `append_report`).
+#[macro_export]
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        $crate::common::append_report(&line);
+    }};
+}
