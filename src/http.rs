@@ -219,11 +219,70 @@ pub fn headers(
     Ok(out)
 }
 
-/// Resolves with the system resolver, then drops addresses a webhook must not reach.
-#[derive(Debug)]
+/// How long a host's addresses are used again without asking the system resolver. ureq
+/// resolves before it looks for a pooled connection, so without this every request resolved,
+/// and with a deadline set the system resolver runs on a thread spawned for each lookup (a
+/// thread per request: most of an HTTP thread's time on a keep-alive connection). A pooled
+/// connection goes on using the address it was opened with for up to its idle age (60 s)
+/// anyway, so reusing a lookup for a few seconds is no staler than the pool.
+const RESOLVED_FOR: Duration = Duration::from_secs(5);
+/// Hosts remembered at most (all are forgotten when it is full: memory stays bounded).
+const RESOLVED_MAX: usize = 1024;
+
+/// Resolves with the system resolver, then drops addresses a webhook must not reach. What the
+/// system resolver said is remembered for RESOLVED_FOR; the check runs on every request (a
+/// change of webhooks.allow_private_network applies at once).
 struct CheckedResolver {
     inner: DefaultResolver,
     allow_private: Arc<AtomicBool>,
+    resolved: Mutex<std::collections::HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+}
+
+impl std::fmt::Debug for CheckedResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedResolver").finish_non_exhaustive()
+    }
+}
+
+impl CheckedResolver {
+    fn new(allow_private: Arc<AtomicBool>) -> Self {
+        CheckedResolver {
+            inner: DefaultResolver::default(),
+            allow_private,
+            resolved: Mutex::default(),
+        }
+    }
+
+    /// The system resolver's addresses for `uri`'s scheme, host and port, remembered.
+    fn lookup(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or(""),
+            uri.authority().map(|a| a.as_str()).unwrap_or("")
+        );
+        let now = Instant::now();
+        {
+            let cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, addrs)) = cache.get(&key) {
+                if now.duration_since(*at) < RESOLVED_FOR {
+                    return Ok(addrs.clone());
+                }
+            }
+        }
+        // Failures are not remembered: the next request asks again.
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= RESOLVED_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (now, addrs.clone()));
+        Ok(addrs)
+    }
 }
 
 impl Resolver for CheckedResolver {
@@ -233,7 +292,7 @@ impl Resolver for CheckedResolver {
         config: &ureq::config::Config,
         timeout: ureq::unversioned::transport::NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let all = self.inner.resolve(uri, config, timeout)?;
+        let all = self.lookup(uri, config, timeout)?;
         if self.allow_private.load(Ordering::Relaxed) {
             return Ok(all);
         }
@@ -279,10 +338,7 @@ impl AgentFactory {
         if let Some(tls) = tls {
             config = config.tls_config(tls);
         }
-        let resolver = CheckedResolver {
-            inner: DefaultResolver::default(),
-            allow_private: self.allow_private.clone(),
-        };
+        let resolver = CheckedResolver::new(self.allow_private.clone());
         ureq::Agent::with_parts(config.build(), DefaultConnector::default(), resolver)
     }
 }
@@ -896,6 +952,50 @@ mod tests {
             !cache.entries.contains_key(&2),
             "the least recently used went first"
         );
+    }
+
+    #[test]
+    fn lookups_are_remembered_and_the_network_check_runs_on_every_request() {
+        let allow = Arc::new(AtomicBool::new(true));
+        let resolver = CheckedResolver::new(allow.clone());
+        let config = ureq::Agent::config_builder().build();
+        let uri: ureq::http::Uri = "http://127.0.0.1:9/hook".parse().unwrap();
+        let timeout = ureq::unversioned::transport::NextTimeout::default();
+        let first = resolver.resolve(&uri, &config, timeout).expect("allowed");
+        assert_eq!(first.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["127.0.0.1:9"]);
+        assert_eq!(resolver.resolved.lock().unwrap().len(), 1);
+        // Remembered: another path on the same host and port is the same entry.
+        let other: ureq::http::Uri = "http://127.0.0.1:9/other".parse().unwrap();
+        resolver.resolve(&other, &config, timeout).expect("allowed");
+        assert_eq!(resolver.resolved.lock().unwrap().len(), 1);
+        // The check is not remembered: turning private networks off refuses the cached address.
+        allow.store(false, Ordering::Relaxed);
+        let refused = resolver.resolve(&uri, &config, timeout).unwrap_err().to_string();
+        assert!(refused.contains("set webhooks.allow_private_network"), "{refused}");
+        // An old entry is asked again.
+        allow.store(true, Ordering::Relaxed);
+        resolver
+            .resolved
+            .lock()
+            .unwrap()
+            .values_mut()
+            .for_each(|(at, _)| *at -= RESOLVED_FOR);
+        let mut stale = resolver.inner.empty();
+        stale.push("127.0.0.2:9".parse().unwrap());
+        resolver
+            .resolved
+            .lock()
+            .unwrap()
+            .values_mut()
+            .for_each(|(_, addrs)| *addrs = stale.clone());
+        let again = resolver.resolve(&uri, &config, timeout).expect("allowed");
+        assert_eq!(again.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["127.0.0.1:9"]);
+        // Bounded: a full table is emptied before the next host is remembered.
+        for port in 0..RESOLVED_MAX + 10 {
+            let uri: ureq::http::Uri = format!("http://127.0.0.1:{}/", 1000 + port).parse().unwrap();
+            resolver.resolve(&uri, &config, timeout).expect("allowed");
+        }
+        assert!(resolver.resolved.lock().unwrap().len() <= RESOLVED_MAX);
     }
 
     #[test]
