@@ -932,6 +932,11 @@ fn recheck_unseen(level: Option<u32>) {
     if keys.is_empty() {
         return;
     }
+    // Pre-commit runs outside any statement, and a configuration forgotten since the trigger
+    // (an invalidation, or a catch-up of the invalidation queue while the session sat idle)
+    // is read again through SPI, which needs an active snapshot. Only then: a commit with
+    // nothing to look for again takes no snapshot.
+    let _outer = (!unsafe { pg_sys::ActiveSnapshotSet() }).then(LatestSnapshot::push);
     RECHECKING.with(|r| r.set(true));
     let mut last: Option<(pg_sys::Oid, String)> = None;
     for (relid, key) in keys {
@@ -2378,14 +2383,8 @@ struct RowAtCommit {
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
 pub fn write_events_at_commit() {
     // Parents not found by a child trigger, maybe committed since (deferred foreign keys have
-    // been checked by now): locked and noted before their events are worked out. Pre-commit
-    // runs outside any statement, and a configuration forgotten since the trigger (an
-    // invalidation, or a catch-up of the invalidation queue while the session sat idle) is
-    // read again through SPI, which needs an active snapshot.
-    {
-        let _outer = LatestSnapshot::push();
-        recheck_unseen(None);
-    }
+    // been checked by now): locked and noted before their events are worked out.
+    recheck_unseen(None);
     // Capture runs no user code, but should anything it runs write a tracked table or emit
     // (a future change, another extension's hook), go on until nothing new is noted.
     for _ in 0..100 {
