@@ -421,6 +421,12 @@ fn functions(sub: i64, delivery: i64, orders_oid: u32, poll_sub: i64) -> Vec<Fun
             management: true,
         },
         Func {
+            name: "request",
+            sql: "SELECT webhooks.request($1::text::bigint)::text",
+            args: vec![(Kind::Bigint, s(&delivery))],
+            management: true,
+        },
+        Func {
             name: "redeliver",
             sql: "SELECT webhooks.redeliver($1::text::bigint)::text",
             args: vec![(Kind::Bigint, s(&delivery))],
