@@ -138,10 +138,9 @@ SELECT ev.xid::text, pg_catalog.min(ev.seq), pg_catalog.count(*)
          WHERE ev.xid >= pg_catalog.pg_snapshot_xmax($1::pg_snapshot)
            AND ev.xid < pg_catalog.pg_snapshot_xmax($2::pg_snapshot)
         UNION ALL
-        -- An array, not a join: joined, the planner may scan every event when the xids have
-        -- few distinct values (after a bulk load in a few transactions), even for no xid.
-        SELECT ev.xid, ev.seq FROM webhooks._events ev
-         WHERE ev.xid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::pg_snapshot)))) ev
+        SELECT ev.xid, ev.seq
+          FROM pg_catalog.pg_snapshot_xip($1::pg_snapshot) AS r(xid)
+         CROSS JOIN LATERAL (SELECT ev.xid, ev.seq FROM webhooks._events ev WHERE ev.xid = r.xid) ev) ev
  WHERE pg_catalog.pg_visible_in_snapshot(ev.xid, $2::pg_snapshot)
  GROUP BY ev.xid
  ORDER BY 2";
