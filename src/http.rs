@@ -253,7 +253,8 @@ impl CheckedResolver {
         }
     }
 
-    /// The system resolver's addresses for `uri`'s scheme, host and port, remembered.
+    /// The system resolver's addresses for `uri`'s scheme, host and port, remembered (by
+    /// those alone: a URL's credentials are not kept as part of the key).
     fn lookup(
         &self,
         uri: &ureq::http::Uri,
@@ -261,9 +262,10 @@ impl CheckedResolver {
         timeout: ureq::unversioned::transport::NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let key = format!(
-            "{}://{}",
+            "{}://{}:{:?}",
             uri.scheme_str().unwrap_or(""),
-            uri.authority().map(|a| a.as_str()).unwrap_or("")
+            uri.host().unwrap_or(""),
+            uri.port_u16()
         );
         let now = Instant::now();
         {
