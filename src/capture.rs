@@ -209,8 +209,30 @@ unsafe fn child_direct(child: pg_sys::Oid, fk_attnum: i16) -> Option<ChildDirect
 /// configuration was loaded (locking the table below takes in its invalidations); the caller
 /// then uses the SQL path.
 unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot) -> Option<String> {
+    children_scan(ch, key, snapshot, |rows, desc| {
+        let mut out = String::from("[");
+        for (i, tuple) in rows.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&row_json(pg_sys::heap_copy_tuple_as_datum(*tuple, desc)));
+        }
+        out.push(']');
+        out
+    })
+}
+
+/// `f` of the rows of `ch` whose foreign key is `key` (copies, in primary key order, and the
+/// table's descriptor), read under `snapshot`; None as for `children_array`. The descriptor
+/// is null when there are no rows.
+unsafe fn children_scan<R>(
+    ch: &ChildDirect,
+    key: &str,
+    snapshot: pg_sys::Snapshot,
+    f: impl FnOnce(&[pg_sys::HeapTuple], pg_sys::TupleDesc) -> R,
+) -> Option<R> {
     let Some(arg) = typed_key(ch.fk_type, ch.fk_input, key) else {
-        return Some("[]".into());
+        return Some(f(&[], std::ptr::null_mut()));
     };
     let rel = pg_sys::try_relation_open(ch.relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
     if rel.is_null() {
@@ -249,12 +271,12 @@ unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot
     let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
-    let mut rows: Vec<(i64, String)> = Vec::new();
+    let mut rows: Vec<(i64, pg_sys::HeapTuple)> = Vec::new();
     let mut values = vec![pg_sys::Datum::from(0usize); natts];
     let mut nulls = vec![false; natts];
     while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-        let mut should_free = false;
-        let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+        // A copy of the row (the slot's is in a buffer, and moves on).
+        let tuple = pg_sys::ExecCopySlotHeapTuple(slot);
         let order = match ch.pk {
             Some((att, typ)) => {
                 pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
@@ -267,27 +289,16 @@ unsafe fn children_array(ch: &ChildDirect, key: &str, snapshot: pg_sys::Snapshot
             }
             None => rows.len() as i64,
         };
-        let json = row_json(pg_sys::heap_copy_tuple_as_datum(tuple, desc));
-        if should_free {
-            pg_sys::heap_freetuple(tuple);
-        }
-        rows.push((order, json));
+        rows.push((order, tuple));
     }
     pg_sys::index_endscan(scan);
     pg_sys::ExecDropSingleTupleTableSlot(slot);
+    rows.sort_by_key(|r| r.0);
+    let tuples: Vec<pg_sys::HeapTuple> = rows.into_iter().map(|r| r.1).collect();
+    let result = f(&tuples, desc);
     pg_sys::index_close(idx, pg_sys::NoLock as pg_sys::LOCKMODE);
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    rows.sort_by_key(|r| r.0);
-    let mut out = String::with_capacity(2 + rows.iter().map(|r| r.1.len() + 1).sum::<usize>());
-    out.push('[');
-    for (i, (_, json)) in rows.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(json);
-    }
-    out.push(']');
-    Some(out)
+    Some(result)
 }
 
 /// `{"name": [...], ...}` of `key`'s children read directly, under `snapshot`; None when the
@@ -299,6 +310,34 @@ fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, sn
         arrays.push(Some(unsafe { children_array(ch, key, snapshot) }?));
     }
     Some(cfg.children_json(&arrays))
+}
+
+/// The data of `key`'s event as jsonb (its bytes): the row (`tuple`, of the tracked table's
+/// descriptor `desc`) and its children read directly under `snapshot`, as `to_jsonb` builds
+/// the same object. None when the children cannot be read directly now (see
+/// `children_array`). Called under the output settings.
+unsafe fn row_jsonb(
+    cfg: &TableConfig,
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    key: &str,
+    snapshot: pg_sys::Snapshot,
+) -> Option<Vec<u8>> {
+    let mut b = crate::jsonb::Builder::object();
+    b.columns(tuple, desc);
+    if let Some(direct) = cfg.children_direct.as_deref() {
+        for (ch, name) in direct.iter().zip(&cfg.child_names) {
+            b.key(name.as_bytes());
+            b.begin_array();
+            children_scan(ch, key, snapshot, |rows, child_desc| {
+                for row in rows {
+                    b.row_element(*row, child_desc);
+                }
+            })?;
+            b.end_array();
+        }
+    }
+    Some(crate::jsonb::to_bytes(b.finish()))
 }
 
 impl TableConfig {
@@ -2304,9 +2343,7 @@ struct NewEvent {
     event_type: String,
     entity: String,
     key: String,
-    row: String,
-    children: Option<String>,
-    extra: Option<String>,
+    data: crate::direct::Data,
     mapped_status: Option<String>,
 }
 
@@ -2318,17 +2355,11 @@ fn net_events(
     now: Option<&RowAtCommit>,
     out: &mut Vec<NewEvent>,
 ) {
-    let ev = |suffix: &str,
-              row: &str,
-              children: Option<&String>,
-              extra: Option<String>,
-              mapped: Option<&String>| NewEvent {
+    let ev = |suffix: &str, data: crate::direct::Data, mapped: Option<&String>| NewEvent {
         event_type: format!("{}.{suffix}", cfg.entity),
         entity: cfg.entity.clone(),
         key: key.to_string(),
-        row: row.to_string(),
-        children: children.cloned(),
-        extra,
+        data,
         mapped_status: mapped.cloned(),
     };
     if t.unseen && !t.row_touched {
@@ -2336,48 +2367,38 @@ fn net_events(
     }
     match (t.existed_before, now) {
         (false, None) => {}
-        (false, Some(cur)) => out.push(ev(
-            "created",
-            &cur.row,
-            cur.children.as_ref(),
-            None,
-            cur.status.as_ref(),
-        )),
+        (false, Some(cur)) => out.push(ev("created", cur.data.clone(), cur.status.as_ref())),
         (true, None) => {
             if let Some(old) = &t.deleted_row {
-                out.push(ev("deleted", old, None, None, None));
+                let data = crate::direct::Data::Text { parts: vec![old.clone()], extra: None };
+                out.push(ev("deleted", data, None));
             }
         }
         (true, Some(cur)) => {
             let status_changed =
                 cfg.status_attnum.is_some() && t.row_touched && t.orig_status != cur.status;
             let row_changed = t.row_touched && t.orig_row != Some(cur.image);
-            let children_changed =
-                t.children_touched && t.orig_children != cur.children.as_deref().map(digest);
+            let children_changed = t.children_touched && t.orig_children != cur.children_digest;
             if status_changed {
-                let extra =
-                    serde_json::json!({"previous_status": t.orig_status, "status": cur.status})
-                        .to_string();
-                out.push(ev(
-                    "status_updated",
-                    &cur.row,
-                    cur.children.as_ref(),
-                    Some(extra),
-                    cur.status.as_ref(),
-                ));
+                let extra = (t.orig_status.clone(), cur.status.clone());
+                out.push(ev("status_updated", cur.data.with_extra(extra), cur.status.as_ref()));
             } else if row_changed || children_changed {
-                out.push(ev("updated", &cur.row, cur.children.as_ref(), None, None));
+                out.push(ev("updated", cur.data.clone(), None));
             }
         }
     }
 }
 
 struct RowAtCommit {
-    row: String,
+    /// The event's data (the row and its children).
+    data: crate::direct::Data,
     /// Digest of the row's binary image, as the trigger took of the row before.
     image: Digest,
     status: Option<String>,
-    children: Option<String>,
+    /// Digest of the children's JSON, as the child trigger took of them before; only for a
+    /// row that existed before and whose children this transaction changed (None otherwise,
+    /// and for a table without children).
+    children_digest: Option<Digest>,
 }
 
 /// XACT_EVENT_PRE_COMMIT: turn the notes into events. An error here aborts the transaction.
@@ -2607,36 +2628,48 @@ fn rows_at_commit(
         if fetched.is_empty() {
             return out;
         }
-        let children = if cfg.child_relids.is_empty() {
-            HashMap::new()
-        } else if let Some(map) = cfg.children_direct.as_ref().and_then(|direct| {
-            with_output_settings(|| {
-                fetched
-                    .iter()
-                    .map(|f| Some((f.0.clone(), children_direct_json(cfg, direct, &f.0, snapshot)?)))
-                    .collect::<Option<HashMap<_, _>>>()
-            })
-        }) {
-            map
-        } else {
-            let fetched_keys: Vec<String> = fetched.iter().map(|f| f.0.clone()).collect();
-            as_role(cfg.owner, || {
-                rows_with_snapshot(
-                    &cfg.children_rows_query,
-                    &[cfg.key_array_type],
-                    &[Some(cfg.keys_datum(&fetched_keys))],
-                    snapshot,
-                )
-            })
-            .into_iter()
-            .filter_map(|r| {
-                let mut it = r.into_iter();
-                let key = it.next().flatten()?;
-                let arrays: Vec<Option<String>> = it.collect();
-                Some((key, cfg.children_json(&arrays)))
-            })
-            .collect::<HashMap<_, _>>()
+        let fetched_keys: Vec<String> = fetched.iter().map(|f| f.0.clone()).collect();
+        // The children as JSON text, for the text path and for comparing with the children
+        // before (computed once, for every fetched key, when first needed).
+        let mut children_text: Option<HashMap<String, Option<String>>> = None;
+        let mut text_of_children = |key: &str| -> Option<String> {
+            let map = children_text.get_or_insert_with(|| {
+                if cfg.child_relids.is_empty() {
+                    HashMap::new()
+                } else if let Some(map) = cfg.children_direct.as_ref().and_then(|direct| {
+                    with_output_settings(|| {
+                        fetched_keys
+                            .iter()
+                            .map(|k| Some((k.clone(), children_direct_json(cfg, direct, k, snapshot)?)))
+                            .collect::<Option<HashMap<_, _>>>()
+                    })
+                }) {
+                    map
+                } else {
+                    as_role(cfg.owner, || {
+                        rows_with_snapshot(
+                            &cfg.children_rows_query,
+                            &[cfg.key_array_type],
+                            &[Some(cfg.keys_datum(&fetched_keys))],
+                            snapshot,
+                        )
+                    })
+                    .into_iter()
+                    .filter_map(|r| {
+                        let mut it = r.into_iter();
+                        let key = it.next().flatten()?;
+                        let arrays: Vec<Option<String>> = it.collect();
+                        Some((key, cfg.children_json(&arrays)))
+                    })
+                    .collect::<HashMap<_, _>>()
+                }
+            });
+            map.get(key).cloned().unwrap_or_else(|| cfg.children_json(&[]))
         };
+        // The data as jsonb built from the rows directly, unless a column is of a user's type
+        // (capture's own SQL writes those) or the children cannot be read directly.
+        let mut direct_jsonb = !cfg.has_user_types
+            && (cfg.child_relids.is_empty() || cfg.children_direct.is_some());
         // The table's own descriptor: rows stored before an ADD COLUMN ... DEFAULT read that
         // column's default through it, as the trigger's before-image did (a copy would not).
         let root = pg_sys::RelationIdGetRelation(cfg.relid);
@@ -2663,9 +2696,32 @@ fn rows_at_commit(
                 }
                 let image = image_digest(root_tuple, root_desc);
                 let status = (status_att > 0).then(|| column_text(root_tuple, root_desc, status_att)).flatten();
-                let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
-                let children = children.get(&key).cloned().unwrap_or_else(|| cfg.children_json(&[]));
-                out.insert(key, RowAtCommit { row, image, status, children });
+                let compare_children = touches
+                    .get(&key)
+                    .is_some_and(|t| t.children_touched && t.existed_before);
+                let children_digest = if compare_children {
+                    text_of_children(&key).as_deref().map(digest)
+                } else {
+                    None
+                };
+                let jsonb = if direct_jsonb {
+                    let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot);
+                    // Not usable now (DDL since the configuration was read): text from here on.
+                    direct_jsonb = built.is_some();
+                    built
+                } else {
+                    None
+                };
+                let data = match jsonb {
+                    Some(bytes) => crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(bytes), extra: None },
+                    None => {
+                        let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
+                        let mut parts = vec![row];
+                        parts.extend(text_of_children(&key));
+                        crate::direct::Data::Text { parts, extra: None }
+                    }
+                };
+                out.insert(key, RowAtCommit { data, image, status, children_digest });
             }
         });
         pg_sys::RelationClose(root);
@@ -2768,54 +2824,33 @@ fn parse_ctid(s: &str) -> Option<pg_sys::ItemPointerData> {
 fn insert_events(events: Vec<NewEvent>) {
     let mut rows = Vec::with_capacity(events.len());
     for e in events {
-        let data = merge_objects(&[
-            Some(e.row.as_str()),
-            e.children.as_deref(),
-            e.extra.as_deref(),
-        ]);
         let mapped = e
             .mapped_status
             .as_deref()
             .and_then(|status| mapped_event_type(&e.entity, status));
-        rows.push(crate::direct::EventRow {
-            event_type: e.event_type,
-            entity: e.entity.clone(),
-            key: e.key.clone(),
-            data: data.clone(),
-        });
         if let Some(event_type) = mapped {
+            rows.push(crate::direct::EventRow {
+                event_type: e.event_type,
+                entity: e.entity.clone(),
+                key: e.key.clone(),
+                data: e.data.clone(),
+            });
             rows.push(crate::direct::EventRow {
                 event_type,
                 entity: e.entity,
                 key: e.key,
-                data,
+                data: e.data,
+            });
+        } else {
+            rows.push(crate::direct::EventRow {
+                event_type: e.event_type,
+                entity: e.entity,
+                key: e.key,
+                data: e.data,
             });
         }
     }
     crate::direct::insert_events(&rows);
-}
-
-/// One JSON object from several (each valid JSON object text), in order: a key that appears
-/// again takes its later value (jsonb keeps the last of duplicate keys), as `a || b || c`.
-fn merge_objects(parts: &[Option<&str>]) -> String {
-    let mut out = String::from("{");
-    for part in parts.iter().flatten() {
-        let inner = part.trim();
-        let inner = inner
-            .strip_prefix('{')
-            .and_then(|p| p.strip_suffix('}'))
-            .unwrap_or("")
-            .trim();
-        if inner.is_empty() {
-            continue;
-        }
-        if out.len() > 1 {
-            out.push(',');
-        }
-        out.push_str(inner);
-    }
-    out.push('}');
-    out
 }
 
 thread_local! {

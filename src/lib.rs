@@ -9,6 +9,7 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 mod api;
 mod capture;
 mod direct;
+mod jsonb;
 mod error;
 mod gucs;
 mod http;

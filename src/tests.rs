@@ -171,3 +171,60 @@ fn url_masking_hides_credentials() {
         Some("https://u:***@h.example/x?token=***&a=1".into())
     );
 }
+
+/// capture's jsonb built from a row (`crate::jsonb`) is the very value `row_to_json` of the row
+/// cast to jsonb gives, which is what capture wrote before: for every kind of column, special
+/// values (NaN, infinities, escapes, nulls, duplicate keys in json) included.
+#[pg_test]
+fn jsonb_built_from_a_row_is_row_to_json_cast_to_jsonb() {
+    Spi::run(
+        r#"SET extra_float_digits = 1;
+           CREATE TABLE j (id int PRIMARY KEY, b bool, s smallint, i int, l bigint, n numeric, n2 numeric(10,3),
+               nn numeric, ni numeric, f4 real, f8 double precision, f8n double precision, t text, v varchar(10),
+               c char(5), d date, ts timestamp, tz timestamptz, tzi timestamptz, tm time, iv interval, u uuid,
+               by bytea, js json, jb jsonb, ia int[], ta text[], ip inet, rg int4range, pt point, bits bit(3),
+               oi oid, "we""ird key" text, "ключ" text);
+           INSERT INTO j VALUES (1, true, -32768, -2147483648, 9223372036854775807, 123.4500, 1.5, 'NaN', '-Infinity',
+               1.5, 1e300, 'NaN', E'quote " backslash \\ tab \t nl \n ctl \x01 é 🎉', 'short', 'ab',
+               '2026-12-02', '2026-12-02 10:11:12.123456', '2026-12-02 10:11:12+02', 'infinity', '23:59:59',
+               '1 year 2 days 03:04:05', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff', '{"a": 1, "a": 2, "b": [1, {"c": null}]}',
+               '{"z": 1, "a": {"b": 2}}', '{1,NULL,3}', '{"x",NULL,"y z"}', '192.168.0.1/24', '[1,5)', '(1,2)', B'101',
+               42, 'w', 'значение');
+           INSERT INTO j (id) VALUES (2);
+           INSERT INTO j (id, n, f4, f8, tz, ts) VALUES (3, 0, '-0', '-Infinity', '-infinity', '1999-01-08 04:05:06');"#,
+    )
+    .expect("table");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'j'::regclass::oid").expect("oid").expect("oid");
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::GetTransactionSnapshot();
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let mut built = Vec::new();
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let mut b = crate::jsonb::Builder::object();
+            b.columns(tuple, (*rel).rd_att);
+            let jb = b.finish();
+            let text = pg_sys::OidOutputFunctionCall(
+                pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
+                pg_sys::Datum::from(jb),
+            );
+            built.push(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned());
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        assert_eq!(built.len(), 3);
+        for text in built {
+            let same = Spi::get_one_with_args::<bool>(
+                "SELECT $1 = (SELECT (row_to_json(j)::jsonb)::text FROM j WHERE id = ($1::jsonb->>'id')::int)",
+                &[text.clone().into()],
+            )
+            .expect("compare");
+            assert_eq!(same, Some(true), "built: {text}");
+        }
+    }
+}
