@@ -323,21 +323,45 @@ unsafe fn row_jsonb(
     key: &str,
     snapshot: pg_sys::Snapshot,
 ) -> Option<Vec<u8>> {
-    let mut b = crate::jsonb::Builder::object();
-    b.columns(tuple, desc);
-    if let Some(direct) = cfg.children_direct.as_deref() {
-        for (ch, name) in direct.iter().zip(&cfg.child_names) {
-            b.key(name.as_bytes());
-            b.begin_array();
-            children_scan(ch, key, snapshot, |rows, child_desc| {
-                for row in rows {
-                    b.row_element(*row, child_desc);
-                }
-            })?;
-            b.end_array();
-        }
+    thread_local! {
+        static SCRATCH: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
     }
-    Some(crate::jsonb::to_bytes(b.finish()))
+    // One row's values, copies and jsonb live in a context of their own, reset for the next
+    // row: a chunk of many rows holds no more of PostgreSQL's memory than one (on an ERROR
+    // the context is left as it is, and reset by the next call).
+    let mut scratch = SCRATCH.with(|s| s.get());
+    if scratch.is_null() {
+        scratch = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::TopMemoryContext,
+            c"pg_webhooks row jsonb".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        SCRATCH.with(|s| s.set(scratch));
+    }
+    pg_sys::MemoryContextReset(scratch);
+    let outer = pg_sys::MemoryContextSwitchTo(scratch);
+    let built = (|| {
+        let mut b = crate::jsonb::Builder::object();
+        b.columns(tuple, desc);
+        if let Some(direct) = cfg.children_direct.as_deref() {
+            for (ch, name) in direct.iter().zip(&cfg.child_names) {
+                b.key(name.as_bytes());
+                b.begin_array();
+                children_scan(ch, key, snapshot, |rows, child_desc| {
+                    for row in rows {
+                        b.row_element(*row, child_desc);
+                    }
+                })?;
+                b.end_array();
+            }
+        }
+        Some(crate::jsonb::to_bytes(b.finish()))
+    })();
+    pg_sys::MemoryContextSwitchTo(outer);
+    pg_sys::MemoryContextReset(scratch);
+    built
 }
 
 impl TableConfig {
@@ -2347,7 +2371,46 @@ struct NewEvent {
     mapped_status: Option<String>,
 }
 
-/// The rule book: what the net effect of a transaction on one row is.
+/// What a row's net change is: the event it gives, if any.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Created,
+    Deleted,
+    StatusUpdated,
+    Updated,
+}
+
+/// The rule book: what the net effect of a transaction on one row is. `now`: the row at
+/// commit, if it is there (its image digest, status and children digest, see `RowAtCommit`).
+fn net_kind(
+    cfg: &TableConfig,
+    t: &Touch,
+    now: Option<(&Digest, &Option<String>, &Option<Digest>)>,
+) -> Option<Kind> {
+    if t.unseen && !t.row_touched {
+        return None;
+    }
+    match (t.existed_before, now) {
+        (false, None) => None,
+        (false, Some(_)) => Some(Kind::Created),
+        (true, None) => t.deleted_row.is_some().then_some(Kind::Deleted),
+        (true, Some((image, status, children_digest))) => {
+            let status_changed =
+                cfg.status_attnum.is_some() && t.row_touched && t.orig_status != *status;
+            let row_changed = t.row_touched && t.orig_row != Some(*image);
+            let children_changed = t.children_touched && t.orig_children != *children_digest;
+            if status_changed {
+                Some(Kind::StatusUpdated)
+            } else if row_changed || children_changed {
+                Some(Kind::Updated)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The events of one row's net change (see `net_kind`).
 fn net_events(
     cfg: &TableConfig,
     key: &str,
@@ -2362,36 +2425,34 @@ fn net_events(
         data,
         mapped_status: mapped.cloned(),
     };
-    if t.unseen && !t.row_touched {
+    let Some(kind) = net_kind(cfg, t, now.map(|c| (&c.image, &c.status, &c.children_digest))) else {
         return;
-    }
-    match (t.existed_before, now) {
-        (false, None) => {}
-        (false, Some(cur)) => out.push(ev("created", cur.data.clone(), cur.status.as_ref())),
-        (true, None) => {
+    };
+    // The row at commit has its data whenever it gives an event (see `rows_at_commit`).
+    let data = || {
+        now.and_then(|c| c.data.clone())
+            .unwrap_or_else(|| not_usable("an event's data was not read at commit"))
+    };
+    match kind {
+        Kind::Created => out.push(ev("created", data(), now.and_then(|c| c.status.as_ref()))),
+        Kind::Deleted => {
             if let Some(old) = &t.deleted_row {
                 let data = crate::direct::Data::Text { parts: vec![old.clone()], extra: None };
                 out.push(ev("deleted", data, None));
             }
         }
-        (true, Some(cur)) => {
-            let status_changed =
-                cfg.status_attnum.is_some() && t.row_touched && t.orig_status != cur.status;
-            let row_changed = t.row_touched && t.orig_row != Some(cur.image);
-            let children_changed = t.children_touched && t.orig_children != cur.children_digest;
-            if status_changed {
-                let extra = (t.orig_status.clone(), cur.status.clone());
-                out.push(ev("status_updated", cur.data.with_extra(extra), cur.status.as_ref()));
-            } else if row_changed || children_changed {
-                out.push(ev("updated", cur.data.clone(), None));
-            }
+        Kind::StatusUpdated => {
+            let status = now.and_then(|c| c.status.clone());
+            let extra = (t.orig_status.clone(), status.clone());
+            out.push(ev("status_updated", data().with_extra(extra), status.as_ref()));
         }
+        Kind::Updated => out.push(ev("updated", data(), None)),
     }
 }
 
 struct RowAtCommit {
-    /// The event's data (the row and its children).
-    data: crate::direct::Data,
+    /// The event's data (the row and its children); read only for a row that gives an event.
+    data: Option<crate::direct::Data>,
     /// Digest of the row's binary image, as the trigger took of the row before.
     image: Digest,
     status: Option<String>,
@@ -2668,8 +2729,10 @@ fn rows_at_commit(
         };
         // The data as jsonb built from the rows directly, unless a column is of a user's type
         // (capture's own SQL writes those) or the children cannot be read directly.
+        // (In a database that is not UTF-8, text goes through the text path's conversion.)
         let mut direct_jsonb = !cfg.has_user_types
-            && (cfg.child_relids.is_empty() || cfg.children_direct.is_some());
+            && (cfg.child_relids.is_empty() || cfg.children_direct.is_some())
+            && pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32;
         // The table's own descriptor: rows stored before an ADD COLUMN ... DEFAULT read that
         // column's default through it, as the trigger's before-image did (a copy would not).
         let root = pg_sys::RelationIdGetRelation(cfg.relid);
@@ -2677,16 +2740,23 @@ fn rows_at_commit(
             not_usable("the tracked table no longer exists");
         }
         let root_desc = (*root).rd_att;
-        let mut maps: HashMap<pg_sys::Oid, *mut pg_sys::TupleConversionMap> = HashMap::new();
+        // Each partition's conversion map, with the partition kept open while the map is in
+        // use (the map points at its descriptor, which an invalidation taken in by a lock
+        // below would otherwise free).
+        let mut maps: HashMap<pg_sys::Oid, (pg_sys::Relation, *mut pg_sys::TupleConversionMap)> = HashMap::new();
         let status_att = cfg.status_attnum.unwrap_or(0);
         with_output_settings(|| {
             for (key, tuple, rel) in fetched {
                 let root_tuple = if rel == cfg.relid {
                     tuple
                 } else {
-                    let map = *maps.entry(rel).or_insert_with(|| {
-                        with_relation(rel, |r| pg_sys::convert_tuples_by_name((*r).rd_att, root_desc))
-                            .unwrap_or(std::ptr::null_mut())
+                    let (_, map) = *maps.entry(rel).or_insert_with(|| {
+                        let r = pg_sys::RelationIdGetRelation(rel);
+                        if r.is_null() {
+                            (r, std::ptr::null_mut())
+                        } else {
+                            (r, pg_sys::convert_tuples_by_name((*r).rd_att, root_desc))
+                        }
                     });
                     if map.is_null() { tuple } else { pg_sys::execute_attr_map_tuple(tuple, map) }
                 };
@@ -2704,26 +2774,38 @@ fn rows_at_commit(
                 } else {
                     None
                 };
-                let jsonb = if direct_jsonb {
-                    let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot);
-                    // Not usable now (DDL since the configuration was read): text from here on.
-                    direct_jsonb = built.is_some();
-                    built
-                } else {
-                    None
-                };
-                let data = match jsonb {
-                    Some(bytes) => crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(bytes), extra: None },
-                    None => {
-                        let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
-                        let mut parts = vec![row];
-                        parts.extend(text_of_children(&key));
-                        crate::direct::Data::Text { parts, extra: None }
+                // The data is read only for a row that gives an event (a row that gives none
+                // costs no JSON, and a value jsonb cannot hold fails no commit for nothing).
+                let gives_event = touches.get(&key).is_some_and(|t| {
+                    net_kind(cfg, t, Some((&image, &status, &children_digest))).is_some()
+                });
+                let data = gives_event.then(|| {
+                    let jsonb = if direct_jsonb {
+                        let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot);
+                        // Not usable now (DDL since the configuration was read): text from here on.
+                        direct_jsonb = built.is_some();
+                        built
+                    } else {
+                        None
+                    };
+                    match jsonb {
+                        Some(bytes) => crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(bytes), extra: None },
+                        None => {
+                            let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
+                            let mut parts = vec![row];
+                            parts.extend(text_of_children(&key));
+                            crate::direct::Data::Text { parts, extra: None }
+                        }
                     }
-                };
+                });
                 out.insert(key, RowAtCommit { data, image, status, children_digest });
             }
         });
+        for (r, _) in maps.into_values() {
+            if !r.is_null() {
+                pg_sys::RelationClose(r);
+            }
+        }
         pg_sys::RelationClose(root);
     }
     out

@@ -16,7 +16,17 @@ pub struct Builder {
     state: *mut pg_sys::JsonbParseState,
 }
 
+/// The longest string a jsonb holds (JENTRY_OFFLENMASK): past it, the same error as
+/// `to_jsonb` and `jsonb_in` raise.
+const MAX_STRING: usize = 0x0FFF_FFFF;
+
 fn string_value(ptr: *const u8, len: usize) -> pg_sys::JsonbValue {
+    if len > MAX_STRING {
+        crate::error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            &format!("string too long to represent as jsonb string ({len} bytes)"),
+        );
+    }
     let mut v = pg_sys::JsonbValue {
         type_: pg_sys::jbvType::jbvString,
         ..Default::default()
@@ -46,9 +56,10 @@ impl Builder {
 
     /// A key, copied into the current memory context.
     pub unsafe fn key(&mut self, key: &[u8]) {
+        let mut v = string_value(key.as_ptr(), key.len());
         let p = pg_sys::palloc(key.len().max(1)) as *mut u8;
         std::ptr::copy_nonoverlapping(key.as_ptr(), p, key.len());
-        let mut v = string_value(p, key.len());
+        v.val.string.val = p.cast();
         pg_sys::pushJsonbValue(&mut self.state, WJB_KEY, &mut v);
     }
 
@@ -56,9 +67,11 @@ impl Builder {
     pub unsafe fn string_or_null(&mut self, s: Option<&str>) {
         let mut v = match s {
             Some(s) => {
+                let mut v = string_value(s.as_ptr(), s.len());
                 let p = pg_sys::palloc(s.len().max(1)) as *mut u8;
                 std::ptr::copy_nonoverlapping(s.as_ptr(), p, s.len());
-                string_value(p, s.len())
+                v.val.string.val = p.cast();
+                v
             }
             None => null_value(),
         };

@@ -623,3 +623,50 @@ fn capture_memory_is_a_session_setting_in_kilobytes_with_a_floor() {
     }
     c.batch_execute("SET webhooks.capture_memory = '1GB'").expect("a session may set it");
 }
+
+/// A text value longer than a jsonb string can be (256 MiB) in a tracked row: the COMMIT
+/// fails with SQLSTATE 54000, as `to_jsonb` and `jsonb_in` fail on it, and nothing is written
+/// (capture builds event data as jsonb itself, and must not write a value jsonb cannot hold).
+#[test]
+fn a_value_too_long_for_jsonb_fails_the_commit_and_writes_nothing() {
+    let mut c = db();
+    c.batch_execute(
+        "CREATE TABLE huge_note (id bigint PRIMARY KEY, status text NOT NULL, notes text);
+         SELECT webhooks.track('huge_note', entity => 'huge_note', status_column => 'status');
+         INSERT INTO huge_note VALUES (1, 'pending', 'short');",
+    )
+    .expect("table");
+    let events = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM webhooks.events WHERE type LIKE 'huge_note.%'", &[])
+            .expect("count")
+            .get(0)
+    };
+    assert_eq!(events(&mut c), 1, "the insert's event");
+    let err = c
+        .batch_execute("UPDATE huge_note SET status = 'paid', notes = repeat('x', 270 * 1024 * 1024) WHERE id = 1")
+        .expect_err("a string jsonb cannot hold");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED),
+        "{err:?}"
+    );
+    assert_eq!(events(&mut c), 1, "no event of the failed commit");
+    let row: (String, i32) = {
+        let r = c
+            .query_one("SELECT status, length(notes) FROM huge_note WHERE id = 1", &[])
+            .expect("row");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(row, ("pending".to_string(), 5), "the update rolled back");
+    // A long value within the limit commits and is captured whole.
+    c.batch_execute("UPDATE huge_note SET status = 'paid', notes = repeat('y', 1024 * 1024) WHERE id = 1")
+        .expect("a long string jsonb holds");
+    let len: i32 = c
+        .query_one(
+            "SELECT length(data->>'notes') FROM webhooks.events WHERE type = 'huge_note.status_updated'",
+            &[],
+        )
+        .expect("event")
+        .get(0);
+    assert_eq!(len, 1024 * 1024);
+}
