@@ -275,6 +275,24 @@ settle() {   # wait until the run's backends have exited and been reaped (their 
     done
 }
 HZ=$(getconf CLK_TCK)
+quiet() {   # wait (at most 120 s) until the cluster uses under 0.05 cores for 2 s in a row: work
+    # left from the run before (the worker catching up, autovacuum) must not run in the next one
+    local last cur calm=0 waited=0
+    last=$(pg_cpu)
+    while [ "$waited" -lt 120 ]; do
+        sleep 1
+        waited=$((waited + 1))
+        cur=$(pg_cpu)
+        if [ $((cur - last)) -lt $((HZ / 20 + 1)) ]; then
+            calm=$((calm + 1))
+            [ "$calm" -lt 2 ] || break
+        else
+            calm=0
+        fi
+        last=$cur
+    done
+    [ "$waited" -le 2 ] || echo "    (waited ${waited} s for the cluster to be idle before the next run)"
+}
 
 RESULTS="$DIR/results.tsv"
 : >"$RESULTS"
@@ -285,6 +303,7 @@ run_pgbench() {   # workload schema seconds label -> one line in results.tsv (un
         return 0
     fi
     "${SQL[@]}" -c "CHECKPOINT"
+    quiet
     local busy0 pg0 busy1 pg1 t0 t1
     local n0 wpid wk0 wk1
     n0=$(children) wpid=$(worker_pid)

@@ -326,23 +326,9 @@ unsafe fn row_jsonb(
     thread_local! {
         static SCRATCH: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
     }
-    // One row's values, copies and jsonb live in a context of their own, reset for the next
-    // row: a chunk of many rows holds no more of PostgreSQL's memory than one (on an ERROR
-    // the context is left as it is, and reset by the next call).
-    let mut scratch = SCRATCH.with(|s| s.get());
-    if scratch.is_null() {
-        scratch = pg_sys::AllocSetContextCreateExtended(
-            pg_sys::TopMemoryContext,
-            c"pg_webhooks row jsonb".as_ptr(),
-            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-        );
-        SCRATCH.with(|s| s.set(scratch));
-    }
-    pg_sys::MemoryContextReset(scratch);
-    let outer = pg_sys::MemoryContextSwitchTo(scratch);
-    let built = (|| {
+    // One row's values, copies and jsonb live in a context of their own, reset after the row:
+    // a chunk of many rows holds no more of PostgreSQL's memory than one.
+    crate::plans::in_scratch(&SCRATCH, c"pg_webhooks row jsonb", || {
         let mut b = crate::jsonb::Builder::object();
         b.columns(tuple, desc);
         if let Some(direct) = cfg.children_direct.as_deref() {
@@ -358,10 +344,7 @@ unsafe fn row_jsonb(
             }
         }
         Some(crate::jsonb::to_bytes(b.finish()))
-    })();
-    pg_sys::MemoryContextSwitchTo(outer);
-    pg_sys::MemoryContextReset(scratch);
-    built
+    })
 }
 
 impl TableConfig {

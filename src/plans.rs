@@ -148,32 +148,45 @@ pub fn row_json(row: pg_sys::Datum) -> String {
         static SCRATCH: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
     }
     unsafe {
-        let mut scratch = SCRATCH.with(|s| s.get());
-        if scratch.is_null() {
-            scratch = pg_sys::AllocSetContextCreateExtended(
-                pg_sys::TopMemoryContext,
-                c"pg_webhooks row json".as_ptr(),
-                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        in_scratch(&SCRATCH, c"pg_webhooks row json", || {
+            let json = pg_sys::OidFunctionCall1Coll(
+                pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
+                pg_sys::InvalidOid,
+                row,
             );
-            SCRATCH.with(|s| s.set(scratch));
-        }
-        let outer = pg_sys::MemoryContextSwitchTo(scratch);
-        // On an ERROR the context is left as it is (and reset by the next call).
-        let json = pg_sys::OidFunctionCall1Coll(
-            pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
-            pg_sys::InvalidOid,
-            row,
-        );
-        let text = json.cast_mut_ptr::<pg_sys::varlena>();
-        let bytes = std::slice::from_raw_parts(
-            pgrx::varlena::vardata_any(text).cast::<u8>(),
-            pgrx::varlena::varsize_any_exhdr(text),
-        );
-        let s = String::from_utf8_lossy(bytes).into_owned();
-        pg_sys::MemoryContextSwitchTo(outer);
-        pg_sys::MemoryContextReset(scratch);
-        s
+            let text = json.cast_mut_ptr::<pg_sys::varlena>();
+            let bytes = std::slice::from_raw_parts(
+                pgrx::varlena::vardata_any(text).cast::<u8>(),
+                pgrx::varlena::varsize_any_exhdr(text),
+            );
+            String::from_utf8_lossy(bytes).into_owned()
+        })
     }
+}
+
+/// `f` run in the memory context kept in `slot` (made under TopMemoryContext at first use,
+/// named `name`), which is reset afterwards: what PostgreSQL allocates for one row does not
+/// pile up over the many rows of a commit. On an ERROR the context is left as it is and reset
+/// by the next call. `f` must return nothing allocated by PostgreSQL.
+pub unsafe fn in_scratch<R>(
+    slot: &'static std::thread::LocalKey<std::cell::Cell<pg_sys::MemoryContext>>,
+    name: &'static std::ffi::CStr,
+    f: impl FnOnce() -> R,
+) -> R {
+    let mut scratch = slot.with(|s| s.get());
+    if scratch.is_null() {
+        scratch = pg_sys::AllocSetContextCreateExtended(
+            pg_sys::TopMemoryContext,
+            name.as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        slot.with(|s| s.set(scratch));
+    }
+    let outer = pg_sys::MemoryContextSwitchTo(scratch);
+    let result = f();
+    pg_sys::MemoryContextSwitchTo(outer);
+    pg_sys::MemoryContextReset(scratch);
+    result
 }
