@@ -136,6 +136,10 @@ def client_subject(conn):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The status line and headers, then the body, are separate writes: with Nagle's algorithm
+    # the body waits for the client's delayed ACK (40 ms a request on a keep-alive connection).
+    # Web servers set TCP_NODELAY (nginx, Node, gunicorn); so does this one.
+    disable_nagle_algorithm = True
     server_version = "pg_webhooks-test-receiver"
     quiet = True
 
