@@ -668,7 +668,7 @@ fn send(
     }
     let mut response = request
         .send(body)
-        .map_err(|e| describe(&e, &job.url))?;
+        .map_err(|e| closed_during_tls(describe(&e, &job.url), job))?;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -689,6 +689,22 @@ fn send(
         String::from_utf8_lossy(&kept).into_owned(),
         retry_after,
     ))
+}
+
+/// A TLS 1.3 server that wants a client certificate checks it after the handshake, while the
+/// request is being written: it sends its alert and closes, and the write can fail (broken
+/// pipe, reset) before the alert is read. Said so, when no client certificate was sent.
+fn closed_during_tls(text: String, job: &Job) -> String {
+    let closed = text.contains("Broken pipe") || text.contains("Connection reset");
+    let https = job.url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    let has_certificate = job.tls.as_deref().is_some_and(|t| t.contains("\"client_certificate\""));
+    if closed && https && !has_certificate {
+        format!(
+            "{text} (the server closed the TLS connection while the request was sent; a server that requires a client certificate does this, and none was sent: see webhooks.set_tls)"
+        )
+    } else {
+        text
+    }
 }
 
 /// An error text without the URL's credentials.
@@ -863,6 +879,23 @@ mod tests {
         assert_eq!(ids(&done[1]), [10, 11, 12]);
         assert!(done[1].skipped.is_empty());
         assert_eq!(done[0].subscription_id, 2);
+    }
+
+    #[test]
+    fn a_write_refused_by_a_tls_server_says_a_client_certificate_may_be_wanted() {
+        let mut j = job("{}");
+        j.url = "https://shop.example/hooks".into();
+        let hinted = closed_during_tls("io: Broken pipe (os error 32)".into(), &j);
+        assert!(hinted.starts_with("io: Broken pipe (os error 32) ("), "{hinted}");
+        assert!(hinted.contains("requires a client certificate"), "{hinted}");
+        // Not when one was sent, not over plain HTTP, not for other errors.
+        j.tls = Some(r#"{"client_certificate": "x", "client_key": "y"}"#.into());
+        assert_eq!(closed_during_tls("io: Broken pipe (os error 32)".into(), &j), "io: Broken pipe (os error 32)");
+        j.tls = None;
+        j.url = "http://shop.example/hooks".into();
+        assert_eq!(closed_during_tls("io: Connection reset by peer".into(), &j), "io: Connection reset by peer");
+        j.url = "https://shop.example/hooks".into();
+        assert_eq!(closed_during_tls("timeout".into(), &j), "timeout");
     }
 
     #[test]
