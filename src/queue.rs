@@ -198,7 +198,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?))
     })?;
     // A new batch: everything committed by now, with what it holds (see below).
-    let mut fresh: Option<(String, bool, Vec<(String, i64, i64)>)> = None;
+    let mut fresh: Option<(String, bool, bool, Vec<(String, i64, i64)>)> = None;
     if let (Some(done), Some(true)) = (&quiet.0, quiet.1) {
         let (snapshot, subscribed, new) = Spi::get_three::<String, bool, bool>(
             "SELECT pg_catalog.pg_current_snapshot()::text,
@@ -216,10 +216,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         if subscribed && !new && transactions.is_empty() {
             return Ok(idle);
         }
-        fresh = Some((snapshot, subscribed, transactions));
+        fresh = Some((snapshot, subscribed, new, transactions));
     }
     // Deliveries made for subscriptions seen for the first time (they need a claim too).
     let mut backfilled = 0i64;
+    // The snapshot of a batch this step begins, not yet written to `_fanout`.
+    let mut begun: Option<String> = None;
     let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
         let row = c
             .update(
@@ -250,7 +252,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     let started_here = fresh.is_some();
     let batch = match (batch, fresh) {
         (Some(b), _) => b,
-        (None, Some((snapshot, subscribed, transactions))) => {
+        (None, Some((snapshot, subscribed, new, transactions))) => {
             // With no subscription at all, nothing is owed to anybody (a subscription receives
             // what commits after it was created): the stream is taken as it is.
             if !subscribed {
@@ -261,20 +263,21 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
                 *cache = None;
                 return Ok(FanOutStep { subscribed, ..idle });
             }
-            backfilled = with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
-                Spi::connect_mut(|c| {
-                    c.update(plan, None, &[done.clone().into()])?.first().get::<i64>(1)
-                })
-            })?
-            .unwrap_or(0);
+            // (Only when a subscription is new: the statement locks and writes otherwise.)
+            if new {
+                backfilled = with_plan(BACKFILL, &[pg_sys::TEXTOID], |plan| {
+                    Spi::connect_mut(|c| {
+                        c.update(plan, None, &[done.clone().into()])?.first().get::<i64>(1)
+                    })
+                })?
+                .unwrap_or(0);
+            }
             if transactions.is_empty() {
                 *cache = None;
                 return Ok(FanOutStep { deliveries: backfilled, ..idle });
             }
-            Spi::run_with_args(
-                "UPDATE webhooks._fanout SET batch = $1::pg_snapshot, batch_first_seq = 0, batch_seq = 0",
-                &[snapshot.clone().into()],
-            )?;
+            // `_fanout.batch` is set below, with how far this step gets (one write, not two).
+            begun = Some(snapshot.clone());
             *cache = Some(Batch {
                 snapshot: snapshot.clone(),
                 done_snapshot: done.clone(),
@@ -303,8 +306,10 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         }
     }
     if todo.is_empty() {
-        Spi::run(
-            "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
+        Spi::run_with_args(
+            "UPDATE webhooks._fanout SET done = COALESCE($1::pg_snapshot, batch), batch = NULL,
+                    batch_first_seq = 0, batch_seq = 0",
+            &[begun.into()],
         )?;
         *cache = None;
         return Ok(FanOutStep { subscribed: true, deliveries: backfilled, more: true });
@@ -346,8 +351,10 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         // step took its snapshot, what committed since woke the worker again (the flag is
         // cleared before the snapshot is taken): nothing more to do now, the deliveries can be
         // claimed at once. An older batch's end is followed by a look for newer commits.
-        Spi::run(
-            "UPDATE webhooks._fanout SET done = batch, batch = NULL, batch_first_seq = 0, batch_seq = 0",
+        Spi::run_with_args(
+            "UPDATE webhooks._fanout SET done = COALESCE($1::pg_snapshot, batch), batch = NULL,
+                    batch_first_seq = 0, batch_seq = 0",
+            &[begun.into()],
         )?;
         *cache = None;
         return Ok(FanOutStep {
@@ -357,8 +364,8 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         });
     }
     Spi::run_with_args(
-        "UPDATE webhooks._fanout SET batch_first_seq = $1, batch_seq = $2",
-        &[last.into(), seq.into()],
+        "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2",
+        &[last.into(), seq.into(), begun.into()],
     )?;
     Ok(FanOutStep { subscribed: true, deliveries: deliveries + backfilled, more: true })
 }

@@ -631,21 +631,36 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             || now >= state.next_fan_out_at
             || (asked && now >= state.fan_out_not_before));
     let mut window = None;
+    // How long to sleep after a claim made in the fan-out's transaction, if one was.
+    let mut claimed_sleep: Option<Duration> = None;
     if due {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
         state.me.clear_events_pending();
         state.fan_out_more = false;
+        // The claim that follows a last step that made deliveries is made in that step's
+        // transaction: one transaction from a commit's wake to its request, not two.
+        let args = claim_args(pool, &mut state.in_flight, batch, state.index, state.workers).ok();
         // A bounded number of steps per turn, so outcomes are recorded and claims made while
         // a large backlog is fanned out; the next turn comes at once while there is more.
         for _ in 0..FAN_OUT_BATCHES_PER_TURN {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
             let advance = now >= state.advance_at;
-            let step = BackgroundWorker::transaction(move || {
+            let before = created;
+            let a = args.as_ref();
+            let (step, claim) = BackgroundWorker::transaction(move || {
                 let cache = cache;
-                queue::fan_out(batch, cache.0, advance)
+                let step = queue::fan_out(batch, cache.0, advance)?;
+                let claim = match a {
+                    Some(a) if !step.more && before + step.deliveries > 0 => Some(claim_in_transaction(a)?),
+                    _ => None,
+                };
+                Ok::<_, pgrx::spi::Error>((step, claim))
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+            if let (Some(result), Some(a)) = (claim, args.as_ref()) {
+                claimed_sleep = Some(dispatch(pool, &mut state.in_flight, state.me, a, result));
+            }
             created += step.deliveries;
             state.fan_out_more = step.more;
             state.subscribed = step.subscribed;
@@ -675,7 +690,12 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         // The other workers claim too.
         state.me.wake_others(state.workers);
     }
-    let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
+    let sleep = if let (Some(sleep), false) = (claimed_sleep, queue_changed) {
+        // Claimed in the fan-out's transaction, after the outcomes above were recorded: only a
+        // queue change that may have come after that claim's snapshot needs another.
+        state.next_claim_at = Instant::now() + sleep;
+        sleep
+    } else if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
         let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me);
         state.next_claim_at = Instant::now() + sleep;
@@ -812,26 +832,39 @@ fn share(total: usize, workers: usize, index: usize) -> usize {
     total / workers + usize::from(index < total % workers)
 }
 
-/// Claim what is due and hand it to the HTTP threads; returns how long to sleep.
-fn claim_and_dispatch(
+/// What one claim asks for, fixed before its transaction: how many heads, each endpoint's
+/// share of the cap, and what this worker already has in flight.
+struct ClaimArgs {
+    limit: i32,
+    per_endpoint: i32,
+    index: usize,
+    counts: Vec<(i64, i32)>,
+    failing: Vec<i64>,
+}
+
+/// What a claim's transaction returns: the chains claimed, and when the next retry is due.
+type ClaimResult = (Vec<Vec<queue::Claimed>>, Option<f64>);
+
+/// The claim's arguments, or (when no HTTP thread or no share of the cap is free) how long to
+/// sleep instead.
+fn claim_args(
     pool: &http::Pool,
     in_flight: &mut InFlight,
     batch: i32,
     index: usize,
     workers: usize,
-    me: shmem::Me,
-) -> Duration {
+) -> Result<ClaimArgs, Duration> {
     let poll = gucs::poll_interval();
     let capacity = pool.threads().saturating_sub(in_flight.total());
     if capacity == 0 {
         // Every thread is busy: the next outcome wakes us.
-        return poll;
+        return Err(poll);
     }
     let limit = (capacity * PER_SLOT as usize).min(batch as usize) as i32;
     // Each worker has its share of every endpoint's cap: together never more than the cap.
     let per_endpoint = share(gucs::max_in_flight_per_endpoint() as usize, workers, index) as i32;
     if per_endpoint == 0 {
-        return poll;
+        return Err(poll);
     }
     let counts: Vec<(i64, i32)> = in_flight
         .by_subscription
@@ -844,26 +877,59 @@ fn claim_and_dispatch(
         in_flight.failing.clear();
     }
     let failing: Vec<i64> = in_flight.failing.iter().copied().collect();
-    // The next retry is looked up in the claim's transaction: both see the same now().
-    let (claimed, next_due) = BackgroundWorker::transaction(move || {
-        let claimed = queue::claim(
-            limit,
-            per_endpoint,
-            index as i32,
-            &counts,
-            gucs::timeout(),
-            gucs::max_response_bytes(),
-            CHAIN_MAX,
-            PER_SLOT,
-            &failing,
-            CLAIM_ROWS,
-        )?;
-        // A full claim comes back at once: the timer is not needed then.
-        let next_due = if claimed.len() as i32 == limit { None } else { queue::seconds_until_next_due()? };
-        Ok::<_, pgrx::spi::Error>((claimed, next_due))
-    })
-    .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
-    let more_due = claimed.len() as i32 == limit;
+    Ok(ClaimArgs { limit, per_endpoint, index, counts, failing })
+}
+
+/// The claim, in the caller's transaction; the next retry is looked up in it too (both see the
+/// same now()).
+fn claim_in_transaction(args: &ClaimArgs) -> pgrx::spi::SpiResult<ClaimResult> {
+    let claimed = queue::claim(
+        args.limit,
+        args.per_endpoint,
+        args.index as i32,
+        &args.counts,
+        gucs::timeout(),
+        gucs::max_response_bytes(),
+        CHAIN_MAX,
+        PER_SLOT,
+        &args.failing,
+        CLAIM_ROWS,
+    )?;
+    // A full claim comes back at once: the timer is not needed then.
+    let next_due = if claimed.len() as i32 == args.limit { None } else { queue::seconds_until_next_due()? };
+    Ok((claimed, next_due))
+}
+
+/// Claim what is due and hand it to the HTTP threads; returns how long to sleep.
+fn claim_and_dispatch(
+    pool: &http::Pool,
+    in_flight: &mut InFlight,
+    batch: i32,
+    index: usize,
+    workers: usize,
+    me: shmem::Me,
+) -> Duration {
+    let args = match claim_args(pool, in_flight, batch, index, workers) {
+        Ok(args) => args,
+        Err(sleep) => return sleep,
+    };
+    let a = &args;
+    let result = BackgroundWorker::transaction(move || claim_in_transaction(a))
+        .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
+    dispatch(pool, in_flight, me, &args, result)
+}
+
+/// Hand a committed claim to the HTTP threads; returns how long to sleep.
+fn dispatch(
+    pool: &http::Pool,
+    in_flight: &mut InFlight,
+    me: shmem::Me,
+    args: &ClaimArgs,
+    (claimed, next_due): ClaimResult,
+) -> Duration {
+    let poll = gucs::poll_interval();
+    let per_endpoint = args.per_endpoint;
+    let more_due = claimed.len() as i32 == args.limit;
     me.add(shmem::Counts { claimed: claimed.iter().map(|s| s.len() as u64).sum(), ..Default::default() });
     // Per subscription, its claimed heads (each with its chain) are shared out over as many
     // jobs as it has free slots, in order; a job is sent by one HTTP thread.
