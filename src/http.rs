@@ -93,6 +93,82 @@ pub struct JobOutcome {
     pub subscription_id: i64,
     pub outcomes: Vec<Outcome>,
     pub skipped: Vec<i64>,
+    /// For a growing chain (`Pool::submit_growing`): its tail's id.
+    pub tail: Option<u64>,
+    /// A report of a growing chain that goes on: these outcomes all succeeded, and the chain's
+    /// next delivery (this one) is being sent. The job's slot stays taken.
+    pub continues_with: Option<i64>,
+    /// The chain is running low: the worker may append the next deliveries of its key.
+    pub wants_more: bool,
+}
+
+/// The end of a chain that may grow while it is sent: the worker appends the next deliveries
+/// of the chain's key, the HTTP thread sends them after those it has. Once the chain has ended
+/// nothing more is taken.
+pub struct Tail {
+    id: u64,
+    state: Mutex<TailState>,
+}
+
+struct TailState {
+    jobs: Vec<Job>,
+    ended: bool,
+}
+
+impl Tail {
+    pub fn new(id: u64) -> Arc<Tail> {
+        Arc::new(Tail { id, state: Mutex::new(TailState { jobs: Vec::new(), ended: false }) })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Append `jobs` to the chain; they come back if it has ended (nothing of them is sent).
+    pub fn extend(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
+        match self.state.lock() {
+            Ok(mut s) if !s.ended => {
+                s.jobs.extend(jobs);
+                Ok(())
+            }
+            _ => Err(jobs),
+        }
+    }
+
+    /// What was appended since the last take, in order.
+    fn take(&self) -> Vec<Job> {
+        match self.state.lock() {
+            Ok(mut s) => std::mem::take(&mut s.jobs),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The chain ends: nothing is appended any more; what was appended and not taken comes back.
+    fn end(&self) -> Vec<Job> {
+        match self.state.lock() {
+            Ok(mut s) => {
+                s.ended = true;
+                std::mem::take(&mut s.jobs)
+            }
+            Err(poisoned) => {
+                let mut s = poisoned.into_inner();
+                s.ended = true;
+                std::mem::take(&mut s.jobs)
+            }
+        }
+    }
+}
+
+/// A growing chain reports what it has done every this many outcomes (so that they are
+/// recorded while it goes on, and its memory stays bounded)...
+const REPORT_EVERY: usize = 500;
+/// ... and asks for more when this many deliveries or fewer are left to send.
+pub const LOW_WATER: usize = 1_000;
+
+/// What an HTTP thread is handed: a chain, and its tail if it may grow.
+struct Chain {
+    jobs: Vec<Job>,
+    tail: Option<Arc<Tail>>,
 }
 
 /// What came of one attempt.
@@ -427,7 +503,7 @@ impl Agents {
 
 pub struct Pool {
     threads: usize,
-    jobs: Sender<Vec<Job>>,
+    jobs: Sender<Chain>,
     outcomes: Receiver<JobOutcome>,
     wake_read: std::fs::File,
     allow_private: Arc<AtomicBool>,
@@ -452,7 +528,7 @@ impl Pool {
             threads,
             allow_private: allow_private.clone(),
         });
-        let (jobs_tx, jobs_rx) = channel::<Vec<Job>>();
+        let (jobs_tx, jobs_rx) = channel::<Chain>();
         let (out_tx, out_rx) = channel::<JobOutcome>();
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         for i in 0..threads {
@@ -470,12 +546,17 @@ impl Pool {
                         },
                         Err(_) => return,
                     };
-                    let done = run_job(&agents, chain, attempt);
-                    if out_tx.send(done).is_err() {
+                    let report = |done: JobOutcome| {
+                        if out_tx.send(done).is_err() {
+                            return false;
+                        }
+                        // Wake the main thread; a full pipe already means "wake up".
+                        let _ = (&*wake_write).write(&[1u8]);
+                        true
+                    };
+                    if !run_job(&agents, chain, attempt, &report) {
                         return;
                     }
-                    // Wake the main thread; a full pipe already means "wake up".
-                    let _ = (&*wake_write).write(&[1u8]);
                 })?;
         }
         Ok(Pool {
@@ -494,7 +575,13 @@ impl Pool {
 
     /// Hand over a chain (one or more deliveries of one subscription, sent in order).
     pub fn submit(&self, chain: Vec<Job>) -> bool {
-        self.jobs.send(chain).is_ok()
+        self.jobs.send(Chain { jobs: chain, tail: None }).is_ok()
+    }
+
+    /// Hand over a chain that may grow through `tail` while it is sent. It reports every
+    /// REPORT_EVERY outcomes while it goes on, and asks for more when it runs low.
+    pub fn submit_growing(&self, chain: Vec<Job>, tail: Arc<Tail>) -> bool {
+        self.jobs.send(Chain { jobs: chain, tail: Some(tail) }).is_ok()
     }
 
     /// Chains that are done, without waiting.
@@ -533,19 +620,39 @@ fn nonblocking_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 
 /// Send a chain's jobs one after the other, until one does not succeed. A panic while sending
 /// ends that attempt with an error (retried like any other), never the thread: its slot is
-/// always given back.
+/// always given back. A growing chain (with a tail) takes what is appended to it, and reports
+/// as it goes (see `JobOutcome::continues_with`). Returns false when the pool is gone.
 fn run_job(
     agents: &Agents,
-    chain: Vec<Job>,
+    chain: Chain,
     attempt: fn(&ureq::Agent, &Job) -> Outcome,
-) -> JobOutcome {
-    let mut done = JobOutcome {
-        subscription_id: chain.first().map(|j| j.subscription_id).unwrap_or(0),
-        outcomes: Vec::with_capacity(chain.len()),
+    report: &dyn Fn(JobOutcome) -> bool,
+) -> bool {
+    let Chain { jobs, tail } = chain;
+    let subscription_id = jobs.first().map(|j| j.subscription_id).unwrap_or(0);
+    let new_outcome = || JobOutcome {
+        subscription_id,
+        outcomes: Vec::new(),
         skipped: Vec::new(),
+        tail: tail.as_ref().map(|t| t.id()),
+        continues_with: None,
+        wants_more: false,
     };
-    let mut jobs = chain.into_iter();
-    for job in jobs.by_ref() {
+    let mut done = new_outcome();
+    let mut pending: std::collections::VecDeque<Job> = jobs.into();
+    // Whether this chain has asked for more since it was last given some.
+    let mut asked = false;
+    loop {
+        if pending.is_empty() {
+            if let Some(t) = &tail {
+                let more = t.take();
+                if !more.is_empty() {
+                    asked = false;
+                    pending.extend(more);
+                }
+            }
+        }
+        let Some(job) = pending.pop_front() else { break };
         let outcome = match agents.for_job(&job) {
             Ok(agent) => {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(&agent, &job)))
@@ -559,9 +666,33 @@ fn run_job(
         if !ok {
             break;
         }
+        let Some(t) = &tail else { continue };
+        if done.outcomes.len() < REPORT_EVERY {
+            continue;
+        }
+        // A report that the chain goes on names the delivery it sends next: there must be one.
+        if pending.is_empty() {
+            let more = t.take();
+            if !more.is_empty() {
+                asked = false;
+                pending.extend(more);
+            }
+        }
+        let Some(next) = pending.front() else { continue };
+        let mut partial = std::mem::replace(&mut done, new_outcome());
+        partial.continues_with = Some(next.delivery_id);
+        partial.wants_more = !asked && pending.len() <= LOW_WATER;
+        asked |= partial.wants_more;
+        if !report(partial) {
+            return false;
+        }
     }
-    done.skipped = jobs.map(|j| j.delivery_id).collect();
-    done
+    done.skipped = pending.into_iter().map(|j| j.delivery_id).collect();
+    if let Some(t) = &tail {
+        // Appended and never taken: handed back as well.
+        done.skipped.extend(t.end().into_iter().map(|j| j.delivery_id));
+    }
+    report(done)
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -879,6 +1010,66 @@ mod tests {
         assert_eq!(ids(&done[1]), [10, 11, 12]);
         assert!(done[1].skipped.is_empty());
         assert_eq!(done[0].subscription_id, 2);
+    }
+
+    static GATE_OPEN: AtomicBool = AtomicBool::new(false);
+
+    /// Succeeds, but delivery 520 waits for the gate, and 600 fails.
+    fn gated_fails_600(_agent: &ureq::Agent, job: &Job) -> Outcome {
+        if job.delivery_id == 520 {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !GATE_OPEN.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let mut o = panicked(job, Box::new("unused"));
+        o.error = None;
+        o.status = Some(if job.delivery_id == 600 { 500 } else { 200 });
+        o
+    }
+
+    #[test]
+    fn a_growing_chain_reports_as_it_goes_takes_what_is_appended_and_hands_back_the_rest() {
+        let pool = Pool::start_with(1, true, gated_fails_600).expect("pool");
+        let jobs = |ids: std::ops::RangeInclusive<i64>| {
+            ids.map(|id| {
+                let mut j = job("{}");
+                j.delivery_id = id;
+                j
+            })
+            .collect::<Vec<_>>()
+        };
+        let next = |pool: &Pool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(o) = pool.outcomes.try_recv().ok() {
+                    return o;
+                }
+                assert!(Instant::now() < deadline, "no report");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let ids = |c: &JobOutcome| c.outcomes.iter().map(|o| o.delivery_id).collect::<Vec<_>>();
+        let tail = Tail::new(7);
+        assert!(pool.submit_growing(jobs(1..=550), tail.clone()));
+        // After REPORT_EVERY outcomes: a report that it goes on, naming what it sends next, and
+        // asking for more (50 left, under LOW_WATER).
+        let first = next(&pool);
+        assert_eq!(ids(&first), (1..=500).collect::<Vec<_>>());
+        assert_eq!(first.continues_with, Some(501));
+        assert!(first.wants_more);
+        assert_eq!(first.tail, Some(7));
+        assert!(first.skipped.is_empty());
+        // Appended while it runs: sent after what it has, in order, until 600 fails.
+        assert!(tail.extend(jobs(551..=650)).is_ok());
+        GATE_OPEN.store(true, Ordering::SeqCst);
+        let last = next(&pool);
+        assert_eq!(ids(&last), (501..=600).collect::<Vec<_>>());
+        assert_eq!(last.continues_with, None, "the chain has ended");
+        assert_eq!(last.skipped, (601..=650).collect::<Vec<_>>(), "the rest handed back, unsent");
+        assert_eq!(last.outcomes.last().and_then(|o| o.status), Some(500));
+        // An ended chain takes nothing more.
+        assert!(tail.extend(jobs(651..=652)).is_err());
     }
 
     #[test]

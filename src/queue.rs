@@ -406,9 +406,9 @@ WITH room AS (
       FROM pick WHERE q.delivery_id = pick.delivery_id
     RETURNING q.delivery_id, q.subscription_id, q.event_seq, q.ordering_key, q.attempts
 ), chain AS (
-    SELECT h.delivery_id AS head, h.delivery_id, h.subscription_id, h.event_seq, h.attempts FROM heads h
+    SELECT h.delivery_id AS head, h.delivery_id, h.subscription_id, h.event_seq, h.attempts, h.ordering_key FROM heads h
     UNION ALL
-    SELECT h.delivery_id, n.delivery_id, h.subscription_id, n.event_seq, n.attempts
+    SELECT h.delivery_id, n.delivery_id, h.subscription_id, n.event_seq, n.attempts, h.ordering_key
       FROM heads h CROSS JOIN LATERAL (
            SELECT q.delivery_id, q.event_seq, q.attempts FROM webhooks._queue q
             WHERE q.subscription_id = h.subscription_id AND q.ordering_key = h.ordering_key
@@ -421,13 +421,43 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", even
        e.data::text, s.url, s.signature, s.signature_header,
        (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
        CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
-       k.headers::text, c.head, s.shape::text, s.signature_options::text, k.tls::text
+       k.headers::text, c.head, s.shape::text, s.signature_options::text, k.tls::text,
+       c.event_seq, c.ordering_key
   FROM chain c
   JOIN webhooks._events e ON e.seq = c.event_seq
   JOIN webhooks._subscriptions s ON s.id = c.subscription_id
   JOIN webhooks._secrets k ON k.subscription_id = s.id
  ORDER BY c.head, c.event_seq") };
 }
+
+/// The deliveries of key `$2` of subscription `$1` queued after seq `$3`, up to `$4`, in order,
+/// as CLAIM returns them: the continuation of a chain in flight (its head is claimed). They are
+/// not heads, so nobody else can claim them, and reading them changes nothing: a chain that
+/// stops before them leaves them as they were. Nothing for a subscription no longer active.
+/// (A head after `$3` would belong to another claim: the continuation stops before it; every
+/// key has one head, so there is none.)
+const CONTINUATION: &str = concat!("WITH chain AS (
+    SELECT q.delivery_id AS head, q.delivery_id, q.subscription_id, q.event_seq, q.attempts, q.ordering_key
+      FROM webhooks._queue q
+     WHERE q.subscription_id = $1 AND q.ordering_key = $2 AND q.event_seq > $3
+       AND q.event_seq < COALESCE((SELECT pg_catalog.min(h.event_seq) FROM webhooks._queue h
+                                    WHERE h.subscription_id = $1 AND h.ordering_key = $2
+                                      AND h.event_seq > $3 AND (h.head OR h.claimed_at IS NOT NULL)),
+                                  9223372036854775807)
+     ORDER BY q.event_seq
+     LIMIT $4
+)
+SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", event_time!(), ",
+       e.data::text, s.url, s.signature, s.signature_header,
+       (EXTRACT(epoch FROM s.timeout) * 1000)::int8, s.retry_schedule, k.secret,
+       CASE WHEN k.previous_expires_at > now() THEN k.previous_secret END,
+       k.headers::text, $5::int8, s.shape::text, s.signature_options::text, k.tls::text,
+       c.event_seq, c.ordering_key
+  FROM chain c
+  JOIN webhooks._events e ON e.seq = c.event_seq
+  JOIN webhooks._subscriptions s ON s.id = c.subscription_id AND s.state = 'active' AND s.delivery = 'push'
+  JOIN webhooks._secrets k ON k.subscription_id = s.id
+ ORDER BY c.event_seq");
 
 /// Claims for a schema without poll subscriptions (0.1.0, before `ALTER EXTENSION ... UPDATE`).
 const CLAIM: &str = claim!("");
@@ -581,6 +611,9 @@ UPDATE webhooks._subscriptions s
 pub struct Claimed {
     pub job: Job,
     pub attempts_before: i32,
+    /// Its event's seq and its ordering key (a chain's continuation starts after the last).
+    pub event_seq: i64,
+    pub ordering_key: Option<String>,
     pub retry_schedule: Option<String>,
 }
 
@@ -648,76 +681,116 @@ pub fn claim(
                     failing.to_vec().into(),
                 ],
             )?;
-            // Chains, each in order: the rows come grouped by their head.
-            let mut out: Vec<Vec<Claimed>> = Vec::new();
-            let mut last_head = None;
-            // One parse per distinct shape of the claim.
-            let mut shapes: std::collections::HashMap<String, Result<Arc<Shape>, String>> =
-                std::collections::HashMap::new();
-            for row in rows {
-                let head = row.get::<i64>(16)?;
-                if head != last_head || out.is_empty() {
-                    out.push(Vec::new());
-                    last_head = head;
-                }
-                let signature = Signature::from_columns(
-                    row.get::<String>(9)?.as_deref(),
-                    row.get::<String>(10)?,
-                    row.get::<String>(18)?.as_deref(),
-                );
-                let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
-                secrets.extend(row.get::<String>(14)?);
-                let headers: Vec<(String, String)> = row
-                    .get::<String>(15)?
-                    .and_then(|h| {
-                        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok()
-                    })
-                    .map(|m| {
-                        m.into_iter()
-                            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let timeout = row
-                    .get::<i64>(11)?
-                    .filter(|ms| *ms > 0)
-                    .map(|ms| Duration::from_millis(ms as u64))
-                    .unwrap_or(default_timeout);
-                let shape = row.get::<String>(17)?.map(|text| {
-                    shapes
-                        .entry(text)
-                        .or_insert_with_key(|text| {
-                            crate::shape::parse(text)
-                                .map(Arc::new)
-                                .map_err(|e| format!("the subscription's shape cannot be used: {e}"))
-                        })
-                        .clone()
-                });
-                let attempts_before = row.get::<i32>(3)?.unwrap_or(0);
-                out.last_mut().expect("pushed above").push(Claimed {
-                    attempts_before,
-                    retry_schedule: row.get::<String>(12)?,
-                    job: Job {
-                        delivery_id: row.get::<i64>(1)?.unwrap_or(0),
-                        subscription_id: row.get::<i64>(2)?.unwrap_or(0),
-                        event_id: row.get::<String>(4)?.unwrap_or_default(),
-                        event_type: row.get::<String>(5)?.unwrap_or_default(),
-                        created_at: row.get::<String>(6)?.unwrap_or_default(),
-                        data: row.get::<String>(7)?.unwrap_or_else(|| "{}".into()),
-                        url: row.get::<String>(8)?.unwrap_or_default(),
-                        signature,
-                        secrets,
-                        headers,
-                        tls: row.get::<String>(19)?,
-                        timeout,
-                        max_response_bytes,
-                        max_payload_bytes: crate::gucs::max_payload_bytes(),
-                        shape,
-                        attempt: attempts_before + 1,
-                    },
-                });
-            }
-            Ok(out)
+            chains(rows, default_timeout, max_response_bytes)
+        })
+    })
+}
+
+/// The claimed rows (CLAIM's columns) as chains, each in order: the rows come grouped by their
+/// head.
+fn chains(
+    rows: pgrx::spi::SpiTupleTable,
+    default_timeout: Duration,
+    max_response_bytes: usize,
+) -> SpiResult<Vec<Vec<Claimed>>> {
+    // Chains, each in order: the rows come grouped by their head.
+    let mut out: Vec<Vec<Claimed>> = Vec::new();
+    let mut last_head = None;
+    // One parse per distinct shape of the claim.
+    let mut shapes: std::collections::HashMap<String, Result<Arc<Shape>, String>> =
+        std::collections::HashMap::new();
+    for row in rows {
+        let head = row.get::<i64>(16)?;
+        if head != last_head || out.is_empty() {
+            out.push(Vec::new());
+            last_head = head;
+        }
+        let signature = Signature::from_columns(
+            row.get::<String>(9)?.as_deref(),
+            row.get::<String>(10)?,
+            row.get::<String>(18)?.as_deref(),
+        );
+        let mut secrets: Vec<String> = row.get::<String>(13)?.into_iter().collect();
+        secrets.extend(row.get::<String>(14)?);
+        let headers: Vec<(String, String)> = row
+            .get::<String>(15)?
+            .and_then(|h| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&h).ok()
+            })
+            .map(|m| {
+                m.into_iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timeout = row
+            .get::<i64>(11)?
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64))
+            .unwrap_or(default_timeout);
+        let shape = row.get::<String>(17)?.map(|text| {
+            shapes
+                .entry(text)
+                .or_insert_with_key(|text| {
+                    crate::shape::parse(text)
+                        .map(Arc::new)
+                        .map_err(|e| format!("the subscription's shape cannot be used: {e}"))
+                })
+                .clone()
+        });
+        let attempts_before = row.get::<i32>(3)?.unwrap_or(0);
+        out.last_mut().expect("pushed above").push(Claimed {
+            attempts_before,
+            event_seq: row.get::<i64>(20)?.unwrap_or(0),
+            ordering_key: row.get::<String>(21)?,
+            retry_schedule: row.get::<String>(12)?,
+            job: Job {
+                delivery_id: row.get::<i64>(1)?.unwrap_or(0),
+                subscription_id: row.get::<i64>(2)?.unwrap_or(0),
+                event_id: row.get::<String>(4)?.unwrap_or_default(),
+                event_type: row.get::<String>(5)?.unwrap_or_default(),
+                created_at: row.get::<String>(6)?.unwrap_or_default(),
+                data: row.get::<String>(7)?.unwrap_or_else(|| "{}".into()),
+                url: row.get::<String>(8)?.unwrap_or_default(),
+                signature,
+                secrets,
+                headers,
+                tls: row.get::<String>(19)?,
+                timeout,
+                max_response_bytes,
+                max_payload_bytes: crate::gucs::max_payload_bytes(),
+                shape,
+                attempt: attempts_before + 1,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// The next deliveries of a chain in flight (see CONTINUATION), in the caller's transaction:
+/// those of key `ordering_key` of `subscription` after `after_seq`, at most `limit`. `head`:
+/// the chain's id, as its claim returned it. Empty for a schema without poll subscriptions.
+pub fn continuation(
+    subscription: i64,
+    ordering_key: &str,
+    after_seq: i64,
+    limit: i64,
+    head: i64,
+    default_timeout: Duration,
+    max_response_bytes: usize,
+) -> SpiResult<Vec<Claimed>> {
+    if !stats_schema()? {
+        return Ok(Vec::new());
+    }
+    let types = [pg_sys::INT8OID, pg_sys::TEXTOID, pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::INT8OID];
+    with_plan(CONTINUATION, &types, |plan| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                plan,
+                None,
+                &[subscription.into(), ordering_key.into(), after_seq.into(), limit.into(), head.into()],
+            )?;
+            Ok(chains(rows, default_timeout, max_response_bytes)?.into_iter().flatten().collect())
         })
     })
 }
@@ -750,6 +823,7 @@ pub fn record(
     released: Vec<i64>,
     disable_after: &str,
     worker: i16,
+    continuing: Vec<i64>,
 ) -> SpiResult<()> {
     let stats = if stats_schema()? {
         Some(crate::stats::BatchStats::of(batch.iter().map(|r| {
@@ -875,8 +949,22 @@ pub fn record(
     };
     with_plan(query, &types, |plan| {
         Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
+    })?;
+    if continuing.is_empty() {
+        return Ok(());
+    }
+    // Chains that go on: the delivery each sends next became its key's head above (the
+    // earliest left of the key), and is claimed by this worker in the same transaction, so that
+    // nobody else ever sees it claimable while it is in flight.
+    with_plan(CLAIM_CONTINUING, &[pg_sys::INT8ARRAYOID, pg_sys::INT2OID], |plan| {
+        Spi::connect_mut(|c| c.update(plan, None, &[continuing.into(), worker.into()]).map(|_| ()))
     })
 }
+
+/// The next delivery of each chain still in flight (`$1`), made its key's head by the record
+/// before it, is claimed by worker `$2`.
+const CLAIM_CONTINUING: &str = "UPDATE webhooks._queue q SET claimed_at = now(), claimed_by = $2
+ WHERE q.delivery_id = ANY ($1::int8[]) AND q.head AND q.claimed_at IS NULL";
 
 /// At start-up: whatever the worker's previous run had claimed is due again (at-least-once).
 /// Worker `index` releases its own claims, and worker 0 those of workers that no longer exist

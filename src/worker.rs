@@ -233,6 +233,22 @@ struct InFlight {
     jobs: usize,
     /// Subscriptions whose last job failed.
     failing: std::collections::HashSet<i64>,
+    /// Chains of one key that grow while they are sent, by tail id; and the next id.
+    growing: HashMap<u64, Growing>,
+    next_tail: u64,
+}
+
+/// A chain in flight that may be given the next deliveries of its key (see http::Tail).
+struct Growing {
+    tail: std::sync::Arc<http::Tail>,
+    subscription_id: i64,
+    ordering_key: String,
+    /// The chain's id (its first head's delivery) and the seq of the last delivery it holds.
+    head: i64,
+    last_seq: i64,
+    /// Deliveries that may still be appended to it: a hot key gives others of its
+    /// subscription a turn now and then.
+    budget: usize,
 }
 
 /// A claimed delivery being attempted: what judging and recording its outcome needs.
@@ -246,9 +262,9 @@ impl InFlight {
     fn total(&self) -> usize {
         self.jobs
     }
-    fn add(&mut self, job: &[queue::Claimed]) {
-        let Some(first) = job.first() else { return };
-        for claimed in job {
+    /// Deliveries handed to an HTTP thread (a job's, or a growing chain's next ones).
+    fn add_deliveries(&mut self, jobs: &[queue::Claimed]) {
+        for claimed in jobs {
             self.by_delivery.insert(
                 claimed.job.delivery_id,
                 Pending {
@@ -258,6 +274,10 @@ impl InFlight {
                 },
             );
         }
+    }
+    fn add(&mut self, job: &[queue::Claimed]) {
+        let Some(first) = job.first() else { return };
+        self.add_deliveries(job);
         *self
             .by_subscription
             .entry(first.job.subscription_id)
@@ -266,6 +286,9 @@ impl InFlight {
     }
     /// A job came back: its deliveries leave, its slot is free.
     fn finish(&mut self, done: &http::JobOutcome) {
+        if let Some(t) = done.tail {
+            self.growing.remove(&t);
+        }
         if let Some(n) = self.by_subscription.get_mut(&done.subscription_id) {
             *n -= 1;
             if *n <= 0 {
@@ -490,6 +513,8 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
             by_subscription: HashMap::new(),
             jobs: 0,
             failing: std::collections::HashSet::new(),
+            growing: HashMap::new(),
+            next_tail: 0,
         },
         retention: Retention {
             next_at: Instant::now(),
@@ -584,8 +609,26 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         let mut batch: Vec<queue::Recorded> = Vec::new();
         let mut released: Vec<i64> = Vec::new();
         let mut counts = shmem::Counts::default();
+        // Growing chains that go on: the delivery each sends next (claimed as its key's head
+        // in the record's transaction), and those that asked for more.
+        let mut continuing: HashMap<u64, i64> = HashMap::new();
+        let mut wants_more: Vec<u64> = Vec::new();
         for done in outcomes {
-            in_flight.finish(&done);
+            match (done.tail, done.continues_with) {
+                (Some(t), Some(next)) => {
+                    continuing.insert(t, next);
+                    if done.wants_more {
+                        wants_more.push(t);
+                    }
+                }
+                _ => {
+                    // Ended: whatever it reported before needs no claim any more.
+                    if let Some(t) = done.tail {
+                        continuing.remove(&t);
+                    }
+                    in_flight.finish(&done);
+                }
+            }
             released.extend_from_slice(&done.skipped);
             for o in done.outcomes {
                 counts.attempts += 1;
@@ -613,10 +656,38 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         state.me.add(counts);
         let disable_after = gucs::disable_after();
         let worker = state.index as i16;
-        BackgroundWorker::transaction(move || {
-            queue::record(batch, released, &disable_after, worker)
+        let continuing: Vec<i64> = continuing.into_values().collect();
+        // The next deliveries of the chains that asked, read in the same transaction.
+        let asks: Vec<(u64, i64, String, i64, i64, usize)> = wants_more
+            .iter()
+            .filter_map(|t| in_flight.growing.get(t).map(|g| (*t, g)))
+            .filter(|(_, g)| g.budget > 0)
+            .map(|(t, g)| {
+                let n = g.budget.min(CHAIN_MAX as usize - http::LOW_WATER);
+                (t, g.subscription_id, g.ordering_key.clone(), g.last_seq, g.head, n)
+            })
+            .collect();
+        let more = BackgroundWorker::transaction(move || {
+            queue::record(batch, released, &disable_after, worker, continuing)?;
+            let mut more = Vec::new();
+            for (t, sub, key, after, head, n) in asks {
+                let next = queue::continuation(
+                    sub,
+                    &key,
+                    after,
+                    n as i64,
+                    head,
+                    gucs::timeout(),
+                    gucs::max_response_bytes(),
+                )?;
+                more.push((t, next));
+            }
+            Ok::<_, pgrx::spi::Error>(more)
         })
         .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
+        for (t, next) in more {
+            grow(in_flight, t, next);
+        }
     }
 
     let batch = gucs::batch_size();
@@ -737,6 +808,11 @@ const CHAIN_MAX: i32 = 2_000;
 const PER_SLOT: i32 = 16;
 /// Rows claimed at once (heads and their chains), at most: bounds the worker's memory.
 const CLAIM_ROWS: i32 = 2_000;
+/// A chain of one key this long or longer grows while it is sent (see `grow`), by at most
+/// GROW_MAX deliveries, CHAIN_MAX - LOW_WATER at a time: a growing chain holds CHAIN_MAX
+/// deliveries at most.
+const GROW_FROM: usize = 500;
+const GROW_MAX: usize = 20_000;
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
@@ -822,6 +898,35 @@ impl Retention {
             self.next_at = Instant::now() + RETENTION_EVERY;
         }
         behind
+    }
+}
+
+/// Append a growing chain's next deliveries (read after its last one) to its tail. A chain
+/// that ended meanwhile takes nothing: they stay queued as they were, behind its key's head.
+fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) {
+    let Some(g) = in_flight.growing.get_mut(&tail) else { return };
+    let Some(last) = next.last() else {
+        // Nothing more of its key: it ends with what it has.
+        g.budget = 0;
+        return;
+    };
+    let last_seq = last.event_seq;
+    let n = next.len();
+    let t = g.tail.clone();
+    in_flight.add_deliveries(&next);
+    let ids: Vec<i64> = next.iter().map(|c| c.job.delivery_id).collect();
+    match t.extend(next.into_iter().map(|c| c.job).collect()) {
+        Ok(()) => {
+            if let Some(g) = in_flight.growing.get_mut(&tail) {
+                g.last_seq = last_seq;
+                g.budget = g.budget.saturating_sub(n);
+            }
+        }
+        Err(_) => {
+            for id in ids {
+                in_flight.by_delivery.remove(&id);
+            }
+        }
     }
 }
 
@@ -951,7 +1056,39 @@ fn dispatch(
         }
         for job in jobs {
             in_flight.add(&job);
-            pool.submit(job.into_iter().map(|c| c.job).collect());
+            // One key's long chain (its key has more queued, likely) grows while it is sent:
+            // its next deliveries are read and appended before it runs out, so a hot key's
+            // requests follow each other without a record and a claim in between.
+            let growing = match (job.first(), job.last()) {
+                (Some(first), Some(last))
+                    if job.len() >= GROW_FROM
+                        && first.ordering_key.is_some()
+                        // (One head per key: a job of one key is one chain.)
+                        && first.ordering_key == last.ordering_key =>
+                {
+                    Some(Growing {
+                        tail: http::Tail::new(in_flight.next_tail),
+                        subscription_id: sub,
+                        ordering_key: first.ordering_key.clone().unwrap_or_default(),
+                        head: first.job.delivery_id,
+                        last_seq: last.event_seq,
+                        budget: GROW_MAX,
+                    })
+                }
+                _ => None,
+            };
+            let jobs: Vec<http::Job> = job.into_iter().map(|c| c.job).collect();
+            match growing {
+                Some(g) => {
+                    in_flight.next_tail += 1;
+                    let tail = g.tail.clone();
+                    in_flight.growing.insert(tail.id(), g);
+                    pool.submit_growing(jobs, tail);
+                }
+                None => {
+                    pool.submit(jobs);
+                }
+            }
         }
     }
     match next_due {

@@ -878,3 +878,109 @@ fn lowering_the_number_of_workers_releases_the_claims_of_the_ones_gone() {
     assert_eq!(ids.len() as i64, total, "every event arrived, worker 2's claims included");
     assert_each_key_in_order_once_or_more(&log, 3);
 }
+
+/// One key's backlog of `n` emits (steps 0..n, one transaction: their seqs are in call order)
+/// queued for `sub` while it is paused.
+fn queue_hot_key(c: &mut Client, sub: i64, prefix: &str, n: i32) -> i64 {
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    c.batch_execute(&format!(
+        "SELECT count(webhooks.emit('{prefix}.k', jsonb_build_object('k', 'hot', 'step', g), '{prefix}hot'))
+           FROM generate_series(0, {n} - 1) g"
+    ))
+    .expect("emit");
+    wait_for("the backlog to be queued", WAIT, || {
+        (count(c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == i64::from(n)).then_some(())
+    });
+    i64::from(n)
+}
+
+#[test]
+fn a_hot_key_backlog_of_many_chains_is_sent_once_each_in_order_as_its_chain_grows() {
+    // Three times the longest claimed chain, twelve times a growing chain's report: the chain
+    // is given its next deliveries while it runs, its head moves on at every report, and one
+    // failure in the middle (the 1,501st request) stops it and hands back what it held.
+    let own = Cluster::start(
+        "hot_key_grows",
+        &["webhooks.workers = 2", "webhooks.concurrency = 8", "webhooks.retry_schedule = '200ms,200ms'"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let mut answers = vec![json!(200); 1500];
+    answers.push(json!(500));
+    let sub = subscribe(&mut c, &rx, "/hot", "{hg.*}", json!({"responses": answers}));
+    let total = queue_hot_key(&mut c, sub, "hg", 6000);
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    wait_for("the queue to drain", WAIT * 2, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+    });
+    let log = rx.log("/hot");
+    let steps: Vec<i64> = log.iter().map(|r| r["json"]["data"]["step"].as_i64().unwrap_or(-1)).collect();
+    // Exactly one request twice (the one answered 500, sent again after its retry delay), and
+    // every other once, in commit order.
+    assert_eq!(steps.len() as i64, total + 1, "one request per delivery, plus the retried one");
+    let mut expected: Vec<i64> = (0..total).collect();
+    expected.insert(1501, 1500);
+    assert_eq!(steps, expected, "in commit order, the failed one sent again before the next");
+    assert!(log.iter().all(|r| r["verified"] == json!(true)), "every signature verified");
+    assert_eq!(
+        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        total
+    );
+    assert_eq!(
+        count(&mut c, &format!(
+            "SELECT count(*) FROM webhooks.attempts a JOIN webhooks.deliveries d ON d.id = a.delivery_id WHERE d.subscription_id = {sub}"
+        )),
+        total + 1,
+        "every attempt logged"
+    );
+}
+
+#[test]
+fn a_worker_killed_while_its_hot_key_chain_grows_loses_nothing_and_keeps_order() {
+    let own = Cluster::start(
+        "hot_key_killed",
+        &["webhooks.workers = 2", "webhooks.concurrency = 8"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/hotkill", "{hk.*}", json!({"delay_ms": 1}));
+    let total = queue_hot_key(&mut c, sub, "hk", 6000);
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    // Once the chain has moved its head on (a report was recorded) and holds more: kill the
+    // worker that holds it.
+    let victim: (i32, i32) = wait_for("a chain to have moved on", WAIT, || {
+        let row = c
+            .query_opt(
+                &format!(
+                    "SELECT s.pid, s.worker::int4 FROM webhooks._queue q JOIN webhooks.worker_status() s ON s.worker = q.claimed_by
+                      WHERE q.subscription_id = {sub} AND q.head AND q.claimed_at IS NOT NULL
+                        AND (SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded') >= 600"
+                ),
+                &[],
+            )
+            .expect("claimed head");
+        row.and_then(|r| r.get::<_, Option<i32>>(0).map(|pid| (pid, r.get::<_, i32>(1))))
+    });
+    c.execute("SELECT pg_terminate_backend($1)", &[&victim.0]).expect("terminate the worker");
+    wait_for("the queue to drain", WAIT * 2, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+    });
+    let log = rx.log("/hotkill");
+    let mut firsts: Vec<i64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for r in &log {
+        let s = r["json"]["data"]["step"].as_i64().unwrap_or(-1);
+        if seen.insert(s) {
+            firsts.push(s);
+        }
+    }
+    assert_eq!(firsts, (0..total).collect::<Vec<_>>(), "every step, first arrivals in commit order");
+    // Only what the killed worker held (a growing chain holds 2,000 at most) can come twice.
+    let extra = log.len() as i64 - total;
+    assert!(extra <= 2000, "{extra} sent twice");
+    assert_eq!(
+        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        total
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue WHERE claimed_at IS NOT NULL"), 0, "no claim left behind");
+}
