@@ -702,36 +702,24 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             || now >= state.next_fan_out_at
             || (asked && now >= state.fan_out_not_before));
     let mut window = None;
-    // How long to sleep after a claim made in the fan-out's transaction, if one was.
-    let mut claimed_sleep: Option<Duration> = None;
     if due {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
         state.me.clear_events_pending();
         state.fan_out_more = false;
-        // The claim that follows a last step that made deliveries is made in that step's
-        // transaction: one transaction from a commit's wake to its request, not two.
-        let args = claim_args(pool, &mut state.in_flight, batch, state.index, state.workers).ok();
         // A bounded number of steps per turn, so outcomes are recorded and claims made while
         // a large backlog is fanned out; the next turn comes at once while there is more.
+        // (The claim comes after, in a transaction of its own: claimed in the fan-out's
+        // transaction, one idle wake was no faster, measured, and the fan-out's check of which
+        // keys are queued would stand longer before its commit, see queue_heads.)
         for _ in 0..FAN_OUT_BATCHES_PER_TURN {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
             let advance = now >= state.advance_at;
-            let before = created;
-            let a = args.as_ref();
-            let (step, claim) = BackgroundWorker::transaction(move || {
+            let step = BackgroundWorker::transaction(move || {
                 let cache = cache;
-                let step = queue::fan_out(batch, cache.0, advance)?;
-                let claim = match a {
-                    Some(a) if !step.more && before + step.deliveries > 0 => Some(claim_in_transaction(a)?),
-                    _ => None,
-                };
-                Ok::<_, pgrx::spi::Error>((step, claim))
+                queue::fan_out(batch, cache.0, advance)
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
-            if let (Some(result), Some(a)) = (claim, args.as_ref()) {
-                claimed_sleep = Some(dispatch(pool, &mut state.in_flight, state.me, a, result));
-            }
             created += step.deliveries;
             state.fan_out_more = step.more;
             state.subscribed = step.subscribed;
