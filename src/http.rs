@@ -113,33 +113,37 @@ pub struct Tail {
 struct TailState {
     jobs: Vec<Job>,
     ended: bool,
+    /// The worker answered the chain's last ask (perhaps with nothing): it may ask again.
+    answered: bool,
 }
 
 impl Tail {
     pub fn new(id: u64) -> Arc<Tail> {
-        Arc::new(Tail { id, state: Mutex::new(TailState { jobs: Vec::new(), ended: false }) })
+        Arc::new(Tail { id, state: Mutex::new(TailState { jobs: Vec::new(), ended: false, answered: false }) })
     }
 
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// Append `jobs` to the chain; they come back if it has ended (nothing of them is sent).
+    /// Append `jobs` to the chain (the answer to its ask, perhaps empty); they come back if it
+    /// has ended (nothing of them is sent).
     pub fn extend(&self, jobs: Vec<Job>) -> Result<(), Vec<Job>> {
         match self.state.lock() {
             Ok(mut s) if !s.ended => {
                 s.jobs.extend(jobs);
+                s.answered = true;
                 Ok(())
             }
             _ => Err(jobs),
         }
     }
 
-    /// What was appended since the last take, in order.
-    fn take(&self) -> Vec<Job> {
+    /// What was appended since the last take, in order, and whether an answer came.
+    fn take(&self) -> (Vec<Job>, bool) {
         match self.state.lock() {
-            Ok(mut s) => std::mem::take(&mut s.jobs),
-            Err(_) => Vec::new(),
+            Ok(mut s) => (std::mem::take(&mut s.jobs), std::mem::take(&mut s.answered)),
+            Err(_) => (Vec::new(), false),
         }
     }
 
@@ -645,11 +649,9 @@ fn run_job(
     loop {
         if pending.is_empty() {
             if let Some(t) = &tail {
-                let more = t.take();
-                if !more.is_empty() {
-                    asked = false;
-                    pending.extend(more);
-                }
+                let (more, answered) = t.take();
+                asked &= !answered;
+                pending.extend(more);
             }
         }
         let Some(job) = pending.pop_front() else { break };
@@ -671,13 +673,10 @@ fn run_job(
             continue;
         }
         // A report that the chain goes on names the delivery it sends next: there must be one.
-        if pending.is_empty() {
-            let more = t.take();
-            if !more.is_empty() {
-                asked = false;
-                pending.extend(more);
-            }
-        }
+        // (What was appended is taken now, so that the ask below counts it.)
+        let (more, answered) = t.take();
+        asked &= !answered;
+        pending.extend(more);
         let Some(next) = pending.front() else { continue };
         let mut partial = std::mem::replace(&mut done, new_outcome());
         partial.continues_with = Some(next.delivery_id);

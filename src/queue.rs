@@ -414,7 +414,7 @@ WITH room AS (
             WHERE q.subscription_id = h.subscription_id AND q.ordering_key = h.ordering_key
               AND q.event_seq > h.event_seq
             ORDER BY q.event_seq
-            LIMIT LEAST($5, $7 / (SELECT pg_catalog.count(*) FROM heads)) - 1) n
+            LIMIT GREATEST(LEAST($5, $7 / (SELECT pg_catalog.count(*) FROM heads)), 1) - 1) n
      WHERE h.ordering_key IS NOT NULL
 )
 SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", event_time!(), ",
@@ -434,18 +434,19 @@ SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", even
 /// as CLAIM returns them: the continuation of a chain in flight (its head is claimed). They are
 /// not heads, so nobody else can claim them, and reading them changes nothing: a chain that
 /// stops before them leaves them as they were. Nothing for a subscription no longer active.
-/// (A head after `$3` would belong to another claim: the continuation stops before it; every
-/// key has one head, so there is none.)
-const CONTINUATION: &str = concat!("WITH chain AS (
-    SELECT q.delivery_id AS head, q.delivery_id, q.subscription_id, q.event_seq, q.attempts, q.ordering_key
+/// (A head or a claimed row after `$3` would belong to another claim: the continuation stops
+/// before it, among the rows read; every key has one head, so there is none.)
+const CONTINUATION: &str = concat!("WITH next AS (
+    SELECT q.delivery_id, q.subscription_id, q.event_seq, q.attempts, q.ordering_key,
+           q.head OR q.claimed_at IS NOT NULL AS taken
       FROM webhooks._queue q
      WHERE q.subscription_id = $1 AND q.ordering_key = $2 AND q.event_seq > $3
-       AND q.event_seq < COALESCE((SELECT pg_catalog.min(h.event_seq) FROM webhooks._queue h
-                                    WHERE h.subscription_id = $1 AND h.ordering_key = $2
-                                      AND h.event_seq > $3 AND (h.head OR h.claimed_at IS NOT NULL)),
-                                  9223372036854775807)
      ORDER BY q.event_seq
      LIMIT $4
+), chain AS (
+    SELECT n.delivery_id AS head, n.delivery_id, n.subscription_id, n.event_seq, n.attempts, n.ordering_key
+      FROM (SELECT next.*, pg_catalog.bool_or(next.taken) OVER (ORDER BY next.event_seq) AS stop FROM next) n
+     WHERE NOT n.stop
 )
 SELECT c.delivery_id, c.subscription_id, c.attempts, e.id::text, e.type, ", event_time!(), ",
        e.data::text, s.url, s.signature, s.signature_header,

@@ -302,11 +302,9 @@ impl InFlight {
         // A job that did not get through marks its endpoint failing: until one of its jobs
         // succeeds whole, it is given one delivery per slot at a time, not a batch that would
         // mostly be handed back (a failing endpoint costs a claim per attempt, no more).
-        let ok = done.skipped.is_empty()
-            && done
-                .outcomes
-                .iter()
-                .all(|o| o.succeeded() || o.oversized.is_some());
+        // (A chain stops at its first failure, so its outcomes say whether it got through;
+        // what a growing chain was handed as it ended comes back skipped without a failure.)
+        let ok = done.outcomes.iter().all(|o| o.succeeded() || o.oversized.is_some());
         if ok {
             self.failing.remove(&done.subscription_id);
         } else {
@@ -616,6 +614,8 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         for done in outcomes {
             match (done.tail, done.continues_with) {
                 (Some(t), Some(next)) => {
+                    // All of a report's outcomes succeeded: its endpoint is not failing.
+                    in_flight.failing.remove(&done.subscription_id);
                     continuing.insert(t, next);
                     if done.wants_more {
                         wants_more.push(t);
@@ -686,7 +686,8 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         })
         .unwrap_or_else(|e| error!("pg_webhooks: recording delivery outcomes failed: {e}"));
         for (t, next) in more {
-            grow(in_flight, t, next);
+            let n = grow(in_flight, t, next);
+            state.me.add(shmem::Counts { claimed: n as u64, ..Default::default() });
         }
     }
 
@@ -889,18 +890,18 @@ impl Retention {
     }
 }
 
-/// Append a growing chain's next deliveries (read after its last one) to its tail. A chain
-/// that ended meanwhile takes nothing: they stay queued as they were, behind its key's head.
-fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) {
-    let Some(g) = in_flight.growing.get_mut(&tail) else { return };
-    let Some(last) = next.last() else {
-        // Nothing more of its key: it ends with what it has.
-        g.budget = 0;
-        return;
-    };
-    let last_seq = last.event_seq;
-    let n = next.len();
+/// Append a growing chain's next deliveries (read after its last one) to its tail; returns how
+/// many it took. An empty answer lets the chain ask again later (more of its key may be fanned
+/// out meanwhile). A chain that ended meanwhile takes nothing: they stay queued as they were,
+/// behind its key's head.
+fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) -> usize {
+    let Some(g) = in_flight.growing.get_mut(&tail) else { return 0 };
     let t = g.tail.clone();
+    let Some(last_seq) = next.last().map(|c| c.event_seq) else {
+        let _ = t.extend(Vec::new());
+        return 0;
+    };
+    let n = next.len();
     in_flight.add_deliveries(&next);
     let ids: Vec<i64> = next.iter().map(|c| c.job.delivery_id).collect();
     match t.extend(next.into_iter().map(|c| c.job).collect()) {
@@ -909,11 +910,13 @@ fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) {
                 g.last_seq = last_seq;
                 g.budget = g.budget.saturating_sub(n);
             }
+            n
         }
         Err(_) => {
             for id in ids {
                 in_flight.by_delivery.remove(&id);
             }
+            0
         }
     }
 }
