@@ -830,7 +830,7 @@ fn closed_during_tls(text: String, job: &Job) -> String {
     let has_certificate = job.tls.as_deref().is_some_and(|t| t.contains("\"client_certificate\""));
     if closed && https && !has_certificate {
         format!(
-            "{text} (the server closed the TLS connection while the request was sent; a server that requires a client certificate does this, and none was sent: see webhooks.set_tls)"
+            "{text} (the server closed the TLS connection while the request was sent: a server that requires a client certificate does this when none is sent, see webhooks.set_tls; one that closes idle connections can too)"
         )
     } else {
         text
