@@ -371,7 +371,8 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per
-/// subscription (`$3`/`$4`: subscriptions and what they already have in flight). Each active
+/// subscription, one for those failing (`$9`) (`$3`/`$4`: subscriptions and what they already
+/// have in flight). Each active
 /// subscription with room is looked at on its own (an index probe each), so a slow endpoint's
 /// backlog can never fill the window and starve the others. Only heads are claimed: a delivery
 /// with an ordering key waits while an earlier one of its key is queued. Up to `$6` heads per
@@ -385,10 +386,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
 macro_rules! claim {
     ($pushed:literal) => { concat!("\
 WITH room AS (
-    SELECT s.id, $2 - COALESCE(f.n, 0) AS free
+    -- A failing subscription (in `$9`) has one request in flight at most, whatever its cap: an
+    -- endpoint that times out holds one HTTP thread, not its whole share of them.
+    SELECT s.id, CASE WHEN s.id = ANY ($9::int8[]) THEN 1 ELSE $2 END - COALESCE(f.n, 0) AS free
       FROM webhooks._subscriptions s
       LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = s.id
-     WHERE s.state = 'active' AND $2 - COALESCE(f.n, 0) > 0", $pushed, "
+     WHERE s.state = 'active' AND CASE WHEN s.id = ANY ($9::int8[]) THEN 1 ELSE $2 END - COALESCE(f.n, 0) > 0", $pushed, "
 ), cand AS (
     SELECT c.delivery_id, c.next_attempt_at, c.event_seq
       FROM room CROSS JOIN LATERAL (

@@ -984,3 +984,49 @@ fn a_worker_killed_while_its_hot_key_chain_grows_loses_nothing_and_keeps_order()
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue WHERE claimed_at IS NOT NULL"), 0, "no claim left behind");
 }
+
+#[test]
+fn a_failing_endpoint_holds_one_request_in_flight_not_its_whole_cap() {
+    // One worker, eight HTTP threads, a cap of eight per endpoint: before its first outcome an
+    // endpoint gets up to eight requests at once; once its jobs fail, one at a time (each answer
+    // takes 100 ms, so serialized requests arrive at least 100 ms apart), until one succeeds.
+    let own = Cluster::start(
+        "failing_one_in_flight",
+        &[
+            "webhooks.workers = 1",
+            "webhooks.concurrency = 8",
+            "webhooks.max_in_flight_per_endpoint = 8",
+            "webhooks.retry_schedule = '100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms'",
+        ],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/failing", "{fo.*}", json!({"default_status": 500, "delay_ms": 100}));
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    c.batch_execute("SELECT count(webhooks.emit('fo.u', jsonb_build_object('u', u))) FROM generate_series(1, 16) u")
+        .expect("emit");
+    wait_for("16 queued", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 16).then_some(())
+    });
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    let log = rx.wait_for_requests("/failing", 30, WAIT);
+    let mut at: Vec<f64> = log.iter().map(|r| r["received_at"].as_f64().unwrap_or(0.0)).collect();
+    at.sort_by(|a, b| a.total_cmp(b));
+    // The first wave (claimed before any outcome) is at most the cap; every request after it
+    // came after the one before had been answered.
+    let first_wave = at.iter().take_while(|t| **t < at[0] + 0.09).count();
+    assert!(first_wave <= 8, "{first_wave} at once, more than the cap");
+    for pair in at[first_wave..].windows(2) {
+        assert!(pair[1] - pair[0] >= 0.095, "two requests {:.3} s apart: more than one in flight to a failing endpoint", pair[1] - pair[0]);
+    }
+    // It recovers: once it answers 200 again, everything is delivered.
+    let secret: String = c
+        .query_one("SELECT secret FROM webhooks._secrets WHERE subscription_id = $1", &[&sub])
+        .expect("secret")
+        .get(0);
+    rx.configure(json!({"path": "/failing", "secret": secret}));
+    wait_for("all 16 delivered", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 16)
+            .then_some(())
+    });
+}
