@@ -75,6 +75,8 @@ pub struct WorkerSlot {
     started_at: AtomicI64,
     last_wake_at: AtomicI64,
     requests_in_flight: AtomicU32,
+    /// Set by worker 0 when it queued deliveries (the others claim too), taken by this worker.
+    claim_asked: AtomicBool,
     claimed: AtomicU64,
     attempts: AtomicU64,
     succeeded: AtomicU64,
@@ -112,6 +114,7 @@ fn new_worker() -> WorkerSlot {
         started_at: AtomicI64::new(0),
         last_wake_at: AtomicI64::new(0),
         requests_in_flight: AtomicU32::new(0),
+        claim_asked: AtomicBool::new(false),
         claimed: AtomicU64::new(0),
         attempts: AtomicU64::new(0),
         succeeded: AtomicU64::new(0),
@@ -297,7 +300,14 @@ impl Me {
     /// Wake the database's other workers (1..workers) to claim.
     pub fn wake_others(&self, workers: usize) {
         let db = self.db();
-        (1..workers.min(MAX_WORKERS)).for_each(|i| set_latch(db, i));
+        (1..workers.min(MAX_WORKERS)).for_each(|i| {
+            db.workers[i].claim_asked.store(true, Ordering::SeqCst);
+            set_latch(db, i)
+        });
+    }
+    /// Take "worker 0 asked this worker to claim" (see wake_others).
+    pub fn take_claim_asked(&self) -> bool {
+        self.db().workers[self.i].claim_asked.swap(false, Ordering::AcqRel)
     }
 }
 

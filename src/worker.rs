@@ -745,17 +745,15 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
 
     // Claim only when something could have become claimable: new deliveries, a finished
     // attempt (a freed slot, a released key), deliveries queued directly, or a timer.
-    let queue_changed = fans_out && state.me.take_queue_changed();
-    if created > 0 || queue_changed {
+    // Worker 0 takes the database's "queue changed"; the others, worker 0's "claim too" (it
+    // queued deliveries, or a queue change reached it): without it they would claim only on
+    // their own outcomes and timer, up to webhooks.poll_interval late.
+    let queue_changed = if fans_out { state.me.take_queue_changed() } else { state.me.take_claim_asked() };
+    if fans_out && (created > 0 || queue_changed) {
         // The other workers claim too.
         state.me.wake_others(state.workers);
     }
-    let sleep = if let (Some(sleep), false) = (claimed_sleep, queue_changed) {
-        // Claimed in the fan-out's transaction, after the outcomes above were recorded: only a
-        // queue change that may have come after that claim's snapshot needs another.
-        state.next_claim_at = Instant::now() + sleep;
-        sleep
-    } else if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
+    let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
         let sleep = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me);
         state.next_claim_at = Instant::now() + sleep;

@@ -390,6 +390,15 @@ fn event_stats_count_emitted_delivered_retried_and_dead_per_type() {
 fn the_rollup_is_exact_with_two_workers_sharing_one_endpoint() {
     let rx = Receiver::start();
     let mut c = db();
+    // Both workers ready before anything is queued (a fresh cluster's worker looks for the
+    // extension once a second): both must have their part in what follows.
+    wait_for("both workers ready", WAIT, || {
+        let ready: i64 = c
+            .query_one("SELECT count(*) FROM webhooks.worker_status() WHERE state IN ('idle', 'delivering')", &[])
+            .expect("status")
+            .get(0);
+        (ready == 2).then_some(())
+    });
     // Every third of the first 150 requests fails; enough retries that none ends dead.
     let answers: Vec<u16> = (0..150)
         .map(|i| if i % 3 == 0 { 500 } else { 200 })

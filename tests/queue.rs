@@ -1030,3 +1030,39 @@ fn a_failing_endpoint_holds_one_request_in_flight_not_its_whole_cap() {
             .then_some(())
     });
 }
+
+#[test]
+fn the_other_workers_claim_as_soon_as_worker_0_queues_not_at_their_poll() {
+    // The safety poll is a minute: had worker 1 waited for it, worker 0 alone would have sent
+    // everything (a slot each, 100 ms an answer: 40 deliveries in ~4 s over 16-head jobs).
+    let own = Cluster::start(
+        "others_claim",
+        &[
+            "webhooks.workers = 2",
+            "webhooks.concurrency = 4",
+            "webhooks.max_in_flight_per_endpoint = 2",
+            "webhooks.poll_interval = '60s'",
+        ],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    wait_for("both workers ready", WAIT, || {
+        (count(&mut c, "SELECT count(*) FROM webhooks.worker_status() WHERE state IN ('idle', 'delivering')") == 2).then_some(())
+    });
+    let sub = subscribe(&mut c, &rx, "/others", "{oc.*}", json!({"delay_ms": 100}));
+    c.batch_execute("SELECT count(webhooks.emit('oc.u', jsonb_build_object('u', u))) FROM generate_series(1, 40) u")
+        .expect("emit");
+    wait_for("all 40 delivered", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 40)
+            .then_some(())
+    });
+    let per_worker: Vec<i64> = c
+        .query("SELECT attempts::int8 FROM webhooks.worker_status() ORDER BY worker", &[])
+        .expect("status")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(per_worker.len(), 2);
+    assert!(per_worker.iter().all(|n| *n > 0), "both workers sent: {per_worker:?}");
+    assert_eq!(per_worker.iter().sum::<i64>(), 40);
+}
