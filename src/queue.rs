@@ -127,6 +127,12 @@ WITH s AS (
 ), ", queue_heads!(), "
 SELECT pg_catalog.count(*)::int8 FROM q");
 
+/// The lock between fan-out's choice of heads and the records that release keys (see fan_out):
+/// a transaction-level advisory lock of the worker's class (1885828969; the workers' own
+/// session locks use 1 and up), exclusive for fan-out, shared for records.
+const HEADS_LOCK_EXCLUSIVE: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1885828969, 0)";
+const HEADS_LOCK_SHARED: &str = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1885828969, 0)";
+
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
 /// their first event. Found through `_events_xid_idx`: transactions that were running at `$1`
@@ -218,6 +224,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         }
         fresh = Some((snapshot, subscribed, new, transactions));
     }
+    // Fan-out decides which new deliveries are their key's head from the key's queued rows
+    // (queue_heads); a record in another worker's transaction can meanwhile release the key
+    // (delete its rows, find no next head: the new one is not committed yet). Both sides take
+    // this lock in a statement before their own, fan-out alone, records together: each then
+    // sees what the other committed, and no key is left without a head.
+    Spi::run(HEADS_LOCK_EXCLUSIVE)?;
     // Deliveries made for subscriptions seen for the first time (they need a claim too).
     let mut backfilled = 0i64;
     // The snapshot of a batch this step begins, not yet written to `_fanout`.
@@ -829,6 +841,8 @@ pub fn record(
     worker: i16,
     continuing: Vec<i64>,
 ) -> SpiResult<()> {
+    // Before the record's snapshot: a fan-out in progress commits first (see fan_out).
+    Spi::run(HEADS_LOCK_SHARED)?;
     let stats = if stats_schema()? {
         Some(crate::stats::BatchStats::of(batch.iter().map(|r| {
             crate::stats::Attempt {

@@ -1066,3 +1066,52 @@ fn the_other_workers_claim_as_soon_as_worker_0_queues_not_at_their_poll() {
     assert!(per_worker.iter().all(|n| *n > 0), "both workers sent: {per_worker:?}");
     assert_eq!(per_worker.iter().sum::<i64>(), 40);
 }
+
+#[test]
+fn keys_released_by_some_workers_while_fan_out_queues_more_never_lose_their_head() {
+    // Three workers record (and release keys) while worker 0 fans out new deliveries of the same
+    // few keys: a key whose new delivery was queued behind rows another worker was deleting
+    // must still get a head. Writers emit for 5 s; then everything must drain, each once.
+    let own = Cluster::start(
+        "heads_race",
+        &["webhooks.workers = 3", "webhooks.concurrency = 6", "webhooks.max_in_flight_per_endpoint = 6"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    wait_for("the workers ready", WAIT, || {
+        (count(&mut c, "SELECT count(*) FROM webhooks.worker_status() WHERE state IN ('idle', 'delivering')") == 3).then_some(())
+    });
+    let sub = subscribe(&mut c, &rx, "/race", "{hr.*}", json!({}));
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let mut wc = own.connect();
+            std::thread::spawn(move || {
+                let mut n = 0i64;
+                while std::time::Instant::now() < until {
+                    wc.execute(
+                        "SELECT webhooks.emit('hr.k', jsonb_build_object('w', $1::int, 'n', $2::int8), 'key' || ($2 % 4)::text)",
+                        &[&w, &n],
+                    )
+                    .expect("emit");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: i64 = writers.into_iter().map(|t| t.join().expect("writer")).sum();
+    assert!(total > 100, "only {total} emitted");
+    wait_for("the queue to drain (a key without a head never would)", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+    });
+    assert_eq!(
+        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        total
+    );
+    let log = rx.log("/race");
+    let ids: std::collections::HashSet<String> =
+        log.iter().map(|r| r["headers"]["webhook-id"].as_str().unwrap_or_default().to_string()).collect();
+    assert_eq!(ids.len() as i64, total, "every event arrived");
+    assert_eq!(log.len() as i64, total, "each once");
+}
