@@ -128,10 +128,11 @@ WITH s AS (
 SELECT pg_catalog.count(*)::int8 FROM q");
 
 /// The lock between fan-out's choice of heads and the records that release keys (see fan_out):
-/// a transaction-level advisory lock of the worker's class (1885828969; the workers' own
-/// session locks use 1 and up), exclusive for fan-out, shared for records.
-const HEADS_LOCK_EXCLUSIVE: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1885828969, 0)";
-const HEADS_LOCK_SHARED: &str = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1885828969, 0)";
+/// a lock on the table `_fanout`, EXCLUSIVE for fan-out, ROW SHARE for records (which do not
+/// conflict with each other, nor with readers of `_fanout`). Not an advisory lock: any role can
+/// take those, and DDL already takes one of the extension's for the tracked tables' triggers.
+/// A table lock in these modes needs UPDATE, DELETE or TRUNCATE on `_fanout`: its owner's.
+const HEADS_LOCK_SHARED: &str = "LOCK TABLE webhooks._fanout IN ROW SHARE MODE";
 
 /// The transactions of the batch in progress: visible in `$2` (the batch) and not in `$1` (the
 /// last batch done), with their first event's seq and their number of events, in the order of
@@ -184,6 +185,8 @@ pub struct FanOutStep {
     pub deliveries: i64,
     /// Whether committed events may be left for another step.
     pub more: bool,
+    /// Records held the heads lock (see fan_out): nothing was done, try again soon.
+    pub busy: bool,
 }
 
 /// One fan-out step, in the caller's transaction: up to about `limit` events of committed
@@ -192,16 +195,20 @@ pub struct FanOutStep {
 /// transaction is taken in many steps; its transactions are listed once).
 /// With nothing subscribed, the stream is only moved on when `advance` (the worker does it now
 /// and then: it is a write).
-pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResult<FanOutStep> {
-    let idle = FanOutStep { subscribed: true, deliveries: 0, more: false };
+pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool, wait: bool) -> SpiResult<FanOutStep> {
+    let idle = FanOutStep { subscribed: true, deliveries: 0, more: false, busy: false };
     // First without a lock, and without writing: when nothing new has committed, the step
     // ends here. Taking the row lock or moving `done` would use a transaction id, so that
     // the next snapshot would differ again, and an idle worker would fan out for ever.
     let quiet = Spi::connect(|c| {
         let row = c
-            .select("SELECT f.done::text, f.batch IS NULL FROM webhooks._fanout f", Some(1), &[])?
+            .select(
+                "SELECT f.done::text, f.batch IS NULL, 'webhooks._fanout'::regclass::oid FROM webhooks._fanout f",
+                Some(1),
+                &[],
+            )?
             .first();
-        Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?))
+        Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?, row.get::<pg_sys::Oid>(3)?))
     })?;
     // A new batch: everything committed by now, with what it holds (see below).
     let mut fresh: Option<(String, bool, bool, Vec<(String, i64, i64)>)> = None;
@@ -227,9 +234,19 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     // Fan-out decides which new deliveries are their key's head from the key's queued rows
     // (queue_heads); a record in another worker's transaction can meanwhile release the key
     // (delete its rows, find no next head: the new one is not committed yet). Both sides take
-    // this lock in a statement before their own, fan-out alone, records together: each then
-    // sees what the other committed, and no key is left without a head.
-    Spi::run(HEADS_LOCK_EXCLUSIVE)?;
+    // a lock (HEADS_LOCK_SHARED) before their statements, fan-out alone, records together:
+    // each then sees what the other committed, and no key is left without a head. Fan-out
+    // does not queue for it unless told to (`wait`): a fan-out waiting for it would make every
+    // later record wait too, behind one record that waits for a row lock (an open
+    // unsubscribe, say). The worker tries again a millisecond later.
+    if let Some(oid) = quiet.2 {
+        let mode = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
+        if wait {
+            unsafe { pg_sys::LockRelationOid(oid, mode) };
+        } else if !unsafe { pg_sys::ConditionalLockRelationOid(oid, mode) } {
+            return Ok(FanOutStep { busy: true, ..idle });
+        }
+    }
     // Deliveries made for subscriptions seen for the first time (they need a claim too).
     let mut backfilled = 0i64;
     // The snapshot of a batch this step begins, not yet written to `_fanout`.
@@ -324,7 +341,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             &[begun.into()],
         )?;
         *cache = None;
-        return Ok(FanOutStep { subscribed: true, deliveries: backfilled, more: true });
+        return Ok(FanOutStep { subscribed: true, deliveries: backfilled, more: true, busy: false });
     }
     // Whole transactions while they fit in `limit` (at least one), or part of a large one. A
     // transaction already taken in part goes on alone: its remaining events are those after
@@ -373,13 +390,14 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             subscribed: true,
             deliveries: deliveries + backfilled,
             more: !started_here,
+            busy: false,
         });
     }
     Spi::run_with_args(
         "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into(), begun.into()],
     )?;
-    Ok(FanOutStep { subscribed: true, deliveries: deliveries + backfilled, more: true })
+    Ok(FanOutStep { subscribed: true, deliveries: deliveries + backfilled, more: true, busy: false })
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per

@@ -222,6 +222,9 @@ struct LoopState {
     /// on while none does.
     subscribed: bool,
     advance_at: Instant,
+    /// Fan-out steps in a row that found records holding the heads lock, and when to try again.
+    fan_out_busy: u32,
+    fan_out_retry_at: Option<Instant>,
 }
 
 /// In-flight bookkeeping of the delivery worker's main thread: per delivery what is needed to
@@ -527,6 +530,8 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         batch: None,
         subscribed: true,
         advance_at: Instant::now(),
+        fan_out_busy: 0,
+        fan_out_retry_at: None,
     };
     let mut sleep = Duration::ZERO;
     while wait(&pool, sleep) {
@@ -701,7 +706,8 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     let due = fans_out
         && (state.fan_out_more
             || now >= state.next_fan_out_at
-            || (asked && now >= state.fan_out_not_before));
+            || (asked && now >= state.fan_out_not_before)
+            || state.fan_out_retry_at.is_some_and(|t| now >= t));
     let mut window = None;
     if due {
         // Cleared before the snapshot is taken: a commit after this wakes the worker again.
@@ -716,11 +722,21 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
             let advance = now >= state.advance_at;
+            // Records of the other workers hold the heads lock: tried again shortly, and waited
+            // for after FAN_OUT_TRIES tries (see queue::fan_out).
+            let wait = state.fan_out_busy >= FAN_OUT_TRIES;
             let step = BackgroundWorker::transaction(move || {
                 let cache = cache;
-                queue::fan_out(batch, cache.0, advance)
+                queue::fan_out(batch, cache.0, advance, wait)
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+            if step.busy {
+                state.fan_out_busy += 1;
+                state.fan_out_retry_at = Some(Instant::now() + FAN_OUT_RETRY);
+                break;
+            }
+            state.fan_out_busy = 0;
+            state.fan_out_retry_at = None;
             created += step.deliveries;
             state.fan_out_more = step.more;
             state.subscribed = step.subscribed;
@@ -769,7 +785,12 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             state.next_fan_out_at.saturating_duration_since(Instant::now())
         } else {
             Duration::MAX
-        });
+        })
+        .min(
+            state
+                .fan_out_retry_at
+                .map_or(Duration::MAX, |t| t.saturating_duration_since(Instant::now())),
+        );
     if more_pending {
         Duration::ZERO
     } else if retention_busy {
@@ -800,6 +821,10 @@ const CLAIM_ROWS: i32 = 2_000;
 /// deliveries at most.
 const GROW_FROM: usize = 500;
 const GROW_MAX: usize = 20_000;
+/// A fan-out step that found the heads lock taken (see queue::fan_out) is tried again this much
+/// later; after this many tries in a row, it waits for the lock.
+const FAN_OUT_RETRY: Duration = Duration::from_millis(1);
+const FAN_OUT_TRIES: u32 = 100;
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one

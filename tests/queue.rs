@@ -7,6 +7,7 @@
 mod common;
 
 use common::{shared_cluster, wait_for, Cluster, Receiver};
+use postgres::error::SqlState;
 use postgres::Client;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -1114,4 +1115,50 @@ fn keys_released_by_some_workers_while_fan_out_queues_more_never_lose_their_head
         log.iter().map(|r| r["headers"]["webhook-id"].as_str().unwrap_or_default().to_string()).collect();
     assert_eq!(ids.len() as i64, total, "every event arrived");
     assert_eq!(log.len() as i64, total, "each once");
+}
+
+#[test]
+fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
+    // DROP runs the extension's drop handler once something is tracked, and track, untrack and
+    // that handler hold an advisory lock of the extension to the end of their transaction. The
+    // lock between fan-out and records once reused that very key: a migration that dropped a
+    // column and went on for minutes stopped every worker. And advisory locks are anybody's:
+    // the heads lock is a table lock now, which an application role cannot take.
+    let own = Cluster::start("open_migration", &["webhooks.workers = 2"]);
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    c.batch_execute(
+        "CREATE TABLE mig_orders (id int PRIMARY KEY, status text, note text);
+         SELECT webhooks.track('mig_orders', status_column => 'status');
+         CREATE ROLE mig_app LOGIN; GRANT USAGE ON SCHEMA webhooks TO mig_app;",
+    )
+    .expect("track");
+    let sub = subscribe(&mut c, &rx, "/mig", "{mig.*}", json!({}));
+    let mut migration = own.connect();
+    migration
+        .batch_execute("BEGIN; ALTER TABLE mig_orders DROP COLUMN note;")
+        .expect("the migration's DROP");
+    // While it is open (holding what DROP took): keyed events, so records release keys and
+    // fan-out decides heads.
+    c.batch_execute(
+        "SELECT count(webhooks.emit('mig.k', jsonb_build_object('k', g % 5, 'step', g), 'mk' || (g % 5)))
+           FROM generate_series(0, 199) g",
+    )
+    .expect("emit");
+    wait_for("200 delivered while the migration is open", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 200)
+            .then_some(())
+    });
+    migration.batch_execute("COMMIT").expect("commit the migration");
+    let log = rx.log("/mig");
+    assert_eq!(log.len(), 200, "each once");
+    for (k, steps) in steps_by_key(&log) {
+        assert!(steps.windows(2).all(|w| w[0] < w[1]), "key {k} in commit order: {steps:?}");
+    }
+    // An application role cannot hold the heads lock.
+    let mut app = own.connect_as("postgres", "mig_app");
+    let err = app
+        .batch_execute("BEGIN; LOCK TABLE webhooks._fanout IN EXCLUSIVE MODE")
+        .expect_err("refused");
+    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
 }
