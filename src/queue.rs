@@ -502,8 +502,8 @@ const CLAIM_PUSHED: &str = claim!(" AND s.delivery = 'push'");
 /// Record a batch of outcomes: attempts rows, delivery state, queue, subscription health.
 /// `$13`: claimed deliveries handed back unattempted (their job stopped at an earlier failure).
 macro_rules! record_prefix {
-    () => {
-        "\
+    ($continuing:literal) => {
+        concat!("\
 WITH released AS (
     UPDATE webhooks._queue q SET claimed_at = NULL
      WHERE q.delivery_id = ANY ($13::int8[]) AND q.claimed_at IS NOT NULL
@@ -537,6 +537,14 @@ WITH released AS (
     -- the chain that is retried is that earliest one, and becomes the head below. Every queued
     -- key always has a head, so no delivery can wait forever, whatever order deliveries were
     -- queued in.
+    --
+    -- A key that keeps a head otherwise gets none here, so that it never has two: one with a
+    -- delivery retried (it is the head again, below), or with another head or claimed delivery
+    -- left (a growing chain's next one, made its head and claimed before this statement). A
+    -- delivery fanned out after later ones of its key (its seq was taken first and it
+    -- committed last: two writers of a key that took different locks, as an emit by a role
+    -- that may not update the key's row and the row's own writers do) waits behind the chain
+    -- in flight, and becomes the head after it.
     UPDATE webhooks._queue q SET head = true
       FROM (SELECT DISTINCT qd.subscription_id, qd.ordering_key FROM qd
              WHERE qd.ordering_key IS NOT NULL AND qd.head) k
@@ -546,7 +554,11 @@ WITH released AS (
               AND n.delivery_id NOT IN (SELECT qd.delivery_id FROM qd)
             ORDER BY n.event_seq LIMIT 1) nh
      WHERE q.delivery_id = nh.delivery_id
-       AND nh.delivery_id NOT IN (SELECT r.delivery_id FROM r WHERE r.outcome = 'retry')
+       AND NOT EXISTS (
+           SELECT 1 FROM webhooks._queue o
+            WHERE o.subscription_id = k.subscription_id AND o.ordering_key = k.ordering_key
+              AND (o.delivery_id = ANY (", $continuing, "::int8[])
+                   OR o.delivery_id IN (SELECT r.delivery_id FROM r WHERE r.outcome = 'retry')))
 ), qu AS (
     UPDATE webhooks._queue q
        SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL,
@@ -557,12 +569,12 @@ WITH released AS (
            pg_catalog.to_timestamp(pg_catalog.min(r.started)) AS first_failure
       FROM r GROUP BY r.sub
 )
-"
+")
     };
 }
 
 /// Recording for a schema without the rollups (0.1.0, before `ALTER EXTENSION ... UPDATE`).
-const RECORD: &str = concat!(record_prefix!(), "UPDATE webhooks._subscriptions s
+const RECORD: &str = concat!(record_prefix!("$14"), "UPDATE webhooks._subscriptions s
    SET failing_since = CASE WHEN h.ok AND NOT h.gone THEN NULL ELSE COALESCE(s.failing_since, h.first_failure) END,
        state = CASE WHEN h.gone THEN 'disabled'
                     WHEN NOT h.ok AND COALESCE(s.failing_since, h.first_failure) < now() - $12::interval THEN 'disabled'
@@ -590,7 +602,7 @@ const RECORD: &str = concat!(record_prefix!(), "UPDATE webhooks._subscriptions s
 /// after it would be counted; the row does not keep its last success's time (that would be a
 /// write per healthy batch), so it cannot tell. Workers record within milliseconds of the
 /// attempts, so that takes a success and a failure that overlapped in time.
-const RECORD_WITH_STATS: &str = concat!(record_prefix!(), ", ds AS (
+const RECORD_WITH_STATS: &str = concat!(record_prefix!("$34"), ", ds AS (
     INSERT INTO webhooks._delivery_stats AS t
            (width, bucket, subscription_id, worker, attempts, succeeded, failed, dead, latency_hist)
     SELECT pg_catalog.make_interval(secs => u.width), pg_catalog.to_timestamp(u.bucket), u.sub, $14,
@@ -930,6 +942,14 @@ pub fn record(
         disable_after.into(),
         released.into(),
     ];
+    // Chains that go on: the delivery each sends next becomes its key's head and is claimed by
+    // this worker first, in this transaction, so that nobody else ever sees it claimable while
+    // it is in flight; the record below then gives those keys no other head.
+    if !continuing.is_empty() {
+        with_plan(CLAIM_CONTINUING, &[pg_sys::INT8ARRAYOID, pg_sys::INT2OID], |plan| {
+            Spi::connect_mut(|c| c.update(plan, None, &[continuing.clone().into(), worker.into()]).map(|_| ()))
+        })?;
+    }
     let query = match stats {
         None => RECORD,
         Some(s) => {
@@ -983,24 +1003,19 @@ pub fn record(
             RECORD_WITH_STATS
         }
     };
+    // The chains that go on, last (`$14` or `$34`): their keys get no other head.
+    types.push(pg_sys::INT8ARRAYOID);
+    args.push(continuing.into());
     with_plan(query, &types, |plan| {
         Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
-    })?;
-    if continuing.is_empty() {
-        return Ok(());
-    }
-    // Chains that go on: the delivery each sends next became its key's head above (the
-    // earliest left of the key), and is claimed by this worker in the same transaction, so that
-    // nobody else ever sees it claimable while it is in flight.
-    with_plan(CLAIM_CONTINUING, &[pg_sys::INT8ARRAYOID, pg_sys::INT2OID], |plan| {
-        Spi::connect_mut(|c| c.update(plan, None, &[continuing.into(), worker.into()]).map(|_| ()))
     })
 }
 
-/// The next delivery of each chain still in flight (`$1`), made its key's head by the record
-/// before it, is claimed by worker `$2`.
-const CLAIM_CONTINUING: &str = "UPDATE webhooks._queue q SET claimed_at = now(), claimed_by = $2
- WHERE q.delivery_id = ANY ($1::int8[]) AND q.head AND q.claimed_at IS NULL";
+/// The next delivery of each chain still in flight (`$1`) becomes its key's head, claimed by
+/// worker `$2`. It is a delivery of the chain, not a head (nobody else can claim it), and not
+/// claimed; the head it follows leaves in the record after this statement.
+const CLAIM_CONTINUING: &str = "UPDATE webhooks._queue q SET head = true, claimed_at = now(), claimed_by = $2
+ WHERE q.delivery_id = ANY ($1::int8[]) AND q.claimed_at IS NULL";
 
 /// At start-up: whatever the worker's previous run had claimed is due again (at-least-once).
 /// Worker `index` releases its own claims, and worker 0 those of workers that no longer exist

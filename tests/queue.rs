@@ -1162,3 +1162,76 @@ fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
         .expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
 }
+
+#[test]
+fn a_delivery_fanned_out_after_later_ones_of_its_key_waits_for_the_chain_in_flight() {
+    // Events of one key are serialized by the tracked row's lock, or by an advisory lock on
+    // the key where the row does not exist or the emitter may not update it: two emitters of
+    // one key that take different locks are not. Here a role without UPDATE emits for a row's
+    // key (advisory lock) and prepares: its seq is taken, and its event becomes visible only
+    // at COMMIT PREPARED, after 3,000 later events of the key (emitted under the row lock)
+    // were fanned out and a chain of them is in flight. The key's head used to move on to the
+    // earliest seq left at the chain's next report, that one rather than the chain's next
+    // delivery: a second head, claimed with a chain of what the first was sending.
+    let own = Cluster::start(
+        "straggler",
+        &["webhooks.workers = 2", "webhooks.concurrency = 8", "max_prepared_transactions = 2"],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    c.batch_execute(
+        "CREATE TABLE sg_orders (id int PRIMARY KEY, status text);
+         SELECT webhooks.track('sg_orders', status_column => 'status');
+         INSERT INTO sg_orders VALUES (1, 'new');
+         CREATE ROLE sg_reader LOGIN; GRANT SELECT ON sg_orders TO sg_reader;
+         GRANT USAGE ON SCHEMA webhooks TO sg_reader;
+         GRANT EXECUTE ON FUNCTION webhooks.emit(text, jsonb, text) TO sg_reader;",
+    )
+    .expect("track");
+    let sub = subscribe(&mut c, &rx, "/straggler", "{sg_order.noted}", json!({"delay_ms": 1}));
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    let mut p = own.connect_as("postgres", "sg_reader");
+    p.batch_execute(
+        "BEGIN; SELECT webhooks.emit('sg_order.noted', jsonb_build_object('step', -1), '1');
+         PREPARE TRANSACTION 'sg_straggler'",
+    )
+    .expect("prepare");
+    let total: i64 = 3000;
+    c.batch_execute(&format!(
+        "SELECT count(webhooks.emit('sg_order.noted', jsonb_build_object('step', g), '1'))
+           FROM generate_series(0, {total} - 1) g"
+    ))
+    .expect("emit under the row lock");
+    wait_for("the backlog to be queued", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == total).then_some(())
+    });
+    c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+    wait_for("the chain to have moved on", WAIT, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) >= 600)
+            .then_some(())
+    });
+    c.batch_execute("COMMIT PREPARED 'sg_straggler'").expect("commit prepared");
+    wait_for("the queue to drain", WAIT * 2, || {
+        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0
+            && count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub}")) == total + 1)
+            .then_some(())
+    });
+    let log = rx.log("/straggler");
+    let steps: Vec<i64> = log.iter().map(|r| r["json"]["data"]["step"].as_i64().unwrap_or(-2)).collect();
+    let mut times: HashMap<i64, usize> = HashMap::new();
+    for s in &steps {
+        *times.entry(*s).or_default() += 1;
+    }
+    let twice: Vec<i64> = times.iter().filter(|(_, n)| **n > 1).map(|(s, _)| *s).collect();
+    let missing = (-1..total).filter(|s| !times.contains_key(s)).count();
+    assert!(
+        twice.is_empty() && missing == 0 && steps.len() as i64 == total + 1,
+        "every delivery once: {} requests, {} sent more than once (the lowest {:?}), {missing} missing",
+        steps.len(),
+        twice.len(),
+        twice.iter().min()
+    );
+    let later: Vec<i64> = steps.iter().copied().filter(|s| *s >= 0).collect();
+    assert!(later.windows(2).all(|w| w[0] < w[1]), "the others in commit order");
+    assert!(log.iter().all(|r| r["verified"] == json!(true)), "every signature verified");
+}
