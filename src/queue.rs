@@ -417,7 +417,7 @@ macro_rules! claim {
     ($pushed:literal) => { concat!("\
 WITH room AS (
     -- A failing subscription (in `$9`) has one request in flight at most, whatever its cap: an
-    -- endpoint that times out holds one HTTP thread, not its whole share of them.
+    -- endpoint that times out holds one HTTP thread of this worker, not its share of them.
     SELECT s.id, CASE WHEN s.id = ANY ($9::int8[]) THEN 1 ELSE $2 END - COALESCE(f.n, 0) AS free
       FROM webhooks._subscriptions s
       LEFT JOIN unnest($3::int8[], $4::int4[]) AS f(sub, n) ON f.sub = s.id

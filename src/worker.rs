@@ -302,16 +302,19 @@ impl InFlight {
         for id in &done.skipped {
             self.by_delivery.remove(id);
         }
-        // A job that did not get through marks its endpoint failing: until one of its jobs
-        // succeeds whole, it is given one delivery per slot at a time, not a batch that would
-        // mostly be handed back (a failing endpoint costs a claim per attempt, no more).
-        // (A chain stops at its first failure, so its outcomes say whether it got through;
-        // what a growing chain was handed as it ended comes back skipped without a failure.)
-        let ok = done.outcomes.iter().all(|o| o.succeeded() || o.oversized.is_some());
-        if ok {
-            self.failing.remove(&done.subscription_id);
-        } else {
+        // A job none of whose requests succeeded marks its endpoint failing: until one of its
+        // requests succeeds, this worker gives it one request in flight and one delivery at a
+        // time, not a batch that would mostly be handed back (a failing endpoint costs a
+        // claim per attempt, no more) nor threads that would wait for its timeouts. One that
+        // answers some requests (an endpoint refusing a few event types, a rare error) is not
+        // failing. (A chain stops at its first failure, so a failed first request is a job
+        // without a success; what a growing chain was handed as it ended comes back skipped.)
+        let failed = done.outcomes.iter().any(|o| !o.succeeded() && o.oversized.is_none())
+            && !done.outcomes.iter().any(|o| o.succeeded());
+        if failed {
             self.failing.insert(done.subscription_id);
+        } else {
+            self.failing.remove(&done.subscription_id);
         }
     }
     fn take(&mut self, delivery_id: i64) -> Option<Pending> {
