@@ -249,9 +249,10 @@ struct Growing {
     /// The chain's id (its first head's delivery) and the seq of the last delivery it holds.
     head: i64,
     last_seq: i64,
-    /// Deliveries that may still be appended to it: a hot key gives others of its
-    /// subscription a turn now and then.
+    /// Deliveries that may still be appended to it, and until when: a hot key gives others of
+    /// its subscription a turn now and then (with a cap of one, they wait for it to end).
     budget: usize,
+    grow_until: Instant,
 }
 
 /// A claimed delivery being attempted: what judging and recording its outcome needs.
@@ -669,7 +670,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         let asks: Vec<(u64, i64, String, i64, i64, usize)> = wants_more
             .iter()
             .filter_map(|t| in_flight.growing.get(t).map(|g| (*t, g)))
-            .filter(|(_, g)| g.budget > 0)
+            .filter(|(_, g)| g.budget > 0 && Instant::now() < g.grow_until)
             .map(|(t, g)| {
                 let n = g.budget.min(CHAIN_MAX as usize - http::LOW_WATER);
                 (t, g.subscription_id, g.ordering_key.clone(), g.last_seq, g.head, n)
@@ -824,6 +825,9 @@ const CLAIM_ROWS: i32 = 2_000;
 /// deliveries at most.
 const GROW_FROM: usize = 500;
 const GROW_MAX: usize = 20_000;
+/// A chain asks for more only this long after it was claimed (a slow endpoint's hot key would
+/// hold its slot for GROW_MAX requests otherwise).
+const GROW_FOR: Duration = Duration::from_secs(2);
 /// A fan-out step that found the heads lock taken (see queue::fan_out) is tried again this much
 /// later; after this many tries in a row, it waits for the lock.
 const FAN_OUT_RETRY: Duration = Duration::from_millis(1);
@@ -1090,6 +1094,7 @@ fn dispatch(
                         head: first.job.delivery_id,
                         last_seq: last.event_seq,
                         budget: GROW_MAX,
+                        grow_until: Instant::now() + GROW_FOR,
                     })
                 }
                 _ => None,
