@@ -195,7 +195,7 @@ pub struct FanOutStep {
 /// transaction is taken in many steps; its transactions are listed once).
 /// With nothing subscribed, the stream is only moved on when `advance` (the worker does it now
 /// and then: it is a write).
-pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool, wait: bool) -> SpiResult<FanOutStep> {
+pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResult<FanOutStep> {
     let idle = FanOutStep { subscribed: true, deliveries: 0, more: false, busy: false };
     // First without a lock, and without writing: when nothing new has committed, the step
     // ends here. Taking the row lock or moving `done` would use a transaction id, so that
@@ -236,14 +236,12 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool, wait: bool)
     // (delete its rows, find no next head: the new one is not committed yet). Both sides take
     // a lock (HEADS_LOCK_SHARED) before their statements, fan-out alone, records together:
     // each then sees what the other committed, and no key is left without a head. Fan-out
-    // does not queue for it unless told to (`wait`): a fan-out waiting for it would make every
-    // later record wait too, behind one record that waits for a row lock (an open
-    // unsubscribe, say). The worker tries again a millisecond later.
+    // never queues for it: a fan-out waiting for it would make every later record wait too,
+    // behind one record that waits for a row lock (an open unsubscribe, say). The worker tries
+    // again a millisecond later, and the other workers' records hold back a moment meanwhile
+    // (shmem::Me::yield_to_fan_out), so that their records one after the other cannot keep it.
     if let Some(oid) = quiet.2 {
-        let mode = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
-        if wait {
-            unsafe { pg_sys::LockRelationOid(oid, mode) };
-        } else if !unsafe { pg_sys::ConditionalLockRelationOid(oid, mode) } {
+        if !unsafe { pg_sys::ConditionalLockRelationOid(oid, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) } {
             return Ok(FanOutStep { busy: true, ..idle });
         }
     }
@@ -530,6 +528,14 @@ WITH released AS (
 ), qd AS (
     DELETE FROM webhooks._queue q USING r WHERE q.delivery_id = r.delivery_id AND r.outcome <> 'retry'
     RETURNING q.delivery_id, q.subscription_id, q.ordering_key, q.head
+), keep AS (
+    -- The keys of the chains that go on and of the deliveries retried (by id: a key's rows are
+    -- never scanned here, its backlog may be long).
+    SELECT o.subscription_id, o.ordering_key FROM webhooks._queue o
+     WHERE o.delivery_id = ANY (", $continuing, "::int8[])
+    UNION ALL
+    SELECT o.subscription_id, o.ordering_key FROM r JOIN webhooks._queue o ON o.delivery_id = r.delivery_id
+     WHERE r.outcome = 'retry'
 ), next_head AS (
     -- A head that leaves releases its key: the earliest delivery left of that key becomes the
     -- head (one index probe per key). The deliveries of a key that leave are always its
@@ -555,10 +561,7 @@ WITH released AS (
             ORDER BY n.event_seq LIMIT 1) nh
      WHERE q.delivery_id = nh.delivery_id
        AND NOT EXISTS (
-           SELECT 1 FROM webhooks._queue o
-            WHERE o.subscription_id = k.subscription_id AND o.ordering_key = k.ordering_key
-              AND (o.delivery_id = ANY (", $continuing, "::int8[])
-                   OR o.delivery_id IN (SELECT r.delivery_id FROM r WHERE r.outcome = 'retry')))
+           SELECT 1 FROM keep WHERE keep.subscription_id = k.subscription_id AND keep.ordering_key = k.ordering_key)
 ), qu AS (
     UPDATE webhooks._queue q
        SET attempts = r.attempt, next_attempt_at = pg_catalog.to_timestamp(r.next_at), claimed_at = NULL,

@@ -96,6 +96,9 @@ pub struct DatabaseSlot {
     events_pending: AtomicBool,
     /// Set when deliveries were queued directly (not through new events): claim next turn.
     queue_changed: AtomicBool,
+    /// Set by the fan-out worker while the heads lock (see queue::fan_out) was taken when it
+    /// tried: the other workers' records hold back a moment before they take it.
+    fan_out_waiting: AtomicBool,
     /// Queued deliveries, as last counted by the fan-out worker (-1: not yet), and when.
     queue_depth: AtomicI64,
     queue_depth_at: AtomicI64,
@@ -129,6 +132,7 @@ fn new_database() -> DatabaseSlot {
         oid: AtomicU32::new(0),
         events_pending: AtomicBool::new(false),
         queue_changed: AtomicBool::new(false),
+        fan_out_waiting: AtomicBool::new(false),
         queue_depth: AtomicI64::new(-1),
         queue_depth_at: AtomicI64::new(0),
         workers: std::array::from_fn(|_| new_worker()),
@@ -293,6 +297,20 @@ impl Me {
     }
     pub fn clear_events_pending(&self) {
         self.db().events_pending.store(false, Ordering::SeqCst);
+    }
+    /// Fan-out found the heads lock taken (true), or got it (false).
+    pub fn set_fan_out_waiting(&self, waiting: bool) {
+        self.db().fan_out_waiting.store(waiting, Ordering::SeqCst);
+    }
+    /// Before a record takes the heads lock: while fan-out waits for it, wait up to `most`, so
+    /// that the records of many workers, one after the other, cannot keep it from fan-out.
+    /// Bounded: a fan-out that cannot get it (a record holds it while it waits for a row lock)
+    /// holds nobody else up.
+    pub fn yield_to_fan_out(&self, most: std::time::Duration) {
+        let until = std::time::Instant::now() + most;
+        while self.db().fan_out_waiting.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
     }
     pub fn take_queue_changed(&self) -> bool {
         self.db().queue_changed.swap(false, Ordering::AcqRel)

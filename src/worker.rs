@@ -222,8 +222,7 @@ struct LoopState {
     /// on while none does.
     subscribed: bool,
     advance_at: Instant,
-    /// Fan-out steps in a row that found records holding the heads lock, and when to try again.
-    fan_out_busy: u32,
+    /// When fan-out tries again for the heads lock, which records held when it tried.
     fan_out_retry_at: Option<Instant>,
 }
 
@@ -504,6 +503,10 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         pg_sys::before_shmem_exit(Some(withdraw_latch_at_exit), arg);
     }
     let me = shmem::Me::enter(d, index);
+    if index == 0 {
+        // A previous fan-out worker may have left it set.
+        me.set_fan_out_waiting(false);
+    }
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
     let mut ready = false;
@@ -534,7 +537,6 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         batch: None,
         subscribed: true,
         advance_at: Instant::now(),
-        fan_out_busy: 0,
         fan_out_retry_at: None,
     };
     let mut sleep = Duration::ZERO;
@@ -676,6 +678,9 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
                 (t, g.subscription_id, g.ordering_key.clone(), g.last_seq, g.head, n)
             })
             .collect();
+        if state.index > 0 {
+            state.me.yield_to_fan_out(RECORD_YIELD);
+        }
         let more = BackgroundWorker::transaction(move || {
             queue::record(batch, released, &disable_after, worker, continuing)?;
             let mut more = Vec::new();
@@ -726,20 +731,18 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
             let advance = now >= state.advance_at;
-            // Records of the other workers hold the heads lock: tried again shortly, and waited
-            // for after FAN_OUT_TRIES tries (see queue::fan_out).
-            let wait = state.fan_out_busy >= FAN_OUT_TRIES;
             let step = BackgroundWorker::transaction(move || {
                 let cache = cache;
-                queue::fan_out(batch, cache.0, advance, wait)
+                queue::fan_out(batch, cache.0, advance)
             })
                 .unwrap_or_else(|e| error!("pg_webhooks: fan-out failed: {e}"));
+            // Records of the other workers held the heads lock: tried again shortly, never
+            // waited for (see queue::fan_out); meanwhile new records hold back a moment.
+            state.me.set_fan_out_waiting(step.busy);
             if step.busy {
-                state.fan_out_busy += 1;
                 state.fan_out_retry_at = Some(Instant::now() + FAN_OUT_RETRY);
                 break;
             }
-            state.fan_out_busy = 0;
             state.fan_out_retry_at = None;
             created += step.deliveries;
             state.fan_out_more = step.more;
@@ -829,9 +832,9 @@ const GROW_MAX: usize = 20_000;
 /// hold its slot for GROW_MAX requests otherwise).
 const GROW_FOR: Duration = Duration::from_secs(2);
 /// A fan-out step that found the heads lock taken (see queue::fan_out) is tried again this much
-/// later; after this many tries in a row, it waits for the lock.
+/// later; meanwhile the other workers' records wait up to RECORD_YIELD before they take it.
 const FAN_OUT_RETRY: Duration = Duration::from_millis(1);
-const FAN_OUT_TRIES: u32 = 100;
+const RECORD_YIELD: Duration = Duration::from_millis(5);
 /// Fan-out steps per turn of the loop, at most.
 const FAN_OUT_BATCHES_PER_TURN: usize = 16;
 /// After a fan-out round, the next waits this long for more commits, so that under load one
