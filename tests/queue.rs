@@ -38,6 +38,15 @@ fn count(c: &mut Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).expect(sql).get(0)
 }
 
+/// A subscription's deliveries that succeeded, and those still queued.
+fn succeeded(c: &mut Client, sub: i64) -> i64 {
+    count(c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'"))
+}
+
+fn queued(c: &mut Client, sub: i64) -> i64 {
+    count(c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}"))
+}
+
 /// Per key, the `data.step` values in arrival order.
 fn steps_by_key(log: &[Value]) -> HashMap<String, Vec<i64>> {
     let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
@@ -713,7 +722,7 @@ fn several_workers_share_the_queue_keep_per_key_order_and_the_endpoint_cap() {
         .expect("emit");
     }
     wait_for("the backlog to be queued", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 300)
+        (queued(&mut c, sub) == 300)
             .then_some(())
     });
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
@@ -778,7 +787,7 @@ fn queue_backlog(c: &mut Client, sub: i64, prefix: &str, keys: i32, steps: i32, 
     }
     let total = i64::from((keys + unkeyed) * steps);
     wait_for("the backlog to be queued", WAIT, || {
-        (count(c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == total).then_some(())
+        (queued(c, sub) == total).then_some(())
     });
     total
 }
@@ -830,7 +839,7 @@ fn one_of_several_workers_killed_mid_job_loses_nothing_and_keeps_per_key_order()
         pid.filter(|p| *p != victim)
     });
     wait_for("the queue to drain", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+        (queued(&mut c, sub) == 0).then_some(())
     });
     let log = rx.log("/kill");
     let ids: std::collections::HashSet<String> =
@@ -839,7 +848,7 @@ fn one_of_several_workers_killed_mid_job_loses_nothing_and_keeps_per_key_order()
     assert!(log.len() as i64 - total <= 6 * 16, "only what worker 1 held can arrive twice: {} extra", log.len() as i64 - total);
     assert_each_key_in_order_once_or_more(&log, 4);
     assert_eq!(
-        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        succeeded(&mut c, sub),
         total
     );
 }
@@ -871,7 +880,7 @@ fn lowering_the_number_of_workers_releases_the_claims_of_the_ones_gone() {
         .collect();
     assert_eq!(workers, [0, 1]);
     wait_for("the queue to drain", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+        (queued(&mut c, sub) == 0).then_some(())
     });
     let log = rx.log("/lower");
     let ids: std::collections::HashSet<String> =
@@ -890,7 +899,7 @@ fn queue_hot_key(c: &mut Client, sub: i64, prefix: &str, n: i32) -> i64 {
     ))
     .expect("emit");
     wait_for("the backlog to be queued", WAIT, || {
-        (count(c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == i64::from(n)).then_some(())
+        (queued(c, sub) == i64::from(n)).then_some(())
     });
     i64::from(n)
 }
@@ -912,7 +921,7 @@ fn a_hot_key_backlog_of_many_chains_is_sent_once_each_in_order_as_its_chain_grow
     let total = queue_hot_key(&mut c, sub, "hg", 6000);
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
     wait_for("the queue to drain", WAIT * 2, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+        (queued(&mut c, sub) == 0).then_some(())
     });
     let log = rx.log("/hot");
     let steps: Vec<i64> = log.iter().map(|r| r["json"]["data"]["step"].as_i64().unwrap_or(-1)).collect();
@@ -924,7 +933,7 @@ fn a_hot_key_backlog_of_many_chains_is_sent_once_each_in_order_as_its_chain_grow
     assert_eq!(steps, expected, "in commit order, the failed one sent again before the next");
     assert!(log.iter().all(|r| r["verified"] == json!(true)), "every signature verified");
     assert_eq!(
-        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        succeeded(&mut c, sub),
         total
     );
     assert_eq!(
@@ -964,7 +973,7 @@ fn a_worker_killed_while_its_hot_key_chain_grows_loses_nothing_and_keeps_order()
     });
     c.execute("SELECT pg_terminate_backend($1)", &[&victim.0]).expect("terminate the worker");
     wait_for("the queue to drain", WAIT * 2, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+        (queued(&mut c, sub) == 0).then_some(())
     });
     let log = rx.log("/hotkill");
     let mut firsts: Vec<i64> = Vec::new();
@@ -980,7 +989,7 @@ fn a_worker_killed_while_its_hot_key_chain_grows_loses_nothing_and_keeps_order()
     let extra = log.len() as i64 - total;
     assert!(extra <= 2000, "{extra} sent twice");
     assert_eq!(
-        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        succeeded(&mut c, sub),
         total
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM webhooks._queue WHERE claimed_at IS NOT NULL"), 0, "no claim left behind");
@@ -1007,7 +1016,7 @@ fn a_failing_endpoint_holds_one_request_in_flight_not_its_whole_cap() {
     c.batch_execute("SELECT count(webhooks.emit('fo.u', jsonb_build_object('u', u))) FROM generate_series(1, 16) u")
         .expect("emit");
     wait_for("16 queued", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 16).then_some(())
+        (queued(&mut c, sub) == 16).then_some(())
     });
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
     let log = rx.wait_for_requests("/failing", 30, WAIT);
@@ -1027,7 +1036,7 @@ fn a_failing_endpoint_holds_one_request_in_flight_not_its_whole_cap() {
         .get(0);
     rx.configure(json!({"path": "/failing", "secret": secret}));
     wait_for("all 16 delivered", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 16)
+        (succeeded(&mut c, sub) == 16)
             .then_some(())
     });
 }
@@ -1054,7 +1063,7 @@ fn the_other_workers_claim_as_soon_as_worker_0_queues_not_at_their_poll() {
     c.batch_execute("SELECT count(webhooks.emit('oc.u', jsonb_build_object('u', u))) FROM generate_series(1, 40) u")
         .expect("emit");
     wait_for("all 40 delivered", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 40)
+        (succeeded(&mut c, sub) == 40)
             .then_some(())
     });
     let per_worker: Vec<i64> = c
@@ -1104,10 +1113,10 @@ fn keys_released_by_some_workers_while_fan_out_queues_more_never_lose_their_head
     let total: i64 = writers.into_iter().map(|t| t.join().expect("writer")).sum();
     assert!(total > 100, "only {total} emitted");
     wait_for("the queue to drain (a key without a head never would)", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0).then_some(())
+        (queued(&mut c, sub) == 0).then_some(())
     });
     assert_eq!(
-        count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        succeeded(&mut c, sub),
         total
     );
     let log = rx.log("/race");
@@ -1146,7 +1155,7 @@ fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
     )
     .expect("emit");
     wait_for("200 delivered while the migration is open", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) == 200)
+        (succeeded(&mut c, sub) == 200)
             .then_some(())
     });
     migration.batch_execute("COMMIT").expect("commit the migration");
@@ -1203,16 +1212,16 @@ fn a_delivery_fanned_out_after_later_ones_of_its_key_waits_for_the_chain_in_flig
     ))
     .expect("emit under the row lock");
     wait_for("the backlog to be queued", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == total).then_some(())
+        (queued(&mut c, sub) == total).then_some(())
     });
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
     wait_for("the chain to have moved on", WAIT, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")) >= 600)
+        (succeeded(&mut c, sub) >= 600)
             .then_some(())
     });
     c.batch_execute("COMMIT PREPARED 'sg_straggler'").expect("commit prepared");
     wait_for("the queue to drain", WAIT * 2, || {
-        (count(&mut c, &format!("SELECT count(*) FROM webhooks._queue WHERE subscription_id = {sub}")) == 0
+        (queued(&mut c, sub) == 0
             && count(&mut c, &format!("SELECT count(*) FROM webhooks.deliveries WHERE subscription_id = {sub}")) == total + 1)
             .then_some(())
     });
