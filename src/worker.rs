@@ -252,6 +252,8 @@ struct Growing {
     /// its subscription a turn now and then (with a cap of one, they wait for it to end).
     budget: usize,
     grow_until: Instant,
+    /// It reported successes while it went on (its end alone does not say how it went).
+    reported: bool,
 }
 
 /// A claimed delivery being attempted: what judging and recording its outcome needs.
@@ -287,11 +289,16 @@ impl InFlight {
             .or_default() += 1;
         self.jobs += 1;
     }
+    /// A growing chain reported outcomes (all succeeded) and goes on: its endpoint answers.
+    fn reported(&mut self, done: &http::JobOutcome) {
+        self.failing.remove(&done.subscription_id);
+        if let Some(g) = done.tail.and_then(|t| self.growing.get_mut(&t)) {
+            g.reported = true;
+        }
+    }
     /// A job came back: its deliveries leave, its slot is free.
     fn finish(&mut self, done: &http::JobOutcome) {
-        if let Some(t) = done.tail {
-            self.growing.remove(&t);
-        }
+        let reported = done.tail.and_then(|t| self.growing.remove(&t)).is_some_and(|g| g.reported);
         if let Some(n) = self.by_subscription.get_mut(&done.subscription_id) {
             *n -= 1;
             if *n <= 0 {
@@ -310,7 +317,8 @@ impl InFlight {
         // failing. (A chain stops at its first failure, so a failed first request is a job
         // without a success; what a growing chain was handed as it ended comes back skipped.)
         let failed = done.outcomes.iter().any(|o| !o.succeeded() && o.oversized.is_none())
-            && !done.outcomes.iter().any(|o| o.succeeded());
+            && !done.outcomes.iter().any(|o| o.succeeded())
+            && !reported;
         if failed {
             self.failing.insert(done.subscription_id);
         } else {
@@ -625,8 +633,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         for done in outcomes {
             match (done.tail, done.continues_with) {
                 (Some(t), Some(next)) => {
-                    // All of a report's outcomes succeeded: its endpoint is not failing.
-                    in_flight.failing.remove(&done.subscription_id);
+                    in_flight.reported(&done);
                     continuing.insert(t, next);
                     if done.wants_more {
                         wants_more.push(t);
@@ -1098,6 +1105,7 @@ fn dispatch(
                         last_seq: last.event_seq,
                         budget: GROW_MAX,
                         grow_until: Instant::now() + GROW_FOR,
+                        reported: false,
                     })
                 }
                 _ => None,
@@ -1126,7 +1134,87 @@ fn dispatch(
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::{share, Growing, InFlight, GROW_FOR};
+    use std::collections::HashMap;
+    use std::time::{Instant, SystemTime};
+
+    fn in_flight() -> InFlight {
+        InFlight {
+            by_delivery: HashMap::new(),
+            by_subscription: HashMap::from([(7, 1)]),
+            jobs: 1,
+            failing: std::collections::HashSet::new(),
+            growing: HashMap::new(),
+            next_tail: 0,
+        }
+    }
+
+    fn outcome(id: i64, status: u16) -> crate::http::Outcome {
+        crate::http::Outcome {
+            delivery_id: id,
+            subscription_id: 7,
+            started_at: SystemTime::now(),
+            duration_ms: 1.0,
+            status: Some(status),
+            response_body: None,
+            error: None,
+            retry_after: None,
+            bytes_sent: 10,
+            oversized: None,
+        }
+    }
+
+    fn job(outcomes: Vec<crate::http::Outcome>, tail: Option<u64>, goes_on: bool) -> crate::http::JobOutcome {
+        crate::http::JobOutcome {
+            subscription_id: 7,
+            outcomes,
+            skipped: Vec::new(),
+            tail,
+            continues_with: goes_on.then_some(99),
+            wants_more: false,
+        }
+    }
+
+    fn growing(f: &mut InFlight, tail: u64) {
+        f.growing.insert(
+            tail,
+            Growing {
+                tail: crate::http::Tail::new(tail),
+                subscription_id: 7,
+                ordering_key: "k".into(),
+                head: 1,
+                last_seq: 1,
+                budget: 10,
+                grow_until: Instant::now() + GROW_FOR,
+                reported: false,
+            },
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_failing_when_none_of_a_jobs_requests_succeeded() {
+        let mut f = in_flight();
+        f.finish(&job(vec![outcome(1, 500)], None, false));
+        assert!(f.failing.contains(&7), "its only request failed");
+        f.by_subscription.insert(7, 1);
+        f.finish(&job(vec![outcome(2, 200), outcome(3, 200), outcome(4, 400)], None, false));
+        assert!(!f.failing.contains(&7), "it answered two of three: not failing");
+    }
+
+    #[test]
+    fn a_growing_chain_that_reported_successes_and_ends_on_a_failure_is_not_failing() {
+        let mut f = in_flight();
+        growing(&mut f, 1);
+        f.reported(&job(vec![outcome(1, 200)], Some(1), true));
+        f.finish(&job(vec![outcome(2, 503)], Some(1), false));
+        assert!(!f.failing.contains(&7), "it delivered what it reported");
+        assert!(f.growing.is_empty(), "the chain is gone");
+        // One that ends on a failure without having reported anything is.
+        f.by_subscription.insert(7, 1);
+        growing(&mut f, 2);
+        f.finish(&job(vec![outcome(3, 503)], Some(2), false));
+        assert!(f.failing.contains(&7));
+    }
 
     #[test]
     fn shares_add_up_to_the_total_and_differ_by_one_at_most() {
