@@ -339,7 +339,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             &[begun.into()],
         )?;
         *cache = None;
-        return Ok(FanOutStep { subscribed: true, deliveries: backfilled, more: true, busy: false });
+        return Ok(FanOutStep { deliveries: backfilled, more: true, ..idle });
     }
     // Whole transactions while they fit in `limit` (at least one), or part of a large one. A
     // transaction already taken in part goes on alone: its remaining events are those after
@@ -384,18 +384,13 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
             &[begun.into()],
         )?;
         *cache = None;
-        return Ok(FanOutStep {
-            subscribed: true,
-            deliveries: deliveries + backfilled,
-            more: !started_here,
-            busy: false,
-        });
+        return Ok(FanOutStep { deliveries: deliveries + backfilled, more: !started_here, ..idle });
     }
     Spi::run_with_args(
         "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2",
         &[last.into(), seq.into(), begun.into()],
     )?;
-    Ok(FanOutStep { subscribed: true, deliveries: deliveries + backfilled, more: true, busy: false })
+    Ok(FanOutStep { deliveries: deliveries + backfilled, more: true, ..idle })
 }
 
 /// Claim up to `$1` due deliveries of active subscriptions, at most `$2` in flight per

@@ -316,9 +316,9 @@ impl InFlight {
         // answers some requests (an endpoint refusing a few event types, a rare error) is not
         // failing. (A chain stops at its first failure, so a failed first request is a job
         // without a success; what a growing chain was handed as it ended comes back skipped.)
-        let failed = done.outcomes.iter().any(|o| !o.succeeded() && o.oversized.is_none())
+        let failed = !reported
             && !done.outcomes.iter().any(|o| o.succeeded())
-            && !reported;
+            && done.outcomes.iter().any(|o| o.oversized.is_none());
         if failed {
             self.failing.insert(done.subscription_id);
         } else {

@@ -721,10 +721,7 @@ fn several_workers_share_the_queue_keep_per_key_order_and_the_endpoint_cap() {
         ))
         .expect("emit");
     }
-    wait_for("the backlog to be queued", WAIT, || {
-        (queued(&mut c, sub) == 300)
-            .then_some(())
-    });
+    wait_queued(&mut c, sub, 300);
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
     // Which workers hold claims, while the backlog drains.
     let mut claimers = std::collections::BTreeSet::new();
@@ -898,10 +895,12 @@ fn queue_hot_key(c: &mut Client, sub: i64, prefix: &str, n: i32) -> i64 {
            FROM generate_series(0, {n} - 1) g"
     ))
     .expect("emit");
-    wait_for("the backlog to be queued", WAIT, || {
-        (queued(c, sub) == i64::from(n)).then_some(())
-    });
+    wait_queued(c, sub, i64::from(n));
     i64::from(n)
+}
+
+fn wait_queued(c: &mut Client, sub: i64, n: i64) {
+    wait_for("the backlog to be queued", WAIT, || (queued(c, sub) == n).then_some(()));
 }
 
 #[test]
@@ -1036,8 +1035,7 @@ fn a_failing_endpoint_holds_one_request_in_flight_not_its_whole_cap() {
         .get(0);
     rx.configure(json!({"path": "/failing", "secret": secret}));
     wait_for("all 16 delivered", WAIT, || {
-        (succeeded(&mut c, sub) == 16)
-            .then_some(())
+        (succeeded(&mut c, sub) == 16).then_some(())
     });
 }
 
@@ -1063,8 +1061,7 @@ fn the_other_workers_claim_as_soon_as_worker_0_queues_not_at_their_poll() {
     c.batch_execute("SELECT count(webhooks.emit('oc.u', jsonb_build_object('u', u))) FROM generate_series(1, 40) u")
         .expect("emit");
     wait_for("all 40 delivered", WAIT, || {
-        (succeeded(&mut c, sub) == 40)
-            .then_some(())
+        (succeeded(&mut c, sub) == 40).then_some(())
     });
     let per_worker: Vec<i64> = c
         .query("SELECT attempts::int8 FROM webhooks.worker_status() ORDER BY worker", &[])
@@ -1155,8 +1152,7 @@ fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
     )
     .expect("emit");
     wait_for("200 delivered while the migration is open", WAIT, || {
-        (succeeded(&mut c, sub) == 200)
-            .then_some(())
+        (succeeded(&mut c, sub) == 200).then_some(())
     });
     migration.batch_execute("COMMIT").expect("commit the migration");
     let log = rx.log("/mig");
@@ -1211,13 +1207,10 @@ fn a_delivery_fanned_out_after_later_ones_of_its_key_waits_for_the_chain_in_flig
            FROM generate_series(0, {total} - 1) g"
     ))
     .expect("emit under the row lock");
-    wait_for("the backlog to be queued", WAIT, || {
-        (queued(&mut c, sub) == total).then_some(())
-    });
+    wait_queued(&mut c, sub, total);
     c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
     wait_for("the chain to have moved on", WAIT, || {
-        (succeeded(&mut c, sub) >= 600)
-            .then_some(())
+        (succeeded(&mut c, sub) >= 600).then_some(())
     });
     c.batch_execute("COMMIT PREPARED 'sg_straggler'").expect("commit prepared");
     wait_for("the queue to drain", WAIT * 2, || {
