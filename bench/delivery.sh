@@ -14,6 +14,9 @@
 # 5. Failure isolation: the same with one endpoint answering 500 and one never answering in
 #    time (1 s deadline); the other 48 against their healthy rate. Both fan-out runs use the
 #    default per-endpoint cap (8); the throughput runs let one endpoint use all 32 threads.
+# 6. A long steady run with retention: BENCH_STEADY_RATE events/s (1,000) for
+#    BENCH_STEADY_SECONDS (180) to one subscription, webhooks.retention = 20 s; the tables'
+#    and indexes' sizes every 15 s, flat when the last is at most 1.2 x the one half-way.
 #
 # A throwaway cluster (127.0.0.1, port BENCH_PORT, fsync and synchronous_commit off: the worker's
 # CPU cost, undiluted by WAL flushes; the delivery path has no client waiting on a flush) runs
@@ -21,7 +24,8 @@
 # answers on 127.0.0.1. Everything is stopped and removed on exit.
 # Knobs: BENCH_PORT (28832; the sinks use the next two), BENCH_EVENTS per shape (50000),
 # BENCH_BIG (1000000), BENCH_WORKERS ("1 2"), BENCH_LATENCY_SAMPLES (200), BENCH_KEEP=1 keeps
-# the temp dir, BENCH_SKIP_BUILD=1 uses target/release as it is.
+# the temp dir, BENCH_SKIP_BUILD=1 uses target/release as it is, BENCH_STEADY_RATE and
+# BENCH_STEADY_SECONDS (phase 6; 0 seconds skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +36,8 @@ EVENTS=${BENCH_EVENTS:-50000}
 BIG=${BENCH_BIG:-1000000}
 WORKERS_LIST=${BENCH_WORKERS:-1 2}
 SAMPLES=${BENCH_LATENCY_SAMPLES:-200}
+STEADY_RATE=${BENCH_STEADY_RATE:-1000}
+STEADY_SECONDS=${BENCH_STEADY_SECONDS:-180}
 CONCURRENCY=32
 DB=bench
 
@@ -325,6 +331,46 @@ fan_out healthy "$FAN_EVENTS" 0
 say "Failure isolation: the same, with one endpoint answering 500 and one never answering (1 s deadline)"
 fan_out isolated "$FAN_EVENTS" 1
 
+# --- 6. A long steady run with retention: history older than 20 s is deleted as it is made.
+if [ "$STEADY_SECONDS" -gt 0 ]; then
+    reset
+    q "ALTER SYSTEM SET webhooks.retention = '20 seconds'" >/dev/null
+    q "SELECT pg_reload_conf()" >/dev/null
+    SUB=$(q "SELECT id FROM webhooks.subscribe('http://127.0.0.1:$SINK_PORT/steady')")
+    say "Steady with retention: $STEADY_RATE events/s for $STEADY_SECONDS s, webhooks.retention = 20 s, sizes every 15 s"
+    TOTAL="SELECT pg_catalog.sum(pg_catalog.pg_relation_size(c.oid))
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'webhooks' AND c.relkind IN ('r', 'i', 't') AND c.relname ~ '^_(events|deliveries|queue|attempts)'"
+    cat >"$DIR/retained.sql" <<'SQL'
+\set n random(1, 10000)
+SELECT webhooks.emit('order.updated', jsonb_build_object('order_id', :n, 'status', 'paid', 'note', repeat('x', 900)), :n::text);
+SQL
+    "$BINDIR/pgbench" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 4 -j 2 -R "$STEADY_RATE" -T "$STEADY_SECONDS" \
+        -f "$DIR/retained.sql" "$DB" >"$DIR/retained.out" 2>&1 &
+    BENCH_PID=$!
+    : >"$DIR/sizes.txt"
+    T=0
+    while [ "$T" -lt "$STEADY_SECONDS" ]; do
+        sleep 15
+        T=$((T + 15))
+        printf '  %4d s: %s; total %s bytes; %s queued\n' "$T" "$(q "$SIZES")" "$(q "$TOTAL")" \
+            "$(q "SELECT count(*) FROM webhooks._queue")"
+        echo "$T $(q "$TOTAL")" >>"$DIR/sizes.txt"
+    done
+    wait "$BENCH_PID" || { cat "$DIR/retained.out"; die "pgbench failed"; }
+    sed -n 's/^tps = \([0-9.]*\).*/  pgbench: \1 events\/s/p' "$DIR/retained.out" | head -1
+    python3 - "$DIR/sizes.txt" "$RESULTS" <<'PY'
+import sys
+rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
+mid = rows[(len(rows) - 1) // 2]
+last = rows[-1]
+print(f"  total at {mid[0]} s {mid[1]:,} bytes, at {last[0]} s {last[1]:,} bytes: {last[1] / mid[1]:.2f} x")
+open(sys.argv[2], "a").write(f"retained {mid[0]} {mid[1]} {last[0]} {last[1]}\n")
+PY
+    q "ALTER SYSTEM RESET webhooks.retention" >/dev/null
+    q "SELECT pg_reload_conf()" >/dev/null
+fi
+
 say "Summary (targets of issue #9)"
 python3 - "$RESULTS" <<'PY'
 import sys
@@ -357,5 +403,8 @@ if "healthy" in fan:
 if "healthy" in fan and "isolated" in fan:
     ratio = float(fan["isolated"][3]) / float(fan["healthy"][3])
     line(f"failure isolation: the 48 healthy keep {ratio:.2f} of their healthy rate >= 0.9", ratio >= 0.9)
+for r in get("retained"):
+    ratio = int(r[4]) / int(r[2])
+    line(f"steady run with retention: sizes {ratio:.2f} x from {r[1]} s to {r[3]} s (flat: <= 1.2)", ratio <= 1.2)
 print("  all targets met" if ok else "  some targets NOT met")
 PY

@@ -27,33 +27,8 @@ $$;
 GRANT webhooks_reader TO webhooks_admin;
 GRANT webhooks_consumer TO webhooks_admin;
 
-------------------------------------------------------------------------------------------
--- Matching. API: Private
-------------------------------------------------------------------------------------------
-CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (
-               SELECT 1 FROM unnest(patterns) AS p
-                WHERE p = '*' OR p = event_type
-                   OR (right(p, 2) = '.*' AND starts_with(event_type, left(p, -1))))
-       AND (filter IS NULL OR data @> filter)
-$$;
-
--- The same, where a subscription's shape renames event types: a pattern matches the stored
--- type or the name the subscription's receiver knows it by (event_names ->> event_type).
-CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb, event_names jsonb)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (
-               SELECT 1 FROM unnest(patterns) AS p,
-                      (VALUES (event_type), (event_names ->> event_type)) AS t(name)
-                WHERE p = '*' OR p = t.name
-                   OR (right(p, 2) = '.*' AND starts_with(t.name, left(p, -1))))
-       AND (filter IS NULL OR data @> filter)
-$$;
+-- Matching: webhooks._matches(patterns, filter, event_type, data [, event_names]) is native
+-- (src/patterns.rs): fan-out calls it for every event and subscription. API: Private
 
 ------------------------------------------------------------------------------------------
 -- Capture. API: Public

@@ -748,19 +748,30 @@ STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_render_wrapper';
 
--- The same, where a subscription's shape renames event types: a pattern matches the stored
--- type or the name the subscription's receiver knows it by (event_names ->> event_type).
-CREATE FUNCTION webhooks._matches(patterns text[], filter jsonb, event_type text, data jsonb, event_names jsonb)
-RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT EXISTS (
-               SELECT 1 FROM unnest(patterns) AS p,
-                      (VALUES (event_type), (event_names ->> event_type)) AS t(name)
-                WHERE p = '*' OR p = t.name
-                   OR (right(p, 2) = '.*' AND starts_with(t.name, left(p, -1))))
-       AND (filter IS NULL OR data @> filter)
-$$;
+-- Matching is native (src/patterns.rs): fan-out calls it for every event and subscription,
+-- and the SQL function was parsed and planned in every statement that called it, and set its
+-- search_path per call. The same results; with event_names (a shape's renames) a pattern
+-- matches the stored type or the name the subscription's receiver knows it by.
+CREATE OR REPLACE FUNCTION webhooks."_matches"(
+	"patterns" TEXT[], /* :: std :: option :: Option < pgrx :: Array < '_, & str > > */
+	"filter" jsonb, /* Option < crate :: capture :: RawJsonb > */
+	"event_type" TEXT, /* Option < & str > */
+	"data" jsonb /* Option < crate :: capture :: RawJsonb > */
+) RETURNS bool /* Option < bool > */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_matches_wrapper';
+
+CREATE FUNCTION webhooks."_matches"(
+	"patterns" TEXT[], /* :: std :: option :: Option < pgrx :: Array < '_, & str > > */
+	"filter" jsonb, /* Option < crate :: capture :: RawJsonb > */
+	"event_type" TEXT, /* Option < & str > */
+	"data" jsonb, /* Option < crate :: capture :: RawJsonb > */
+	"event_names" jsonb /* Option < crate :: capture :: RawJsonb > */
+) RETURNS bool /* Option < bool > */
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_matches_named_wrapper';
 
 DROP FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text);
 CREATE FUNCTION webhooks.subscribe(

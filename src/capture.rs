@@ -10,7 +10,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{row_json, rows_with_snapshot, rows_with_snapshot_read_only};
+use crate::plans::{row_json, rows_with_snapshot, rows_with_snapshot_read_only, with_plan};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -2475,15 +2475,12 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
     if !emitted.is_empty() {
         // New seqs in the order of the emits; events emitted by work rolled back to a
         // savepoint are gone and are not found.
+        // (Kept plans, here and in emit: an emit is often its transaction's one statement,
+        // and planning these each time was most of its cost and of the time to its commit.)
         as_capture_role(|| {
-            Spi::run_with_args(
-                "WITH n AS (
-                     SELECT o.old, pg_catalog.nextval('webhooks._events_seq_seq'::pg_catalog.regclass) AS new
-                       FROM pg_catalog.unnest($1::int8[]) WITH ORDINALITY AS o(old, ord)
-                 )
-                 UPDATE webhooks._events e SET seq = n.new FROM n WHERE e.seq = n.old",
-                &[emitted.into()],
-            )
+            with_plan(EMIT_RESEQ, &[pg_sys::INT8ARRAYOID], |plan| {
+                Spi::connect_mut(|c| c.update(plan, None, &[emitted.into()]).map(|_| ()))
+            })
         })
         .unwrap_or_else(|e| {
             raise(
@@ -2991,6 +2988,11 @@ const EMIT_LOCK_CLASS: i32 = 0x7067_7768;
 pub struct RawJsonb(pg_sys::Datum);
 
 impl RawJsonb {
+    /// The datum as the caller passed it (possibly toasted).
+    pub fn datum(&self) -> pg_sys::Datum {
+        self.0
+    }
+
     /// Whether the document is a JSON object (its root container's header says so).
     fn is_object(&self) -> bool {
         // SAFETY: the datum is a jsonb argument of the running call; detoasting gives a
@@ -3048,6 +3050,17 @@ unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for RawJsonb {
 
 pgrx::impl_sql_translatable!(RawJsonb, arg_only = "jsonb");
 
+/// emit's statements, and the one that gives its events their seqs at commit (kept plans).
+const EMIT_TRACKED: &str = "SELECT t.relid FROM webhooks._tracked t WHERE t.entity = $1";
+const EMIT_LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))";
+const EMIT_INSERT: &str =
+    "INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq";
+const EMIT_RESEQ: &str = "WITH n AS (
+    SELECT o.old, pg_catalog.nextval('webhooks._events_seq_seq'::pg_catalog.regclass) AS new
+      FROM pg_catalog.unnest($1::int8[]) WITH ORDINALITY AS o(old, ord)
+)
+UPDATE webhooks._events e SET seq = n.new FROM n WHERE e.seq = n.old";
+
 /// Longest key `emit` takes.
 const MAX_EMIT_KEY_BYTES: usize = 1024;
 
@@ -3095,15 +3108,19 @@ fn emit(
     let row_locked = key.is_some_and(|k| lock_tracked_row(&entity, k));
     let id = as_capture_role(|| {
         if let (Some(key), false) = (key, row_locked) {
-            Spi::run_with_args(
-                "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
-                &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
-            )?;
+            with_plan(EMIT_LOCK, &[pg_sys::INT4OID, pg_sys::TEXTOID], |plan| {
+                Spi::connect_mut(|c| {
+                    c.update(plan, None, &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()]).map(|_| ())
+                })
+            })?;
         }
-        Spi::get_two_with_args::<pgrx::Uuid, i64>(
-            "INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq",
-            &[event_type.into(), entity.into(), key.into(), data.into()],
-        )
+        with_plan(EMIT_INSERT, &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID], |plan| {
+            Spi::connect_mut(|c| {
+                c.update(plan, Some(1), &[event_type.into(), entity.into(), key.into(), data.into()])?
+                    .first()
+                    .get_two::<pgrx::Uuid, i64>()
+            })
+        })
     })
     .ok()
     .and_then(|(id, seq)| Some((id?, seq?)))
@@ -3118,10 +3135,9 @@ fn emit(
 /// no tracked table has that entity or the row does not exist.
 fn lock_tracked_row(entity: &str, key: &str) -> bool {
     let relid = as_capture_role(|| {
-        Spi::get_one_with_args::<pg_sys::Oid>(
-            "SELECT t.relid FROM webhooks._tracked t WHERE t.entity = $1",
-            &[entity.into()],
-        )
+        with_plan(EMIT_TRACKED, &[pg_sys::TEXTOID], |plan| {
+            Spi::connect(|c| c.select(plan, Some(1), &[entity.into()])?.first().get_one::<pg_sys::Oid>())
+        })
     })
     .ok()
     .flatten();

@@ -152,6 +152,28 @@ SELECT ev.xid::text, pg_catalog.min(ev.seq), pg_catalog.count(*)
  GROUP BY ev.xid
  ORDER BY 2";
 
+/// Fan-out's other statements (see fan_out). First, without a lock: where the stream is.
+const FANOUT_QUIET: &str =
+    "SELECT f.done::text, f.batch IS NULL, 'webhooks._fanout'::regclass::oid FROM webhooks._fanout f";
+/// A new batch's snapshot, and whether anything subscribes (and anything is new).
+const FANOUT_SNAPSHOT: &str = "SELECT pg_catalog.pg_current_snapshot()::text,
+       EXISTS (SELECT 1 FROM webhooks._subscriptions),
+       EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)";
+/// The stream's row, locked.
+const FANOUT_LOCK: &str = "SELECT f.done::text, f.batch::text, f.batch_first_seq, f.batch_seq
+  FROM webhooks._fanout f FOR UPDATE";
+/// A batch done (`$1`: the snapshot it began with, if this step began it).
+const FANOUT_DONE: &str = "UPDATE webhooks._fanout SET done = COALESCE($1::pg_snapshot, batch), batch = NULL,
+       batch_first_seq = 0, batch_seq = 0";
+/// How far a batch got.
+const FANOUT_STEP: &str =
+    "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2";
+
+/// Runs a statement of the worker's from its kept plan.
+fn run_kept(query: &str, types: &[pg_sys::Oid], args: &[pgrx::datum::DatumWithOid]) -> SpiResult<()> {
+    with_plan(query, types, |plan| Spi::connect_mut(|c| c.update(plan, None, args).map(|_| ())))
+}
+
 /// The transactions with events visible in `batch` and not in `done` (see BATCH_TRANSACTIONS).
 fn batch_transactions(done: &str, batch: &str) -> SpiResult<Vec<(String, i64, i64)>> {
     with_plan(BATCH_TRANSACTIONS, &[pg_sys::TEXTOID, pg_sys::TEXTOID], |plan| {
@@ -200,24 +222,23 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     // First without a lock, and without writing: when nothing new has committed, the step
     // ends here. Taking the row lock or moving `done` would use a transaction id, so that
     // the next snapshot would differ again, and an idle worker would fan out for ever.
-    let quiet = Spi::connect(|c| {
-        let row = c
-            .select(
-                "SELECT f.done::text, f.batch IS NULL, 'webhooks._fanout'::regclass::oid FROM webhooks._fanout f",
-                Some(1),
-                &[],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?, row.get::<pg_sys::Oid>(3)?))
+    // (Its statements are kept plans, as the claim's are: an idle worker runs them at every
+    // commit, and parsing and planning them each time was a good part of an idle wake.)
+    let quiet = with_plan(FANOUT_QUIET, &[], |plan| {
+        Spi::connect(|c| {
+            let row = c.select(plan, Some(1), &[])?.first();
+            Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?, row.get::<pg_sys::Oid>(3)?))
+        })
     })?;
     // A new batch: everything committed by now, with what it holds (see below).
     let mut fresh: Option<(String, bool, bool, Vec<(String, i64, i64)>)> = None;
     if let (Some(done), Some(true)) = (&quiet.0, quiet.1) {
-        let (snapshot, subscribed, new) = Spi::get_three::<String, bool, bool>(
-            "SELECT pg_catalog.pg_current_snapshot()::text,
-                    EXISTS (SELECT 1 FROM webhooks._subscriptions),
-                    EXISTS (SELECT 1 FROM webhooks._subscriptions s WHERE NOT s.fanned_out)",
-        )?;
+        let (snapshot, subscribed, new) = with_plan(FANOUT_SNAPSHOT, &[], |plan| {
+            Spi::connect(|c| {
+                let row = c.select(plan, Some(1), &[])?.first();
+                Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<bool>(2)?, row.get::<bool>(3)?))
+            })
+        })?;
         let snapshot = snapshot.unwrap_or_default();
         let subscribed = subscribed.unwrap_or(false);
         let new = new.unwrap_or(false);
@@ -249,21 +270,16 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
     let mut backfilled = 0i64;
     // The snapshot of a batch this step begins, not yet written to `_fanout`.
     let mut begun: Option<String> = None;
-    let (done, batch, first_seq, last_seq) = Spi::connect_mut(|c| {
-        let row = c
-            .update(
-                "SELECT f.done::text, f.batch::text, f.batch_first_seq, f.batch_seq
-                   FROM webhooks._fanout f FOR UPDATE",
-                Some(1),
-                &[],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((
-            row.get::<String>(1)?,
-            row.get::<String>(2)?,
-            row.get::<i64>(3)?.unwrap_or(0),
-            row.get::<i64>(4)?.unwrap_or(0),
-        ))
+    let (done, batch, first_seq, last_seq) = with_plan(FANOUT_LOCK, &[], |plan| {
+        Spi::connect_mut(|c| {
+            let row = c.update(plan, Some(1), &[])?.first();
+            Ok::<_, pgrx::spi::Error>((
+                row.get::<String>(1)?,
+                row.get::<String>(2)?,
+                row.get::<i64>(3)?.unwrap_or(0),
+                row.get::<i64>(4)?.unwrap_or(0),
+            ))
+        })
     })?;
     let Some(done) = done else {
         // The row is gone (someone deleted it): start again from now.
@@ -333,11 +349,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         }
     }
     if todo.is_empty() {
-        Spi::run_with_args(
-            "UPDATE webhooks._fanout SET done = COALESCE($1::pg_snapshot, batch), batch = NULL,
-                    batch_first_seq = 0, batch_seq = 0",
-            &[begun.into()],
-        )?;
+        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.clone().into()])?;
         *cache = None;
         return Ok(FanOutStep { deliveries: backfilled, more: true, ..idle });
     }
@@ -378,16 +390,13 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         // step took its snapshot, what committed since woke the worker again (the flag is
         // cleared before the snapshot is taken): nothing more to do now, the deliveries can be
         // claimed at once. An older batch's end is followed by a look for newer commits.
-        Spi::run_with_args(
-            "UPDATE webhooks._fanout SET done = COALESCE($1::pg_snapshot, batch), batch = NULL,
-                    batch_first_seq = 0, batch_seq = 0",
-            &[begun.into()],
-        )?;
+        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.clone().into()])?;
         *cache = None;
         return Ok(FanOutStep { deliveries: deliveries + backfilled, more: !started_here, ..idle });
     }
-    Spi::run_with_args(
-        "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2",
+    run_kept(
+        FANOUT_STEP,
+        &[pg_sys::INT8OID, pg_sys::INT8OID, pg_sys::TEXTOID],
         &[last.into(), seq.into(), begun.into()],
     )?;
     Ok(FanOutStep { deliveries: deliveries + backfilled, more: true, ..idle })
