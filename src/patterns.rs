@@ -39,20 +39,22 @@ fn matches(
     data: Option<crate::capture::RawJsonb>,
     event_names: Option<crate::capture::RawJsonb>,
 ) -> Option<bool> {
-    let renamed: Option<String> = match (&event_names, event_type) {
-        // `event_names ->> event_type` (NULL unless an object with that key and a value).
-        (Some(names), Some(t)) => unsafe {
-            pgrx::direct_function_call::<String>(
-                pgrx::pg_sys::jsonb_object_field_text,
-                &[Some(names.datum()), pgrx::IntoDatum::into_datum(t)],
-            )
-        },
-        _ => None,
-    };
-    let names = [event_type, renamed.as_deref()];
     let Some(patterns) = patterns else { return Some(false) };
-    if !any_matches(patterns.iter(), &names) {
-        return Some(false);
+    // The name the shape gives the type, looked up only when the type itself matched nothing.
+    if !any_matches(patterns.iter(), &[event_type]) {
+        let renamed: Option<String> = match (&event_names, event_type) {
+            // `event_names ->> event_type` (NULL unless an object with that key and a value).
+            (Some(names), Some(t)) => unsafe {
+                pgrx::direct_function_call::<String>(
+                    pgrx::pg_sys::jsonb_object_field_text,
+                    &[Some(names.datum()), pgrx::IntoDatum::into_datum(t)],
+                )
+            },
+            _ => None,
+        };
+        if renamed.is_none() || !any_matches(patterns.iter(), &[renamed.as_deref()]) {
+            return Some(false);
+        }
     }
     match (filter, data) {
         (None, _) => Some(true),

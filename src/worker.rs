@@ -779,18 +779,28 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     // queued deliveries, or a queue change reached it): without it they would claim only on
     // their own outcomes and timer, up to webhooks.poll_interval late.
     let queue_changed = if fans_out { state.me.take_queue_changed() } else { state.me.take_claim_asked() };
-    if fans_out && queue_changed {
-        // The other workers claim too.
+    // New deliveries or a queue change: the other workers claim too, at once, beside worker 0;
+    // except when worker 0 has nothing in flight and fanned out fewer deliveries than it has
+    // slots for any endpoint and HTTP threads: it claims them all itself, each sent at once
+    // by a thread of its own (and wakes the others after all, should its claim say otherwise).
+    // An idle commit's delivery is then sent by worker 0 alone: woken for nothing, the others'
+    // claims took the CPU worker 0's HTTP thread was waiting for (on two cores, a good part of
+    // an idle delivery's latency).
+    let solo = fans_out
+        && !queue_changed
+        && sends_alone(
+            created,
+            state.in_flight.total(),
+            state.in_flight.failing.is_empty(),
+            share(gucs::max_in_flight_per_endpoint() as usize, state.workers, 0).min(pool.threads()),
+        );
+    if fans_out && (queue_changed || created > 0) && !solo {
         state.me.wake_others(state.workers);
     }
     let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
         let claim = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me);
-        // New deliveries: the others claim too, unless this claim took (at least) as many as
-        // were made and had room for more. An idle commit's few deliveries are then sent by
-        // worker 0 alone: woken for nothing, the others' claims took the CPU its HTTP thread
-        // was waiting for (on two cores, a good part of an idle delivery's latency).
-        if fans_out && created > 0 && !queue_changed && (claim.full || (claim.rows as i64) < created) {
+        if solo && claim.saturated {
             state.me.wake_others(state.workers);
         }
         state.next_claim_at = Instant::now() + claim.sleep;
@@ -970,6 +980,15 @@ fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) -> usize
 
 /// Worker `index`'s share of `total` among `workers`: shares differ by one at most and add up
 /// to `total`.
+/// Whether worker 0 sends the `created` deliveries it just fanned out alone, without waking the
+/// other workers first: only when it has nothing in flight (every endpoint's share and every
+/// HTTP thread free), no endpoint is failing (one request each), and they are fewer than
+/// `slots` (its share of one endpoint's cap, at most its HTTP threads), so that each is a job
+/// of its own, sent at once.
+fn sends_alone(created: i64, in_flight: usize, none_failing: bool, slots: usize) -> bool {
+    created > 0 && in_flight == 0 && none_failing && (created as usize) < slots
+}
+
 fn share(total: usize, workers: usize, index: usize) -> usize {
     let workers = workers.max(1);
     total / workers + usize::from(index < total % workers)
@@ -1047,10 +1066,9 @@ fn claim_in_transaction(args: &ClaimArgs) -> pgrx::spi::SpiResult<ClaimResult> {
 struct Claim {
     /// How long to sleep.
     sleep: Duration,
-    /// Deliveries claimed (heads and their chains).
-    rows: usize,
-    /// Whether it took all it could (its limit), or could take nothing (no free HTTP thread).
-    full: bool,
+    /// Whether more may be left that another worker could claim: the claim took all it could
+    /// (its limit), could take nothing (no free HTTP thread), or filled an endpoint's slots.
+    saturated: bool,
 }
 
 /// Claim what is due and hand it to the HTTP threads.
@@ -1064,14 +1082,24 @@ fn claim_and_dispatch(
 ) -> Claim {
     let args = match claim_args(pool, in_flight, batch, index, workers) {
         Ok(args) => args,
-        Err(sleep) => return Claim { sleep, rows: 0, full: true },
+        Err(sleep) => return Claim { sleep, saturated: true },
     };
     let a = &args;
     let result = BackgroundWorker::transaction(move || claim_in_transaction(a))
         .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
-    let rows = result.0.iter().map(Vec::len).sum();
     let full = result.0.len() as i32 == args.limit;
-    Claim { sleep: dispatch(pool, in_flight, me, &args, result), rows, full }
+    // Heads per subscription against its free slots (one for a failing endpoint).
+    let mut heads: HashMap<i64, i32> = HashMap::new();
+    for segment in &result.0 {
+        if let Some(c) = segment.first() {
+            *heads.entry(c.job.subscription_id).or_default() += 1;
+        }
+    }
+    let filled = heads.iter().any(|(sub, n)| {
+        let cap = if in_flight.failing.contains(sub) { 1 } else { args.per_endpoint };
+        *n >= cap - in_flight.by_subscription.get(sub).copied().unwrap_or(0)
+    });
+    Claim { sleep: dispatch(pool, in_flight, me, &args, result), saturated: full || filled }
 }
 
 /// Hand a committed claim to the HTTP threads; returns how long to sleep.
@@ -1233,6 +1261,20 @@ mod tests {
         growing(&mut f, 2);
         f.finish(&job(vec![outcome(3, 503)], Some(2), false));
         assert!(f.failing.contains(&7));
+    }
+
+    #[test]
+    fn worker_0_sends_alone_only_what_it_can_send_at_once() {
+        // One commit's delivery, nothing in flight: alone.
+        assert!(sends_alone(1, 0, true, 4));
+        assert!(sends_alone(3, 0, true, 4));
+        // As many as its slots, or more: some would wait in a job behind others.
+        assert!(!sends_alone(4, 0, true, 4));
+        assert!(!sends_alone(1, 0, true, 1));
+        // Something in flight (a share of some endpoint may be taken), or a failing endpoint.
+        assert!(!sends_alone(1, 1, true, 4));
+        assert!(!sends_alone(1, 0, false, 4));
+        assert!(!sends_alone(0, 0, true, 4));
     }
 
     #[test]
