@@ -1181,7 +1181,7 @@ fn dispatch(
 
 #[cfg(test)]
 mod tests {
-    use super::{share, Growing, InFlight, GROW_FOR};
+    use super::{sends_alone, share, Growing, InFlight, GROW_FOR};
     use std::collections::HashMap;
     use std::time::{Instant, SystemTime};
 
