@@ -148,18 +148,28 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(fmt, *args)
 
     def read_body(self):
+        """The body, or None when the client went away before sending all of it (a worker
+        killed between a request's headers and its body): a web server drops such a request
+        unhandled, and so does this one (it is neither answered nor logged)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks = []
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                line = self.rfile.readline()
+                if not line.strip():
+                    return None
+                size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass  # skip trailers
                     return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    return None
+                chunks.append(chunk)
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        return body if len(body) == length else None
 
     def reply(self, status, body, content_type="application/json", extra=()):
         data = body if isinstance(body, bytes) else body.encode("utf-8")
@@ -195,6 +205,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.read_body()
+        if raw is None:
+            self.close_connection = True
+            return
         path = urlsplit(self.path).path
         if path == "/_control/reset":
             with LOCK:
