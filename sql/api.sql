@@ -706,7 +706,11 @@ DECLARE
     p_id bigint := id;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
-    -- The history stays; what was still queued ends as dead with a reason. Queue rows first,
+    -- The subscription's row first, as the worker's record of outcomes takes it first (that
+    -- statement's UPDATE of the subscription runs before its queue and delivery changes):
+    -- taking the queue rows before it deadlocked with a record of a failing endpoint.
+    PERFORM 1 FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    -- The history stays; what was still queued ends as dead with a reason. Queue rows next,
     -- in the worker's order (it deletes a queue row, then updates its delivery), and only
     -- deliveries that have not ended meanwhile. Deliveries queued by transactions that commit
     -- after this one (a fan-out, send_test or replay racing it) are ended by the worker.

@@ -773,6 +773,34 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_matches_named_wrapper';
 
+-- unsubscribe takes the subscription's row before its queue rows (the worker's order).
+CREATE OR REPLACE FUNCTION webhooks.unsubscribe(id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p_id bigint := id;
+BEGIN
+    PERFORM webhooks._subscription_exists(p_id);
+    -- The subscription's row first, as the worker's record of outcomes takes it first (that
+    -- statement's UPDATE of the subscription runs before its queue and delivery changes):
+    -- taking the queue rows before it deadlocked with a record of a failing endpoint.
+    PERFORM 1 FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    -- The history stays; what was still queued ends as dead with a reason. Queue rows next,
+    -- in the worker's order (it deletes a queue row, then updates its delivery), and only
+    -- deliveries that have not ended meanwhile. Deliveries queued by transactions that commit
+    -- after this one (a fan-out, send_test or replay racing it) are ended by the worker.
+    WITH q AS (
+        DELETE FROM webhooks._queue q WHERE q.subscription_id = p_id RETURNING q.delivery_id
+    )
+    UPDATE webhooks._deliveries d
+       SET status = 'dead', last_error = 'subscription removed', next_attempt_at = NULL
+      FROM q
+     WHERE d.id = q.delivery_id AND d.status NOT IN ('succeeded', 'dead');
+    DELETE FROM webhooks._subscriptions s WHERE s.id = p_id;
+END
+$$;
+
 DROP FUNCTION webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text);
 CREATE FUNCTION webhooks.subscribe(
     url text,

@@ -1237,3 +1237,63 @@ fn a_delivery_fanned_out_after_later_ones_of_its_key_waits_for_the_chain_in_flig
     assert!(later.windows(2).all(|w| w[0] < w[1]), "the others in commit order");
     assert!(log.iter().all(|r| r["verified"] == json!(true)), "every signature verified");
 }
+
+#[test]
+fn unsubscribing_while_a_record_holds_the_subscription_row_does_not_deadlock() {
+    // The worker records a failing endpoint's outcomes in one statement whose UPDATE of the
+    // subscription (its failure streak) runs before its queue and delivery changes. Played here
+    // in that order by hand, so that the interleaving is certain: the record's transaction has
+    // updated the subscription row when an admin's unsubscribe starts; then it deletes the
+    // queue rows. unsubscribe used to take the queue rows first: a deadlock, one of the two
+    // aborted (seen at the end of bench/delivery.sh).
+    let rx = Receiver::start();
+    let own = shared();
+    let mut c = own.connect();
+    c.batch_execute(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'unsubscriber') THEN
+                 CREATE ROLE unsubscriber LOGIN;
+             END IF;
+         END $$;
+         GRANT webhooks_admin TO unsubscriber;",
+    )
+    .expect("role");
+    let sub = subscribe(&mut c, &rx, "/unsub_lock", "{ul.*}", json!({}));
+    c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+    c.batch_execute("SELECT count(webhooks.emit('ul.e', jsonb_build_object('i', i), i::text)) FROM generate_series(1, 3) i")
+        .expect("emit");
+    wait_for("three queued", WAIT, || (queued(&mut c, sub) == 3).then_some(()));
+
+    let mut record = own.connect();
+    record.batch_execute("BEGIN").expect("begin");
+    record
+        .execute("UPDATE webhooks._subscriptions SET consecutive_failures = consecutive_failures + 1 WHERE id = $1", &[&sub])
+        .expect("the record's update of the subscription");
+    let (tx, done) = std::sync::mpsc::channel();
+    let mut admin = own.connect_as("postgres", "unsubscriber");
+    let unsubscribing = std::thread::spawn(move || {
+        let r = admin.execute("SELECT webhooks.unsubscribe($1)", &[&sub]).map(|_| ()).map_err(|e| e.to_string());
+        tx.send(r).expect("send");
+    });
+    wait_for("unsubscribe to wait for the record", WAIT, || {
+        (count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'unsubscriber' AND wait_event_type = 'Lock'") == 1)
+            .then_some(())
+    });
+    // The record goes on: its queue rows and deliveries, then its commit.
+    record
+        .execute("DELETE FROM webhooks._queue WHERE subscription_id = $1", &[&sub])
+        .expect("the record's delete of the queue rows (deadlocked before)");
+    record
+        .execute("UPDATE webhooks._deliveries SET status = 'succeeded' WHERE subscription_id = $1", &[&sub])
+        .expect("the record's update of the deliveries");
+    record.batch_execute("COMMIT").expect("commit");
+    let result = done.recv_timeout(WAIT).expect("unsubscribe returned");
+    unsubscribing.join().expect("thread");
+    assert_eq!(result, Ok(()), "unsubscribe waited for the record, then went on");
+    assert_eq!(count(&mut c, &format!("SELECT count(*) FROM webhooks._subscriptions WHERE id = {sub}")), 0);
+    assert_eq!(
+        count(&mut c, &format!("SELECT count(*) FROM webhooks._deliveries WHERE subscription_id = {sub} AND status = 'succeeded'")),
+        3,
+        "what the record ended stays as it ended it"
+    );
+}
