@@ -10,7 +10,7 @@
 //! are undone leave nothing behind, without any bookkeeping per subtransaction.
 
 use crate::error::{raise, raise_with_hint};
-use crate::plans::{row_json, rows_with_snapshot, rows_with_snapshot_read_only, with_plan};
+use crate::plans::{row_json, rows_with_snapshot, rows_with_snapshot_read_only, run_kept, with_plan};
 use pgrx::prelude::*;
 use pgrx::{pg_sys, PgSqlErrorCode};
 use std::cell::{Cell, RefCell};
@@ -2477,11 +2477,7 @@ fn write_events(tables: Vec<TableTouches>, emitted: Vec<i64>) {
         // savepoint are gone and are not found.
         // (Kept plans, here and in emit: an emit is often its transaction's one statement,
         // and planning these each time was most of its cost and of the time to its commit.)
-        as_capture_role(|| {
-            with_plan(EMIT_RESEQ, &[pg_sys::INT8ARRAYOID], |plan| {
-                Spi::connect_mut(|c| c.update(plan, None, &[emitted.into()]).map(|_| ()))
-            })
-        })
+        as_capture_role(|| run_kept(EMIT_RESEQ, &[pg_sys::INT8ARRAYOID], &[emitted.into()]))
         .unwrap_or_else(|e| {
             raise(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
@@ -3108,11 +3104,11 @@ fn emit(
     let row_locked = key.is_some_and(|k| lock_tracked_row(&entity, k));
     let id = as_capture_role(|| {
         if let (Some(key), false) = (key, row_locked) {
-            with_plan(EMIT_LOCK, &[pg_sys::INT4OID, pg_sys::TEXTOID], |plan| {
-                Spi::connect_mut(|c| {
-                    c.update(plan, None, &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()]).map(|_| ())
-                })
-            })?;
+            run_kept(
+                EMIT_LOCK,
+                &[pg_sys::INT4OID, pg_sys::TEXTOID],
+                &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
+            )?;
         }
         with_plan(EMIT_INSERT, &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID], |plan| {
             Spi::connect_mut(|c| {

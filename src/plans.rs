@@ -35,6 +35,11 @@ pub fn with_plan<R>(
     })
 }
 
+/// Run `query` (a write, its rows not wanted) from its kept plan.
+pub fn run_kept(query: &str, types: &[pg_sys::Oid], args: &[pgrx::datum::DatumWithOid]) -> pgrx::spi::SpiResult<()> {
+    with_plan(query, types, |plan| Spi::connect_mut(|c| c.update(plan, None, args).map(|_| ())))
+}
+
 thread_local! {
     static RAW_PLANS: RefCell<HashMap<String, std::ptr::NonNull<pg_sys::_SPI_plan>>> = RefCell::new(HashMap::new());
 }

@@ -5,7 +5,7 @@
 use crate::http::{Job, Signature};
 use crate::shape::Shape;
 use std::sync::Arc;
-use crate::plans::with_plan;
+use crate::plans::{run_kept, with_plan};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
@@ -168,11 +168,6 @@ const FANOUT_DONE: &str = "UPDATE webhooks._fanout SET done = COALESCE($1::pg_sn
 /// How far a batch got.
 const FANOUT_STEP: &str =
     "UPDATE webhooks._fanout SET batch = COALESCE($3::pg_snapshot, batch), batch_first_seq = $1, batch_seq = $2";
-
-/// Runs a statement of the worker's from its kept plan.
-fn run_kept(query: &str, types: &[pg_sys::Oid], args: &[pgrx::datum::DatumWithOid]) -> SpiResult<()> {
-    with_plan(query, types, |plan| Spi::connect_mut(|c| c.update(plan, None, args).map(|_| ())))
-}
 
 /// The transactions with events visible in `batch` and not in `done` (see BATCH_TRANSACTIONS).
 fn batch_transactions(done: &str, batch: &str) -> SpiResult<Vec<(String, i64, i64)>> {
@@ -349,7 +344,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         }
     }
     if todo.is_empty() {
-        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.clone().into()])?;
+        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.into()])?;
         *cache = None;
         return Ok(FanOutStep { deliveries: backfilled, more: true, ..idle });
     }
@@ -390,7 +385,7 @@ pub fn fan_out(limit: i32, cache: &mut Option<Batch>, advance: bool) -> SpiResul
         // step took its snapshot, what committed since woke the worker again (the flag is
         // cleared before the snapshot is taken): nothing more to do now, the deliveries can be
         // claimed at once. An older batch's end is followed by a look for newer commits.
-        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.clone().into()])?;
+        run_kept(FANOUT_DONE, &[pg_sys::TEXTOID], &[begun.into()])?;
         *cache = None;
         return Ok(FanOutStep { deliveries: deliveries + backfilled, more: !started_here, ..idle });
     }

@@ -978,8 +978,6 @@ fn grow(in_flight: &mut InFlight, tail: u64, next: Vec<queue::Claimed>) -> usize
     }
 }
 
-/// Worker `index`'s share of `total` among `workers`: shares differ by one at most and add up
-/// to `total`.
 /// Whether worker 0 sends the `created` deliveries it just fanned out alone, without waking the
 /// other workers first: only when it has nothing in flight (every endpoint's share and every
 /// HTTP thread free), no endpoint is failing (one request each), and they are fewer than
@@ -989,6 +987,8 @@ fn sends_alone(created: i64, in_flight: usize, none_failing: bool, slots: usize)
     created > 0 && in_flight == 0 && none_failing && (created as usize) < slots
 }
 
+/// Worker `index`'s share of `total` among `workers`: shares differ by one at most and add up
+/// to `total`.
 fn share(total: usize, workers: usize, index: usize) -> usize {
     let workers = workers.max(1);
     total / workers + usize::from(index < total % workers)
@@ -1087,29 +1087,19 @@ fn claim_and_dispatch(
     let a = &args;
     let result = BackgroundWorker::transaction(move || claim_in_transaction(a))
         .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
-    let full = result.0.len() as i32 == args.limit;
-    // Heads per subscription against its free slots (one for a failing endpoint).
-    let mut heads: HashMap<i64, i32> = HashMap::new();
-    for segment in &result.0 {
-        if let Some(c) = segment.first() {
-            *heads.entry(c.job.subscription_id).or_default() += 1;
-        }
-    }
-    let filled = heads.iter().any(|(sub, n)| {
-        let cap = if in_flight.failing.contains(sub) { 1 } else { args.per_endpoint };
-        *n >= cap - in_flight.by_subscription.get(sub).copied().unwrap_or(0)
-    });
-    Claim { sleep: dispatch(pool, in_flight, me, &args, result), saturated: full || filled }
+    let (sleep, saturated) = dispatch(pool, in_flight, me, &args, result);
+    Claim { sleep, saturated }
 }
 
-/// Hand a committed claim to the HTTP threads; returns how long to sleep.
+/// Hand a committed claim to the HTTP threads; returns how long to sleep, and whether more may
+/// be left that another worker could claim (see Claim::saturated).
 fn dispatch(
     pool: &http::Pool,
     in_flight: &mut InFlight,
     me: shmem::Me,
     args: &ClaimArgs,
     (claimed, next_due): ClaimResult,
-) -> Duration {
+) -> (Duration, bool) {
     let poll = gucs::poll_interval();
     let per_endpoint = args.per_endpoint;
     let more_due = claimed.len() as i32 == args.limit;
@@ -1124,8 +1114,12 @@ fn dispatch(
             None => by_sub.push((sub, vec![segment])),
         }
     }
+    // Whether a subscription got as many heads as it had free slots (one if failing).
+    let mut filled = false;
     for (sub, segments) in by_sub {
         let busy = in_flight.by_subscription.get(&sub).copied().unwrap_or(0);
+        let cap = if in_flight.failing.contains(&sub) { 1 } else { per_endpoint };
+        filled |= segments.len() as i32 >= cap - busy;
         let slots = (per_endpoint - busy).max(1) as usize;
         let mut jobs: Vec<Vec<queue::Claimed>> = (0..slots.min(segments.len())).map(|_| Vec::new()).collect();
         let n = jobs.len();
@@ -1171,12 +1165,13 @@ fn dispatch(
             }
         }
     }
-    match next_due {
+    let sleep = match next_due {
         _ if more_due => Duration::ZERO,
         // Round up, so the worker never wakes a hair before the retry is due.
         Some(s) => (Duration::from_secs_f64(s.max(0.0)) + Duration::from_millis(1)).min(poll),
         None => poll,
-    }
+    };
+    (sleep, more_due || filled)
 }
 
 #[cfg(test)]
