@@ -914,6 +914,19 @@ pub fn record(
         next_at.push(r.verdict.next_at);
         gone.push(r.verdict.gone);
     }
+    // The subscriptions first, in id order, before any queue row: an `unsubscribe` takes its
+    // subscription's row (FOR UPDATE) before its queue rows, so whichever of the two comes
+    // second waits for the other instead of deadlocking with it. That is the subscriptions of
+    // the outcomes and those of the deliveries handed back or continuing (whose queue rows the
+    // statements below update too). KEY SHARE conflicts with nothing but a delete or a key
+    // change: other records, pause and resume go on beside it.
+    let mut touched = released.clone();
+    touched.extend_from_slice(&continuing);
+    run_kept(
+        RECORD_LOCK_SUBSCRIPTIONS,
+        &[pg_sys::INT8ARRAYOID, pg_sys::INT8ARRAYOID],
+        &[subs.clone().into(), touched.into()],
+    )?;
     let mut types = vec![
         pg_sys::INT8ARRAYOID,
         pg_sys::INT8ARRAYOID,
@@ -1012,6 +1025,13 @@ pub fn record(
         Spi::connect_mut(|c| c.update(plan, None, &args).map(|_| ()))
     })
 }
+
+/// The subscriptions a record touches, locked in id order (see record): those of its outcomes
+/// (`$1`) and of the deliveries it hands back or continues (`$2`).
+const RECORD_LOCK_SUBSCRIPTIONS: &str = "SELECT 1 FROM webhooks._subscriptions s
+ WHERE s.id = ANY ($1::int8[])
+    OR s.id IN (SELECT q.subscription_id FROM webhooks._queue q WHERE q.delivery_id = ANY ($2::int8[]))
+ ORDER BY s.id FOR KEY SHARE OF s";
 
 /// The next delivery of each chain still in flight (`$1`) becomes its key's head, claimed by
 /// worker `$2`. It is a delivery of the chain, not a head (nobody else can claim it), and not

@@ -1297,3 +1297,69 @@ fn unsubscribing_while_a_record_holds_the_subscription_row_does_not_deadlock() {
         "what the record ended stays as it ended it"
     );
 }
+
+#[test]
+fn unsubscribing_subscriptions_while_their_deliveries_are_sent_and_recorded_never_deadlocks() {
+    // The records the workers really make, not played by hand: a hot key's chain growing while
+    // it is sent (its next delivery locked before the reported ones are deleted), spread keys
+    // recorded in the order their jobs finished, a failing endpoint whose records update the
+    // subscription's streak; unsubscribed by an admin in the middle of it, round after round.
+    // A deadlock aborts one side: an error from unsubscribe, or "deadlock detected" and a
+    // restarted worker in the log.
+    let own = Cluster::start(
+        "unsub_stress",
+        &[
+            "webhooks.workers = 2",
+            "webhooks.retry_schedule = '100ms,100ms,100ms'",
+            "log_min_messages = error",
+        ],
+    );
+    let rx = Receiver::start();
+    let mut c = own.connect();
+    c.batch_execute("CREATE ROLE unsubscriber LOGIN; GRANT webhooks_admin TO unsubscriber;")
+        .expect("role");
+    let mut admin = own.connect_as("postgres", "unsubscriber");
+    let workers = |c: &mut Client| -> Vec<i32> {
+        c.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pg_webhooks worker%' ORDER BY 1",
+            &[],
+        )
+        .expect("workers")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let before = wait_for("two workers", WAIT, || {
+        let w = workers(&mut c);
+        (w.len() == 2).then_some(w)
+    });
+    for round in 0..6 {
+        let healthy = subscribe(&mut c, &rx, &format!("/us_ok{round}"), "{us.*}", json!({}));
+        let failing = subscribe(&mut c, &rx, &format!("/us_fail{round}"), "{us.*}", json!({"default_status": 500}));
+        c.batch_execute(&format!(
+            "SELECT count(webhooks.emit('us.e', jsonb_build_object('i', i),
+                    CASE WHEN i % 2 = 0 THEN 'hot' ELSE (i % 40)::text END))
+               FROM generate_series(1, 6000) i -- round {round}"
+        ))
+        .expect("emit");
+        rx.wait_for_requests(&format!("/us_ok{round}"), 600, WAIT);
+        rx.wait_for_requests(&format!("/us_fail{round}"), 20, WAIT);
+        let (first, second) = if round % 2 == 0 { (healthy, failing) } else { (failing, healthy) };
+        for sub in [first, second] {
+            admin
+                .execute("SELECT webhooks.unsubscribe($1)", &[&sub])
+                .unwrap_or_else(|e| panic!("unsubscribe {sub} in round {round}: {e:?}"));
+        }
+        assert_eq!(queued_any(&mut c, &[healthy, failing]), 0, "round {round}: nothing of theirs is queued");
+    }
+    let log = own.server_log();
+    assert!(!log.contains("deadlock detected"), "no deadlock:\n{log}");
+    assert_eq!(workers(&mut c), before, "no worker ended and was restarted");
+    own.stop();
+}
+
+fn queued_any(c: &mut Client, subs: &[i64]) -> i64 {
+    c.query_one("SELECT count(*) FROM webhooks._queue WHERE subscription_id = ANY($1)", &[&subs])
+        .expect("queued")
+        .get(0)
+}
