@@ -799,7 +799,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
     }
     let sleep = if created > 0 || recorded || queue_changed || Instant::now() >= state.next_claim_at
     {
-        let claim = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me);
+        let claim = claim_and_dispatch(pool, &mut state.in_flight, batch, state.index, state.workers, state.me, solo);
         if solo && claim.saturated {
             state.me.wake_others(state.workers);
         }
@@ -998,6 +998,8 @@ fn share(total: usize, workers: usize, index: usize) -> usize {
 /// share of the cap, and what this worker already has in flight.
 struct ClaimArgs {
     limit: i32,
+    /// Heads per free slot of a subscription.
+    per_slot: i32,
     per_endpoint: i32,
     index: usize,
     counts: Vec<(i64, i32)>,
@@ -1015,6 +1017,7 @@ fn claim_args(
     batch: i32,
     index: usize,
     workers: usize,
+    solo: bool,
 ) -> Result<ClaimArgs, Duration> {
     let poll = gucs::poll_interval();
     let capacity = pool.threads().saturating_sub(in_flight.total());
@@ -1022,7 +1025,12 @@ fn claim_args(
         // Every thread is busy: the next outcome wakes us.
         return Err(poll);
     }
-    let limit = (capacity * PER_SLOT as usize).min(batch as usize) as i32;
+    // Alone (worker 0, the others not woken): no more than its free threads send at once, a
+    // head each, so that whatever else is due (a retry, a key its record released) is left to
+    // the others, woken after all (the claim is then full: Claim::saturated), instead of
+    // waiting in this worker's jobs behind other requests.
+    let per_slot = if solo { 1 } else { PER_SLOT };
+    let limit = (capacity * per_slot as usize).min(batch as usize) as i32;
     // Each worker has its share of every endpoint's cap: together never more than the cap.
     let per_endpoint = share(gucs::max_in_flight_per_endpoint() as usize, workers, index) as i32;
     if per_endpoint == 0 {
@@ -1039,7 +1047,7 @@ fn claim_args(
         in_flight.failing.clear();
     }
     let failing: Vec<i64> = in_flight.failing.iter().copied().collect();
-    Ok(ClaimArgs { limit, per_endpoint, index, counts, failing })
+    Ok(ClaimArgs { limit, per_slot, per_endpoint, index, counts, failing })
 }
 
 /// The claim, in the caller's transaction; the next retry is looked up in it too (both see the
@@ -1053,7 +1061,7 @@ fn claim_in_transaction(args: &ClaimArgs) -> pgrx::spi::SpiResult<ClaimResult> {
         gucs::timeout(),
         gucs::max_response_bytes(),
         CHAIN_MAX,
-        PER_SLOT,
+        args.per_slot,
         &args.failing,
         CLAIM_ROWS,
     )?;
@@ -1079,8 +1087,9 @@ fn claim_and_dispatch(
     index: usize,
     workers: usize,
     me: shmem::Me,
+    solo: bool,
 ) -> Claim {
-    let args = match claim_args(pool, in_flight, batch, index, workers) {
+    let args = match claim_args(pool, in_flight, batch, index, workers, solo) {
         Ok(args) => args,
         Err(sleep) => return Claim { sleep, saturated: true },
     };
