@@ -445,20 +445,29 @@ struct TlsAgent {
 
 const MAX_TLS_AGENTS: usize = 64;
 
-/// Idle connections an HTTP thread keeps per host (see `Agents::plain`), and hosts at most.
+/// Idle connections an HTTP thread's own agent keeps per host (see `Agents::own`), and hosts at
+/// most.
 const IDLE_PER_HOST_PER_THREAD: usize = 1;
 const IDLE_HOSTS_PER_THREAD: usize = 4;
+/// A chain this long, or one that grows, is sent with the thread's own agent.
+const OWN_CONNECTION_FROM: usize = 32;
 
-/// What an HTTP thread sends with: its own agent, or a subscription's (shared by the threads).
+/// What an HTTP thread sends with: the agent the threads share, its own, or a subscription's
+/// (shared by the threads).
 struct Agents {
-    /// This thread's own agent for every subscription without TLS settings of its own, with its
-    /// own idle connections. A pool of idle connections shared by the threads hands out the
-    /// oldest first (ureq's pool is a FIFO): one thread sending a key's deliveries in order
-    /// then used every pooled connection in turn, a different one (and on a receiver with a
-    /// thread per connection, a different thread, cold) for each request; on this machine a
-    /// hot key went from about 14,500 to 10,000 deliveries/s once 32 connections were pooled.
-    /// A thread's own agent sends a chain over the one connection it used last.
-    plain: ureq::Agent,
+    /// For subscriptions without TLS settings of their own: connections kept for any thread,
+    /// up to one per thread for each host.
+    shared: ureq::Agent,
+    /// This thread's own, for a long chain of such a subscription. The shared pool hands out
+    /// its oldest idle connection first (ureq's pool is a FIFO): one thread sending a key's
+    /// deliveries in order then used every kept connection in turn, a different one (and on a
+    /// receiver with a thread per connection, a different thread, cold) for each request; on
+    /// this machine a hot key went from about 14,500 to 10,000 deliveries/s once 32 connections
+    /// were kept. The thread's own agent sends a long chain over one connection. Short jobs
+    /// (one delivery, a few heads) stay on the shared pool: with many receivers a thread could
+    /// keep connections to only a few of them, and would open one (and do a TLS handshake)
+    /// for most requests.
+    own: ureq::Agent,
     tls: Arc<Mutex<TlsAgents>>,
     factory: AgentFactory,
 }
@@ -466,24 +475,27 @@ struct Agents {
 impl Agents {
     fn new(factory: AgentFactory) -> Self {
         Agents {
-            plain: factory.build(None, IDLE_PER_HOST_PER_THREAD, IDLE_HOSTS_PER_THREAD),
+            shared: factory.build(None, factory.threads, 4),
+            own: factory.build(None, IDLE_PER_HOST_PER_THREAD, IDLE_HOSTS_PER_THREAD),
             tls: Arc::default(),
             factory,
         }
     }
 
-    /// Another thread's: its own plain agent, the same subscriptions' agents.
+    /// Another thread's: its own agent, the rest shared.
     fn for_thread(&self) -> Self {
         Agents {
-            plain: self.factory.build(None, IDLE_PER_HOST_PER_THREAD, IDLE_HOSTS_PER_THREAD),
+            shared: self.shared.clone(),
+            own: self.factory.build(None, IDLE_PER_HOST_PER_THREAD, IDLE_HOSTS_PER_THREAD),
             tls: self.tls.clone(),
             factory: self.factory.clone(),
         }
     }
 
-    fn for_job(&self, job: &Job) -> Result<ureq::Agent, String> {
+    /// The agent for `job`, sent as part of a long chain or not.
+    fn for_job(&self, job: &Job, long_chain: bool) -> Result<ureq::Agent, String> {
         let Some(settings) = &job.tls else {
-            return Ok(self.plain.clone());
+            return Ok(if long_chain { self.own.clone() } else { self.shared.clone() });
         };
         let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
         cache.clock += 1;
@@ -534,7 +546,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Start `threads` HTTP threads sharing one keep-alive agent.
+    /// Start `threads` HTTP threads with keep-alive agents (see `Agents`).
     pub fn start(threads: usize, allow_private: bool) -> std::io::Result<Pool> {
         Pool::start_with(threads, allow_private, attempt)
     }
@@ -663,6 +675,7 @@ fn run_job(
         wants_more: false,
     };
     let mut done = new_outcome();
+    let long_chain = tail.is_some() || jobs.len() >= OWN_CONNECTION_FROM;
     let mut pending: std::collections::VecDeque<Job> = jobs.into();
     // Whether this chain has asked for more since it was last given some.
     let mut asked = false;
@@ -675,7 +688,7 @@ fn run_job(
             }
         }
         let Some(job) = pending.pop_front() else { break };
-        let outcome = match agents.for_job(&job) {
+        let outcome = match agents.for_job(&job, long_chain) {
             Ok(agent) => {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt(&agent, &job)))
                     .unwrap_or_else(|panic| panicked(&job, panic))
@@ -1154,21 +1167,26 @@ mod tests {
         );
     }
 
-    /// A keep-alive HTTP server on 127.0.0.1 that answers every request with 200 after
-    /// `delay`, and tells, per request, which of its connections (numbered as accepted) it
-    /// came on.
-    fn counting_server(delay: Duration) -> (String, std::sync::mpsc::Receiver<usize>) {
+    /// A keep-alive HTTP server on 127.0.0.1 that answers every request with 200, and tells, per
+    /// request, which of its connections (numbered as accepted) it came on. The first request
+    /// of each connection is answered only once `together` connections have sent theirs (or
+    /// after 10 s), so that that many are open at once.
+    fn counting_server(together: usize) -> (String, std::sync::mpsc::Receiver<usize>) {
         use std::io::{BufRead, BufReader};
+        use std::sync::Condvar;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
         let (tx, rx) = channel();
+        let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
         std::thread::spawn(move || {
             for (n, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { return };
                 let tx = tx.clone();
+                let arrived = arrived.clone();
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
                     let mut out = stream;
+                    let mut first = true;
                     loop {
                         let mut length = 0usize;
                         let mut line = String::new();
@@ -1192,7 +1210,15 @@ mod tests {
                         if reader.read_exact(&mut body).is_err() {
                             return;
                         }
-                        std::thread::sleep(delay);
+                        if std::mem::take(&mut first) {
+                            let (count, all_in) = &*arrived;
+                            let mut count = count.lock().expect("count");
+                            *count += 1;
+                            all_in.notify_all();
+                            let _ = all_in
+                                .wait_timeout_while(count, Duration::from_secs(10), |c| *c < together)
+                                .expect("wait");
+                        }
                         if tx.send(n).is_err()
                             || out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err()
                         {
@@ -1206,8 +1232,8 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_is_sent_over_one_connection_however_many_the_threads_keep_open() {
-        let (url, seen) = counting_server(Duration::from_millis(100));
+    fn a_long_chain_is_sent_over_one_connection_however_many_are_kept() {
+        let (url, seen) = counting_server(4);
         let pool = Pool::start(4, true).expect("pool");
         let chain = |first: i64, n: i64| -> Vec<Job> {
             (first..first + n)
@@ -1229,20 +1255,27 @@ mod tests {
             assert_eq!(got.len(), n, "every attempt came back");
             assert!(got.iter().all(Outcome::succeeded), "all answered 200");
         };
-        // Four at once (each answered 100 ms later): four threads, four connections, all kept.
+        // Four single deliveries at once, answered only when all four have arrived: four
+        // threads, four connections, all kept in the shared pool.
         for id in 0..4 {
             assert!(pool.submit(chain(id * 10, 1)));
         }
         wait(4);
         let first: std::collections::HashSet<usize> = seen.try_iter().collect();
         assert_eq!(first.len(), 4, "four connections were opened: {first:?}");
-        // Then one key's chain: every request on the connection of the thread that sends it,
-        // not on each kept connection in turn.
-        assert!(pool.submit(chain(100, 12)));
-        wait(12);
+        // Then one key's long chain: every request over one connection, not over each kept
+        // connection in turn (as the shared pool hands them out).
+        let n = OWN_CONNECTION_FROM as i64 + 8;
+        assert!(pool.submit(chain(100, n)));
+        wait(n as usize);
         let used: Vec<usize> = seen.try_iter().collect();
-        assert_eq!(used.len(), 12);
-        assert!(used.iter().all(|c| *c == used[0] && first.contains(c)), "one kept connection: {used:?}");
+        assert_eq!(used.len(), n as usize);
+        assert!(used.iter().all(|c| *c == used[0]), "one connection: {used:?}");
+        // A short job still uses the kept ones.
+        assert!(pool.submit(chain(200, 2)));
+        wait(2);
+        let short: Vec<usize> = seen.try_iter().collect();
+        assert!(short.iter().all(|c| first.contains(c)), "kept connections: {short:?}");
     }
 
     #[test]
@@ -1253,20 +1286,20 @@ mod tests {
         });
         let mut j = job("{}");
         assert!(
-            agents.for_job(&j).is_ok(),
-            "no TLS settings: the thread's own agent"
+            agents.for_job(&j, false).is_ok(),
+            "no TLS settings: the shared agent"
         );
         assert!(agents.tls.lock().expect("cache").entries.is_empty());
         // Settings that cannot be used: the attempt fails with why, and the verdict is kept
         // like an agent would be.
         j.tls = Some(r#"{"ca_bundle": "no PEM here"}"#.into());
-        let e = agents.for_job(&j).err().unwrap_or_default();
+        let e = agents.for_job(&j, false).err().unwrap_or_default();
         assert!(
             e.starts_with("the subscription's TLS settings cannot be used: tls \"ca_bundle\""),
             "{e}"
         );
         j.tls = Some(r#"{"nope": 1}"#.into());
-        let e = agents.for_job(&j).err().unwrap_or_default();
+        let e = agents.for_job(&j, false).err().unwrap_or_default();
         assert!(
             e.contains("unknown key"),
             "changed settings are used at once: {e}"
@@ -1274,7 +1307,7 @@ mod tests {
         assert_eq!(agents.tls.lock().expect("cache").entries.len(), 1);
         for id in 0..(MAX_TLS_AGENTS as i64 * 3) {
             j.subscription_id = 1000 + id;
-            let _ = agents.for_job(&j);
+            let _ = agents.for_job(&j, false);
         }
         let cache = agents.tls.lock().expect("cache");
         assert_eq!(cache.entries.len(), MAX_TLS_AGENTS);
