@@ -656,7 +656,7 @@ DECLARE
     v_sub webhooks._subscriptions;
 BEGIN
     PERFORM webhooks._subscription_exists(p_id);
-    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR UPDATE;
+    SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR NO KEY UPDATE;
     IF shape IS NULL THEN
         PERFORM webhooks._check_event_patterns(v_sub.event_types);
     ELSE

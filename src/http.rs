@@ -1271,6 +1271,7 @@ mod tests {
         let used: Vec<usize> = seen.try_iter().collect();
         assert_eq!(used.len(), n as usize);
         assert!(used.iter().all(|c| *c == used[0]), "one connection: {used:?}");
+        assert!(!first.contains(&used[0]), "the sending thread's own, not a shared one: {used:?}");
         // A short job still uses the kept ones.
         assert!(pool.submit(chain(200, 2)));
         wait(2);

@@ -102,7 +102,7 @@ WITH s AS (
     -- never waits for a subscriber's transaction.
     UPDATE webhooks._subscriptions s SET fanned_out = true
      WHERE s.id IN (SELECT n.id FROM webhooks._subscriptions n WHERE NOT n.fanned_out
-                      FOR UPDATE SKIP LOCKED)
+                      FOR NO KEY UPDATE SKIP LOCKED)
     RETURNING s.id, s.event_types, s.filter, s.created_snapshot, s.shape
 ), e AS (
     SELECT ev.seq, ev.type, ev.entity, ev.key, s.id AS sub
@@ -1028,9 +1028,10 @@ pub fn record(
 
 /// The subscriptions a record touches, locked in id order (see record): those of its outcomes
 /// (`$1`) and of the deliveries it hands back or continues (`$2`).
+/// (One array, so that the plan is a lookup of the primary key, not a scan of it.)
 const RECORD_LOCK_SUBSCRIPTIONS: &str = "SELECT 1 FROM webhooks._subscriptions s
- WHERE s.id = ANY ($1::int8[])
-    OR s.id IN (SELECT q.subscription_id FROM webhooks._queue q WHERE q.delivery_id = ANY ($2::int8[]))
+ WHERE s.id = ANY ($1::int8[]
+                   || ARRAY(SELECT q.subscription_id FROM webhooks._queue q WHERE q.delivery_id = ANY ($2::int8[])))
  ORDER BY s.id FOR KEY SHARE OF s";
 
 /// The next delivery of each chain still in flight (`$1`) becomes its key's head, claimed by

@@ -1301,11 +1301,12 @@ fn unsubscribing_while_a_record_holds_the_subscription_row_does_not_deadlock() {
 #[test]
 fn unsubscribing_subscriptions_while_their_deliveries_are_sent_and_recorded_never_deadlocks() {
     // The records the workers really make, not played by hand: a hot key's chain growing while
-    // it is sent (its next delivery locked before the reported ones are deleted), spread keys
+    // it is sent (its next delivery claimed before the reported ones are deleted), spread keys
     // recorded in the order their jobs finished, a failing endpoint whose records update the
-    // subscription's streak; unsubscribed by an admin in the middle of it, round after round.
-    // A deadlock aborts one side: an error from unsubscribe, or "deadlock detected" and a
-    // restarted worker in the log.
+    // subscription's streak; unsubscribed by an admin in the middle of it, one at a time in
+    // either order, or all in one transaction in id order, round after round. A deadlock
+    // aborts one side: an error from unsubscribe, or "deadlock detected" and a restarted
+    // worker in the log.
     let own = Cluster::start(
         "unsub_stress",
         &[
@@ -1319,6 +1320,8 @@ fn unsubscribing_subscriptions_while_their_deliveries_are_sent_and_recorded_neve
     c.batch_execute("CREATE ROLE unsubscriber LOGIN; GRANT webhooks_admin TO unsubscriber;")
         .expect("role");
     let mut admin = own.connect_as("postgres", "unsubscriber");
+    // A hang fails the test here, not at the harness's timeout.
+    admin.batch_execute("SET statement_timeout = '60s'").expect("timeout");
     let workers = |c: &mut Client| -> Vec<i32> {
         c.query(
             "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pg_webhooks worker%' ORDER BY 1",
@@ -1333,29 +1336,83 @@ fn unsubscribing_subscriptions_while_their_deliveries_are_sent_and_recorded_neve
         let w = workers(&mut c);
         (w.len() == 2).then_some(w)
     });
-    for round in 0..6 {
+    for round in 0..12 {
         let healthy = subscribe(&mut c, &rx, &format!("/us_ok{round}"), "{us.*}", json!({}));
         let failing = subscribe(&mut c, &rx, &format!("/us_fail{round}"), "{us.*}", json!({"default_status": 500}));
+        let hot = subscribe(&mut c, &rx, &format!("/us_hot{round}"), "{uh.*}", json!({}));
+        let subs = [healthy, failing, hot];
+        // Everything queued first (held), so that no fan-out is left to race the unsubscribes.
+        for sub in subs {
+            c.execute("SELECT webhooks.pause($1)", &[&sub]).expect("pause");
+        }
         c.batch_execute(&format!(
             "SELECT count(webhooks.emit('us.e', jsonb_build_object('i', i),
                     CASE WHEN i % 2 = 0 THEN 'hot' ELSE (i % 40)::text END))
+               FROM generate_series(1, 6000) i;
+             SELECT count(webhooks.emit('uh.e', jsonb_build_object('i', i), 'one'))
                FROM generate_series(1, 6000) i -- round {round}"
         ))
         .expect("emit");
+        for sub in subs {
+            wait_queued(&mut c, sub, 6000);
+        }
+        for sub in subs {
+            c.execute("SELECT webhooks.resume($1)", &[&sub]).expect("resume");
+        }
         rx.wait_for_requests(&format!("/us_ok{round}"), 600, WAIT);
         rx.wait_for_requests(&format!("/us_fail{round}"), 20, WAIT);
-        let (first, second) = if round % 2 == 0 { (healthy, failing) } else { (failing, healthy) };
-        for sub in [first, second] {
-            admin
-                .execute("SELECT webhooks.unsubscribe($1)", &[&sub])
-                .unwrap_or_else(|e| panic!("unsubscribe {sub} in round {round}: {e:?}"));
-        }
-        assert_eq!(queued_any(&mut c, &[healthy, failing]), 0, "round {round}: nothing of theirs is queued");
+        // Past GROW_FROM: the one key's chain grows while it is sent.
+        rx.wait_for_requests(&format!("/us_hot{round}"), 700, WAIT);
+        let unsubscribed: Result<Vec<u64>, postgres::Error> = match round % 3 {
+            0 => subs.iter().map(|sub| admin.execute("SELECT webhooks.unsubscribe($1)", &[sub])).collect(),
+            1 => subs.iter().rev().map(|sub| admin.execute("SELECT webhooks.unsubscribe($1)", &[sub])).collect(),
+            _ => admin
+                .execute(
+                    "SELECT webhooks.unsubscribe(id) FROM unnest($1::int8[]) id ORDER BY id",
+                    &[&subs.to_vec()],
+                )
+                .map(|_| vec![]),
+        };
+        unsubscribed.unwrap_or_else(|e| panic!("unsubscribe in round {round}: {e:?}"));
+        assert_eq!(queued_any(&mut c, &subs), 0, "round {round}: nothing of theirs is queued");
+        assert!(
+            rx.log(&format!("/us_hot{round}")).len() < 6000,
+            "round {round}: the hot key's chain was still being sent when it was unsubscribed"
+        );
     }
     let log = own.server_log();
     assert!(!log.contains("deadlock detected"), "no deadlock:\n{log}");
     assert_eq!(workers(&mut c), before, "no worker ended and was restarted");
     own.stop();
+}
+
+#[test]
+fn an_open_transaction_that_changed_a_subscription_does_not_hold_its_deliveries() {
+    // Every record takes its subscriptions' rows FOR KEY SHARE first (so that an unsubscribe
+    // waits for it instead of deadlocking). The functions that change a subscription and leave
+    // it in place take its row FOR NO KEY UPDATE, which that does not wait for: an admin's
+    // transaction left open after them holds no delivery up. (set_shape took FOR UPDATE, and
+    // held every record of that subscription, and with it the worker, until it ended.)
+    let rx = Receiver::start();
+    let own = shared();
+    let mut c = own.connect();
+    let sub = subscribe(&mut c, &rx, "/open_change", "{oc.*}", json!({}));
+    // Delivered to once first: a new subscription is first given what it is owed by a fan-out
+    // that leaves it for later while a transaction holds it.
+    c.batch_execute("SELECT webhooks.emit('oc.e', '{}', 'first')").expect("emit");
+    rx.wait_for_requests("/open_change", 1, WAIT);
+    let mut admin = own.connect();
+    admin.batch_execute("SET statement_timeout = '60s'; BEGIN").expect("begin");
+    admin.execute("SELECT webhooks.set_shape($1, NULL)", &[&sub]).expect("set_shape");
+    admin.execute("SELECT webhooks.set_tls($1, NULL)", &[&sub]).expect("set_tls");
+    admin
+        .execute("SELECT webhooks.set_signature($1, 'standard')", &[&sub])
+        .expect("set_signature");
+    c.batch_execute("SELECT count(webhooks.emit('oc.e', jsonb_build_object('i', i), (i % 5)::text)) FROM generate_series(1, 50) i")
+        .expect("emit");
+    rx.wait_for_requests("/open_change", 51, WAIT);
+    wait_for("all 50 recorded while the change is open", WAIT, || (succeeded(&mut c, sub) == 51).then_some(()));
+    admin.batch_execute("COMMIT").expect("commit");
 }
 
 fn queued_any(c: &mut Client, subs: &[i64]) -> i64 {
