@@ -379,3 +379,39 @@ fn bad_settings_are_refused_when_set() {
     c.batch_execute("ALTER SYSTEM RESET webhooks.retention")
         .expect("reset");
 }
+
+#[test]
+fn changing_a_subscription_that_an_unsubscribe_removes_meanwhile_fails_with_no_data_found() {
+    // The call finds the subscription, then waits for its row, which a concurrent unsubscribe
+    // holds; when that commits, the row is gone. The call says so (set_shape used to return as
+    // if it had done its work; set_signature read the row without locking it).
+    let mut c = cluster().fresh_db("changed_while_removed");
+    for call in ["webhooks.set_shape($1, NULL)", "webhooks.set_signature($1, 'hex')"] {
+        let id: i64 = c
+            .query_one("SELECT id FROM webhooks.subscribe('https://example.com/h')", &[])
+            .expect("sub")
+            .get(0);
+        let mut remover = cluster().connect_db("changed_while_removed");
+        remover.batch_execute("BEGIN").expect("begin");
+        remover.execute("SELECT webhooks.unsubscribe($1)", &[&id]).expect("unsubscribe");
+        let mut changer = cluster().connect_db("changed_while_removed");
+        let pid: i32 = changer.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+        let sql = format!("SELECT {call}");
+        let changing = std::thread::spawn(move || changer.execute(&sql, &[&id]));
+        common::wait_for("the call to wait for the subscription's row", std::time::Duration::from_secs(60), || {
+            let waiting: bool = c
+                .query_one(
+                    "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .expect("activity")
+                .get(0);
+            waiting.then_some(())
+        });
+        remover.batch_execute("COMMIT").expect("commit");
+        let err = changing.join().expect("thread").expect_err(call);
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{call}: {err:?}"));
+        assert_eq!(db.code(), &SqlState::NO_DATA_FOUND, "{call}: {}", db.message());
+        assert!(db.message().contains(&id.to_string()), "{call}: {}", db.message());
+    }
+}
