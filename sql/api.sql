@@ -655,12 +655,9 @@ DECLARE
     p_id  bigint := id;
     v_sub webhooks._subscriptions;
 BEGIN
-    PERFORM webhooks._subscription_exists(p_id);
     SELECT * INTO v_sub FROM webhooks._subscriptions s WHERE s.id = p_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        -- Removed by an unsubscribe that committed meanwhile.
-        RAISE EXCEPTION 'subscription % does not exist', p_id USING ERRCODE = 'no_data_found';
-    END IF;
+    -- After the lock, in a new snapshot: also a subscription an unsubscribe removed meanwhile.
+    PERFORM webhooks._subscription_exists(p_id);
     IF shape IS NULL THEN
         PERFORM webhooks._check_event_patterns(v_sub.event_types);
     ELSE
@@ -773,15 +770,14 @@ DECLARE
     p_id  bigint := id;
     v_sig jsonb;
     v_key webhooks._secrets;
+    v_delivery webhooks._subscriptions.delivery%TYPE;
 BEGIN
-    PERFORM webhooks._subscription_exists(p_id);
     -- The row first, as set_shape takes it: the shape and the signature's headers are checked
     -- against each other, so two of them at once must not each check the other's old value.
-    PERFORM 1 FROM webhooks._subscriptions s WHERE s.id = p_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'subscription % does not exist', p_id USING ERRCODE = 'no_data_found';
-    END IF;
-    IF (SELECT s.delivery FROM webhooks._subscriptions s WHERE s.id = p_id) = 'poll' THEN
+    SELECT s.delivery INTO v_delivery FROM webhooks._subscriptions s WHERE s.id = p_id FOR NO KEY UPDATE;
+    -- After the lock, in a new snapshot: also a subscription an unsubscribe removed meanwhile.
+    PERFORM webhooks._subscription_exists(p_id);
+    IF v_delivery = 'poll' THEN
         RAISE EXCEPTION 'subscription % is a poll subscription: nothing of it is signed', p_id
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
