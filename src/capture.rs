@@ -314,7 +314,7 @@ fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, sn
 
 /// The data of `key`'s event as jsonb (its bytes): the row (`tuple`, of the tracked table's
 /// descriptor `desc`) and its children read directly under `snapshot`, as `to_jsonb` builds
-/// the same object. None when the children cannot be read directly now (see
+/// the same object, and a status change's `previous_status` and `status` over them if given. None when the children cannot be read directly now (see
 /// `children_array`). Called under the output settings.
 unsafe fn row_jsonb(
     cfg: &TableConfig,
@@ -322,6 +322,7 @@ unsafe fn row_jsonb(
     desc: pg_sys::TupleDesc,
     key: &str,
     snapshot: pg_sys::Snapshot,
+    status_keys: Option<&crate::direct::Extra>,
 ) -> Option<Vec<u8>> {
     thread_local! {
         static SCRATCH: std::cell::Cell<pg_sys::MemoryContext> = const { std::cell::Cell::new(std::ptr::null_mut()) };
@@ -342,6 +343,14 @@ unsafe fn row_jsonb(
                 })?;
                 b.end_array();
             }
+        }
+        // A status change's keys last: jsonb keeps the last of duplicate keys, so the object
+        // is the one `Data::with_extra` makes of the row's (without building it twice).
+        if let Some((previous, status)) = status_keys {
+            b.key(b"previous_status");
+            b.string_or_null(previous.as_deref());
+            b.key(b"status");
+            b.string_or_null(status.as_deref());
         }
         Some(crate::jsonb::to_bytes(b.finish()))
     })
@@ -1817,17 +1826,28 @@ unsafe fn set_options(options: &[(&CStr, &CStr)]) {
     }
 }
 
+extern "C" {
+    /// `bytea_output` (utils/bytea.h, not in pgrx's bindings): 1 is `hex`.
+    static bytea_output: std::ffi::c_int;
+}
+
 /// Whether the session's settings already write values as `OUTPUT_SETTINGS` do (the
-/// defaults do, but for the time zone's name), so that nothing needs to be set.
-fn output_settings_in_force() -> bool {
-    OUTPUT_SETTINGS.iter().all(|(name, value)| {
-        let current = unsafe { pg_sys::GetConfigOption(name.as_ptr(), true, false) };
-        if current.is_null() {
-            return false;
-        }
-        let current = unsafe { CStr::from_ptr(current) };
-        current == *value || (*name == c"TimeZone" && current == c"Etc/UTC")
-    })
+/// defaults do, but for the time zone's name), so that nothing needs to be set. Read from the
+/// variables the settings are kept in, as their `SHOW` does (`GetConfigOption` by name, five
+/// times a commit, was a percent of a tracked status update).
+pub(crate) fn output_settings_in_force() -> bool {
+    unsafe {
+        pg_sys::DateStyle == pg_sys::USE_ISO_DATES as i32
+            && pg_sys::DateOrder == pg_sys::DATEORDER_MDY as i32
+            && pg_sys::IntervalStyle == pg_sys::INTSTYLE_POSTGRES as i32
+            && pg_sys::extra_float_digits == 1
+            && bytea_output == 1
+            && !pg_sys::session_timezone.is_null()
+            && {
+                let name = pg_sys::pg_get_timezone_name(pg_sys::session_timezone);
+                !name.is_null() && matches!(CStr::from_ptr(name).to_bytes(), b"UTC" | b"Etc/UTC")
+            }
+    }
 }
 
 /// Run `f` with `OUTPUT_SETTINGS`, restoring the session's own afterwards.
@@ -2426,8 +2446,12 @@ fn net_events(
         }
         Kind::StatusUpdated => {
             let status = now.and_then(|c| c.status.clone());
-            let extra = (t.orig_status.clone(), status.clone());
-            out.push(ev("status_updated", data().with_extra(extra), status.as_ref()));
+            let data = if now.is_some_and(|c| c.status_keys_in_data) {
+                data()
+            } else {
+                data().with_extra((t.orig_status.clone(), status.clone()))
+            };
+            out.push(ev("status_updated", data, status.as_ref()));
         }
         Kind::Updated => out.push(ev("updated", data(), None)),
     }
@@ -2436,6 +2460,9 @@ fn net_events(
 struct RowAtCommit {
     /// The event's data (the row and its children); read only for a row that gives an event.
     data: Option<crate::direct::Data>,
+    /// Whether `data` already has a status change's `previous_status` and `status` (built in
+    /// with the row's jsonb, see `row_jsonb`).
+    status_keys_in_data: bool,
     /// Digest of the row's binary image, as the trigger took of the row before.
     image: Digest,
     status: Option<String>,
@@ -2752,12 +2779,17 @@ fn rows_at_commit(
                 };
                 // The data is read only for a row that gives an event (a row that gives none
                 // costs no JSON, and a value jsonb cannot hold fails no commit for nothing).
-                let gives_event = touches.get(&key).is_some_and(|t| {
-                    net_kind(cfg, t, Some((&image, &status, &children_digest))).is_some()
-                });
-                let data = gives_event.then(|| {
+                let touch = touches.get(&key);
+                let kind = touch.and_then(|t| net_kind(cfg, t, Some((&image, &status, &children_digest))));
+                let status_keys = match (kind, touch) {
+                    (Some(Kind::StatusUpdated), Some(t)) => Some((t.orig_status.clone(), status.clone())),
+                    _ => None,
+                };
+                let mut status_keys_in_data = false;
+                let data = kind.is_some().then(|| {
                     let jsonb = if direct_jsonb {
-                        let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot);
+                        let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot, status_keys.as_ref());
+                        status_keys_in_data = built.is_some() && status_keys.is_some();
                         // Not usable now (DDL since the configuration was read): text from here on.
                         direct_jsonb = built.is_some();
                         built
@@ -2774,7 +2806,7 @@ fn rows_at_commit(
                         }
                     }
                 });
-                out.insert(key, RowAtCommit { data, image, status, children_digest });
+                out.insert(key, RowAtCommit { data, status_keys_in_data, image, status, children_digest });
             }
         });
         for (r, _) in maps.into_values() {

@@ -228,3 +228,51 @@ fn jsonb_built_from_a_row_is_row_to_json_cast_to_jsonb() {
         }
     }
 }
+
+/// Capture's check that the session's output settings are already capture's (read from the
+/// settings' variables) says what `SHOW` of each setting says, for every setting, in every
+/// combination this walks through.
+#[pg_test]
+fn output_settings_check_agrees_with_show() {
+    let by_name = || {
+        let show = |name: &str| one::<String>(&format!("SELECT current_setting('{name}')")).unwrap_or_default();
+        matches!(show("TimeZone").as_str(), "UTC" | "Etc/UTC")
+            && show("DateStyle") == "ISO, MDY"
+            && show("IntervalStyle") == "postgres"
+            && show("extra_float_digits") == "1"
+            && show("bytea_output") == "hex"
+    };
+    let base = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres';
+                SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex';";
+    Spi::run(base).expect("capture's settings");
+    assert!(by_name());
+    assert!(crate::capture::output_settings_in_force(), "capture's own settings are in force");
+    let changes = [
+        "SET LOCAL TimeZone = 'Etc/UTC'",
+        "SET LOCAL TimeZone = 'Asia/Tokyo'",
+        "SET LOCAL TimeZone = 'UTC0'",
+        "SET LOCAL TimeZone = 'GMT'",
+        "SET LOCAL DateStyle = 'ISO, DMY'",
+        "SET LOCAL DateStyle = 'ISO, YMD'",
+        "SET LOCAL DateStyle = 'SQL, MDY'",
+        "SET LOCAL DateStyle = 'German'",
+        "SET LOCAL DateStyle = 'Postgres, MDY'",
+        "SET LOCAL IntervalStyle = 'iso_8601'",
+        "SET LOCAL IntervalStyle = 'sql_standard'",
+        "SET LOCAL IntervalStyle = 'postgres_verbose'",
+        "SET LOCAL extra_float_digits = 0",
+        "SET LOCAL extra_float_digits = 3",
+        "SET LOCAL extra_float_digits = -15",
+        "SET LOCAL bytea_output = 'escape'",
+    ];
+    for change in changes {
+        Spi::run(base).expect("capture's settings");
+        Spi::run(change).expect(change);
+        assert_eq!(crate::capture::output_settings_in_force(), by_name(), "after {change}");
+    }
+    // Several at once, and back.
+    Spi::run("SET LOCAL bytea_output = 'escape'; SET LOCAL TimeZone = 'Europe/Berlin'").expect("two");
+    assert!(!crate::capture::output_settings_in_force());
+    Spi::run(base).expect("capture's settings");
+    assert!(crate::capture::output_settings_in_force());
+}

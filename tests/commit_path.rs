@@ -607,3 +607,70 @@ fn a_parent_insert_undone_by_a_savepoint_does_not_skip_the_parent_lock() {
     assert_eq!(err.code(), Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
     t1.batch_execute("COMMIT").expect("commit");
 }
+
+/// A status change's `previous_status` and `status` are built into the row's jsonb at commit:
+/// they still win over columns of those names, the mapped event carries the same data, and the
+/// payload is the one the text path (a column of a user's type sends a table there) writes.
+#[test]
+fn a_status_changes_keys_win_over_columns_of_their_names_on_both_paths() {
+    let mut c = cluster().connect();
+    let table = |t: &str, extra: &str| {
+        format!(
+            r#"CREATE TABLE {t} (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending',
+                   previous_status text, note text{extra});
+               CREATE TABLE {t}_items (id int PRIMARY KEY, order_id int REFERENCES {t}, sku text);
+               CREATE INDEX {t}_items_order_idx ON {t}_items (order_id);
+               SELECT webhooks.track('{t}', entity => '{t}', status_column => 'status',
+                      children => '{{"items": {{"table": "{t}_items", "foreign_key": "order_id"}}}}');
+               INSERT INTO {t} VALUES (1, 'pending', 'mine', 'n');
+               INSERT INTO {t}_items VALUES (1, 1, 'a'), (2, 1, 'b');"#
+        )
+    };
+    c.batch_execute("CREATE TYPE psk_mood AS ENUM ('ok', 'sad')").expect("type");
+    c.batch_execute(&table("psk_direct", "")).expect("direct table");
+    c.batch_execute(&table("psk_text", ", mood psk_mood DEFAULT 'ok'")).expect("text table");
+    for t in ["psk_direct", "psk_text"] {
+        // One transaction each (one simple query's statements would share one).
+        for sql in [
+            format!("UPDATE {t} SET status = 'paid', note = 'x' WHERE id = 1"),
+            format!("BEGIN; UPDATE {t} SET status = 'shipped' WHERE id = 1; UPDATE {t}_items SET sku = 'c' WHERE id = 2; COMMIT"),
+            format!("BEGIN; UPDATE {t} SET status = 'delivered' WHERE id = 1; UPDATE {t} SET status = 'weird' WHERE id = 1; COMMIT"),
+        ] {
+            c.batch_execute(&sql).expect(&sql);
+        }
+    }
+    let strip = |mut v: Value| {
+        v.as_object_mut().map(|o| o.remove("mood"));
+        v
+    };
+    let direct = events(&mut c, "psk_direct");
+    let text: Vec<(String, Value)> = events(&mut c, "psk_text")
+        .into_iter()
+        .map(|(t, v)| (t.replacen("psk_text", "psk_direct", 1), strip(v)))
+        .collect();
+    let types: Vec<&str> = direct.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "psk_direct.created",
+            "psk_direct.status_updated",
+            "psk_direct.paid",
+            "psk_direct.status_updated",
+            "psk_direct.shipped",
+            "psk_direct.status_updated",
+        ],
+        "{direct:?}"
+    );
+    assert_eq!(direct, text, "the direct and the text path write the same payloads");
+    assert_eq!(direct[0].1["previous_status"], "mine", "a created row's column is its own");
+    for (i, (previous, status)) in [(1, ("pending", "paid")), (3, ("paid", "shipped")), (5, ("shipped", "weird"))] {
+        assert_eq!(direct[i].1["previous_status"], previous, "{:?}", direct[i]);
+        assert_eq!(direct[i].1["status"], status, "{:?}", direct[i]);
+        assert_eq!(direct[i].1["note"], "x");
+        assert_eq!(direct[i].1["id"], 1);
+    }
+    assert_eq!(direct[1].1, direct[2].1, "the mapped event has the status change's data");
+    assert_eq!(direct[3].1, direct[4].1);
+    assert_eq!(item_ids(&direct[3]), [1, 2]);
+    assert_eq!(direct[3].1["items"][1]["sku"], "c");
+}
