@@ -316,7 +316,7 @@ fn children_direct_json(cfg: &TableConfig, direct: &[ChildDirect], key: &str, sn
 /// descriptor `desc`) and its children read directly under `snapshot`, as `to_jsonb` builds
 /// the same object, and a status change's `previous_status` and `status` over them if given. None when the children cannot be read directly now (see
 /// `children_array`). Called under the output settings.
-unsafe fn row_jsonb(
+pub(crate) unsafe fn row_jsonb(
     cfg: &TableConfig,
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
@@ -1827,14 +1827,17 @@ unsafe fn set_options(options: &[(&CStr, &CStr)]) {
 }
 
 extern "C" {
-    /// `bytea_output` (utils/bytea.h, not in pgrx's bindings): 1 is `hex`.
-    static bytea_output: std::ffi::c_int;
+    /// `bytea_output` (utils/bytea.h, not in pgrx's bindings): 1 is `hex`. Mutable: `SET`
+    /// changes it.
+    static mut bytea_output: std::ffi::c_int;
 }
 
 /// Whether the session's settings already write values as `OUTPUT_SETTINGS` do (the
 /// defaults do, but for the time zone's name), so that nothing needs to be set. Read from the
 /// variables the settings are kept in, as their `SHOW` does (`GetConfigOption` by name, five
-/// times a commit, was a percent of a tracked status update).
+/// times a commit, was a percent of a tracked status update). The time zone is compared by
+/// its canonical name, so `utc` spelled in lower case counts as UTC (it is the same zone;
+/// the by-name check took its spelling and set UTC itself, with the same output).
 pub(crate) fn output_settings_in_force() -> bool {
     unsafe {
         pg_sys::DateStyle == pg_sys::USE_ISO_DATES as i32

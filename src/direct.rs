@@ -48,8 +48,10 @@ impl Data {
         }
     }
 
-    /// The value as a jsonb Datum, palloc'd in the current memory context.
-    unsafe fn datum(&self) -> pg_sys::Datum {
+    /// The value as a jsonb Datum, palloc'd in the current memory context. (Capture builds a
+    /// status change's keys into its jsonb, see `capture::row_jsonb`; `extra` on jsonb data
+    /// is for data built without them.)
+    pub(crate) unsafe fn datum(&self) -> pg_sys::Datum {
         match self {
             Data::Text { parts, extra } => {
                 let extra = extra.as_ref().map(|(previous, status)| {

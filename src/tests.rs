@@ -242,6 +242,9 @@ fn output_settings_check_agrees_with_show() {
             && show("extra_float_digits") == "1"
             && show("bytea_output") == "hex"
     };
+    // Spelled otherwise, the same zone: in force (its canonical name is UTC).
+    Spi::run("SET LOCAL TimeZone = 'utc'").expect("utc");
+    assert!(crate::capture::output_settings_in_force(), "utc in lower case is UTC");
     let base = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres';
                 SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex';";
     Spi::run(base).expect("capture's settings");
@@ -275,4 +278,68 @@ fn output_settings_check_agrees_with_show() {
     assert!(!crate::capture::output_settings_in_force());
     Spi::run(base).expect("capture's settings");
     assert!(crate::capture::output_settings_in_force());
+}
+
+/// A status change's keys pushed into the row's jsonb as it is built (`row_jsonb` with the
+/// keys) give the very bytes the row's finished jsonb with the keys merged over it gives
+/// (`Data::with_extra`), columns and children named `status` and `previous_status` included:
+/// jsonb keeps the last of duplicate keys either way.
+#[pg_test]
+fn status_keys_built_in_are_the_keys_merged_over() {
+    Spi::run(
+        r#"CREATE TABLE sk (id int PRIMARY KEY, status text, previous_status text, n numeric, at timestamptz);
+           CREATE TABLE sk_items (id int PRIMARY KEY, order_id int REFERENCES sk, status text);
+           CREATE INDEX ON sk_items (order_id);
+           SELECT webhooks.track('sk', status_column => 'status',
+                  children => '{"items": {"table": "sk_items", "foreign_key": "order_id"},
+                                "status": {"table": "sk_items", "foreign_key": "order_id"}}');
+           INSERT INTO sk VALUES (1, 'paid', 'mine', 1.50, '2026-12-04 10:00:00+00'), (2, NULL, NULL, NULL, NULL);
+           INSERT INTO sk_items VALUES (1, 1, 'a'), (2, 1, 'b');"#,
+    )
+    .expect("tables");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'sk'::regclass::oid").expect("oid").expect("oid");
+        let cfg = crate::capture::config_for(relid).expect("tracked");
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::GetTransactionSnapshot();
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let mut compared = 0;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let key = pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1);
+            let key = std::ffi::CStr::from_ptr(key).to_string_lossy().into_owned();
+            for extra in [
+                (Some("pending".to_string()), Some("paid".to_string())),
+                (None, Some("x".to_string())),
+                (Some("y".to_string()), None),
+                (None, None),
+            ] {
+                let built = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, Some(&extra))
+                    .expect("built with the keys");
+                let plain = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, None)
+                    .expect("built without");
+                let merged = crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(plain), extra: Some(extra.clone()) }.datum();
+                let merged = crate::jsonb::to_bytes(merged.cast_mut_ptr());
+                assert_eq!(built, merged, "key {key}, keys {extra:?}");
+                let text = pg_sys::OidOutputFunctionCall(
+                    pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
+                    crate::jsonb::from_bytes(&built),
+                );
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::ffi::CStr::from_ptr(text).to_string_lossy()).expect("json");
+                assert_eq!(v["status"], serde_json::json!(extra.1), "the status key wins over the column and the children");
+                assert_eq!(v["previous_status"], serde_json::json!(extra.0));
+                assert_eq!(v["id"].as_i64(), key.parse::<i64>().ok());
+                assert_eq!(v["items"].as_array().map(Vec::len), Some(if key == "1" { 2 } else { 0 }));
+                compared += 1;
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        assert_eq!(compared, 8);
+    }
 }
