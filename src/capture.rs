@@ -1203,7 +1203,7 @@ fn role_oid(name: &CStr) -> pg_sys::Oid {
     oid
 }
 
-fn register_invalidation_callback() {
+pub(crate) fn register_invalidation_callback() {
     if !CALLBACK_REGISTERED.with(|r| r.replace(true)) {
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(
@@ -1290,6 +1290,7 @@ unsafe fn with_relation<R>(relid: pg_sys::Oid, f: impl FnOnce(pg_sys::Relation) 
 
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_configs(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::direct::forget_event_relids(relid);
     GENERATION.with(|g| g.set(g.get() + 1));
     if relid == pg_sys::InvalidOid || relid == STATUS_EVENTS_RELID.with(|r| r.get()) {
         STATUS_EVENTS.with(|m| {

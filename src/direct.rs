@@ -123,6 +123,58 @@ struct Columns {
     created_at: usize,
 }
 
+unsafe extern "C-unwind" {
+    /// commands/sequence.h: `nextval()` without its privilege check (the sequence is the
+    /// extension's own, written only here and by emit, as the table is). Called through
+    /// pgrx's guard (`nextval_unchecked`): it may raise.
+    #[link_name = "nextval_internal"]
+    fn raw_nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
+}
+
+unsafe fn nextval_unchecked(relid: pg_sys::Oid) -> i64 {
+    pg_sys::ffi::pg_guard_ffi_boundary(|| raw_nextval_internal(relid, false))
+}
+
+thread_local! {
+    /// `webhooks._events` and its sequence, looked up by name once per backend and forgotten on
+    /// a relcache invalidation of either (`forget_event_relids`, from capture's callback): a
+    /// dropped and recreated extension has new ones.
+    static EVENT_RELIDS: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Called for every relcache invalidation (InvalidOid: all of them).
+pub(crate) fn forget_event_relids(relid: pg_sys::Oid) {
+    EVENT_RELIDS.with(|c| {
+        if let Some((table, seq)) = c.get() {
+            if relid == pg_sys::InvalidOid || relid == table || relid == seq {
+                c.set(None);
+            }
+        }
+    });
+}
+
+/// `webhooks._events` opened with RowExclusiveLock, and its sequence. The kept relids are used
+/// only while no invalidation of either has come in, the lock taken (which takes invalidations
+/// in) included; otherwise both are looked up by name again.
+unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
+    crate::capture::register_invalidation_callback();
+    let kept = EVENT_RELIDS.with(|c| c.get());
+    if let Some((table, seq)) = kept {
+        let rel = pg_sys::try_relation_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        if !rel.is_null() {
+            if EVENT_RELIDS.with(|c| c.get()) == kept {
+                return (rel, seq);
+            }
+            pg_sys::relation_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        }
+    }
+    let table = relid_of(c"webhooks", c"_events");
+    let seq = relid_of(c"webhooks", c"_events_seq_seq");
+    let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    EVENT_RELIDS.with(|c| c.set(Some((table, seq))));
+    (rel, seq)
+}
+
 unsafe fn relid_of(schema: &std::ffi::CStr, name: &std::ffi::CStr) -> pg_sys::Oid {
     let nsp = pg_sys::get_namespace_oid(schema.as_ptr(), false);
     let relid = pg_sys::get_relname_relid(name.as_ptr(), nsp);
@@ -183,7 +235,8 @@ thread_local! {
 /// 3 to 7 µs a call here, a few percent of a tracked transaction; this takes a fraction of one.
 fn random_uuid() -> pg_sys::Datum {
     use sha2::Digest as _;
-    let pid = std::process::id();
+    // PostgreSQL's own copy of the pid (std's asks the kernel each time).
+    let pid = unsafe { pg_sys::MyProcPid } as u32;
     let (key, n) = UUID_KEY.with(|k| {
         let (key, n) = match k.get() {
             Some((p, key, n)) if p == pid => (key, n),
@@ -222,9 +275,7 @@ pub fn insert_events(rows: &[EventRow]) {
         return;
     }
     unsafe {
-        let relid = relid_of(c"webhooks", c"_events");
-        let seq_relid = relid_of(c"webhooks", c"_events_seq_seq");
-        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let (rel, seq_relid) = open_events();
         let desc = (*rel).rd_att;
         let cols = columns(desc);
         let natts = (*desc).natts as usize;
@@ -237,7 +288,6 @@ pub fn insert_events(rows: &[EventRow]) {
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
         let xid = pg_sys::GetTopFullTransactionId().value;
         let now = pg_sys::GetCurrentTimestamp();
-        let role = crate::capture::capture_role();
         // Each row's values and index tuples live in the per-tuple context, reset after the row:
         // a commit writing many events needs no more memory than one.
         let per_row = (*pg_sys::MakePerTupleExprContext(estate)).ecxt_per_tuple_memory;
@@ -253,14 +303,9 @@ pub fn insert_events(rows: &[EventRow]) {
         let mut last_data: Option<(&Data, pg_sys::Datum)> = None;
         for row in rows {
             let outer = pg_sys::MemoryContextSwitchTo(per_row);
-            // nextval checks USAGE on the sequence: as the capture role, which has it.
-            let seq = crate::capture::with_user(role, || {
-                pg_sys::OidFunctionCall1Coll(
-                    pg_sys::Oid::from(pg_sys::F_NEXTVAL),
-                    pg_sys::InvalidOid,
-                    pg_sys::Datum::from(seq_relid),
-                )
-            });
+            // No privilege check (the extension's own sequence; it checked USAGE as the capture
+            // role before, which had it): a percent of a tracked status update.
+            let seq = pg_sys::Datum::from(nextval_unchecked(seq_relid));
             pg_sys::ExecClearTuple(slot);
             let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);

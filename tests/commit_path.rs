@@ -674,3 +674,48 @@ fn a_status_changes_keys_win_over_columns_of_their_names_on_both_paths() {
     assert_eq!(item_ids(&direct[3]), [1, 2]);
     assert_eq!(direct[3].1["items"][1]["sku"], "c");
 }
+
+/// Capture keeps the relids of `_events` and its sequence per backend: a backend that wrote
+/// events before the extension was dropped and created again (by itself, or by another
+/// session while it sat idle or in an open transaction) writes its next ones into the new
+/// table, with the new sequence's seqs.
+#[test]
+fn a_backend_writes_into_a_recreated_extensions_tables() {
+    let cl = cluster();
+    let mut a = cl.fresh_db("recreated");
+    let mut b = cl.connect_db("recreated");
+    let setup = "CREATE TABLE IF NOT EXISTS rc_orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending');
+                 SELECT webhooks.track('rc_orders', entity => 'rc', status_column => 'status');";
+    a.batch_execute(setup).expect("track");
+    a.batch_execute("INSERT INTO rc_orders VALUES (1); INSERT INTO rc_orders VALUES (2)").expect("first events");
+    let recreate = |c: &mut Client| {
+        c.batch_execute(&format!(
+            "SELECT webhooks.untrack('rc_orders'); DROP EXTENSION pg_webhooks; CREATE EXTENSION pg_webhooks; {setup}"
+        ))
+        .expect("drop and create the extension again");
+    };
+    let seqs = |c: &mut Client| -> Vec<(i64, String)> {
+        c.query("SELECT seq, key FROM webhooks._events ORDER BY seq", &[])
+            .expect("events")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    // Another session recreates it while `a` is idle.
+    recreate(&mut b);
+    a.batch_execute("UPDATE rc_orders SET status = 'paid' WHERE id = 1").expect("write after another session's recreate");
+    assert_eq!(seqs(&mut b), [(1, "1".to_string()), (2, "1".to_string())], "status_updated and paid, in the new table");
+    // `a` recreates it itself, then writes.
+    recreate(&mut a);
+    a.batch_execute("UPDATE rc_orders SET status = 'shipped' WHERE id = 2").expect("write after its own recreate");
+    assert_eq!(seqs(&mut a), [(1, "2".to_string()), (2, "2".to_string())]);
+    // Recreated while `a` has a transaction open that wrote nothing yet (it has a snapshot, and
+    // no lock on the table, which untrack would wait for).
+    a.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED; SELECT 1;").expect("open");
+    recreate(&mut b);
+    a.batch_execute("UPDATE rc_orders SET status = 'delivered' WHERE id = 2; COMMIT;")
+        .expect("commit after a recreate during the transaction");
+    assert_eq!(seqs(&mut b), [(1, "2".to_string()), (2, "2".to_string())]);
+    let types: Vec<String> = events(&mut b, "rc").into_iter().map(|e| e.0).collect();
+    assert_eq!(types, ["rc.status_updated", "rc.delivered"]);
+}
