@@ -1169,7 +1169,7 @@ pub(crate) fn capture_role() -> pg_sys::Oid {
 }
 
 /// Run `f` with `role` as the current user and nothing else changed: for single calls into
-/// PostgreSQL that check a privilege (nextval) and run no SQL.
+/// PostgreSQL that check a privilege and run no SQL.
 pub(crate) fn with_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     unsafe {
         let mut saved_user = pg_sys::InvalidOid;

@@ -155,24 +155,32 @@ pub(crate) fn forget_event_relids(relid: pg_sys::Oid) {
 
 /// `webhooks._events` opened with RowExclusiveLock, and its sequence. The kept relids are used
 /// only while no invalidation of either has come in, the lock taken (which takes invalidations
-/// in) included; otherwise both are looked up by name again.
+/// in) included: relids just looked up by name are kept first and checked the same way, so
+/// that one whose table was renamed or replaced while this waited for its lock is not kept.
 unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
     crate::capture::register_invalidation_callback();
-    let kept = EVENT_RELIDS.with(|c| c.get());
-    if let Some((table, seq)) = kept {
-        let rel = pg_sys::try_relation_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        if !rel.is_null() {
-            if EVENT_RELIDS.with(|c| c.get()) == kept {
-                return (rel, seq);
+    for _ in 0..10 {
+        if let Some(kept) = EVENT_RELIDS.with(|c| c.get()) {
+            let rel = pg_sys::try_relation_open(kept.0, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            if !rel.is_null() {
+                if EVENT_RELIDS.with(|c| c.get()) == Some(kept) {
+                    return (rel, kept.1);
+                }
+                pg_sys::relation_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             }
-            pg_sys::relation_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         }
+        // Kept only if no invalidation was taken in during the lookups themselves (they may
+        // open catalogs): one that came in after the first would be lost for the second.
+        let before = pg_sys::SharedInvalidMessageCounter;
+        let looked_up = (relid_of(c"webhooks", c"_events"), relid_of(c"webhooks", c"_events_seq_seq"));
+        let undisturbed = pg_sys::SharedInvalidMessageCounter == before;
+        EVENT_RELIDS.with(|c| c.set(undisturbed.then_some(looked_up)));
     }
+    // Invalidated again at every try (DDL on the table without pause): by name, not kept.
+    EVENT_RELIDS.with(|c| c.set(None));
     let table = relid_of(c"webhooks", c"_events");
     let seq = relid_of(c"webhooks", c"_events_seq_seq");
-    let rel = pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    EVENT_RELIDS.with(|c| c.set(Some((table, seq))));
-    (rel, seq)
+    (pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE), seq)
 }
 
 unsafe fn relid_of(schema: &std::ffi::CStr, name: &std::ffi::CStr) -> pg_sys::Oid {

@@ -719,3 +719,59 @@ fn a_backend_writes_into_a_recreated_extensions_tables() {
     let types: Vec<String> = events(&mut b, "rc").into_iter().map(|e| e.0).collect();
     assert_eq!(types, ["rc.status_updated", "rc.delivered"]);
 }
+
+/// `webhooks._events` renamed away and a new one made in its place (by another session, with
+/// a writer that had already written, and with one that was waiting for the table's lock
+/// when the swap committed): the writer's next events go into the new table.
+#[test]
+fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
+    let cl = cluster();
+    let mut admin = cl.fresh_db("swapped");
+    admin
+        .batch_execute(
+            "CREATE TABLE sw_orders (id int PRIMARY KEY);
+             SELECT webhooks.track('sw_orders', entity => 'sw');",
+        )
+        .expect("track");
+    let swap = |c: &mut Client, n: usize| {
+        c.batch_execute(&format!(
+            "ALTER TABLE webhooks._events RENAME TO _events_old{n};
+             CREATE TABLE webhooks._events (LIKE webhooks._events_old{n} INCLUDING ALL);"
+        ))
+        .expect("swap");
+    };
+    let keys_in = |c: &mut Client, table: &str| -> Vec<String> {
+        c.query(&format!("SELECT key FROM webhooks.{table} ORDER BY key"), &[])
+            .expect("keys")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    // A writer that has written (and so kept the table's relid), then the swap.
+    let mut writer = cl.connect_db("swapped");
+    writer.batch_execute("INSERT INTO sw_orders VALUES (1)").expect("first");
+    swap(&mut admin, 1);
+    writer.batch_execute("INSERT INTO sw_orders VALUES (2)").expect("after the swap");
+    assert_eq!(keys_in(&mut admin, "_events_old1"), ["1"]);
+    assert_eq!(keys_in(&mut admin, "_events"), ["2"], "the new table has the event");
+    // A writer waiting for the table's lock at its commit while the swap commits.
+    admin.batch_execute("BEGIN").expect("begin");
+    swap(&mut admin, 2);
+    let mut waiting = cl.connect_db("swapped");
+    let pid: i32 = waiting.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    let t = std::thread::spawn(move || {
+        waiting.batch_execute("INSERT INTO sw_orders VALUES (3)").expect("commit after the wait");
+        waiting.batch_execute("INSERT INTO sw_orders VALUES (4)").expect("the next one");
+    });
+    let mut observer = cl.connect_db("swapped");
+    wait_for("the writer to wait for _events' lock", WAIT, || {
+        let r = observer
+            .query_one("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .expect("activity");
+        r.get::<_, Option<bool>>(0).unwrap_or(false).then_some(())
+    });
+    admin.batch_execute("COMMIT").expect("swap commits");
+    t.join().expect("writer");
+    assert_eq!(keys_in(&mut admin, "_events_old2"), ["2"], "nothing went into the renamed table");
+    assert_eq!(keys_in(&mut admin, "_events"), ["3", "4"]);
+}
