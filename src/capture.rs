@@ -1227,6 +1227,8 @@ unsafe extern "C-unwind" fn forget_configs_in_namespace(
     _cache: i32,
     hash: u32,
 ) {
+    // (A schema renamed sends no relcache invalidation of its tables.)
+    crate::direct::forget_event_relids(pg_sys::InvalidOid);
     GENERATION.with(|g| g.set(g.get() + 1));
     CONFIGS.with(|c| match c.try_borrow_mut() {
         Ok(mut configs) if hash != 0 => {

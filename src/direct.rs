@@ -155,32 +155,54 @@ pub(crate) fn forget_event_relids(relid: pg_sys::Oid) {
 
 /// `webhooks._events` opened with RowExclusiveLock, and its sequence. The kept relids are used
 /// only while no invalidation of either has come in, the lock taken (which takes invalidations
-/// in) included: relids just looked up by name are kept first and checked the same way, so
-/// that one whose table was renamed or replaced while this waited for its lock is not kept.
+/// in) included. Otherwise the name is resolved as PostgreSQL resolves a table's name for a
+/// statement (`RangeVarGetRelidExtended`: looked up and locked until no invalidation came in
+/// between), so that a table renamed or replaced while this waited for its lock is not used,
+/// and the result kept if the sequence's lookup took in no invalidation either. (That last
+/// check has no test: it needs an invalidation to arrive during a catalog lookup.)
 unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
     crate::capture::register_invalidation_callback();
-    for _ in 0..10 {
-        if let Some(kept) = EVENT_RELIDS.with(|c| c.get()) {
-            let rel = pg_sys::try_relation_open(kept.0, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-            if !rel.is_null() {
-                if EVENT_RELIDS.with(|c| c.get()) == Some(kept) {
-                    return (rel, kept.1);
-                }
-                pg_sys::relation_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    let counter = || pg_sys::SharedInvalidMessageCounter;
+    if let Some(kept) = EVENT_RELIDS.with(|c| c.get()) {
+        let rel = pg_sys::try_relation_open(kept.0, mode);
+        if !rel.is_null() {
+            if EVENT_RELIDS.with(|c| c.get()) == Some(kept) {
+                return (usable(rel), kept.1);
             }
+            // An invalidation of one of them (autovacuum's statistics send them too) came in
+            // with the lock: if the name still names the locked table, the lock is kept.
+            let before = counter();
+            let found = (relid_of(c"webhooks", c"_events"), relid_of(c"webhooks", c"_events_seq_seq"));
+            if found.0 == kept.0 && counter() == before {
+                EVENT_RELIDS.with(|c| c.set(Some(found)));
+                return (usable(rel), found.1);
+            }
+            pg_sys::relation_close(rel, mode);
         }
-        // Kept only if no invalidation was taken in during the lookups themselves (they may
-        // open catalogs): one that came in after the first would be lost for the second.
-        let before = pg_sys::SharedInvalidMessageCounter;
-        let looked_up = (relid_of(c"webhooks", c"_events"), relid_of(c"webhooks", c"_events_seq_seq"));
-        let undisturbed = pg_sys::SharedInvalidMessageCounter == before;
-        EVENT_RELIDS.with(|c| c.set(undisturbed.then_some(looked_up)));
     }
-    // Invalidated again at every try (DDL on the table without pause): by name, not kept.
-    EVENT_RELIDS.with(|c| c.set(None));
-    let table = relid_of(c"webhooks", c"_events");
+    let name = pg_sys::makeRangeVar(c"webhooks".as_ptr().cast_mut(), c"_events".as_ptr().cast_mut(), -1);
+    let table = pg_sys::RangeVarGetRelidExtended(name, mode, 0, None, std::ptr::null_mut());
+    let rel = pg_sys::relation_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+    let before = counter();
     let seq = relid_of(c"webhooks", c"_events_seq_seq");
-    (pg_sys::table_open(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE), seq)
+    let undisturbed = counter() == before;
+    EVENT_RELIDS.with(|c| c.set(undisturbed.then_some((table, seq))));
+    (usable(rel), seq)
+}
+
+/// `rel` if it is a plain table (what the direct insert writes); an error otherwise (a view or
+/// a partitioned table put in its place has no storage of its own to insert into).
+unsafe fn usable(rel: pg_sys::Relation) -> pg_sys::Relation {
+    if (*(*rel).rd_rel).relkind as u8 != pg_sys::RELKIND_RELATION {
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        EVENT_RELIDS.with(|c| c.set(None));
+        raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            "pg_webhooks: webhooks._events is not a plain table",
+        );
+    }
+    rel
 }
 
 unsafe fn relid_of(schema: &std::ffi::CStr, name: &std::ffi::CStr) -> pg_sys::Oid {

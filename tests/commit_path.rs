@@ -774,4 +774,33 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
     t.join().expect("writer");
     assert_eq!(keys_in(&mut admin, "_events_old2"), ["2"], "nothing went into the renamed table");
     assert_eq!(keys_in(&mut admin, "_events"), ["3", "4"]);
+    // Invalidations that change nothing the name resolves to (ANALYZE's statistics), between
+    // two transactions and inside one: the events go where they went.
+    writer.batch_execute("INSERT INTO sw_orders VALUES (5)").expect("after the second swap");
+    admin.batch_execute("ANALYZE webhooks._events").expect("analyze");
+    writer.batch_execute("INSERT INTO sw_orders VALUES (6)").expect("after analyze");
+    writer.batch_execute("BEGIN; INSERT INTO sw_orders VALUES (7);").expect("open");
+    admin.batch_execute("ANALYZE webhooks._events").expect("analyze");
+    writer.batch_execute("COMMIT").expect("commit after analyze");
+    assert_eq!(keys_in(&mut admin, "_events"), ["3", "4", "5", "6", "7"]);
+    // A view put in its place: an error, not a crash (the direct insert needs a table).
+    admin
+        .batch_execute(
+            "ALTER TABLE webhooks._events RENAME TO _events_old3;
+             CREATE VIEW webhooks._events AS SELECT * FROM webhooks._events_old3;",
+        )
+        .expect("a view");
+    let err = writer
+        .batch_execute("INSERT INTO sw_orders VALUES (8)")
+        .expect_err("a view is no table");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::WRONG_OBJECT_TYPE), "{err:?}");
+    writer.batch_execute("SELECT 1").expect("the session is fine");
+    let mut fresh = cl.connect_db("swapped");
+    let err = fresh
+        .batch_execute("INSERT INTO sw_orders VALUES (9)")
+        .expect_err("a view is no table, from a new session either");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::WRONG_OBJECT_TYPE), "{err:?}");
+    assert_eq!(keys_in(&mut admin, "_events_old3"), ["3", "4", "5", "6", "7"], "nothing half-written");
+    let orders: i64 = admin.query_one("SELECT count(*) FROM sw_orders", &[]).expect("count").get(0);
+    assert_eq!(orders, 7, "the failed commits wrote no order either");
 }
