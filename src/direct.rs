@@ -156,8 +156,8 @@ pub(crate) fn forget_event_relids(relid: pg_sys::Oid) {
 /// `webhooks._events` opened with RowExclusiveLock, and its sequence. The kept relids are used
 /// only while no invalidation of either has come in, the lock taken (which takes invalidations
 /// in) included. Otherwise the name is resolved as PostgreSQL resolves a table's name for a
-/// statement (`RangeVarGetRelidExtended`: looked up and locked until no invalidation came in
-/// between), so that a table renamed or replaced while this waited for its lock is not used,
+/// statement (as `RangeVarGetRelidExtended` does: looked up and locked until no invalidation
+/// came in between), so that a table renamed or replaced while this waited for its lock is not used,
 /// and the result kept if the sequence's lookup took in no invalidation either. (That last
 /// check has no test: it needs an invalidation to arrive during a catalog lookup.)
 unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
@@ -181,8 +181,26 @@ unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
             pg_sys::relation_close(rel, mode);
         }
     }
-    let name = pg_sys::makeRangeVar(c"webhooks".as_ptr().cast_mut(), c"_events".as_ptr().cast_mut(), -1);
-    let table = pg_sys::RangeVarGetRelidExtended(name, mode, 0, None, std::ptr::null_mut());
+    // RangeVarGetRelidExtended's loop, without its check of USAGE on the schema (the writing
+    // role has none): looked up, locked, and looked up again until no invalidation came in
+    // between or the name still gives the locked table.
+    let mut locked = pg_sys::InvalidOid;
+    loop {
+        let before = counter();
+        let table = relid_of(c"webhooks", c"_events");
+        if locked != pg_sys::InvalidOid {
+            if table == locked {
+                break;
+            }
+            pg_sys::UnlockRelationOid(locked, mode);
+        }
+        pg_sys::LockRelationOid(table, mode);
+        locked = table;
+        if counter() == before {
+            break;
+        }
+    }
+    let table = locked;
     let rel = pg_sys::relation_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
     let before = counter();
     let seq = relid_of(c"webhooks", c"_events_seq_seq");

@@ -730,7 +730,9 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
     admin
         .batch_execute(
             "CREATE TABLE sw_orders (id int PRIMARY KEY);
-             SELECT webhooks.track('sw_orders', entity => 'sw');",
+             SELECT webhooks.track('sw_orders', entity => 'sw');
+             DO $$ BEGIN CREATE ROLE sw_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT INSERT, SELECT ON sw_orders TO sw_app;",
         )
         .expect("track");
     let swap = |c: &mut Client, n: usize| {
@@ -747,8 +749,9 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
             .map(|r| r.get(0))
             .collect()
     };
-    // A writer that has written (and so kept the table's relid), then the swap.
-    let mut writer = cl.connect_db("swapped");
+    // A writer that has written (and so kept the table's relid), then the swap. The writers
+    // are an application's role, with no privilege on the extension's schema.
+    let mut writer = cl.connect_as("swapped", "sw_app");
     writer.batch_execute("INSERT INTO sw_orders VALUES (1)").expect("first");
     swap(&mut admin, 1);
     writer.batch_execute("INSERT INTO sw_orders VALUES (2)").expect("after the swap");
@@ -757,7 +760,7 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
     // A writer waiting for the table's lock at its commit while the swap commits.
     admin.batch_execute("BEGIN").expect("begin");
     swap(&mut admin, 2);
-    let mut waiting = cl.connect_db("swapped");
+    let mut waiting = cl.connect_as("swapped", "sw_app");
     let pid: i32 = waiting.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
     let t = std::thread::spawn(move || {
         waiting.batch_execute("INSERT INTO sw_orders VALUES (3)").expect("commit after the wait");
@@ -795,7 +798,7 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
         .expect_err("a view is no table");
     assert_eq!(err.code(), Some(&postgres::error::SqlState::WRONG_OBJECT_TYPE), "{err:?}");
     writer.batch_execute("SELECT 1").expect("the session is fine");
-    let mut fresh = cl.connect_db("swapped");
+    let mut fresh = cl.connect_as("swapped", "sw_app");
     let err = fresh
         .batch_execute("INSERT INTO sw_orders VALUES (9)")
         .expect_err("a view is no table, from a new session either");
