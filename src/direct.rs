@@ -174,8 +174,10 @@ unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
             // with the lock: if the name still names the locked table, the lock is kept.
             let before = counter();
             let found = (relid_of(c"webhooks", c"_events"), relid_of(c"webhooks", c"_events_seq_seq"));
-            if found.0 == kept.0 && counter() == before {
-                EVENT_RELIDS.with(|c| c.set(Some(found)));
+            if found.0 == kept.0 {
+                // Kept again only if the lookups themselves took in nothing.
+                let undisturbed = counter() == before;
+                EVENT_RELIDS.with(|c| c.set(undisturbed.then_some(found)));
                 return (usable(rel), found.1);
             }
             pg_sys::relation_close(rel, mode);
@@ -201,8 +203,9 @@ unsafe fn open_events() -> (pg_sys::Relation, pg_sys::Oid) {
         }
     }
     let table = locked;
-    let rel = pg_sys::relation_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+    // From the lock on: opening the relation may take in invalidations too (catalog locks).
     let before = counter();
+    let rel = pg_sys::relation_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
     let seq = relid_of(c"webhooks", c"_events_seq_seq");
     let undisturbed = counter() == before;
     EVENT_RELIDS.with(|c| c.set(undisturbed.then_some((table, seq))));
