@@ -345,7 +345,7 @@ pub(crate) unsafe fn row_jsonb(
             }
         }
         // A status change's keys last: jsonb keeps the last of duplicate keys, so the object
-        // is the one `Data::with_extra` makes of the row's (without building it twice).
+        // is the one the text path's merge makes (`Data::Text` with `extra`).
         if let Some((previous, status)) = status_keys {
             b.key(b"previous_status");
             b.string_or_null(previous.as_deref());
@@ -2452,10 +2452,12 @@ fn net_events(
         }
         Kind::StatusUpdated => {
             let status = now.and_then(|c| c.status.clone());
-            let data = if now.is_some_and(|c| c.status_keys_in_data) {
-                data()
-            } else {
-                data().with_extra((t.orig_status.clone(), status.clone()))
+            // Built as jsonb, the data has the keys in it already (see `rows_at_commit`).
+            let data = match data() {
+                crate::direct::Data::Text { parts, .. } => {
+                    crate::direct::Data::Text { parts, extra: Some((t.orig_status.clone(), status.clone())) }
+                }
+                built => built,
             };
             out.push(ev("status_updated", data, status.as_ref()));
         }
@@ -2466,9 +2468,6 @@ fn net_events(
 struct RowAtCommit {
     /// The event's data (the row and its children); read only for a row that gives an event.
     data: Option<crate::direct::Data>,
-    /// Whether `data` already has a status change's `previous_status` and `status` (built in
-    /// with the row's jsonb, see `row_jsonb`).
-    status_keys_in_data: bool,
     /// Digest of the row's binary image, as the trigger took of the row before.
     image: Digest,
     status: Option<String>,
@@ -2791,11 +2790,9 @@ fn rows_at_commit(
                     (Some(Kind::StatusUpdated), Some(t)) => Some((t.orig_status.clone(), status.clone())),
                     _ => None,
                 };
-                let mut status_keys_in_data = false;
                 let data = kind.is_some().then(|| {
                     let jsonb = if direct_jsonb {
                         let built = row_jsonb(cfg, root_tuple, root_desc, &key, snapshot, status_keys.as_ref());
-                        status_keys_in_data = built.is_some() && status_keys.is_some();
                         // Not usable now (DDL since the configuration was read): text from here on.
                         direct_jsonb = built.is_some();
                         built
@@ -2803,7 +2800,7 @@ fn rows_at_commit(
                         None
                     };
                     match jsonb {
-                        Some(bytes) => crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(bytes), extra: None },
+                        Some(bytes) => crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(bytes) },
                         None => {
                             let row = row_json_of(cfg, pg_sys::heap_copy_tuple_as_datum(root_tuple, root_desc));
                             let mut parts = vec![row];
@@ -2812,7 +2809,7 @@ fn rows_at_commit(
                         }
                     }
                 });
-                out.insert(key, RowAtCommit { data, status_keys_in_data, image, status, children_digest });
+                out.insert(key, RowAtCommit { data, image, status, children_digest });
             }
         });
         for (r, _) in maps.into_values() {

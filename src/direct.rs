@@ -21,36 +21,27 @@ pub struct EventRow {
 pub type Extra = (Option<String>, Option<String>);
 
 /// An event's data, an object: JSON object texts merged in order (a key that appears again
-/// takes its later value), or a jsonb built from the rows (`crate::jsonb`, its bytes); then the
-/// status change's keys, if any, over them.
+/// takes its later value), then the status change's keys, if any, over them; or a jsonb built
+/// from the rows (`crate::jsonb`, its bytes), a status change's keys built in (see
+/// `capture::row_jsonb`).
 #[derive(Clone)]
 pub enum Data {
     Text { parts: Vec<String>, extra: Option<Extra> },
-    Jsonb { bytes: Rc<Vec<u8>>, extra: Option<Extra> },
+    Jsonb { bytes: Rc<Vec<u8>> },
 }
 
 impl Data {
-    pub fn with_extra(&self, extra: Extra) -> Data {
-        match self {
-            Data::Text { parts, .. } => Data::Text { parts: parts.clone(), extra: Some(extra) },
-            Data::Jsonb { bytes, .. } => Data::Jsonb { bytes: bytes.clone(), extra: Some(extra) },
-        }
-    }
 
     /// The same value as `other` (a status change and its mapped event share theirs).
     fn same(&self, other: &Data) -> bool {
         match (self, other) {
             (Data::Text { parts: a, extra: x }, Data::Text { parts: b, extra: y }) => a == b && x == y,
-            (Data::Jsonb { bytes: a, extra: x }, Data::Jsonb { bytes: b, extra: y }) => {
-                Rc::ptr_eq(a, b) && x == y
-            }
+            (Data::Jsonb { bytes: a }, Data::Jsonb { bytes: b }) => Rc::ptr_eq(a, b),
             _ => false,
         }
     }
 
-    /// The value as a jsonb Datum, palloc'd in the current memory context. (Capture builds a
-    /// status change's keys into its jsonb, see `capture::row_jsonb`; `extra` on jsonb data
-    /// is for data built without them.)
+    /// The value as a jsonb Datum, palloc'd in the current memory context.
     pub(crate) unsafe fn datum(&self) -> pg_sys::Datum {
         match self {
             Data::Text { parts, extra } => {
@@ -72,17 +63,7 @@ impl Data {
                     -1,
                 )
             }
-            Data::Jsonb { bytes, extra: None } => crate::jsonb::from_bytes(bytes),
-            Data::Jsonb { bytes, extra: Some((previous, status)) } => {
-                let base = crate::jsonb::from_bytes(bytes);
-                let mut b = crate::jsonb::Builder::object();
-                b.merge(base.cast_mut_ptr());
-                b.key(b"previous_status");
-                b.string_or_null(previous.as_deref());
-                b.key(b"status");
-                b.string_or_null(status.as_deref());
-                pg_sys::Datum::from(b.finish())
-            }
+            Data::Jsonb { bytes } => crate::jsonb::from_bytes(bytes),
         }
     }
 }

@@ -169,22 +169,6 @@ impl Builder {
         pg_sys::pushJsonbValue(&mut self.state, WJB_VALUE, &mut v);
     }
 
-    /// The keys and values of an object (a jsonb made by `finish`), one by one.
-    pub unsafe fn merge(&mut self, object: *mut pg_sys::Jsonb) {
-        let mut it = pg_sys::JsonbIteratorInit(std::ptr::addr_of_mut!((*object).root));
-        let mut v = null_value();
-        loop {
-            let tok = pg_sys::JsonbIteratorNext(&mut it, &mut v, true);
-            match tok {
-                WJB_DONE => break,
-                WJB_KEY | WJB_VALUE => {
-                    pg_sys::pushJsonbValue(&mut self.state, tok, &mut v);
-                }
-                _ => {}
-            }
-        }
-    }
-
     /// The object as a `jsonb` (palloc'd in the current memory context).
     pub unsafe fn finish(mut self) -> *mut pg_sys::Jsonb {
         let res = pg_sys::pushJsonbValue(&mut self.state, WJB_END_OBJECT, std::ptr::null_mut());

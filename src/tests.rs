@@ -281,9 +281,10 @@ fn output_settings_check_agrees_with_show() {
 }
 
 /// A status change's keys pushed into the row's jsonb as it is built (`row_jsonb` with the
-/// keys) give the very bytes the row's finished jsonb with the keys merged over it gives
-/// (`Data::with_extra`), columns and children named `status` and `previous_status` included:
-/// jsonb keeps the last of duplicate keys either way.
+/// keys) give the very bytes the text path gives for the row's jsonb with the keys merged over
+/// it (`Data::Text` with `extra`, parsed by `jsonb_in`), and those of SQL's
+/// `row || jsonb_build_object(...)`, columns and children named `status` and
+/// `previous_status` included: jsonb keeps the last of duplicate keys either way.
 #[pg_test]
 fn status_keys_built_in_are_the_keys_merged_over() {
     Spi::run(
@@ -322,9 +323,28 @@ fn status_keys_built_in_are_the_keys_merged_over() {
                     .expect("built with the keys");
                 let plain = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, None)
                     .expect("built without");
-                let merged = crate::direct::Data::Jsonb { bytes: std::rc::Rc::new(plain), extra: Some(extra.clone()) }.datum();
+                let plain_text = pg_sys::OidOutputFunctionCall(
+                    pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
+                    crate::jsonb::from_bytes(&plain),
+                );
+                let plain_text = std::ffi::CStr::from_ptr(plain_text).to_string_lossy().into_owned();
+                let merged = crate::direct::Data::Text { parts: vec![plain_text.clone()], extra: Some(extra.clone()) }.datum();
                 let merged = crate::jsonb::to_bytes(merged.cast_mut_ptr());
                 assert_eq!(built, merged, "key {key}, keys {extra:?}");
+                let by_sql = Spi::get_one_with_args::<pgrx::JsonB>(
+                    "SELECT $1::jsonb || jsonb_build_object('previous_status', $2::text, 'status', $3::text)",
+                    &[plain_text.as_str().into(), extra.0.as_deref().into(), extra.1.as_deref().into()],
+                )
+                .expect("sql")
+                .expect("a value");
+                let by_sql = serde_json::to_string(&by_sql.0).expect("json");
+                let built_text = pg_sys::OidOutputFunctionCall(
+                    pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
+                    crate::jsonb::from_bytes(&built),
+                );
+                let built_value: serde_json::Value =
+                    serde_json::from_str(&std::ffi::CStr::from_ptr(built_text).to_string_lossy()).expect("json");
+                assert_eq!(serde_json::to_string(&built_value).expect("json"), by_sql, "key {key}, keys {extra:?}");
                 let text = pg_sys::OidOutputFunctionCall(
                     pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
                     crate::jsonb::from_bytes(&built),
