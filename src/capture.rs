@@ -352,7 +352,7 @@ pub(crate) unsafe fn row_jsonb(
             b.key(b"status");
             b.string_or_null(status.as_deref());
         }
-        Some(crate::jsonb::to_bytes(b.finish()))
+        Some(b.finish())
     })
 }
 

@@ -4,93 +4,142 @@
 //! goes through `to_jsonb`'s own rules, with a short path for the types whose conversion
 //! `to_jsonb` does in one step (booleans, integers, numerics, text, dates and timestamps).
 //!
-//! Strings handed to the builder are referenced, not copied, until `finish`: they must live
-//! in a memory context that outlives it (the caller's current one).
+//! The value is written in jsonb's binary format by this module (`Builder`), byte for byte
+//! what PostgreSQL's `convertToJsonb` writes (unit tests compare the bytes with `to_jsonb`'s).
+//! Column values are referenced, not copied, until `finish`: they, and what the conversions
+//! palloc, must live in a memory context that outlives it (the caller's current one). Keys and
+//! `string_or_null`'s strings are copied.
 
 use pgrx::pg_sys;
-use pgrx::pg_sys::JsonbIteratorToken::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// A value of the container being built. Strings and numerics point into PostgreSQL's memory
+/// (see the module's comment); a finished nested container is bytes in `Builder::blob`.
+#[derive(Clone, Copy)]
+enum Val {
+    Null,
+    Bool(bool),
+    /// UTF-8 bytes.
+    Str(*const u8, usize),
+    /// A numeric varlena with its 4-byte header, `VARSIZE` bytes long.
+    Num(*const u8, usize),
+    /// A container's bytes (header, entries, data), serialized from a 4-byte aligned start:
+    /// in `Builder::blob` (start, length), or elsewhere (a jsonb's root).
+    Built(usize, usize),
+    Raw(*const u8, usize),
+    /// A string copied into `Builder::keys` (start, length).
+    Copied(usize, usize),
+    /// An integer, written as the numeric `int64_to_numeric` makes of it.
+    Int(i64),
+}
+
+/// An open object or array: its keys (offsets and lengths into `Builder::keys`) and values.
+struct Frame {
+    object: bool,
+    keys: Vec<(usize, usize)>,
+    vals: Vec<Val>,
+}
+
+/// A `jsonb` object written in jsonb's binary format directly (as `convertToJsonb` in
+/// PostgreSQL's jsonb_util.c writes it: object keys sorted by length then bytes, the last of
+/// duplicate keys kept, every 32nd entry an offset, numerics and containers 4-byte aligned),
+/// without building PostgreSQL's in-memory tree first (`pushJsonbValue`, which sorts every
+/// object again and copies every key), a few microseconds of every tracked commit.
 pub struct Builder {
-    state: *mut pg_sys::JsonbParseState,
+    stack: Vec<Frame>,
+    keys: Vec<u8>,
+    blob: Vec<u8>,
 }
 
 /// The longest string a jsonb holds (JENTRY_OFFLENMASK): past it, the same error as
 /// `to_jsonb` and `jsonb_in` raise.
-const MAX_STRING: usize = 0x0FFF_FFFF;
+const MAX_STRING: usize = pg_sys::JENTRY_OFFLENMASK as usize;
 
-fn string_value(ptr: *const u8, len: usize) -> pg_sys::JsonbValue {
+fn too_long(what: &str) -> ! {
+    crate::error::raise(
+        pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        &format!("total size of jsonb {what} elements exceeds the maximum of {MAX_STRING} bytes"),
+    )
+}
+
+fn string_value(ptr: *const u8, len: usize) -> Val {
     if len > MAX_STRING {
         crate::error::raise(
             pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             &format!("string too long to represent as jsonb string ({len} bytes)"),
         );
     }
-    let mut v = pg_sys::JsonbValue {
-        type_: pg_sys::jbvType::jbvString,
-        ..Default::default()
-    };
-    v.val.string = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_1 {
-        len: len as i32,
-        val: ptr as *mut std::ffi::c_char,
-    };
-    v
+    Val::Str(ptr, len)
 }
 
-fn null_value() -> pg_sys::JsonbValue {
-    pg_sys::JsonbValue {
-        type_: pg_sys::jbvType::jbvNull,
-        ..Default::default()
+fn pad_to_int(b: &mut Vec<u8>) {
+    while b.len() % 4 != 0 {
+        b.push(0);
     }
 }
 
 impl Builder {
     pub unsafe fn object() -> Builder {
-        let mut b = Builder {
-            state: std::ptr::null_mut(),
-        };
-        pg_sys::pushJsonbValue(&mut b.state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
-        b
+        Builder {
+            stack: vec![Frame { object: true, keys: Vec::with_capacity(16), vals: Vec::with_capacity(16) }],
+            keys: Vec::with_capacity(256),
+            blob: Vec::new(),
+        }
     }
 
-    /// A key, copied into the current memory context.
+    fn top(&mut self) -> &mut Frame {
+        self.stack.last_mut().expect("an open container")
+    }
+
+    fn push(&mut self, v: Val) {
+        self.top().vals.push(v);
+    }
+
+    /// A key, copied.
     pub unsafe fn key(&mut self, key: &[u8]) {
-        let mut v = string_value(key.as_ptr(), key.len());
-        let p = pg_sys::palloc(key.len().max(1)) as *mut u8;
-        std::ptr::copy_nonoverlapping(key.as_ptr(), p, key.len());
-        v.val.string.val = p.cast();
-        pg_sys::pushJsonbValue(&mut self.state, WJB_KEY, &mut v);
+        if key.len() > MAX_STRING {
+            string_value(key.as_ptr(), key.len());
+        }
+        let at = self.keys.len();
+        self.keys.extend_from_slice(key);
+        self.top().keys.push((at, key.len()));
     }
 
-    /// A string value (or null), copied into the current memory context.
+    /// A string value (or null), copied.
     pub unsafe fn string_or_null(&mut self, s: Option<&str>) {
-        let mut v = match s {
+        match s {
             Some(s) => {
-                let mut v = string_value(s.as_ptr(), s.len());
-                let p = pg_sys::palloc(s.len().max(1)) as *mut u8;
-                std::ptr::copy_nonoverlapping(s.as_ptr(), p, s.len());
-                v.val.string.val = p.cast();
-                v
+                string_value(s.as_ptr(), s.len());
+                let at = self.keys.len();
+                self.keys.extend_from_slice(s.as_bytes());
+                self.push(Val::Copied(at, s.len()));
             }
-            None => null_value(),
-        };
-        pg_sys::pushJsonbValue(&mut self.state, WJB_VALUE, &mut v);
+            None => self.push(Val::Null),
+        }
     }
 
     pub unsafe fn begin_array(&mut self) {
-        pg_sys::pushJsonbValue(&mut self.state, WJB_BEGIN_ARRAY, std::ptr::null_mut());
+        self.stack.push(Frame { object: false, keys: Vec::new(), vals: Vec::new() });
     }
 
     pub unsafe fn end_array(&mut self) {
-        pg_sys::pushJsonbValue(&mut self.state, WJB_END_ARRAY, std::ptr::null_mut());
+        self.close();
+    }
+
+    /// The innermost open container, written to the blob and added to its parent's values.
+    fn close(&mut self) {
+        let frame = self.stack.pop().expect("an open container");
+        let at = self.write(&frame);
+        let len = self.blob.len() - at;
+        self.push(Val::Built(at, len));
     }
 
     /// A row as an object (an array element): `to_jsonb` of the row.
     pub unsafe fn row_element(&mut self, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) {
-        pg_sys::pushJsonbValue(&mut self.state, WJB_BEGIN_OBJECT, std::ptr::null_mut());
+        self.stack.push(Frame { object: true, keys: Vec::with_capacity(16), vals: Vec::with_capacity(16) });
         self.columns(tuple, desc);
-        pg_sys::pushJsonbValue(&mut self.state, WJB_END_OBJECT, std::ptr::null_mut());
+        self.close();
     }
 
     /// The row's columns as keys of the object being built (`to_jsonb` of the row, inlined).
@@ -107,73 +156,219 @@ impl Builder {
             // Copied: a relation's descriptor may be rebuilt before `finish`.
             let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
             self.key(name.to_bytes());
-            self.value(values[i], nulls[i], att.atttypid);
+            let v = self.value(values[i], nulls[i], att.atttypid);
+            self.push(v);
         }
     }
 
     /// One column's value, as `to_jsonb` converts a value of type `typid`.
-    unsafe fn value(&mut self, d: pg_sys::Datum, isnull: bool, typid: pg_sys::Oid) {
-        let mut v = null_value();
-        if !isnull {
-            match typid {
-                pg_sys::BOOLOID => {
-                    v.type_ = pg_sys::jbvType::jbvBool;
-                    v.val.boolean = d.value() != 0;
-                }
-                pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => {
-                    let n = match typid {
-                        pg_sys::INT2OID => d.value() as i16 as i64,
-                        pg_sys::INT4OID => d.value() as i32 as i64,
-                        _ => d.value() as i64,
-                    };
-                    v.type_ = pg_sys::jbvType::jbvNumeric;
-                    v.val.numeric = pg_sys::int64_to_numeric(n);
-                }
-                pg_sys::NUMERICOID => {
-                    let n = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric;
-                    if pg_sys::numeric_is_nan(n) || pg_sys::numeric_is_inf(n) {
-                        return self.generic(d, typid);
-                    }
-                    v.type_ = pg_sys::jbvType::jbvNumeric;
-                    v.val.numeric = n;
-                }
-                pg_sys::TEXTOID | pg_sys::VARCHAROID => {
-                    let t = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-                    v = string_value(
-                        pgrx::varlena::vardata_any(t).cast(),
-                        pgrx::varlena::varsize_any_exhdr(t),
-                    );
-                }
-                pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => {
-                    let s = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), d, typid, std::ptr::null());
-                    v = string_value(s.cast(), std::ffi::CStr::from_ptr(s).to_bytes().len());
-                }
-                _ => return self.generic(d, typid),
-            }
+    unsafe fn value(&mut self, d: pg_sys::Datum, isnull: bool, typid: pg_sys::Oid) -> Val {
+        if isnull {
+            return Val::Null;
         }
-        pg_sys::pushJsonbValue(&mut self.state, WJB_VALUE, &mut v);
+        match typid {
+            pg_sys::BOOLOID => Val::Bool(d.value() != 0),
+            pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => {
+                let n = match typid {
+                    pg_sys::INT2OID => d.value() as i16 as i64,
+                    pg_sys::INT4OID => d.value() as i32 as i64,
+                    _ => d.value() as i64,
+                };
+                Val::Int(n)
+            }
+            pg_sys::NUMERICOID => {
+                let n = pg_sys::pg_detoast_datum(d.cast_mut_ptr()) as pg_sys::Numeric;
+                if pg_sys::numeric_is_nan(n) || pg_sys::numeric_is_inf(n) {
+                    return self.generic(d, typid);
+                }
+                numeric_value(n)
+            }
+            pg_sys::TEXTOID | pg_sys::VARCHAROID => {
+                let t = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                string_value(pgrx::varlena::vardata_any(t).cast(), pgrx::varlena::varsize_any_exhdr(t))
+            }
+            pg_sys::DATEOID | pg_sys::TIMESTAMPOID | pg_sys::TIMESTAMPTZOID => {
+                let s = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), d, typid, std::ptr::null());
+                string_value(s.cast(), std::ffi::CStr::from_ptr(s).to_bytes().len())
+            }
+            _ => self.generic(d, typid),
+        }
     }
 
-    /// Any other type: `to_jsonb` itself, its result taken in.
-    unsafe fn generic(&mut self, d: pg_sys::Datum, typid: pg_sys::Oid) {
+    /// Any other type: `to_jsonb` itself, its result taken in (a scalar as that scalar).
+    unsafe fn generic(&mut self, d: pg_sys::Datum, typid: pg_sys::Oid) -> Val {
         let jb = to_jsonb(d, typid) as *mut pg_sys::Jsonb;
         let root = std::ptr::addr_of_mut!((*jb).root);
-        let mut v = null_value();
+        let mut v = pg_sys::JsonbValue::default();
         if !pg_sys::JsonbExtractScalar(root, &mut v) {
-            v.type_ = pg_sys::jbvType::jbvBinary;
-            v.val.binary = pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_4 {
-                len: (pgrx::varlena::varsize_any(jb.cast()) - pg_sys::VARHDRSZ) as i32,
-                data: root,
-            };
+            let len = pgrx::varlena::varsize_any(jb.cast()) - pg_sys::VARHDRSZ;
+            return Val::Raw(root as *const u8, len);
         }
-        pg_sys::pushJsonbValue(&mut self.state, WJB_VALUE, &mut v);
+        match v.type_ {
+            pg_sys::jbvType::jbvNull => Val::Null,
+            pg_sys::jbvType::jbvBool => Val::Bool(v.val.boolean),
+            pg_sys::jbvType::jbvNumeric => numeric_value(v.val.numeric),
+            pg_sys::jbvType::jbvString => string_value(v.val.string.val.cast(), v.val.string.len as usize),
+            _ => crate::error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "pg_webhooks: to_jsonb gave a scalar of an unexpected kind",
+            ),
+        }
     }
 
-    /// The object as a `jsonb` (palloc'd in the current memory context).
-    pub unsafe fn finish(mut self) -> *mut pg_sys::Jsonb {
-        let res = pg_sys::pushJsonbValue(&mut self.state, WJB_END_OBJECT, std::ptr::null_mut());
-        pg_sys::JsonbValueToJsonb(res)
+    /// `frame` in jsonb's container format at the end of the blob (from a 4-byte aligned
+    /// start, which is returned), as `convertJsonbObject` and `convertJsonbArray` write it.
+    fn write(&mut self, frame: &Frame) -> usize {
+        pad_to_int(&mut self.blob);
+        let start = self.blob.len();
+        // An object's pairs in key order (length first, then bytes), the last of equal keys.
+        let order: Vec<usize> = if frame.object {
+            let keys = &self.keys;
+            let key = |i: usize| {
+                let (at, len) = frame.keys[i];
+                &keys[at..at + len]
+            };
+            let mut idx: Vec<usize> = (0..frame.vals.len()).collect();
+            idx.sort_by(|&a, &b| key(a).len().cmp(&key(b).len()).then_with(|| key(a).cmp(key(b))));
+            let mut kept: Vec<usize> = Vec::with_capacity(idx.len());
+            for i in idx {
+                match kept.last_mut() {
+                    Some(last) if key(*last) == key(i) => *last = i,
+                    _ => kept.push(i),
+                }
+            }
+            kept
+        } else {
+            (0..frame.vals.len()).collect()
+        };
+        let n = order.len();
+        if n > pg_sys::JB_CMASK as usize {
+            too_long(if frame.object { "object" } else { "array" });
+        }
+        let header = n as u32 | if frame.object { pg_sys::JB_FOBJECT } else { pg_sys::JB_FARRAY };
+        self.blob.extend_from_slice(&header.to_ne_bytes());
+        let entries = self.blob.len();
+        let nentries = if frame.object { 2 * n } else { n };
+        self.blob.resize(entries + 4 * nentries, 0);
+        let data = self.blob.len();
+        let mut k = 0usize;
+        let mut entry = |b: &mut Vec<u8>, kind: u32, before: usize| {
+            let total = b.len() - data;
+            if total > MAX_STRING {
+                too_long(if frame.object { "object" } else { "array" });
+            }
+            let meta = if k % pg_sys::JB_OFFSET_STRIDE as usize == 0 {
+                kind | total as u32 | pg_sys::JENTRY_HAS_OFF
+            } else {
+                kind | (b.len() - before) as u32
+            };
+            let at = entries + 4 * k;
+            b[at..at + 4].copy_from_slice(&meta.to_ne_bytes());
+            k += 1;
+        };
+        if frame.object {
+            for &i in &order {
+                let (at, len) = frame.keys[i];
+                let before = self.blob.len();
+                let (blob, keys) = (&mut self.blob, &self.keys);
+                blob.extend_from_slice(&keys[at..at + len]);
+                entry(blob, pg_sys::JENTRY_ISSTRING, before);
+            }
+        }
+        for &i in &order {
+            let before = self.blob.len();
+            let kind = match frame.vals[i] {
+                Val::Null => pg_sys::JENTRY_ISNULL,
+                Val::Bool(true) => pg_sys::JENTRY_ISBOOL_TRUE,
+                Val::Bool(false) => pg_sys::JENTRY_ISBOOL_FALSE,
+                Val::Str(p, len) => {
+                    self.blob.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                    pg_sys::JENTRY_ISSTRING
+                }
+                Val::Num(p, len) => {
+                    pad_to_int(&mut self.blob);
+                    self.blob.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                    pg_sys::JENTRY_ISNUMERIC
+                }
+                Val::Copied(at, len) => {
+                    let (blob, keys) = (&mut self.blob, &self.keys);
+                    blob.extend_from_slice(&keys[at..at + len]);
+                    pg_sys::JENTRY_ISSTRING
+                }
+                Val::Built(at, len) => {
+                    pad_to_int(&mut self.blob);
+                    self.blob.extend_from_within(at..at + len);
+                    pg_sys::JENTRY_ISCONTAINER
+                }
+                Val::Int(n) => {
+                    pad_to_int(&mut self.blob);
+                    write_int_numeric(&mut self.blob, n);
+                    pg_sys::JENTRY_ISNUMERIC
+                }
+                Val::Raw(p, len) => {
+                    pad_to_int(&mut self.blob);
+                    self.blob.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                    pg_sys::JENTRY_ISCONTAINER
+                }
+            };
+            entry(&mut self.blob, kind, before);
+        }
+        start
     }
+
+    /// The object as a `jsonb` varlena (its bytes, header included: see `from_bytes`).
+    pub unsafe fn finish(mut self) -> Vec<u8> {
+        let frame = self.stack.pop().expect("the object");
+        assert!(self.stack.is_empty(), "pg_webhooks: a jsonb container left open");
+        let at = self.write(&frame);
+        let len = self.blob.len() - at;
+        let total = len + pg_sys::VARHDRSZ;
+        if total > 0x3FFF_FFFF {
+            // MaxAllocSize
+            too_long("object");
+        }
+        let mut out = Vec::with_capacity(total);
+        // SET_VARSIZE of a 4-byte header (little- or big-endian as PostgreSQL lays it out).
+        let header = if cfg!(target_endian = "little") { (total as u32) << 2 } else { total as u32 & 0x3FFF_FFFF };
+        out.extend_from_slice(&header.to_ne_bytes());
+        out.extend_from_slice(&self.blob[at..at + len]);
+        out
+    }
+}
+
+/// `n` as the numeric varlena `int64_to_numeric` makes (numeric.c's `make_result` of it): the
+/// short format, base-10000 digits without leading or trailing zero digits, the weight of the
+/// first, scale 0, and zero as no digits at weight 0.
+fn write_int_numeric(b: &mut Vec<u8>, n: i64) {
+    let mut digits = [0u16; 5];
+    let mut count = 0;
+    let mut rest = n.unsigned_abs();
+    while rest > 0 {
+        digits[count] = (rest % 10_000) as u16;
+        rest /= 10_000;
+        count += 1;
+    }
+    // digits[..count], least significant first; the weight is that of the most significant.
+    let weight = count.saturating_sub(1);
+    let trailing = digits[..count].iter().take_while(|&&d| d == 0).count();
+    let kept = &digits[trailing..count];
+    const NUMERIC_SHORT: u16 = 0x8000;
+    const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+    const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+    let header = if n < 0 { NUMERIC_SHORT | NUMERIC_SHORT_SIGN_MASK } else { NUMERIC_SHORT }
+        | (weight as u16 & NUMERIC_SHORT_WEIGHT_MASK);
+    let len = pg_sys::VARHDRSZ + 2 + 2 * kept.len();
+    let varlena = if cfg!(target_endian = "little") { (len as u32) << 2 } else { len as u32 & 0x3FFF_FFFF };
+    b.extend_from_slice(&varlena.to_ne_bytes());
+    b.extend_from_slice(&header.to_ne_bytes());
+    for d in kept.iter().rev() {
+        b.extend_from_slice(&d.to_ne_bytes());
+    }
+}
+
+/// A numeric (with its 4-byte header) as a value.
+unsafe fn numeric_value(n: pg_sys::Numeric) -> Val {
+    Val::Num(n as *const u8, pgrx::varlena::varsize_any(n.cast()))
 }
 
 thread_local! {
@@ -212,6 +407,7 @@ unsafe fn to_jsonb(d: pg_sys::Datum, typid: pg_sys::Oid) -> *mut pg_sys::varlena
 }
 
 /// A jsonb's bytes (its varlena, header included), to keep outside PostgreSQL's memory.
+#[cfg(any(test, feature = "pg_test"))]
 pub unsafe fn to_bytes(jb: *mut pg_sys::Jsonb) -> Vec<u8> {
     let len = pgrx::varlena::varsize_any(jb.cast());
     std::slice::from_raw_parts(jb as *const u8, len).to_vec()

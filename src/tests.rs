@@ -211,7 +211,7 @@ fn jsonb_built_from_a_row_is_row_to_json_cast_to_jsonb() {
             let jb = b.finish();
             let text = pg_sys::OidOutputFunctionCall(
                 pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
-                pg_sys::Datum::from(jb),
+                crate::jsonb::from_bytes(&jb),
             );
             built.push(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned());
         }
@@ -226,6 +226,140 @@ fn jsonb_built_from_a_row_is_row_to_json_cast_to_jsonb() {
             .expect("compare");
             assert_eq!(same, Some(true), "built: {text}");
         }
+    }
+}
+
+/// Whether `bytes` (a jsonb varlena) are, byte for byte, the jsonb `sql` gives (PostgreSQL's own
+/// writer): `*=` compares the two values' stored images.
+unsafe fn same_jsonb_bytes(bytes: &[u8], sql: &str) -> bool {
+    let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(bytes), pg_sys::JSONBOID);
+    Spi::get_one_with_args::<bool>(&format!("SELECT a *= b FROM (SELECT ROW($1::jsonb) AS a, ROW(({sql})) AS b) r"), &[arg])
+        .expect("compare")
+        .expect("a value")
+}
+
+/// The jsonb capture writes in jsonb's binary format directly (`crate::jsonb`) is byte for byte
+/// the one PostgreSQL's `to_jsonb` writes: every kind of column, objects of more than 32 keys
+/// (entries that are offsets), keys of one length in byte order, numerics after strings of
+/// every length (alignment), nested jsonb and json values, nulls, integers at their extremes
+/// and with zero base-10000 digits.
+#[pg_test]
+fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
+    // 40 columns of names of several lengths (sorted by length, then bytes, in the jsonb).
+    let wide: Vec<String> = (0..40)
+        .map(|i| format!("\"{}{i}\" {}", "x".repeat(i % 7), ["numeric", "text", "int"][i % 3]))
+        .collect();
+    Spi::run(&format!(
+        r#"SET extra_float_digits = 1;
+           CREATE TABLE jb (id int PRIMARY KEY, b bool, s smallint, i int, l bigint, n numeric, nn numeric, ni numeric,
+               f4 real, f8 double precision, t text, v varchar(10), c char(5), d date, ts timestamp, tz timestamptz,
+               tm time, iv interval, u uuid, by bytea, js json, j2 jsonb, ia int[], ta text[], ip inet, pt point,
+               "a" text, "b2" numeric, "aa" text, "ab" numeric, "é" text);
+           INSERT INTO jb VALUES (1, true, -32768, -2147483648, 9223372036854775807, 123.4500, 'NaN', '-Infinity',
+               1.5, 1e300, E'q " b \\ t \t n \n é 🎉', 'short', 'ab', '2026-12-02', '2026-12-02 10:11:12.123456',
+               '2026-12-02 10:11:12+02', '23:59:59', '1 year 2 days', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\x00ff',
+               '{{"a": 1, "a": 2, "b": [1, {{"c": null, "n": 1.5}}]}}', '{{"z": 1, "a": {{"b": 2.25, "s": "x"}}, "arr": [1, "a", 3.5]}}',
+               '{{1,NULL,3}}', '{{"x",NULL,"y z"}}', '192.168.0.1/24', '(1,2)', 'x', 7.5, 'yy', -0.001, 'u');
+           INSERT INTO jb (id) VALUES (2);
+           INSERT INTO jb (id, t, n, "a", "b2") VALUES (3, 'odd', 1, 'abc', 12345678901234567890.5);
+           INSERT INTO jb (id, s, i, l) VALUES (4, 0, 10000, -9223372036854775808), (5, -1, -100000000, 100000000),
+               (6, 9999, 2147483647, 1000000000000), (7, -10000, 99990000, -12340000), (8, 32767, -1, 10001),
+               (-9, 1, 20000, 123456789012);
+           CREATE TABLE jw (id int PRIMARY KEY, {});
+           INSERT INTO jw (id) VALUES (1);
+           INSERT INTO jw SELECT 2, {};"#,
+        wide.join(", "),
+        (0..40).map(|i| match i % 3 { 0 => format!("{i}.{i}"), 1 => format!("repeat('s', {i})"), _ => format!("{i}") }).collect::<Vec<_>>().join(", "),
+    ))
+    .expect("tables");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let mut compared = 0;
+        for table in ["jb", "jw"] {
+            let relid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{table}'::regclass::oid")).expect("oid").expect("oid");
+            let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            let snapshot = pg_sys::GetTransactionSnapshot();
+            let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+            loop {
+                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let mut b = crate::jsonb::Builder::object();
+                b.columns(tuple, (*rel).rd_att);
+                let built = b.finish();
+                let id = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+                let sql = format!("SELECT to_jsonb(whole_row) FROM {table} whole_row WHERE id = {id}");
+                if !same_jsonb_bytes(&built, &sql) {
+                    let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(&built), pg_sys::JSONBOID);
+                    let texts = Spi::get_one_with_args::<String>(
+                        &format!("SELECT $1::jsonb::text || E'\n' || ({sql})::text"),
+                        &[arg],
+                    );
+                    panic!("{table} row {id}: {texts:?}");
+                }
+                compared += 1;
+            }
+            pg_sys::heap_endscan(scan);
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        }
+        assert_eq!(compared, 11);
+    }
+}
+
+/// An event's data with its children, as capture writes it (`row_jsonb`), is byte for byte
+/// the jsonb SQL builds from the same rows: no children, one, and more than 32 (an array's
+/// entries that are offsets), and a child list whose name is also a column's (the last key wins).
+#[pg_test]
+fn event_data_with_children_is_the_sql_jsonb_byte_for_byte() {
+    Spi::run(
+        r#"CREATE TABLE wo (id int PRIMARY KEY, customer text, status text, total numeric, at timestamptz, lines int);
+           CREATE TABLE wo_items (id int PRIMARY KEY, order_id int REFERENCES wo, sku text, qty int, price numeric);
+           CREATE INDEX ON wo_items (order_id);
+           SELECT webhooks.track('wo', status_column => 'status',
+                  children => '{"items": {"table": "wo_items", "foreign_key": "order_id"},
+                                "lines": {"table": "wo_items", "foreign_key": "order_id"}}');
+           INSERT INTO wo VALUES (1, 'c-1', 'paid', 10.50, '2026-12-04 10:00:00+00', 3), (2, NULL, NULL, NULL, NULL, NULL),
+                                 (3, 'c-3', 'new', 1, '2026-12-05 10:00:00+00', 40);
+           INSERT INTO wo_items VALUES (1, 1, 'SKU-1', 1, 19.99);
+           INSERT INTO wo_items SELECT 10 + g, 3, 'SKU-' || repeat('z', g % 5), g, g / 7.0 FROM generate_series(1, 40) g;"#,
+    )
+    .expect("tables");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'wo'::regclass::oid").expect("oid").expect("oid");
+        let cfg = crate::capture::config_for(relid).expect("tracked");
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::GetTransactionSnapshot();
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let mut compared = 0;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let key = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+            let items = format!("coalesce((SELECT jsonb_agg(to_jsonb(i) ORDER BY i.id) FROM wo_items i WHERE i.order_id = {key}), '[]')");
+            for extra in [None, Some((Some("pending".to_string()), Some("paid".to_string()))), Some((None, None))] {
+                let built = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, extra.as_ref()).expect("built");
+                let keys = match &extra {
+                    None => String::new(),
+                    Some((p, s)) => format!(
+                        " || jsonb_build_object('previous_status', {}::text, 'status', {}::text)",
+                        p.as_deref().map_or("NULL".into(), |v| format!("'{v}'")),
+                        s.as_deref().map_or("NULL".into(), |v| format!("'{v}'")),
+                    ),
+                };
+                let sql = format!(
+                    "SELECT to_jsonb(o) || jsonb_build_object('items', {items}, 'lines', {items}){keys} FROM wo o WHERE id = {key}"
+                );
+                assert!(same_jsonb_bytes(&built, &sql), "row {key}, keys {extra:?}");
+                compared += 1;
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        assert_eq!(compared, 9);
     }
 }
 
