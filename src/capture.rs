@@ -1881,6 +1881,35 @@ unsafe fn column_text(
     tupdesc: pg_sys::TupleDesc,
     attnum: i32,
 ) -> Option<String> {
+    // Integers and text as their output functions write them, without looking the output
+    // function up and calling it (a key and a status are read this way several times a row).
+    if attnum > 0 && attnum <= (*tupdesc).natts {
+        let typid = (*tupdesc).attrs.as_slice((*tupdesc).natts as usize)[attnum as usize - 1].atttypid;
+        if matches!(typid, pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID | pg_sys::TEXTOID | pg_sys::VARCHAROID) {
+            let mut isnull = false;
+            let d = pg_sys::heap_getattr(tuple, attnum, tupdesc, &mut isnull);
+            if isnull {
+                return None;
+            }
+            return Some(match typid {
+                pg_sys::INT2OID => (d.value() as i16).to_string(),
+                pg_sys::INT4OID => (d.value() as i32).to_string(),
+                pg_sys::INT8OID => (d.value() as i64).to_string(),
+                _ => {
+                    let t = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+                    let bytes = std::slice::from_raw_parts(
+                        pgrx::varlena::vardata_any(t) as *const u8,
+                        pgrx::varlena::varsize_any_exhdr(t),
+                    );
+                    let s = String::from_utf8_lossy(bytes).into_owned();
+                    if t != d.cast_mut_ptr() {
+                        pg_sys::pfree(t.cast());
+                    }
+                    s
+                }
+            });
+        }
+    }
     let p = pg_sys::SPI_getvalue(tuple, tupdesc, attnum);
     if p.is_null() {
         None
