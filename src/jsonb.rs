@@ -39,6 +39,9 @@ struct Frame {
     object: bool,
     keys: Vec<(usize, usize)>,
     vals: Vec<Val>,
+    /// Where in the blob this container's nested containers begin (4-byte aligned): once it
+    /// is written, it is moved down to here over them (it holds copies of them).
+    blob_start: usize,
 }
 
 /// A `jsonb` object written in jsonb's binary format directly (as `convertToJsonb` in
@@ -81,11 +84,18 @@ fn pad_to_int(b: &mut Vec<u8>) {
 
 impl Builder {
     pub unsafe fn object() -> Builder {
+        // The blob begins with the varlena header's 4 bytes, set by `finish`.
         Builder {
-            stack: vec![Frame { object: true, keys: Vec::with_capacity(16), vals: Vec::with_capacity(16) }],
+            stack: vec![Frame { object: true, keys: Vec::with_capacity(16), vals: Vec::with_capacity(16), blob_start: 4 }],
             keys: Vec::with_capacity(256),
-            blob: Vec::new(),
+            blob: vec![0; 4],
         }
+    }
+
+    fn open(&mut self, object: bool) {
+        pad_to_int(&mut self.blob);
+        let blob_start = self.blob.len();
+        self.stack.push(Frame { object, keys: Vec::with_capacity(8), vals: Vec::with_capacity(8), blob_start });
     }
 
     fn top(&mut self) -> &mut Frame {
@@ -120,24 +130,41 @@ impl Builder {
     }
 
     pub unsafe fn begin_array(&mut self) {
-        self.stack.push(Frame { object: false, keys: Vec::new(), vals: Vec::new() });
+        self.open(false);
     }
 
     pub unsafe fn end_array(&mut self) {
         self.close();
     }
 
-    /// The innermost open container, written to the blob and added to its parent's values.
+    /// The innermost open container, written to the blob (in place of its nested containers,
+    /// which it has copied) and added to its parent's values.
     fn close(&mut self) {
         let frame = self.stack.pop().expect("an open container");
-        let at = self.write(&frame);
+        let len = self.write_down(&frame);
+        self.push(Val::Built(frame.blob_start, len));
+    }
+
+    /// `frame` written at the blob's end, then moved down to its `blob_start` over what it
+    /// copied; its length.
+    fn write_down(&mut self, frame: &Frame) -> usize {
+        let at = self.write(frame);
         let len = self.blob.len() - at;
-        self.push(Val::Built(at, len));
+        self.blob.copy_within(at.., frame.blob_start);
+        self.blob.truncate(frame.blob_start + len);
+        len
+    }
+
+    /// Room for `more` bytes in the blob, or an ERROR (not the abort a failed allocation is).
+    fn reserve(&mut self, more: usize) {
+        if self.blob.try_reserve(more).is_err() {
+            crate::error::raise(pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, "out of memory");
+        }
     }
 
     /// A row as an object (an array element): `to_jsonb` of the row.
     pub unsafe fn row_element(&mut self, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) {
-        self.stack.push(Frame { object: true, keys: Vec::with_capacity(16), vals: Vec::with_capacity(16) });
+        self.open(true);
         self.columns(tuple, desc);
         self.close();
     }
@@ -242,9 +269,20 @@ impl Builder {
             (0..frame.vals.len()).collect()
         };
         let n = order.len();
+        let what = if frame.object { "object" } else { "array" };
         if n > pg_sys::JB_CMASK as usize {
-            too_long(if frame.object { "object" } else { "array" });
+            too_long(what);
         }
+        // All of it at once: header, entries, keys, values and their padding.
+        let size = |v: &Val| match *v {
+            Val::Null | Val::Bool(_) => 0,
+            Val::Str(_, len) | Val::Copied(_, len) => len,
+            Val::Num(_, len) | Val::Built(_, len) | Val::Raw(_, len) => len + 3,
+            Val::Int(_) => 3 + 6 + 10,
+        };
+        let keys_len: usize = if frame.object { order.iter().map(|&i| frame.keys[i].1).sum() } else { 0 };
+        let vals_len: usize = order.iter().map(|&i| size(&frame.vals[i])).sum();
+        self.reserve(3 + 4 + 8 * n + keys_len + vals_len);
         let header = n as u32 | if frame.object { pg_sys::JB_FOBJECT } else { pg_sys::JB_FARRAY };
         self.blob.extend_from_slice(&header.to_ne_bytes());
         let entries = self.blob.len();
@@ -255,7 +293,7 @@ impl Builder {
         let mut entry = |b: &mut Vec<u8>, kind: u32, before: usize| {
             let total = b.len() - data;
             if total > MAX_STRING {
-                too_long(if frame.object { "object" } else { "array" });
+                too_long(what);
             }
             let meta = if k % pg_sys::JB_OFFSET_STRIDE as usize == 0 {
                 kind | total as u32 | pg_sys::JENTRY_HAS_OFF
@@ -313,6 +351,10 @@ impl Builder {
             };
             entry(&mut self.blob, kind, before);
         }
+        // The whole container (header and entries too) must fit a length field as well.
+        if self.blob.len() - start > MAX_STRING {
+            too_long(what);
+        }
         start
     }
 
@@ -320,19 +362,15 @@ impl Builder {
     pub unsafe fn finish(mut self) -> Vec<u8> {
         let frame = self.stack.pop().expect("the object");
         assert!(self.stack.is_empty(), "pg_webhooks: a jsonb container left open");
-        let at = self.write(&frame);
-        let len = self.blob.len() - at;
+        let len = self.write_down(&frame);
         let total = len + pg_sys::VARHDRSZ;
-        if total > 0x3FFF_FFFF {
-            // MaxAllocSize
-            too_long("object");
-        }
-        let mut out = Vec::with_capacity(total);
         // SET_VARSIZE of a 4-byte header (little- or big-endian as PostgreSQL lays it out).
         let header = if cfg!(target_endian = "little") { (total as u32) << 2 } else { total as u32 & 0x3FFF_FFFF };
-        out.extend_from_slice(&header.to_ne_bytes());
-        out.extend_from_slice(&self.blob[at..at + len]);
-        out
+        self.blob[..4].copy_from_slice(&header.to_ne_bytes());
+        if self.blob.capacity() > 2 * self.blob.len() {
+            self.blob.shrink_to_fit();
+        }
+        self.blob
     }
 }
 

@@ -267,7 +267,20 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
                (-9, 1, 20000, 123456789012);
            CREATE TABLE jw (id int PRIMARY KEY, {});
            INSERT INTO jw (id) VALUES (1);
-           INSERT INTO jw SELECT 2, {};"#,
+           INSERT INTO jw SELECT 2, {};
+           -- Stored out of line (uncompressed and compressed), a dropped column in the middle, rows
+           -- stored before an ADD COLUMN ... DEFAULT (their values come from the descriptor), json
+           -- and jsonb scalars and empties, numerics of the long format, a 2-D array.
+           CREATE TABLE jx (id int PRIMARY KEY, gone text, ext text, big text, js json, j2 jsonb, e int[], n numeric);
+           ALTER TABLE jx ALTER ext SET STORAGE EXTERNAL;
+           INSERT INTO jx VALUES (1, 'x', repeat('e', 5000), repeat('compressible ', 2000), '5', '"x"', '{{}}', 1e-70),
+               (2, NULL, 'short', NULL, 'null', 'null', '{{{{1,2}},{{3,4}}}}', 1e300),
+               (3, NULL, NULL, NULL, '{{}}', '[]', NULL, -123456789.000000001),
+               (4, NULL, NULL, NULL, '[]', '{{}}', '{{}}', 0.0001);
+           ALTER TABLE jx DROP COLUMN gone;
+           ALTER TABLE jx ADD COLUMN dt text DEFAULT 'default text', ADD COLUMN dn numeric DEFAULT 12.5,
+               ADD COLUMN di bigint DEFAULT -7;
+           INSERT INTO jx (id, dt, dn, di) VALUES (5, 'own', 1, 1);"#,
         wide.join(", "),
         (0..40).map(|i| match i % 3 { 0 => format!("{i}.{i}"), 1 => format!("repeat('s', {i})"), _ => format!("{i}") }).collect::<Vec<_>>().join(", "),
     ))
@@ -275,7 +288,7 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
     unsafe {
         pg_sys::CommandCounterIncrement();
         let mut compared = 0;
-        for table in ["jb", "jw"] {
+        for table in ["jb", "jw", "jx"] {
             let relid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{table}'::regclass::oid")).expect("oid").expect("oid");
             let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
             let snapshot = pg_sys::GetTransactionSnapshot();
@@ -303,8 +316,37 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
             pg_sys::heap_endscan(scan);
             pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         }
-        assert_eq!(compared, 11);
+        assert_eq!(compared, 16);
     }
+}
+
+/// Values that together pass jsonb's size limit (256 MB of an object's data) fail with the
+/// error `to_jsonb` raises for the same row, not with a value PostgreSQL would not have made.
+/// (`to_jsonb_past_its_size_limit_fails_with_this_error` expects the same error of `to_jsonb`.)
+#[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
+fn jsonb_past_its_size_limit_fails_as_to_jsonb_does() {
+    Spi::run(TOO_LARGE_FOR_JSONB).expect("table");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'jl'::regclass::oid").expect("oid").expect("oid");
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::GetTransactionSnapshot();
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+        let mut b = crate::jsonb::Builder::object();
+        b.columns(tuple, (*rel).rd_att);
+        b.finish();
+    }
+}
+
+/// Two values of 140 MB: 280 MB of an object's data.
+const TOO_LARGE_FOR_JSONB: &str = "CREATE TABLE jl (id int PRIMARY KEY, a text, b text);
+    INSERT INTO jl VALUES (1, repeat('a', 140000000), repeat('b', 140000000));";
+
+#[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
+fn to_jsonb_past_its_size_limit_fails_with_this_error() {
+    Spi::run(TOO_LARGE_FOR_JSONB).expect("table");
+    Spi::run("SELECT to_jsonb(r) FROM jl r").expect("not reached");
 }
 
 /// An event's data with its children, as capture writes it (`row_jsonb`), is byte for byte
