@@ -171,8 +171,9 @@ pub fn row_json(row: pg_sys::Datum) -> String {
 
 /// `f` run in the memory context kept in `slot` (made under TopMemoryContext at first use,
 /// named `name`), which is reset afterwards: what PostgreSQL allocates for one row does not
-/// pile up over the many rows of a commit. On an ERROR the context is left as it is and reset
-/// by the next call. `f` must return nothing allocated by PostgreSQL.
+/// pile up over the many rows of a commit. An ERROR in `f` (which pgrx unwinds as a panic)
+/// resets it too: a value too large to capture leaves none of its copies in the backend.
+/// `f` must return nothing allocated by PostgreSQL.
 pub unsafe fn in_scratch<R>(
     slot: &'static std::thread::LocalKey<std::cell::Cell<pg_sys::MemoryContext>>,
     name: &'static std::ffi::CStr,
@@ -189,9 +190,15 @@ pub unsafe fn in_scratch<R>(
         );
         slot.with(|s| s.set(scratch));
     }
-    let outer = pg_sys::MemoryContextSwitchTo(scratch);
-    let result = f();
-    pg_sys::MemoryContextSwitchTo(outer);
-    pg_sys::MemoryContextReset(scratch);
-    result
+    struct Reset(pg_sys::MemoryContext, pg_sys::MemoryContext);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            unsafe {
+                pg_sys::MemoryContextSwitchTo(self.1);
+                pg_sys::MemoryContextReset(self.0);
+            }
+        }
+    }
+    let _reset = Reset(scratch, pg_sys::MemoryContextSwitchTo(scratch));
+    f()
 }

@@ -651,6 +651,17 @@ fn a_value_too_long_for_jsonb_fails_the_commit_and_writes_nothing() {
         "{err:?}"
     );
     assert_eq!(events(&mut c), 1, "no event of the failed commit");
+    // The value's copies made while its data was built are not kept by the backend after the
+    // ERROR (the context they were made in is reset on the way out too).
+    let kept: i64 = c
+        .query_one(
+            "SELECT coalesce(sum(total_bytes), 0)::bigint FROM pg_backend_memory_contexts
+              WHERE name = 'pg_webhooks row jsonb'",
+            &[],
+        )
+        .expect("contexts")
+        .get(0);
+    assert!(kept < 1024 * 1024, "the row jsonb context keeps {kept} bytes after the failed commit");
     let row: (String, i32) = {
         let r = c
             .query_one("SELECT status, length(notes) FROM huge_note WHERE id = 1", &[])
