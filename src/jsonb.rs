@@ -121,6 +121,9 @@ impl Builder {
         match s {
             Some(s) => {
                 string_value(s.as_ptr(), s.len());
+                if self.keys.try_reserve(s.len()).is_err() {
+                    crate::error::raise(pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, "out of memory");
+                }
                 let at = self.keys.len();
                 self.keys.extend_from_slice(s.as_bytes());
                 self.push(Val::Copied(at, s.len()));
@@ -150,15 +153,27 @@ impl Builder {
     fn write_down(&mut self, frame: &Frame) -> usize {
         let at = self.write(frame);
         let len = self.blob.len() - at;
-        self.blob.copy_within(at.., frame.blob_start);
+        if at != frame.blob_start {
+            self.blob.copy_within(at.., frame.blob_start);
+        }
         self.blob.truncate(frame.blob_start + len);
         len
     }
 
     /// Room for `more` bytes in the blob, or an ERROR (not the abort a failed allocation is).
     fn reserve(&mut self, more: usize) {
-        if self.blob.try_reserve(more).is_err() {
+        if self.blob.try_reserve(more).is_err() && self.blob.try_reserve_exact(more).is_err() {
             crate::error::raise(pgrx::PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY, "out of memory");
+        }
+    }
+
+    /// A nested container copied to `copy` (its padding from `before`): PostgreSQL checks its
+    /// length with the padding in front of it (`convertJsonbObject`'s base offset is taken
+    /// before it pads), which only its place in the parent tells.
+    fn nested_fits(&self, copy: usize, before: usize) {
+        if self.blob.len() - before > MAX_STRING {
+            let header = u32::from_ne_bytes(self.blob[copy..copy + 4].try_into().expect("a header"));
+            too_long(if header & pg_sys::JB_FOBJECT != 0 { "object" } else { "array" });
         }
     }
 
@@ -273,7 +288,9 @@ impl Builder {
         if n > pg_sys::JB_CMASK as usize {
             too_long(what);
         }
-        // All of it at once: header, entries, keys, values and their padding.
+        // All of it at once: header, entries, keys, values and their padding (the `3 +` is
+        // slack for the padding before `start`, already done: `open` and `write` pad with no
+        // room reserved).
         let size = |v: &Val| match *v {
             Val::Null | Val::Bool(_) => 0,
             Val::Str(_, len) | Val::Copied(_, len) => len,
@@ -335,7 +352,9 @@ impl Builder {
                 }
                 Val::Built(at, len) => {
                     pad_to_int(&mut self.blob);
+                    let copy = self.blob.len();
                     self.blob.extend_from_within(at..at + len);
+                    self.nested_fits(copy, before);
                     pg_sys::JENTRY_ISCONTAINER
                 }
                 Val::Int(n) => {
@@ -345,7 +364,9 @@ impl Builder {
                 }
                 Val::Raw(p, len) => {
                     pad_to_int(&mut self.blob);
+                    let copy = self.blob.len();
                     self.blob.extend_from_slice(unsafe { std::slice::from_raw_parts(p, len) });
+                    self.nested_fits(copy, before);
                     pg_sys::JENTRY_ISCONTAINER
                 }
             };

@@ -268,11 +268,12 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
            CREATE TABLE jw (id int PRIMARY KEY, {});
            INSERT INTO jw (id) VALUES (1);
            INSERT INTO jw SELECT 2, {};
-           -- Stored out of line (uncompressed and compressed), a dropped column in the middle, rows
+           -- Stored out of line (uncompressed, and compressed: the low tuple target moves
+           -- `big` out of line after compressing it), a dropped column in the middle, rows
            -- stored before an ADD COLUMN ... DEFAULT (their values come from the descriptor), json
            -- and jsonb scalars and empties, numerics of the long format, a 2-D array.
            CREATE TABLE jx (id int PRIMARY KEY, gone text, ext text, big text, js json, j2 jsonb, e int[], n numeric);
-           ALTER TABLE jx ALTER ext SET STORAGE EXTERNAL;
+           ALTER TABLE jx ALTER ext SET STORAGE EXTERNAL, SET (toast_tuple_target = 128);
            INSERT INTO jx VALUES (1, 'x', repeat('e', 5000), repeat('compressible ', 2000), '5', '"x"', '{{}}', 1e-70),
                (2, NULL, 'short', NULL, 'null', 'null', '{{{{1,2}},{{3,4}}}}', 1e300),
                (3, NULL, NULL, NULL, '{{}}', '[]', NULL, -123456789.000000001),
@@ -337,6 +338,34 @@ fn jsonb_past_its_size_limit_fails_as_to_jsonb_does() {
         b.columns(tuple, (*rel).rd_att);
         b.finish();
     }
+}
+
+/// One value that fits, with its key and the other column's, in an object's data (268,435,452
+/// bytes) but not with the object's header and entries (268,435,472): PostgreSQL's check of a
+/// container's whole length after its values.
+const JUST_TOO_LARGE_FOR_JSONB: &str = "CREATE TABLE jl2 (id int PRIMARY KEY, a text);
+    INSERT INTO jl2 VALUES (1, repeat('a', 268435440));";
+
+#[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
+fn jsonb_past_its_size_limit_with_its_entries_fails_as_to_jsonb_does() {
+    Spi::run(JUST_TOO_LARGE_FOR_JSONB).expect("table");
+    unsafe {
+        pg_sys::CommandCounterIncrement();
+        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'jl2'::regclass::oid").expect("oid").expect("oid");
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let snapshot = pg_sys::GetTransactionSnapshot();
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+        let mut b = crate::jsonb::Builder::object();
+        b.columns(tuple, (*rel).rd_att);
+        b.finish();
+    }
+}
+
+#[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
+fn to_jsonb_past_its_size_limit_with_its_entries_fails_with_this_error() {
+    Spi::run(JUST_TOO_LARGE_FOR_JSONB).expect("table");
+    Spi::run("SELECT to_jsonb(r) FROM jl2 r").expect("not reached");
 }
 
 /// Two values of 140 MB: 280 MB of an object's data.

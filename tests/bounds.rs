@@ -650,6 +650,12 @@ fn a_value_too_long_for_jsonb_fails_the_commit_and_writes_nothing() {
         Some(&postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED),
         "{err:?}"
     );
+    // Raised where the data is built from the row (the jsonb writer's check), with the value
+    // read in that context.
+    assert!(
+        err.as_db_error().is_some_and(|e| e.message().starts_with("string too long to represent as jsonb string (")),
+        "{err:?}"
+    );
     assert_eq!(events(&mut c), 1, "no event of the failed commit");
     // The value's copies made while its data was built are not kept by the backend after the
     // ERROR (the context they were made in is reset on the way out too).
