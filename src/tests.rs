@@ -195,28 +195,14 @@ fn jsonb_built_from_a_row_is_row_to_json_cast_to_jsonb() {
     )
     .expect("table");
     unsafe {
-        pg_sys::CommandCounterIncrement();
-        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'j'::regclass::oid").expect("oid").expect("oid");
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = pg_sys::GetTransactionSnapshot();
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
         let mut built = Vec::new();
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let mut b = crate::jsonb::Builder::object();
-            b.columns(tuple, (*rel).rd_att);
-            let jb = b.finish();
+        each_row_built("j", |_, jb| {
             let text = pg_sys::OidOutputFunctionCall(
                 pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
                 crate::jsonb::from_bytes(&jb),
             );
             built.push(std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned());
-        }
-        pg_sys::heap_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        });
         assert_eq!(built.len(), 3);
         for text in built {
             let same = Spi::get_one_with_args::<bool>(
@@ -287,35 +273,20 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
     ))
     .expect("tables");
     unsafe {
-        pg_sys::CommandCounterIncrement();
         let mut compared = 0;
         for table in ["jb", "jw", "jx"] {
-            let relid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{table}'::regclass::oid")).expect("oid").expect("oid");
-            let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            let snapshot = pg_sys::GetTransactionSnapshot();
-            let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
-            loop {
-                let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-                if tuple.is_null() {
-                    break;
-                }
-                let mut b = crate::jsonb::Builder::object();
-                b.columns(tuple, (*rel).rd_att);
-                let built = b.finish();
-                let id = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+            each_row_built(table, |id, built| {
                 let sql = format!("SELECT to_jsonb(whole_row) FROM {table} whole_row WHERE id = {id}");
                 if !same_jsonb_bytes(&built, &sql) {
                     let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(&built), pg_sys::JSONBOID);
                     let texts = Spi::get_one_with_args::<String>(
-                        &format!("SELECT $1::jsonb::text || E'\n' || ({sql})::text"),
+                        &format!("SELECT $1::jsonb::text || E'\\n' || ({sql})::text"),
                         &[arg],
                     );
                     panic!("{table} row {id}: {texts:?}");
                 }
                 compared += 1;
-            }
-            pg_sys::heap_endscan(scan);
-            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            });
         }
         assert_eq!(compared, 16);
     }
@@ -327,17 +298,29 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
 #[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
 fn jsonb_past_its_size_limit_fails_as_to_jsonb_does() {
     Spi::run(TOO_LARGE_FOR_JSONB).expect("table");
-    unsafe {
-        pg_sys::CommandCounterIncrement();
-        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'jl'::regclass::oid").expect("oid").expect("oid");
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = pg_sys::GetTransactionSnapshot();
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+    unsafe { each_row_built("jl", |_, _| ()) };
+}
+
+/// `f` of each row of `table` (its first column as text) and the capture builder's jsonb of
+/// its columns.
+unsafe fn each_row_built(table: &str, mut f: impl FnMut(&str, Vec<u8>)) {
+    pg_sys::CommandCounterIncrement();
+    let relid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{table}'::regclass::oid")).expect("oid").expect("oid");
+    let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let scan = pg_sys::table_beginscan(rel, pg_sys::GetTransactionSnapshot(), 0, std::ptr::null_mut());
+    loop {
         let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+        if tuple.is_null() {
+            break;
+        }
         let mut b = crate::jsonb::Builder::object();
         b.columns(tuple, (*rel).rd_att);
-        b.finish();
+        let built = b.finish();
+        let id = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+        f(&id, built);
     }
+    pg_sys::heap_endscan(scan);
+    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
 }
 
 /// One value that fits, with its key and the other column's, in an object's data (268,435,452
@@ -349,17 +332,7 @@ const JUST_TOO_LARGE_FOR_JSONB: &str = "CREATE TABLE jl2 (id int PRIMARY KEY, a 
 #[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
 fn jsonb_past_its_size_limit_with_its_entries_fails_as_to_jsonb_does() {
     Spi::run(JUST_TOO_LARGE_FOR_JSONB).expect("table");
-    unsafe {
-        pg_sys::CommandCounterIncrement();
-        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'jl2'::regclass::oid").expect("oid").expect("oid");
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = pg_sys::GetTransactionSnapshot();
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
-        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-        let mut b = crate::jsonb::Builder::object();
-        b.columns(tuple, (*rel).rd_att);
-        b.finish();
-    }
+    unsafe { each_row_built("jl2", |_, _| ()) };
 }
 
 #[pg_test(error = "total size of jsonb object elements exceeds the maximum of 268435455 bytes")]
@@ -396,23 +369,12 @@ fn event_data_with_children_is_the_sql_jsonb_byte_for_byte() {
            INSERT INTO wo_items SELECT 10 + g, 3, 'SKU-' || repeat('z', g % 5), g, g / 7.0 FROM generate_series(1, 40) g;"#,
     )
     .expect("tables");
+    let mut compared = 0;
     unsafe {
-        pg_sys::CommandCounterIncrement();
-        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'wo'::regclass::oid").expect("oid").expect("oid");
-        let cfg = crate::capture::config_for(relid).expect("tracked");
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = pg_sys::GetTransactionSnapshot();
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
-        let mut compared = 0;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let key = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+        each_tracked_row("wo", |cfg, tuple, desc, key, snapshot| {
             let items = format!("coalesce((SELECT jsonb_agg(to_jsonb(i) ORDER BY i.id) FROM wo_items i WHERE i.order_id = {key}), '[]')");
             for extra in [None, Some((Some("pending".to_string()), Some("paid".to_string()))), Some((None, None))] {
-                let built = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, extra.as_ref()).expect("built");
+                let built = crate::capture::row_jsonb(cfg, tuple, desc, key, snapshot, extra.as_ref()).expect("built");
                 let keys = match &extra {
                     None => String::new(),
                     Some((p, s)) => format!(
@@ -427,11 +389,33 @@ fn event_data_with_children_is_the_sql_jsonb_byte_for_byte() {
                 assert!(same_jsonb_bytes(&built, &sql), "row {key}, keys {extra:?}");
                 compared += 1;
             }
-        }
-        pg_sys::heap_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        assert_eq!(compared, 9);
+        });
     }
+    assert_eq!(compared, 9);
+}
+
+/// `f` of each row of the tracked table `table`, read under the transaction's snapshot: the
+/// table's configuration, the row, the table's descriptor, the row's key as text, the snapshot.
+unsafe fn each_tracked_row(
+    table: &str,
+    mut f: impl FnMut(&crate::capture::TableConfig, pg_sys::HeapTuple, pg_sys::TupleDesc, &str, pg_sys::Snapshot),
+) {
+    pg_sys::CommandCounterIncrement();
+    let relid = Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{table}'::regclass::oid")).expect("oid").expect("oid");
+    let cfg = crate::capture::config_for(relid).expect("tracked");
+    let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+    let snapshot = pg_sys::GetTransactionSnapshot();
+    let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
+    loop {
+        let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+        if tuple.is_null() {
+            break;
+        }
+        let key = std::ffi::CStr::from_ptr(pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1)).to_string_lossy().into_owned();
+        f(&cfg, tuple, (*rel).rd_att, &key, snapshot);
+    }
+    pg_sys::heap_endscan(scan);
+    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
 }
 
 /// Capture's check that the session's output settings are already capture's (read from the
@@ -503,30 +487,18 @@ fn status_keys_built_in_are_the_keys_merged_over() {
            INSERT INTO sk_items VALUES (1, 1, 'a'), (2, 1, 'b');"#,
     )
     .expect("tables");
+    let mut compared = 0;
     unsafe {
-        pg_sys::CommandCounterIncrement();
-        let relid = Spi::get_one::<pg_sys::Oid>("SELECT 'sk'::regclass::oid").expect("oid").expect("oid");
-        let cfg = crate::capture::config_for(relid).expect("tracked");
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let snapshot = pg_sys::GetTransactionSnapshot();
-        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
-        let mut compared = 0;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let key = pg_sys::SPI_getvalue(tuple, (*rel).rd_att, 1);
-            let key = std::ffi::CStr::from_ptr(key).to_string_lossy().into_owned();
+        each_tracked_row("sk", |cfg, tuple, desc, key, snapshot| {
             for extra in [
                 (Some("pending".to_string()), Some("paid".to_string())),
                 (None, Some("x".to_string())),
                 (Some("y".to_string()), None),
                 (None, None),
             ] {
-                let built = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, Some(&extra))
+                let built = crate::capture::row_jsonb(cfg, tuple, desc, key, snapshot, Some(&extra))
                     .expect("built with the keys");
-                let plain = crate::capture::row_jsonb(&cfg, tuple, (*rel).rd_att, &key, snapshot, None)
+                let plain = crate::capture::row_jsonb(cfg, tuple, desc, key, snapshot, None)
                     .expect("built without");
                 let plain_text = pg_sys::OidOutputFunctionCall(
                     pg_sys::Oid::from(pg_sys::F_JSONB_OUT),
@@ -562,9 +534,7 @@ fn status_keys_built_in_are_the_keys_merged_over() {
                 assert_eq!(v["items"].as_array().map(Vec::len), Some(if key == "1" { 2 } else { 0 }));
                 compared += 1;
             }
-        }
-        pg_sys::heap_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        assert_eq!(compared, 8);
+        });
     }
+    assert_eq!(compared, 8);
 }
