@@ -50,6 +50,23 @@ fn _worker_pid() -> Option<i32> {
     shmem::fan_out_worker_pid()
 }
 
+/// A delivery worker's transaction: `f` after a share lock on the extension (its `pg_extension`
+/// object), which `DROP EXTENSION` locks exclusively before any of its tables. Without it a
+/// DROP, locking the extension's tables one by one, and a worker transaction holding one of
+/// them and waiting for another deadlocked (and either could be the one to fail); now the DROP
+/// waits for the worker's transaction, or the worker for the DROP, holding nothing.
+fn transaction<R, F: FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe>(f: F) -> R {
+    BackgroundWorker::transaction(move || {
+        unsafe {
+            let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
+            if ext != pg_sys::InvalidOid {
+                pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, ext, 0, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            }
+        }
+        f()
+    })
+}
+
 /// Whether the database exists. The launcher is connected to no database, so it cannot use
 /// the syscache; like PostgreSQL's autovacuum launcher it scans the shared pg_database.
 fn database_exists(name: &str) -> bool {
@@ -335,7 +352,7 @@ const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The version of the extension created in this database, if it is.
 fn extension_version() -> Option<String> {
-    BackgroundWorker::transaction(|| {
+    transaction(|| {
         Spi::get_one::<String>(
             "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
         )
@@ -452,7 +469,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     // One delivery worker per database and index: two with one index would release each
     // other's claims (and two worker 0s fan out the same keys concurrently). A session lock,
     // gone with the process however it ends.
-    let alone = BackgroundWorker::transaction(|| {
+    let alone = transaction(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT pg_catalog.pg_try_advisory_lock(1885828969, $1)",
             &[(1 + index as i32).into()],
@@ -578,7 +595,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
                 sleep = gucs::poll_interval().min(Duration::from_secs(1));
                 continue;
             }
-            BackgroundWorker::transaction(|| queue::release_claims(index, workers)).unwrap_or_else(|e| {
+            transaction(|| queue::release_claims(index, workers)).unwrap_or_else(|e| {
                 error!("pg_webhooks: could not release claimed deliveries: {e}")
             });
         }
@@ -605,7 +622,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
 /// takes tens of milliseconds).
 fn count_queue(me: shmem::Me) -> Instant {
     let started = Instant::now();
-    let depth = BackgroundWorker::transaction(|| {
+    let depth = transaction(|| {
         Spi::get_one::<i64>("SELECT count(*) FROM webhooks._queue")
     });
     match depth {
@@ -688,7 +705,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
         if state.index > 0 {
             state.me.yield_to_fan_out(RECORD_YIELD);
         }
-        let more = BackgroundWorker::transaction(move || {
+        let more = transaction(move || {
             queue::record(batch, released, &disable_after, worker, continuing)?;
             let mut more = Vec::new();
             for (t, sub, key, after, head, n) in asks {
@@ -738,7 +755,7 @@ fn run_once(pool: &http::Pool, state: &mut LoopState) -> Duration {
             pgrx::check_for_interrupts!();
             let cache = std::panic::AssertUnwindSafe(&mut state.batch);
             let advance = now >= state.advance_at;
-            let step = BackgroundWorker::transaction(move || {
+            let step = transaction(move || {
                 let cache = cache;
                 queue::fan_out(batch, cache.0, advance)
             })
@@ -903,12 +920,12 @@ impl Retention {
             self.event_cursor = 0;
             self.rewind_at = now + RETENTION_REWIND;
         }
-        BackgroundWorker::transaction(queue::end_orphans)
+        transaction(queue::end_orphans)
             .unwrap_or_else(|e| error!("pg_webhooks: ending orphaned deliveries failed: {e}"));
         let retention = gucs::retention();
         // The rollups are small (rows per subscription and minute or hour): one statement.
         let r = retention.clone();
-        BackgroundWorker::transaction(move || queue::retain_stats(&r))
+        transaction(move || queue::retain_stats(&r))
             .unwrap_or_else(|e| error!("pg_webhooks: trimming the rollups failed: {e}"));
         let deadline = now + RETENTION_BUDGET;
         // Deliveries (with their attempts) first, then the events they no longer refer to.
@@ -923,7 +940,7 @@ impl Retention {
                 pgrx::check_for_interrupts!();
                 let (r, after) = (retention.clone(), *cursor);
                 let step =
-                    BackgroundWorker::transaction(move || step_fn(&r, after, RETENTION_BATCH))
+                    transaction(move || step_fn(&r, after, RETENTION_BATCH))
                         .unwrap_or_else(|e| error!("pg_webhooks: retention failed: {e}"));
                 *cursor = step.cursor;
                 deleted += step.deleted;
@@ -1094,7 +1111,7 @@ fn claim_and_dispatch(
         Err(sleep) => return Claim { sleep, saturated: true },
     };
     let a = &args;
-    let result = BackgroundWorker::transaction(move || claim_in_transaction(a))
+    let result = transaction(move || claim_in_transaction(a))
         .unwrap_or_else(|e| error!("pg_webhooks: claiming deliveries failed: {e}"));
     let (sleep, saturated) = dispatch(pool, in_flight, me, &args, result);
     Claim { sleep, saturated }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{events, shared_cluster, Cluster};
+use common::{events, shared_cluster, wait_for, Cluster, Receiver};
 use postgres::Client;
 use std::time::Duration;
 
@@ -382,6 +382,41 @@ fn emit_enqueues_any_other_event_at_commit_only() {
     assert_eq!(rows[0].get::<_, String>(0), id);
     assert_eq!(rows[0].get::<_, String>(1), "r-2");
     assert_eq!(rows[0].get::<_, String>(2), "4");
+}
+
+/// `DROP EXTENSION` locks every table of the extension before it finds the tracked table's
+/// trigger; the delivery worker's transactions lock several of them too. While the worker
+/// delivers a backlog, the DROP is refused with its own error every time: it waits for the
+/// worker's transaction (which first takes a share lock on the extension), never deadlocks.
+#[test]
+fn drop_extension_while_the_worker_delivers_is_refused_and_never_deadlocks() {
+    let rx = Receiver::start();
+    let c = Cluster::start("dropbusy", &[]);
+    let mut db = c.connect();
+    db.batch_execute("CREATE TABLE t_orders (id int PRIMARY KEY, status text); SELECT webhooks.track('t_orders');")
+        .expect("track");
+    let row = db
+        .query_one("SELECT id, secret FROM webhooks.subscribe($1, '{t_order.*}')", &[&rx.url("/busy")])
+        .expect("subscribe");
+    rx.configure(serde_json::json!({"path": "/busy", "secret": row.get::<_, String>(1), "style": "standard"}));
+    db.batch_execute("INSERT INTO t_orders SELECT g, 'new' FROM generate_series(1, 20000) g")
+        .expect("backlog");
+    for attempt in 0..300 {
+        let err = db.batch_execute("DROP EXTENSION pg_webhooks").expect_err("must refuse");
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST),
+            "attempt {attempt}: {err:?}"
+        );
+    }
+    // Nothing of the worker's was lost or stuck.
+    wait_for("the backlog delivered", Duration::from_secs(120), || {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM webhooks.deliveries WHERE status = 'succeeded'", &[])
+            .expect("count")
+            .get(0);
+        (n == 20000).then_some(())
+    });
 }
 
 #[test]
