@@ -116,6 +116,51 @@ unsafe fn nextval_unchecked(relid: pg_sys::Oid) -> i64 {
     pg_sys::ffi::pg_guard_ffi_boundary(|| raw_nextval_internal(relid, false))
 }
 
+unsafe extern "C-unwind" {
+    /// access/toast_internals.h (not in pgrx's bindings): the value compressed with `cmethod`
+    /// (or `default_toast_compression` when that is not a method), or NULL when that saves
+    /// nothing. Called through pgrx's guard: it may raise (out of memory).
+    #[link_name = "toast_compress_datum"]
+    fn raw_toast_compress_datum(value: pg_sys::Datum, cmethod: std::ffi::c_char) -> pg_sys::Datum;
+}
+
+/// An event's data of at least this many bytes is stored compressed even though PostgreSQL
+/// compresses a value only in a row of over 2 kB (`TOAST_TUPLE_THRESHOLD`). An order with its
+/// items is some 550 bytes of jsonb and about 330 compressed (lz4): every event row, and the
+/// WAL a commit must flush, is that much smaller, and a durable commit's flush takes longer the
+/// more it writes. Below it, what compression would save is small next to what it costs.
+pub(crate) const COMPRESS_DATA_FROM: usize = 256;
+
+/// Data this long or longer makes a row PostgreSQL's toaster compresses (and, if need be, moves
+/// out of line) in `heap_insert` itself, by the same column's method: it is left to it, so that
+/// a large value that does not compress is not tried twice. `TOAST_TUPLE_THRESHOLD`:
+/// `MaximumBytesPerTuple(4)`, 2032 for 8 kB pages.
+const TOAST_TUPLE_THRESHOLD: usize = ((pg_sys::BLCKSZ as usize - 40) / 4) & !7;
+
+/// `data` compressed inline as `_events.data`'s column compression says (the extension sets it
+/// to lz4 where the server has lz4; otherwise `default_toast_compression`), when it is a plain
+/// value of `COMPRESS_DATA_FROM` to `TOAST_TUPLE_THRESHOLD` bytes and compression makes it
+/// smaller; otherwise `data` itself. Reading it back (any SQL, `::text`, the worker)
+/// decompresses it as it does any compressed value. Allocated in the current memory context.
+unsafe fn compressed_data(data: pg_sys::Datum, cmethod: std::ffi::c_char) -> pg_sys::Datum {
+    let v = data.cast_mut_ptr::<pg_sys::varlena>();
+    // Only an uncompressed value with a 4-byte header (as the jsonb writer makes); never one
+    // already compressed, stored out of line or with a short header.
+    if !pgrx::varlena::varatt_is_4b_u(v) {
+        return data;
+    }
+    let size = pgrx::varlena::varsize_4b(v);
+    if !(COMPRESS_DATA_FROM..TOAST_TUPLE_THRESHOLD).contains(&size) {
+        return data;
+    }
+    let compressed = pg_sys::ffi::pg_guard_ffi_boundary(|| raw_toast_compress_datum(data, cmethod));
+    if compressed.is_null() {
+        data
+    } else {
+        compressed
+    }
+}
+
 thread_local! {
     /// `webhooks._events` and its sequence, looked up by name once per backend and forgotten on
     /// a relcache invalidation of either (`forget_event_relids`, from capture's callback): a
@@ -311,6 +356,7 @@ pub fn insert_events(rows: &[EventRow]) {
         let desc = (*rel).rd_att;
         let cols = columns(desc);
         let natts = (*desc).natts as usize;
+        let cmethod = (*desc).attrs.as_slice(natts)[cols.data].attcompression;
         let estate = pg_sys::CreateExecutorState();
         let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>())
             as *mut pg_sys::ResultRelInfo;
@@ -356,7 +402,7 @@ pub fn insert_events(rows: &[EventRow]) {
                 _ => {
                     pg_sys::MemoryContextReset(per_data);
                     pg_sys::MemoryContextSwitchTo(per_data);
-                    let datum = row.data.datum();
+                    let datum = compressed_data(row.data.datum(), cmethod);
                     pg_sys::MemoryContextSwitchTo(per_row);
                     last_data = Some((&row.data, datum));
                     datum

@@ -807,3 +807,140 @@ fn a_backend_writes_into_the_events_table_that_has_the_name_now() {
     let orders: i64 = admin.query_one("SELECT count(*) FROM sw_orders", &[]).expect("count").get(0);
     assert_eq!(orders, 7, "the failed commits wrote no order either");
 }
+
+/// Capture stores an event's data of 256 bytes to 2 kB compressed (`_events.data`'s method, lz4
+/// where the server has it), so a commit writes and flushes less. The data reads back, and is
+/// delivered and signed, as it was written; a status change and its mapped event share one
+/// compressed value; small data, data that does not compress and data large enough for
+/// PostgreSQL's own toaster are stored as before; the column's method, changed by the DBA, is
+/// the one used. The writer is an application role with no privilege on the extension.
+#[test]
+fn event_data_is_stored_compressed_and_reads_and_is_delivered_as_written() {
+    let cl = cluster();
+    let mut c = cl.connect();
+    let rx = Receiver::start();
+    c.batch_execute(
+        r#"CREATE TABLE cmp_orders (id int PRIMARY KEY, status text NOT NULL DEFAULT 'pending', note text);
+           CREATE TABLE cmp_items (id int PRIMARY KEY, order_id int REFERENCES cmp_orders, sku text);
+           CREATE INDEX cmp_items_order_idx ON cmp_items (order_id);
+           SELECT webhooks.track('cmp_orders', entity => 'cmp', status_column => 'status',
+                  children => '{"items": {"table": "cmp_items", "foreign_key": "order_id"}}');
+           DO $$ BEGIN CREATE ROLE cmp_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+           GRANT SELECT, INSERT, UPDATE ON cmp_orders, cmp_items TO cmp_app;"#,
+    )
+    .expect("tables");
+    subscribe(&mut c, &rx, "/cmp", "{cmp.*}");
+    let lz4: bool = c
+        .query_one(
+            "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+            &[],
+        )
+        .expect("lz4?")
+        .get(0);
+    let method: Option<String> = c
+        .query_one(
+            "SELECT nullif(attcompression::text, '') FROM pg_attribute
+              WHERE attrelid = 'webhooks._events'::regclass AND attname = 'data'",
+            &[],
+        )
+        .expect("method")
+        .get(0);
+    assert_eq!(method.as_deref(), lz4.then_some("l"), "the extension sets lz4 where it can");
+    let expected = if lz4 { "lz4" } else { "pglz" };
+    // Incompressible text: hex digits of chained md5s (lz4 finds no repeats worth a match).
+    let noise = "(SELECT string_agg(md5(i::text || 'cmp'), '') FROM generate_series(1, 12) i)";
+    let mut app = cl.connect_as("postgres", "cmp_app");
+    for sql in [
+        // 1: an order with three items, some 400 bytes of data.
+        "BEGIN; INSERT INTO cmp_orders VALUES (1, 'pending', 'please leave the parcel at the door');
+         INSERT INTO cmp_items VALUES (1, 1, 'SKU-RED-SHIRT-M'), (2, 1, 'SKU-RED-SHIRT-L'), (3, 1, 'SKU-BLUE-SOCKS');
+         COMMIT"
+            .to_string(),
+        // 2: small data.
+        "INSERT INTO cmp_orders VALUES (2, 'pending', 'x')".to_string(),
+        // 3: data that does not compress.
+        format!("INSERT INTO cmp_orders VALUES (3, 'pending', {noise})"),
+        // 4: data over 2 kB (PostgreSQL's toaster compresses the row itself).
+        "INSERT INTO cmp_orders VALUES (4, 'pending', repeat('abc', 2000))".to_string(),
+        // 1 again: a status change and its mapped event (paid), one value for both.
+        "UPDATE cmp_orders SET status = 'paid' WHERE id = 1".to_string(),
+    ] {
+        app.batch_execute(&sql).expect(&sql);
+    }
+    let stored: Vec<(String, String, Option<String>, i32, i32, Value)> = c
+        .query(
+            "SELECT type, key, pg_column_compression(data), pg_column_size(data),
+                    pg_column_size(data::text::jsonb), data
+               FROM webhooks._events WHERE entity = 'cmp' ORDER BY seq",
+            &[],
+        )
+        .expect("stored")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let summary: Vec<(&str, &str, Option<&str>)> =
+        stored.iter().map(|s| (s.0.as_str(), s.1.as_str(), s.2.as_deref())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("cmp.created", "1", Some(expected)),
+            ("cmp.created", "2", None),
+            ("cmp.created", "3", None),
+            ("cmp.created", "4", Some(expected)),
+            ("cmp.status_updated", "1", Some(expected)),
+            ("cmp.paid", "1", Some(expected)),
+        ],
+        "{stored:?}"
+    );
+    let (_, _, _, size, plain_size, data) = &stored[0];
+    assert!(plain_size >= &256, "the order with its items is {plain_size} bytes of jsonb");
+    assert!(size * 10 < plain_size * 8, "compressed to {size} of {plain_size} bytes");
+    assert_eq!(data["note"], "please leave the parcel at the door");
+    assert_eq!(data["items"][2]["sku"], "SKU-BLUE-SOCKS");
+    assert_eq!(item_ids(&(String::new(), data.clone())), [1, 2, 3]);
+    assert!(stored[1].4 < 256, "small data stays as it is: {:?}", stored[1]);
+    assert!(stored[2].4 >= 256 && stored[2].3 >= stored[2].4, "{:?}", stored[2]);
+    assert!(stored[3].4 >= 2032, "{:?}", stored[3]);
+    assert_eq!(stored[4].5, stored[5].5, "the mapped event has the status change's data");
+    assert_eq!(stored[4].5["status"], "paid");
+    assert_eq!(stored[4].5["previous_status"], "pending");
+    // What SQL reads (the view, as text) is the data as written.
+    let as_text: Vec<String> = c
+        .query("SELECT data::text FROM webhooks.events WHERE entity = 'cmp' ORDER BY seq", &[])
+        .expect("as text")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (t, s) in as_text.iter().zip(&stored) {
+        assert_eq!(&serde_json::from_str::<Value>(t).expect("json"), &s.5);
+    }
+    // Delivered: each body's data is the stored data, signed as it was sent.
+    let got = rx.wait_for_requests("/cmp", stored.len(), WAIT);
+    let mut by_key_and_type: HashMap<(String, String), Value> = HashMap::new();
+    for r in &got {
+        assert_eq!(r["verified"], true, "signature must verify: {r}");
+        let key = r["json"]["data"]["id"].to_string();
+        by_key_and_type.insert((key, r["json"]["type"].as_str().unwrap_or("").to_string()), r["json"]["data"].clone());
+    }
+    for s in &stored {
+        assert_eq!(by_key_and_type.get(&(s.1.clone(), s.0.clone())), Some(&s.5), "delivered {} {}", s.0, s.1);
+    }
+    // The DBA's method is the one used.
+    let other = if lz4 { "pglz" } else { "lz4" };
+    if lz4 {
+        c.batch_execute("ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION pglz").expect("pglz");
+        app.batch_execute("UPDATE cmp_orders SET note = note || ' (rung twice)' WHERE id = 1").expect("update");
+        c.batch_execute("ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4").expect("back");
+        let last: (String, Option<String>, Value) = c
+            .query_one(
+                "SELECT type, pg_column_compression(data), data FROM webhooks._events
+                  WHERE entity = 'cmp' ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .expect("last");
+        assert_eq!(last.0, "cmp.updated");
+        assert_eq!(last.1.as_deref(), Some(other), "{last:?}");
+        assert_eq!(last.2["note"], "please leave the parcel at the door (rung twice)");
+    }
+}
