@@ -57,10 +57,10 @@ CREATE TABLE webhooks._events (
     xid        xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
--- Capture stores an event's data of 256 bytes or more compressed (src/direct.rs,
--- COMPRESS_DATA_FROM), by this column's method: lz4 where the server has it (a microsecond or
--- two for an order with its items, some 40% less table and WAL for a commit to flush), else
--- default_toast_compression.
+-- Capture stores an event's data of 256 bytes to 2 kB compressed (src/direct.rs,
+-- COMPRESS_DATA_FROM) by this column's method, if it has one: lz4 where the server has it
+-- (no measurable CPU; an order with its items 554 -> 331 bytes, 18% less WAL for a tracked
+-- status update). Without a method the data is stored as PostgreSQL would.
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_settings s

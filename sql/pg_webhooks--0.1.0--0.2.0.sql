@@ -2,9 +2,9 @@
 --
 -- Brings a 0.1.0 database to exactly what CREATE EXTENSION gives at 0.2.0: tests/upgrade.rs
 -- compares the two, object by object (definitions, privileges, comments). The tables capture
--- writes (_events, _tracked) keep their columns, so that capture keeps working between a package
+-- writes (_events, _tracked) change only compatibly, so that capture keeps working between a package
 -- upgrade and this script; the delivery workers wait for it (worker_status() says so). Only
--- _events.data's compression changes, last (it locks _events until the update commits).
+-- _events.data's compression method is set, last, and only if _events is not busy.
 \echo Use "ALTER EXTENSION pg_webhooks UPDATE" to load this file. \quit
 
 -- #12 worker status: read from shared memory.
@@ -458,7 +458,7 @@ $$;
 -- #12 observability: subscription_health, event_stats, request()
 -- A library newer than the schema keeps working until this update (the worker writes the
 -- rollups only once it sees _delivery_stats, src/queue.rs stats_schema); the capture path's
--- tables (_events, _tracked) are not changed.
+-- tables (_events, _tracked) are not changed here.
 
 -- The subscription's failure streak and last error, kept by the worker (bootstrap.sql).
 ALTER TABLE webhooks._subscriptions
@@ -1929,15 +1929,29 @@ GRANT EXECUTE ON FUNCTION
     webhooks.set_signature(bigint, text, text, jsonb), webhooks.set_tls(bigint, jsonb)
     TO webhooks_admin;
 
--- #8: capture stores an event's data of 256 bytes or more compressed (src/direct.rs,
--- COMPRESS_DATA_FROM), by this column's method: lz4 where the server has it (a microsecond or
--- two for an order with its items, some 40% less table and WAL for a commit to flush), else
--- default_toast_compression.
+-- #8: capture stores an event's data of 256 bytes to 2 kB compressed (src/direct.rs,
+-- COMPRESS_DATA_FROM) when _events.data has a compression method; a new install sets lz4
+-- where the server has it. Here only if the DBA set none, and without waiting long: this
+-- update already holds _tracked and _subscriptions, and a session that holds _events and then
+-- needs one of them would deadlock with it. If _events is busy, the update goes on without
+-- compression (capture then stores data as before) and says how to set it later.
 DO $$
+DECLARE
+    was text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_settings s
-                WHERE s.name = 'default_toast_compression' AND 'lz4' = ANY (s.enumvals)) THEN
-        ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4;
+                WHERE s.name = 'default_toast_compression' AND 'lz4' = ANY (s.enumvals))
+       AND EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = 'webhooks._events'::pg_catalog.regclass AND a.attname = 'data'
+                      AND a.attcompression = '') THEN
+        BEGIN
+            PERFORM pg_catalog.set_config('lock_timeout', '100ms', true);
+            ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            RAISE WARNING 'pg_webhooks: webhooks._events is busy; event data stays uncompressed'
+                USING HINT = 'Run ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4 when it is quiet.';
+        END;
+        PERFORM pg_catalog.set_config('lock_timeout', was, true);
     END IF;
 END
 $$;

@@ -133,12 +133,13 @@ pub(crate) const COMPRESS_DATA_FROM: usize = 256;
 
 /// Data this long or longer makes a row PostgreSQL's toaster compresses (and, if need be, moves
 /// out of line) in `heap_insert` itself, by the same column's method: it is left to it, so that
-/// a large value that does not compress is not tried twice. `TOAST_TUPLE_THRESHOLD`:
-/// `MaximumBytesPerTuple(4)`, 2032 for 8 kB pages.
+/// a large value that does not compress is not tried twice (only data within the other
+/// columns' ~100 bytes of this may be). `TOAST_TUPLE_THRESHOLD`: `MaximumBytesPerTuple(4)`,
+/// 2032 for 8 kB pages.
 const TOAST_TUPLE_THRESHOLD: usize = ((pg_sys::BLCKSZ as usize - 40) / 4) & !7;
 
-/// `data` compressed inline as `_events.data`'s column compression says (the extension sets it
-/// to lz4 where the server has lz4; otherwise `default_toast_compression`), when it is a plain
+/// `data` compressed inline by `_events.data`'s column compression method (the extension sets
+/// it to lz4 where the server has lz4), if the column has one, when it is a plain
 /// value of `COMPRESS_DATA_FROM` to `TOAST_TUPLE_THRESHOLD` bytes and compression makes it
 /// smaller; otherwise `data` itself. Reading it back (any SQL, `::text`, the worker)
 /// decompresses it as it does any compressed value. Allocated in the current memory context.
@@ -146,7 +147,10 @@ unsafe fn compressed_data(data: pg_sys::Datum, cmethod: std::ffi::c_char) -> pg_
     let v = data.cast_mut_ptr::<pg_sys::varlena>();
     // Only an uncompressed value with a 4-byte header (as the jsonb writer makes); never one
     // already compressed, stored out of line or with a short header.
-    if !pgrx::varlena::varatt_is_4b_u(v) {
+    // No method on the column (a server without lz4, or an update that could not set it):
+    // stored as PostgreSQL would, not with default_toast_compression's pglz (slower, and not
+    // measured here). A DBA may set either method on the column.
+    if cmethod == 0 || !pgrx::varlena::varatt_is_4b_u(v) {
         return data;
     }
     let size = pgrx::varlena::varsize_4b(v);

@@ -239,3 +239,60 @@ fn the_update_script_cannot_be_run_by_hand_and_an_unknown_version_is_refused() {
         .get(0);
     assert_eq!(path.as_deref(), Some(format!("{OLD}--{}", env!("CARGO_PKG_VERSION")).as_str()));
 }
+
+/// The update sets `_events.data`'s compression last and waits for `_events`' lock at most
+/// 100 ms: it already holds `_tracked` and `_subscriptions`, and a session holding `_events`
+/// that then needs one of those would deadlock with it. With `_events` busy the update still
+/// commits, says so with a WARNING and its fix, and capture stores data uncompressed; the
+/// DBA's ALTER later makes it compress.
+#[test]
+fn an_update_with_the_events_table_busy_commits_without_compression_and_says_so() {
+    common::install_archived_script(OLD);
+    let cluster = Cluster::start("upgrade_busy", &[]);
+    let mut c = cluster.connect();
+    c.batch_execute(&format!(
+        "DROP EXTENSION pg_webhooks; CREATE EXTENSION pg_webhooks VERSION '{OLD}';
+         CREATE TABLE busy_orders (id int PRIMARY KEY, note text);
+         SELECT webhooks.track('busy_orders', entity => 'busy');"
+    ))
+    .expect("old version");
+    let mut holder = cluster.connect();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE webhooks._events IN ROW EXCLUSIVE MODE")
+        .expect("hold _events");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut config = postgres::Config::new();
+    config.host("127.0.0.1").port(cluster.port).user("postgres").dbname("postgres");
+    config.notice_callback(move |n| seen.lock().unwrap().push(format!("{} {}", n.message(), n.hint().unwrap_or(""))));
+    let mut updater = config.connect(postgres::NoTls).expect("connect");
+    updater.batch_execute("ALTER EXTENSION pg_webhooks UPDATE").expect("the update commits");
+    holder.batch_execute("COMMIT").expect("release");
+    assert_eq!(version(&mut c), env!("CARGO_PKG_VERSION"));
+    let said = notices.lock().unwrap().join("\n");
+    assert!(
+        said.contains("webhooks._events is busy") && said.contains("SET COMPRESSION lz4"),
+        "{said}"
+    );
+    let method = |c: &mut Client| -> String {
+        c.query_one(
+            "SELECT attcompression::text FROM pg_attribute
+              WHERE attrelid = 'webhooks._events'::regclass AND attname = 'data'",
+            &[],
+        )
+        .expect("method")
+        .get(0)
+    };
+    assert_eq!(method(&mut c), "", "no method set while _events was busy");
+    let note = "repeat('please leave the parcel at the door; ', 10)";
+    c.batch_execute(&format!("INSERT INTO busy_orders VALUES (1, {note})")).expect("insert");
+    c.batch_execute("ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4").expect("the hint's fix");
+    c.batch_execute(&format!("INSERT INTO busy_orders VALUES (2, {note})")).expect("insert");
+    let stored: Vec<Option<String>> = c
+        .query("SELECT pg_column_compression(data) FROM webhooks._events WHERE entity = 'busy' ORDER BY seq", &[])
+        .expect("stored")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, [None, Some("lz4".to_string())]);
+}
