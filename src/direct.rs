@@ -129,7 +129,7 @@ unsafe extern "C-unwind" {
 /// items is some 550 bytes of jsonb and about 330 compressed (lz4): every event row, and the
 /// WAL a commit must flush, is that much smaller, and a durable commit's flush takes longer the
 /// more it writes. Below it, what compression would save is small next to what it costs.
-pub(crate) const COMPRESS_DATA_FROM: usize = 256;
+const COMPRESS_DATA_FROM: usize = 256;
 
 /// Data this long or longer makes a row PostgreSQL's toaster compresses (and, if need be, moves
 /// out of line) in `heap_insert` itself, by the same column's method: it is left to it, so that
@@ -144,13 +144,16 @@ const TOAST_TUPLE_THRESHOLD: usize = ((pg_sys::BLCKSZ as usize - 40) / 4) & !7;
 /// smaller; otherwise `data` itself. Reading it back (any SQL, `::text`, the worker)
 /// decompresses it as it does any compressed value. Allocated in the current memory context.
 unsafe fn compressed_data(data: pg_sys::Datum, cmethod: std::ffi::c_char) -> pg_sys::Datum {
-    let v = data.cast_mut_ptr::<pg_sys::varlena>();
-    // Only an uncompressed value with a 4-byte header (as the jsonb writer makes); never one
-    // already compressed, stored out of line or with a short header.
     // No method on the column (a server without lz4, or an update that could not set it):
     // stored as PostgreSQL would, not with default_toast_compression's pglz (slower, and not
     // measured here). A DBA may set either method on the column.
-    if cmethod == 0 || !pgrx::varlena::varatt_is_4b_u(v) {
+    if cmethod == 0 {
+        return data;
+    }
+    // Only an uncompressed value with a 4-byte header (as the jsonb writer makes); never one
+    // already compressed, stored out of line or with a short header.
+    let v = data.cast_mut_ptr::<pg_sys::varlena>();
+    if !pgrx::varlena::varatt_is_4b_u(v) {
         return data;
     }
     let size = pgrx::varlena::varsize_4b(v);

@@ -838,15 +838,8 @@ fn event_data_is_stored_compressed_and_reads_and_is_delivered_as_written() {
         )
         .expect("lz4?")
         .get(0);
-    let method: Option<String> = c
-        .query_one(
-            "SELECT nullif(attcompression::text, '') FROM pg_attribute
-              WHERE attrelid = 'webhooks._events'::regclass AND attname = 'data'",
-            &[],
-        )
-        .expect("method")
-        .get(0);
-    assert_eq!(method.as_deref(), lz4.then_some("l"), "the extension sets lz4 where it can");
+    let method = common::events_data_method(&mut c);
+    assert_eq!(method, if lz4 { "l" } else { "" }, "the extension sets lz4 where it can");
     let expected = if lz4 { "lz4" } else { "pglz" };
     // Incompressible text: hex digits of chained md5s (lz4 finds no repeats worth a match).
     let noise = "(SELECT string_agg(md5(i::text || 'cmp'), '') FROM generate_series(1, 12) i)";
@@ -940,14 +933,8 @@ fn event_data_is_stored_compressed_and_reads_and_is_delivered_as_written() {
     ] {
         own.batch_execute(sql).expect(sql);
     }
-    let methods: Vec<Option<String>> = own
-        .query("SELECT pg_column_compression(data) FROM webhooks._events WHERE entity = 'cmpm' ORDER BY seq", &[])
-        .expect("methods")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     assert_eq!(
-        methods,
+        common::stored_compression(&mut own, "cmpm"),
         [Some("pglz".to_string()), None],
         "pglz as the DBA set it; with no method on the column, stored as PostgreSQL would"
     );

@@ -274,25 +274,10 @@ fn an_update_with_the_events_table_busy_commits_without_compression_and_says_so(
         said.contains("webhooks._events is busy") && said.contains("SET COMPRESSION lz4"),
         "{said}"
     );
-    let method = |c: &mut Client| -> String {
-        c.query_one(
-            "SELECT attcompression::text FROM pg_attribute
-              WHERE attrelid = 'webhooks._events'::regclass AND attname = 'data'",
-            &[],
-        )
-        .expect("method")
-        .get(0)
-    };
-    assert_eq!(method(&mut c), "", "no method set while _events was busy");
+    assert_eq!(common::events_data_method(&mut c), "", "no method set while _events was busy");
     let note = "repeat('please leave the parcel at the door; ', 10)";
     c.batch_execute(&format!("INSERT INTO busy_orders VALUES (1, {note})")).expect("insert");
     c.batch_execute("ALTER TABLE webhooks._events ALTER COLUMN data SET COMPRESSION lz4").expect("the hint's fix");
     c.batch_execute(&format!("INSERT INTO busy_orders VALUES (2, {note})")).expect("insert");
-    let stored: Vec<Option<String>> = c
-        .query("SELECT pg_column_compression(data) FROM webhooks._events WHERE entity = 'busy' ORDER BY seq", &[])
-        .expect("stored")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(stored, [None, Some("lz4".to_string())]);
+    assert_eq!(common::stored_compression(&mut c, "busy"), [None, Some("lz4".to_string())]);
 }

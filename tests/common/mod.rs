@@ -495,6 +495,29 @@ pub fn events(c: &mut Client, entity: &str) -> Vec<(String, Value)> {
     .collect()
 }
 
+/// `_events.data`'s compression method (`attcompression`): "l" (lz4), "p" (pglz) or "" (none).
+pub fn events_data_method(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT attcompression::text FROM pg_attribute
+          WHERE attrelid = 'webhooks._events'::regclass AND attname = 'data'",
+        &[],
+    )
+    .expect("_events.data's method")
+    .get(0)
+}
+
+/// How each event of `entity` has its data stored (`pg_column_compression`), in commit order.
+pub fn stored_compression(c: &mut Client, entity: &str) -> Vec<Option<String>> {
+    c.query(
+        "SELECT pg_column_compression(data) FROM webhooks._events WHERE entity = $1 ORDER BY seq",
+        &[&entity],
+    )
+    .expect("stored compression")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// Runs `sql`, which must fail with `state`; returns the message and hint.
 pub fn fails(c: &mut Client, sql: &str, state: SqlState) -> String {
     let err = c.batch_execute(sql).expect_err(sql);
