@@ -50,21 +50,95 @@ fn _worker_pid() -> Option<i32> {
     shmem::fan_out_worker_pid()
 }
 
+/// The extension's OID when this worker became ready to deliver (0 before): a worker
+/// transaction that finds another one (the extension dropped, or dropped and created again)
+/// restarts the worker rather than go on with what it holds of the old one.
+static READY_EXTENSION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A delivery worker's transaction: `f` after a share lock on the extension (its `pg_extension`
 /// object), which `DROP EXTENSION` locks exclusively before any of its tables. Without it a
 /// DROP, locking the extension's tables one by one, and a worker transaction holding one of
 /// them and waiting for another deadlocked (and either could be the one to fail); now the DROP
 /// waits for the worker's transaction, or the worker for the DROP, holding nothing.
+///
+/// The lock is only tried, and tried again every 50 ms while a DROP holds or waits for it: a
+/// worker waiting behind an open `DROP EXTENSION` still answers SIGTERM. Once it has the lock
+/// the extension is looked up again (as Citus does): a DROP that committed meanwhile, or a
+/// DROP and CREATE in one transaction, is seen now, not as missing relations later.
 fn transaction<R, F: FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe>(f: F) -> R {
     BackgroundWorker::transaction(move || {
-        unsafe {
-            let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
-            if ext != pg_sys::InvalidOid {
-                pg_sys::LockDatabaseObject(pg_sys::ExtensionRelationId, ext, 0, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            }
-        }
+        unsafe { lock_extension() };
         f()
     })
+}
+
+unsafe fn lock_extension() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    let mut waiting_since: Option<std::time::Instant> = None;
+    let mut said = false;
+    loop {
+        let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
+        let ready = READY_EXTENSION.load(Relaxed);
+        if ext == pg_sys::InvalidOid {
+            if ready != 0 {
+                restart("the extension was dropped");
+            }
+            return;
+        }
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: pg_sys::ExtensionRelationId.to_u32(),
+            locktag_field3: ext.to_u32(),
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
+            locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+        };
+        let got = pg_sys::LockAcquire(&tag, mode, false, true);
+        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            // A DROP EXTENSION holds it or waits for it: let it go first.
+            let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+            if !said && since.elapsed() >= Duration::from_secs(1) {
+                log!(
+                    "pg_webhooks: the delivery worker waits for the extension's lock (held by a DROP EXTENSION or ALTER EXTENSION ... SET SCHEMA not yet committed)"
+                );
+                said = true;
+            }
+            let rc = pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                50,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            if BackgroundWorker::sigterm_received() {
+                log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
+                pg_sys::proc_exit(0);
+            }
+            continue;
+        }
+        // Invalidations up to the lock: the catalog as a DROP that held it left it.
+        if got != pg_sys::LockAcquireResult::LOCKACQUIRE_ALREADY_CLEAR {
+            pg_sys::AcceptInvalidationMessages();
+        }
+        if pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true) != ext {
+            pg_sys::LockRelease(&tag, mode, false);
+            continue;
+        }
+        if ready != 0 && ready != ext.to_u32() {
+            restart("the extension was dropped and created again");
+        }
+        return;
+    }
+}
+
+/// Leave for the postmaster to start this worker again (after its restart interval): it then
+/// waits for the extension as at start.
+fn restart(why: &str) -> ! {
+    log!("pg_webhooks: {why}; the delivery worker restarts");
+    unsafe { pg_sys::proc_exit(1) }
 }
 
 /// Whether the database exists. The launcher is connected to no database, so it cannot use
@@ -351,13 +425,13 @@ impl InFlight {
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The version of the extension created in this database, if it is.
-fn extension_version() -> Option<String> {
+fn extension_version() -> Option<(String, u32)> {
     transaction(|| {
-        Spi::get_one::<String>(
-            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
+        Spi::get_two::<String, pg_sys::Oid>(
+            "SELECT extversion, oid FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
         )
         .ok()
-        .flatten()
+        .and_then(|(v, oid)| Some((v?, oid?.to_u32())))
     })
 }
 
@@ -574,8 +648,11 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         }
         if !ready {
             match extension_version() {
-                Some(v) if v == LIBRARY_VERSION => ready = true,
-                Some(v) => {
+                Some((v, oid)) if v == LIBRARY_VERSION => {
+                    READY_EXTENSION.store(oid, std::sync::atomic::Ordering::Relaxed);
+                    ready = true;
+                }
+                Some((v, _)) => {
                     // The library was upgraded and the extension's objects are not yet: the
                     // new library may need what the update adds. Capture goes on meanwhile
                     // (its tables are the same); what it writes is delivered after the update.

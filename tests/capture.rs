@@ -399,24 +399,133 @@ fn drop_extension_while_the_worker_delivers_is_refused_and_never_deadlocks() {
         .query_one("SELECT id, secret FROM webhooks.subscribe($1, '{t_order.*}')", &[&rx.url("/busy")])
         .expect("subscribe");
     rx.configure(serde_json::json!({"path": "/busy", "secret": row.get::<_, String>(1), "style": "standard"}));
+    let worker = wait_for("the worker", Duration::from_secs(60), || worker_pid(&mut db));
     db.batch_execute("INSERT INTO t_orders SELECT g, 'new' FROM generate_series(1, 20000) g")
         .expect("backlog");
-    for attempt in 0..300 {
-        let err = db.batch_execute("DROP EXTENSION pg_webhooks").expect_err("must refuse");
-        assert_eq!(
-            err.code(),
-            Some(&postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST),
-            "attempt {attempt}: {err:?}"
-        );
-    }
-    // Nothing of the worker's was lost or stuck.
-    wait_for("the backlog delivered", Duration::from_secs(120), || {
-        let n: i64 = db
-            .query_one("SELECT count(*) FROM webhooks.deliveries WHERE status = 'succeeded'", &[])
+    let delivered = |db: &mut postgres::Client| -> i64 {
+        db.query_one("SELECT count(*) FROM webhooks.deliveries WHERE status = 'succeeded'", &[])
             .expect("count")
-            .get(0);
-        (n == 20000).then_some(())
+            .get(0)
+    };
+    // DROPs for as long as the backlog is being delivered (and 300 at least).
+    let started = std::time::Instant::now();
+    let (mut attempts, mut while_delivering) = (0, 0);
+    loop {
+        let before = delivered(&mut db);
+        if before == 20000 && attempts >= 300 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "the backlog was not delivered: {before} of 20000");
+        for _ in 0..10 {
+            let err = db.batch_execute("DROP EXTENSION pg_webhooks").expect_err("must refuse");
+            assert_eq!(
+                err.code(),
+                Some(&postgres::error::SqlState::DEPENDENT_OBJECTS_STILL_EXIST),
+                "attempt {attempts}: {err:?}"
+            );
+            attempts += 1;
+        }
+        if before < 20000 {
+            while_delivering += 10;
+        }
+    }
+    assert!(while_delivering >= 10, "the DROPs overlapped the delivery ({while_delivering} of {attempts})");
+    // Nothing of the worker's was lost or stuck, and it never failed.
+    assert_eq!(worker_pid(&mut db), Some(worker), "the same worker delivered throughout");
+    let log = c.server_log();
+    assert!(!log.contains("deadlock detected"), "{log}");
+}
+
+fn worker_pid(c: &mut postgres::Client) -> Option<i32> {
+    c.query_one("SELECT webhooks._worker_pid()", &[]).expect("worker pid").get(0)
+}
+
+/// A `DROP EXTENSION` left open in a transaction holds the extension's lock: the worker waits
+/// for it holding nothing, and still stops at once when told to (a fast shutdown, or
+/// `pg_terminate_backend`). When the DROP rolls back, delivery goes on.
+#[test]
+fn a_worker_waiting_behind_an_open_drop_extension_stops_when_told() {
+    let rx = Receiver::start();
+    let c = Cluster::start("dropopen", &[]);
+    let mut db = c.connect();
+    let row = db
+        .query_one("SELECT id, secret FROM webhooks.subscribe($1, '{thing.*}')", &[&rx.url("/open-drop")])
+        .expect("subscribe");
+    let worker = wait_for("the worker", Duration::from_secs(60), || worker_pid(&mut db));
+    // The receiver answers after 3 s: the DROP begins while the worker waits for it, and the
+    // worker's record of the answer finds the lock taken.
+    rx.configure(serde_json::json!({"path": "/open-drop", "secret": row.get::<_, String>(1), "style": "standard", "delay_ms": 3000}));
+    db.batch_execute("SELECT webhooks.emit('thing.sent', '{\"n\": 0}')").expect("emit");
+    rx.wait_for_requests("/open-drop", 1, Duration::from_secs(60));
+    let mut dba = c.connect();
+    dba.batch_execute("BEGIN; DROP EXTENSION pg_webhooks;").expect("an open DROP");
+    wait_for("the worker to wait for the lock", Duration::from_secs(30), || {
+        c.server_log().contains("the delivery worker waits for the extension's lock").then_some(())
     });
+    let mut su = c.connect();
+    su.execute("SELECT pg_terminate_backend($1)", &[&worker]).expect("terminate");
+    wait_for("the worker to stop", Duration::from_secs(5), || {
+        let alive: bool = su
+            .query_one("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", &[&worker])
+            .expect("activity")
+            .get(0);
+        (!alive).then_some(())
+    });
+    dba.batch_execute("ROLLBACK").expect("roll the DROP back");
+    rx.configure(serde_json::json!({"path": "/open-drop", "secret": row.get::<_, String>(1), "style": "standard"}));
+    db.batch_execute("SELECT webhooks.emit('thing.kept', '{\"n\": 1}')").expect("emit");
+    let kept = wait_for("the next event delivered", Duration::from_secs(60), || {
+        rx.log("/open-drop").into_iter().find(|r| r["json"]["type"] == "thing.kept")
+    });
+    assert_eq!(kept["verified"], true, "{kept}");
+    let again = worker_pid(&mut db).expect("a worker");
+    assert_ne!(again, worker, "the launcher started a new worker");
+}
+
+/// The extension dropped and created again while the worker delivers, once in two
+/// transactions and once in one: the worker notices at its next transaction, says so and
+/// starts again, and delivers the new extension's events (it fails on no missing relation).
+#[test]
+fn the_worker_starts_again_when_the_extension_is_dropped_and_created_again() {
+    let rx = Receiver::start();
+    let c = Cluster::start("recreate", &[]);
+    let mut db = c.connect();
+    let round = |db: &mut postgres::Client, n: usize| {
+        let path = format!("/recreated-{n}");
+        let row = db
+            .query_one("SELECT id, secret FROM webhooks.subscribe($1, '{r_order.*}')", &[&rx.url(&path)])
+            .expect("subscribe");
+        rx.configure(serde_json::json!({"path": path, "secret": row.get::<_, String>(1), "style": "standard"}));
+        db.batch_execute(&format!("INSERT INTO r_orders VALUES ({n})")).expect("insert");
+        rx.wait_for_requests(&path, 1, Duration::from_secs(60));
+        assert_eq!(rx.log(&path)[0]["verified"], true, "{:?}", rx.log(&path));
+    };
+    db.batch_execute("CREATE TABLE r_orders (id int PRIMARY KEY); SELECT webhooks.track('r_orders', entity => 'r_order');")
+        .expect("track");
+    round(&mut db, 1);
+    let first = worker_pid(&mut db).expect("a worker");
+    db.batch_execute("SELECT webhooks.untrack('r_orders'); DROP EXTENSION pg_webhooks;").expect("drop");
+    wait_for("the worker to notice", Duration::from_secs(30), || {
+        c.server_log().contains("pg_webhooks: the extension was dropped; the delivery worker restarts").then_some(())
+    });
+    db.batch_execute("CREATE EXTENSION pg_webhooks; SELECT webhooks.track('r_orders', entity => 'r_order');")
+        .expect("create again");
+    round(&mut db, 2);
+    let second = worker_pid(&mut db).expect("a worker");
+    assert_ne!(second, first);
+    db.batch_execute(
+        "BEGIN; SELECT webhooks.untrack('r_orders'); DROP EXTENSION pg_webhooks; CREATE EXTENSION pg_webhooks;
+         SELECT webhooks.track('r_orders', entity => 'r_order'); COMMIT;",
+    )
+    .expect("drop and create in one transaction");
+    round(&mut db, 3);
+    assert!(
+        c.server_log().contains("pg_webhooks: the extension was dropped and created again; the delivery worker restarts"),
+        "{}",
+        c.server_log()
+    );
+    let log = c.server_log();
+    assert!(!log.contains("does not exist") && !log.contains("ERROR"), "the worker failed on nothing:\n{log}");
 }
 
 #[test]
