@@ -77,12 +77,18 @@ unsafe fn lock_extension() {
     let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
     let mut waiting_since: Option<std::time::Instant> = None;
     let mut said = false;
+    // A wake (a commit's, an HTTP outcome's) that came while this waited: set again for the
+    // main loop once the lock is held.
+    let mut woken = false;
     loop {
         let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
         let ready = READY_EXTENSION.load(Relaxed);
         if ext == pg_sys::InvalidOid {
             if ready != 0 {
                 restart("the extension was dropped");
+            }
+            if woken {
+                pg_sys::SetLatch(pg_sys::MyLatch);
             }
             return;
         }
@@ -94,6 +100,7 @@ unsafe fn lock_extension() {
             locktag_type: pg_sys::LockTagType::LOCKTAG_OBJECT as u8,
             locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
         };
+        let before = pg_sys::SharedInvalidMessageCounter;
         let got = pg_sys::LockAcquire(&tag, mode, false, true);
         if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
             // A DROP EXTENSION holds it or waits for it: let it go first.
@@ -112,6 +119,7 @@ unsafe fn lock_extension() {
             );
             if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
                 pg_sys::ResetLatch(pg_sys::MyLatch);
+                woken = true;
             }
             if BackgroundWorker::sigterm_received() {
                 log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
@@ -119,16 +127,22 @@ unsafe fn lock_extension() {
             }
             continue;
         }
-        // Invalidations up to the lock: the catalog as a DROP that held it left it.
+        // Invalidations up to the lock: the catalog as a DROP that held it left it. Looked up
+        // again only if some came in (a committed DROP sends them).
         if got != pg_sys::LockAcquireResult::LOCKACQUIRE_ALREADY_CLEAR {
             pg_sys::AcceptInvalidationMessages();
         }
-        if pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true) != ext {
+        if pg_sys::SharedInvalidMessageCounter != before
+            && pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true) != ext
+        {
             pg_sys::LockRelease(&tag, mode, false);
             continue;
         }
         if ready != 0 && ready != ext.to_u32() {
             restart("the extension was dropped and created again");
+        }
+        if woken {
+            pg_sys::SetLatch(pg_sys::MyLatch);
         }
         return;
     }
