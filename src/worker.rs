@@ -61,10 +61,11 @@ static READY_EXTENSION: std::sync::atomic::AtomicU32 = std::sync::atomic::Atomic
 /// them and waiting for another deadlocked (and either could be the one to fail); now the DROP
 /// waits for the worker's transaction, or the worker for the DROP, holding nothing.
 ///
-/// The lock is only tried, and tried again every 50 ms while a DROP holds or waits for it: a
-/// worker waiting behind an open `DROP EXTENSION` still answers SIGTERM. Once it has the lock
-/// the extension is looked up again (as Citus does): a DROP that committed meanwhile, or a
-/// DROP and CREATE in one transaction, is seen now, not as missing relations later.
+/// Waiting, the worker is queued for the lock as any session is (a stream of refused DROPs
+/// does not starve it), and SIGTERM ends the wait: PostgreSQL's own handler is in place for
+/// it. Once it has the lock the extension is looked up again (as Citus does): a DROP that
+/// committed meanwhile, or a DROP and CREATE in one transaction, is seen now, not as missing
+/// relations later.
 fn transaction<R, F: FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnwindSafe>(f: F) -> R {
     BackgroundWorker::transaction(move || {
         unsafe { lock_extension() };
@@ -72,23 +73,29 @@ fn transaction<R, F: FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnw
     })
 }
 
+thread_local! {
+    /// The extension's OID locked by this worker's latest transaction (0: none).
+    static LOCKED_EXTENSION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends (postgres.c): sets ProcDiePending and the
+    /// latch, so the next CHECK_FOR_INTERRUPTS ends the process with FATAL. A signal handler,
+    /// called by the kernel: it must be the C function itself, not pgrx's guarded wrapper.
+    #[link_name = "die"]
+    fn postgres_die(signo: std::ffi::c_int);
+}
+
 unsafe fn lock_extension() {
     use std::sync::atomic::Ordering::Relaxed;
     let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-    let mut waiting_since: Option<std::time::Instant> = None;
-    let mut said = false;
-    // A wake (a commit's, an HTTP outcome's) that came while this waited: set again for the
-    // main loop once the lock is held.
-    let mut woken = false;
+    LOCKED_EXTENSION.with(|l| l.set(0));
     loop {
         let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
         let ready = READY_EXTENSION.load(Relaxed);
         if ext == pg_sys::InvalidOid {
             if ready != 0 {
                 restart("the extension was dropped");
-            }
-            if woken {
-                pg_sys::SetLatch(pg_sys::MyLatch);
             }
             return;
         }
@@ -101,37 +108,40 @@ unsafe fn lock_extension() {
             locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
         };
         let before = pg_sys::SharedInvalidMessageCounter;
-        let got = pg_sys::LockAcquire(&tag, mode, false, true);
-        if got == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
-            // A DROP EXTENSION holds it or waits for it: let it go first.
-            let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
-            if !said && since.elapsed() >= Duration::from_secs(1) {
-                log!(
-                    "pg_webhooks: the delivery worker waits for the extension's lock (held by a DROP EXTENSION or ALTER EXTENSION ... SET SCHEMA not yet committed)"
-                );
-                said = true;
-            }
-            let rc = pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                50,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-                woken = true;
-            }
+        if pg_sys::LockAcquire(&tag, mode, false, true) == pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL {
+            // A DROP EXTENSION (or ALTER ... DEPENDS ON EXTENSION, DROP OWNED) holds it or
+            // waits for it. pgrx's SIGTERM handler only raises a flag, which a lock wait never
+            // looks at: PostgreSQL's `die` is the handler for the wait, so that SIGTERM ends
+            // it (with FATAL, as it ends a backend's).
+            let stop = || {
+                if BackgroundWorker::sigterm_received() {
+                    log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
+                    pg_sys::proc_exit(0);
+                }
+            };
+            stop();
+            let kept = pg_sys::pqsignal(libc::SIGTERM, Some(postgres_die));
+            // One that came just before the swap raised pgrx's flag.
             if BackgroundWorker::sigterm_received() {
-                log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
-                pg_sys::proc_exit(0);
+                pg_sys::pqsignal(libc::SIGTERM, kept);
+                stop();
             }
-            continue;
+            let started = std::time::Instant::now();
+            pg_sys::LockAcquire(&tag, mode, false, false);
+            pg_sys::pqsignal(libc::SIGTERM, kept);
+            // A SIGTERM taken by `die` after the lock was granted ends the worker here.
+            pgrx::check_for_interrupts!();
+            let waited = started.elapsed();
+            if waited >= Duration::from_secs(1) {
+                log!(
+                    "pg_webhooks: the delivery worker waited {:.1} s for the extension's lock",
+                    waited.as_secs_f64()
+                );
+            }
         }
         // Invalidations up to the lock: the catalog as a DROP that held it left it. Looked up
         // again only if some came in (a committed DROP sends them).
-        if got != pg_sys::LockAcquireResult::LOCKACQUIRE_ALREADY_CLEAR {
-            pg_sys::AcceptInvalidationMessages();
-        }
+        pg_sys::AcceptInvalidationMessages();
         if pg_sys::SharedInvalidMessageCounter != before
             && pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true) != ext
         {
@@ -141,9 +151,7 @@ unsafe fn lock_extension() {
         if ready != 0 && ready != ext.to_u32() {
             restart("the extension was dropped and created again");
         }
-        if woken {
-            pg_sys::SetLatch(pg_sys::MyLatch);
-        }
+        LOCKED_EXTENSION.with(|l| l.set(ext.to_u32()));
         return;
     }
 }
@@ -439,13 +447,13 @@ impl InFlight {
 const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The version of the extension created in this database, if it is.
-fn extension_version() -> Option<(String, u32)> {
+fn extension_version() -> Option<String> {
     transaction(|| {
-        Spi::get_two::<String, pg_sys::Oid>(
-            "SELECT extversion, oid FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
+        Spi::get_one::<String>(
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_webhooks'",
         )
         .ok()
-        .and_then(|(v, oid)| Some((v?, oid?.to_u32())))
+        .flatten()
     })
 }
 
@@ -662,11 +670,13 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
         }
         if !ready {
             match extension_version() {
-                Some((v, oid)) if v == LIBRARY_VERSION => {
+                Some(v) if v == LIBRARY_VERSION => {
+                    // The OID that transaction locked (its query's snapshot may be older).
+                    let oid = LOCKED_EXTENSION.with(|l| l.get());
                     READY_EXTENSION.store(oid, std::sync::atomic::Ordering::Relaxed);
-                    ready = true;
+                    ready = oid != 0;
                 }
-                Some((v, _)) => {
+                Some(v) => {
                     // The library was upgraded and the extension's objects are not yet: the
                     // new library may need what the update adds. Capture goes on meanwhile
                     // (its tables are the same); what it writes is delivered after the update.
