@@ -113,22 +113,33 @@ unsafe fn lock_extension() {
             // waits for it. pgrx's SIGTERM handler only raises a flag, which a lock wait never
             // looks at: PostgreSQL's `die` is the handler for the wait, so that SIGTERM ends
             // it (with FATAL, as it ends a backend's).
-            let stop = || {
-                if BackgroundWorker::sigterm_received() {
-                    log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
-                    pg_sys::proc_exit(0);
-                }
+            let stopping = || -> ! {
+                log!("pg_webhooks: delivery worker stopping while it waited for the extension's lock");
+                pg_sys::proc_exit(0)
             };
-            stop();
-            let kept = pg_sys::pqsignal(libc::SIGTERM, Some(postgres_die));
+            // (Reading pgrx's flag clears it: each read that finds it set stops here.)
+            if BackgroundWorker::sigterm_received() {
+                stopping();
+            }
+            /// pgrx's handler back however the wait ends (an ERROR unwinds through here).
+            struct Restore(pg_sys::pqsigfunc);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    unsafe { pg_sys::pqsignal(libc::SIGTERM, self.0) };
+                }
+            }
+            let restore = Restore(pg_sys::pqsignal(libc::SIGTERM, Some(postgres_die)));
             // One that came just before the swap raised pgrx's flag.
             if BackgroundWorker::sigterm_received() {
-                pg_sys::pqsignal(libc::SIGTERM, kept);
-                stop();
+                drop(restore);
+                stopping();
             }
             let started = std::time::Instant::now();
             pg_sys::LockAcquire(&tag, mode, false, false);
-            pg_sys::pqsignal(libc::SIGTERM, kept);
+            drop(restore);
+            // The wait reset the latch: a wake that came meanwhile (a commit's, worker 0's
+            // call to the others) is set again for the main loop.
+            pg_sys::SetLatch(pg_sys::MyLatch);
             // A SIGTERM taken by `die` after the lock was granted ends the worker here.
             pgrx::check_for_interrupts!();
             let waited = started.elapsed();
@@ -602,6 +613,9 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
             (c"enable_bitmapscan", c"off"),
             (c"plan_cache_mode", c"force_generic_plan"),
             (c"jit", c"off"),
+            // The wait for the extension's lock must not fail on a lock_timeout set for the
+            // database or role: it waits, and SIGTERM ends it.
+            (c"lock_timeout", c"0"),
         ] {
             pg_sys::SetConfigOption(
                 name.as_ptr(),

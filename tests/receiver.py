@@ -40,6 +40,7 @@ Control API (JSON in and out):
        "target" (raw request target, with query), "received_at", "headers" (lower-cased names),
        "body" (text), "json" (parsed or null), "status" (what we answer),
        "verified" (true/false, null if no secret), "verify_error" (null or text)}
+  GET  /_count[?path=/p]   -> {"n": how many requests /_log would list}
   GET  /_health            -> {"ok": true}
   GET  /_tls_log           JSON array of failed TLS handshakes: {"error": text}
 
@@ -198,6 +199,10 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 entries = [e for e in LOG if only is None or e["path"] == only]
                 return self.reply_json(200, entries)
+        if url.path == "/_count":
+            only = parse_qs(url.query).get("path", [None])[0]
+            with LOCK:
+                return self.reply_json(200, {"n": sum(1 for e in LOG if only is None or e["path"] == only)})
         if url.path == "/_tls_log":
             with LOCK:
                 return self.reply_json(200, list(TLS_LOG))

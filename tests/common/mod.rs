@@ -466,6 +466,15 @@ impl Receiver {
         serde_json::from_str(&text).expect("log json")
     }
 
+    /// How many requests `path` has received (without fetching them).
+    pub fn count(&self, path: &str) -> usize {
+        let mut resp = ureq::get(&self.url(&format!("/_count?path={path}")))
+            .call()
+            .expect("receiver count");
+        let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().expect("count body")).expect("count json");
+        v["n"].as_u64().expect("n") as usize
+    }
+
     /// Wait until `path` has received at least `n` requests; returns them.
     pub fn wait_for_requests(&self, path: &str, n: usize, timeout: Duration) -> Vec<Value> {
         wait_for(&format!("{n} requests on {path}"), timeout, || {
