@@ -50,10 +50,6 @@ fn _worker_pid() -> Option<i32> {
     shmem::fan_out_worker_pid()
 }
 
-/// The extension's OID when this worker became ready to deliver (0 before): a worker
-/// transaction that finds another one (the extension dropped, or dropped and created again)
-/// restarts the worker rather than go on with what it holds of the old one.
-static READY_EXTENSION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// A delivery worker's transaction: `f` after a share lock on the extension (its `pg_extension`
 /// object), which `DROP EXTENSION` locks exclusively before any of its tables. Without it a
@@ -76,6 +72,10 @@ fn transaction<R, F: FnOnce() -> R + std::panic::UnwindSafe + std::panic::RefUnw
 thread_local! {
     /// The extension's OID locked by this worker's latest transaction (0: none).
     static LOCKED_EXTENSION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The extension's OID when this worker became ready to deliver (0: not ready yet): a
+    /// worker transaction that finds another one (the extension dropped, or dropped and
+    /// created again) restarts the worker rather than go on with what it holds of the old one.
+    static READY_EXTENSION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 unsafe extern "C-unwind" {
@@ -87,12 +87,11 @@ unsafe extern "C-unwind" {
 }
 
 unsafe fn lock_extension() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
     LOCKED_EXTENSION.with(|l| l.set(0));
     loop {
         let ext = pg_sys::get_extension_oid(c"pg_webhooks".as_ptr(), true);
-        let ready = READY_EXTENSION.load(Relaxed);
+        let ready = READY_EXTENSION.with(|r| r.get());
         if ext == pg_sys::InvalidOid {
             if ready != 0 {
                 restart("the extension was dropped");
@@ -644,7 +643,6 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     }
     log!("pg_webhooks: delivery worker started for database \"{database}\"");
 
-    let mut ready = false;
     let mut said_version = false;
     let mut state = LoopState {
         me,
@@ -682,14 +680,11 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             pool.set_allow_private(gucs::allow_private_network());
         }
-        if !ready {
+        let ready = || READY_EXTENSION.with(|r| r.get()) != 0;
+        if !ready() {
             match extension_version() {
-                Some(v) if v == LIBRARY_VERSION => {
-                    // The OID that transaction locked (its query's snapshot may be older).
-                    let oid = LOCKED_EXTENSION.with(|l| l.get());
-                    READY_EXTENSION.store(oid, std::sync::atomic::Ordering::Relaxed);
-                    ready = oid != 0;
-                }
+                // The OID that transaction locked (its query's snapshot may be older).
+                Some(v) if v == LIBRARY_VERSION => READY_EXTENSION.with(|r| r.set(LOCKED_EXTENSION.with(|l| l.get()))),
                 Some(v) => {
                     // The library was upgraded and the extension's objects are not yet: the
                     // new library may need what the update adds. Capture goes on meanwhile
@@ -704,7 +699,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
                 }
                 None => me.set_state(State::WaitingForExtension),
             }
-            if !ready {
+            if !ready() {
                 // Nothing wakes a worker when the extension is created or updated: look again
                 // soon (one catalog probe a second costs nothing).
                 sleep = gucs::poll_interval().min(Duration::from_secs(1));
