@@ -528,6 +528,16 @@ for f in ("on", "off"):
         verdict = ("meets" if ratio >= tgt else "BELOW") + (", beats outbox" if t > o else ", loses to outbox")
         print(f"    {names[w]:<32} {p:>10.1f} {t:>12.1f} {ratio:>7.3f} {o:>11.1f} {oratio:>7.3f} {'>= ' + str(tgt):>7}  {verdict}")
         print("        runs plain / tracked / outbox: " + " / ".join(" ".join(f"{x:.0f}" for x in tps[s]) for s in ("plain", "tracked", "outbox")))
+        # The ratio of each round's two runs (minutes apart, not the run's whole length): on a
+        # VM whose speed drifts, rounds on both sides of the target say the verdict above is
+        # within this run's noise. The verdict itself stays the ratio of the medians.
+        by_round = {(r[1], r[2]): float(r[3]) for r in fr if r[0] == w and r[2].startswith("round")}
+        labels = sorted({r[2] for r in fr if r[0] == w and r[2].startswith("round")}, key=lambda l: int(l[5:]))
+        rr = [by_round[("tracked", l)] / by_round[("plain", l)] for l in labels
+              if ("tracked", l) in by_round and ("plain", l) in by_round]
+        if rr:
+            print("        tracked / plain, round by round: " + ", ".join(f"{q:.3f}" for q in rr)
+                  + (" (rounds on both sides of the target: within this run's noise)" if min(rr) < tgt <= max(rr) else ""))
         fl = [float(r[3]) for r in fr if r[0] == w and r[1] == "floor" and r[2].startswith("round")]
         if fl:
             per_tx = "" if w == "insert" else f", no-ops included; tracked writes {os.environ.get('ROWS_PER_UPDATE', '?')}"
@@ -537,7 +547,6 @@ for f in ("on", "off"):
                   + " ".join(f"{x:.0f}" for x in fl))
             # Each round's floor ran right after its plain: the pair's ratio, and a floor faster
             # than plain (it does all plain does and more) marked as the machine's noise.
-            by_round = {(r[1], r[2]): float(r[3]) for r in fr if r[0] == w and r[2].startswith("round")}
             pairs = []
             for label in sorted({r[2] for r in fr if r[0] == w and r[1] == "floor" and r[2].startswith("round")},
                                 key=lambda l: int(l[5:])):
