@@ -194,15 +194,11 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/_health":
             return self.reply_json(200, {"ok": True})
-        if url.path == "/_log":
+        if url.path in ("/_log", "/_count"):
             only = parse_qs(url.query).get("path", [None])[0]
             with LOCK:
                 entries = [e for e in LOG if only is None or e["path"] == only]
-                return self.reply_json(200, entries)
-        if url.path == "/_count":
-            only = parse_qs(url.query).get("path", [None])[0]
-            with LOCK:
-                return self.reply_json(200, {"n": sum(1 for e in LOG if only is None or e["path"] == only)})
+                return self.reply_json(200, entries if url.path == "/_log" else {"n": len(entries)})
         if url.path == "/_tls_log":
             with LOCK:
                 return self.reply_json(200, list(TLS_LOG))

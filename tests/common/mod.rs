@@ -447,32 +447,34 @@ impl Receiver {
 
     /// The failed TLS handshakes of the HTTPS listener (their error texts).
     pub fn tls_failures(&self) -> Vec<String> {
-        let mut resp = ureq::get(&self.url("/_tls_log"))
-            .call()
-            .expect("receiver TLS log");
-        let text = resp.body_mut().read_to_string().expect("TLS log body");
-        let log: Vec<Value> = serde_json::from_str(&text).expect("TLS log json");
-        log.iter()
+        let log = self.get_json("/_tls_log");
+        log.as_array()
+            .expect("TLS log json")
+            .iter()
             .map(|e| e["error"].as_str().unwrap_or_default().to_string())
             .collect()
     }
 
+    /// The JSON a GET of the control API's `target` answers.
+    fn get_json(&self, target: &str) -> Value {
+        let mut resp = ureq::get(&self.url(target))
+            .call()
+            .unwrap_or_else(|e| panic!("receiver {target}: {e}"));
+        let text = resp.body_mut().read_to_string().expect("receiver body");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("receiver {target} json: {e}"))
+    }
+
     /// Every request received on `path`, in arrival order.
     pub fn log(&self, path: &str) -> Vec<Value> {
-        let mut resp = ureq::get(&self.url(&format!("/_log?path={path}")))
-            .call()
-            .expect("receiver log");
-        let text = resp.body_mut().read_to_string().expect("log body");
-        serde_json::from_str(&text).expect("log json")
+        match self.get_json(&format!("/_log?path={path}")) {
+            Value::Array(log) => log,
+            other => panic!("receiver log is not an array: {other}"),
+        }
     }
 
     /// How many requests `path` has received (without fetching them).
     pub fn count(&self, path: &str) -> usize {
-        let mut resp = ureq::get(&self.url(&format!("/_count?path={path}")))
-            .call()
-            .expect("receiver count");
-        let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().expect("count body")).expect("count json");
-        v["n"].as_u64().expect("n") as usize
+        self.get_json(&format!("/_count?path={path}"))["n"].as_u64().expect("n") as usize
     }
 
     /// Wait until `path` has received at least `n` requests; returns them.
