@@ -55,7 +55,8 @@ fn _worker_pid() -> Option<i32> {
 /// object), which `DROP EXTENSION` locks exclusively before any of its tables. Without it a
 /// DROP, locking the extension's tables one by one, and a worker transaction holding one of
 /// them and waiting for another deadlocked (and either could be the one to fail); now the DROP
-/// waits for the worker's transaction, or the worker for the DROP, holding nothing.
+/// waits for the worker's transaction, or the worker for the DROP, holding nothing another
+/// session can ask for (its one-per-number key is a user lock, see pg_webhooks_worker_main).
 ///
 /// Waiting, the worker is queued for the lock as any session is (a stream of refused DROPs
 /// does not starve it), and SIGTERM ends the wait: PostgreSQL's own handler is in place for
@@ -574,16 +575,21 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     // One delivery worker per database and index: two with one index would release each
     // other's claims (and two worker 0s fan out the same keys concurrently). A session lock,
-    // gone with the process however it ends.
-    let alone = transaction(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.pg_try_advisory_lock(1885828969, $1)",
-            &[(1 + index as i32).into()],
-        )
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    // gone with the process however it ends. A user lock, not an advisory one: no SQL can
+    // take it, so no role can hold the key to keep the worker from starting, nor wait for it
+    // while it holds a lock the worker waits for (a deadlock the worker could lose).
+    let alone = transaction(|| unsafe {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+            locktag_field2: 1885828969,
+            locktag_field3: 1 + index as u32,
+            locktag_field4: 0,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true)
+            == pg_sys::LockAcquireResult::LOCKACQUIRE_OK
+    });
     if !alone {
         log!("pg_webhooks: another delivery worker {index} is running for database \"{database}\"; this one exits");
         return;

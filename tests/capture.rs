@@ -391,7 +391,9 @@ fn emit_enqueues_any_other_event_at_commit_only() {
 #[test]
 fn drop_extension_while_the_worker_delivers_is_refused_and_never_deadlocks() {
     let rx = Receiver::start();
-    let c = Cluster::start("dropbusy", &[]);
+    // One worker: `started_with` below is read once worker 0 is up (a second could still be
+    // starting on a machine whose default is more).
+    let c = Cluster::start("dropbusy", &["webhooks.workers = 1"]);
     let mut db = c.connect();
     db.batch_execute("CREATE TABLE t_orders (id int PRIMARY KEY, status text); SELECT webhooks.track('t_orders');")
         .expect("track");
@@ -523,6 +525,72 @@ fn a_worker_waiting_behind_an_open_drop_extension_stops_when_told() {
     assert_eq!(kept["verified"], true, "{kept}");
     let again = worker_pid(&mut db).expect("a worker");
     assert_ne!(again, worker, "the launcher started a new worker");
+}
+
+/// No session can keep a delivery worker from running. A role with no rights on the extension
+/// can hold the extension's lock (`ALTER FUNCTION ... DEPENDS ON EXTENSION` on a function of
+/// its own, left open) while the worker waits for it, and any role can take any advisory lock:
+/// the worker's one-per-number lock is none, so the role neither deadlocks the waiting worker
+/// (it waited for the role, the role for the worker's key) nor keeps a restarted one out.
+#[test]
+fn no_role_can_keep_the_worker_out() {
+    let rx = Receiver::start();
+    let c = Cluster::start("workerkey", &["webhooks.workers = 1", "deadlock_timeout = '100ms'"]);
+    let mut db = c.connect();
+    db.batch_execute("CREATE ROLE mallory LOGIN").expect("role");
+    let row = db
+        .query_one("SELECT id, secret FROM webhooks.subscribe($1, '{thing.*}')", &[&rx.url("/key")])
+        .expect("subscribe");
+    rx.configure(serde_json::json!({"path": "/key", "secret": row.get::<_, String>(1), "style": "standard"}));
+    let worker = wait_for("the worker", Duration::from_secs(60), || worker_pid(&mut db));
+    let delivered = |db: &mut postgres::Client, n: i32| {
+        db.execute("SELECT webhooks.emit('thing.sent', jsonb_build_object('n', $1::int))", &[&n]).expect("emit");
+        let got = wait_for("the event delivered", Duration::from_secs(60), || {
+            rx.log("/key").into_iter().find(|r| r["json"]["data"]["n"] == n)
+        });
+        assert_eq!(got["verified"], true, "{got}");
+    };
+    delivered(&mut db, 1);
+    let mut m = c.connect_as("postgres", "mallory");
+    m.batch_execute(
+        "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1';
+         BEGIN; ALTER FUNCTION pg_temp.f() DEPENDS ON EXTENSION pg_webhooks;",
+    )
+    .expect("mallory holds the extension's lock");
+    db.execute("SELECT webhooks.emit('thing.sent', '{\"n\": 2}')", &[]).expect("emit");
+    wait_for("the worker to wait for the lock", Duration::from_secs(30), || {
+        let waits: Option<String> = db
+            .query_one("SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE pid = $1", &[&worker])
+            .expect("activity")
+            .get(0);
+        (waits.as_deref() == Some("Lock:object")).then_some(())
+    });
+    // Were the worker's key an advisory lock, this would wait for the worker, which waits for
+    // mallory: a deadlock, detected after 100 ms in the worker (or here).
+    m.batch_execute("SELECT pg_advisory_lock(1885828969, 1); SELECT pg_sleep(0.5); ROLLBACK;")
+        .expect("mallory takes the advisory key at once");
+    let got = wait_for("the event delivered", Duration::from_secs(60), || {
+        rx.log("/key").into_iter().find(|r| r["json"]["data"]["n"] == 2)
+    });
+    assert_eq!(got["verified"], true, "{got}");
+    assert_eq!(worker_pid(&mut db), Some(worker), "the same worker delivered it");
+    // A restarted worker starts although mallory holds the advisory key (a session lock).
+    m.batch_execute("SELECT pg_advisory_lock(1885828969, 1)").expect("advisory key");
+    db.execute("SELECT pg_terminate_backend($1)", &[&worker]).expect("terminate");
+    let again = wait_for("a new worker", Duration::from_secs(60), || {
+        worker_pid(&mut db).filter(|p| *p != worker)
+    });
+    delivered(&mut db, 3);
+    let held: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'userlock' AND pid = $1 AND granted
+                AND classid = 1885828969::oid AND objid = 1 AND mode = 'ExclusiveLock'",
+            &[&again],
+        )
+        .expect("locks")
+        .get(0);
+    assert_eq!(held, 1, "the worker holds its own key");
+    assert!(!c.server_log().contains("another delivery worker"), "no worker was refused");
 }
 
 /// The extension dropped and created again while the worker delivers, once in two
