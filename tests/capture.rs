@@ -481,6 +481,17 @@ fn worker_pid(c: &mut postgres::Client) -> Option<i32> {
     c.query_one("SELECT webhooks._worker_pid()", &[]).expect("worker pid").get(0)
 }
 
+/// Wait until the worker `pid` waits for the extension's lock (a lock on a `pg_extension` object).
+fn wait_for_extension_lock_wait(c: &mut postgres::Client, pid: i32) {
+    wait_for("the worker to wait for the lock", Duration::from_secs(30), || {
+        let waits: Option<String> = c
+            .query_one("SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .expect("activity")
+            .get(0);
+        (waits.as_deref() == Some("Lock:object")).then_some(())
+    });
+}
+
 /// A `DROP EXTENSION` left open in a transaction holds the extension's lock: the worker waits
 /// for it holding nothing, and still stops at once when told to (a fast shutdown, or
 /// `pg_terminate_backend`). When the DROP rolls back, delivery goes on.
@@ -501,13 +512,7 @@ fn a_worker_waiting_behind_an_open_drop_extension_stops_when_told() {
     let mut dba = c.connect();
     dba.batch_execute("BEGIN; DROP EXTENSION pg_webhooks;").expect("an open DROP");
     let mut su = c.connect();
-    wait_for("the worker to wait for the lock", Duration::from_secs(30), || {
-        let waits: Option<String> = su
-            .query_one("SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE pid = $1", &[&worker])
-            .expect("activity")
-            .get(0);
-        (waits.as_deref() == Some("Lock:object")).then_some(())
-    });
+    wait_for_extension_lock_wait(&mut su, worker);
     su.execute("SELECT pg_terminate_backend($1)", &[&worker]).expect("terminate");
     wait_for("the worker to stop", Duration::from_secs(5), || {
         let alive: bool = su
@@ -558,13 +563,7 @@ fn no_role_can_keep_the_worker_out() {
     )
     .expect("mallory holds the extension's lock");
     db.execute("SELECT webhooks.emit('thing.sent', '{\"n\": 2}')", &[]).expect("emit");
-    wait_for("the worker to wait for the lock", Duration::from_secs(30), || {
-        let waits: Option<String> = db
-            .query_one("SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE pid = $1", &[&worker])
-            .expect("activity")
-            .get(0);
-        (waits.as_deref() == Some("Lock:object")).then_some(())
-    });
+    wait_for_extension_lock_wait(&mut db, worker);
     // Were the worker's key an advisory lock, this would wait for the worker, which waits for
     // mallory: a deadlock, detected after 100 ms in the worker (or here).
     m.batch_execute("SELECT pg_advisory_lock(1885828969, 1); SELECT pg_sleep(0.5); ROLLBACK;")
