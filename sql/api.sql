@@ -103,8 +103,9 @@ DECLARE
     v_fk       smallint;
 BEGIN
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
-    -- one at a time, each seeing what the one before committed.
-    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);
+    -- one at a time, each seeing what the one before committed (a lock of the extension's own,
+    -- which no other role can take: an advisory one would let any role hold up every DROP).
+    PERFORM webhooks._lock_tracking();
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -275,7 +276,7 @@ DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
-    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);  -- see _track
+    PERFORM webhooks._lock_tracking();  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
@@ -320,7 +321,7 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(1885828969, 0);  -- see _track
+    PERFORM webhooks._lock_tracking();  -- see _track
 
     WITH gone AS (
         DELETE FROM webhooks._tracked t
@@ -1568,7 +1569,7 @@ GRANT UPDATE (seq) ON webhooks._events TO webhooks_capture;       -- emit's seq,
 GRANT USAGE ON SEQUENCE webhooks._events_seq_seq TO webhooks_capture;
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
-    webhooks._track(regclass, text, name, name, jsonb, text),
+    webhooks._track(regclass, text, name, name, jsonb, text), webhooks._lock_tracking(),
     webhooks.emit(text, jsonb, text),
     webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb, text),
     webhooks.set_shape(bigint, jsonb),

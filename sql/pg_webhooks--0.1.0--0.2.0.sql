@@ -7,6 +7,17 @@
 -- _events.data's compression method is set, last, and only if _events is not busy.
 \echo Use "ALTER EXTENSION pg_webhooks UPDATE" to load this file. \quit
 
+-- track, untrack and the drop handler take a lock of the extension's own (src/locks.rs), not
+-- an advisory lock, which any role could hold to make every DROP in the database wait.
+-- First: this script's own DROPs run the drop handler, which takes it. (The Rust function, as
+-- `cargo pgrx schema` writes it.)
+CREATE FUNCTION webhooks."_lock_tracking"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lock_tracking_wrapper';
+REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._lock_tracking() TO webhooks_admin;
+
 -- #12 worker status: read from shared memory.
 CREATE FUNCTION webhooks."worker_status"() RETURNS TABLE (
 	"database" TEXT,
@@ -153,8 +164,9 @@ DECLARE
     v_fk       smallint;
 BEGIN
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
-    -- one at a time, each seeing what the one before committed.
-    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);
+    -- one at a time, each seeing what the one before committed (a lock of the extension's own,
+    -- which no other role can take: an advisory one would let any role hold up every DROP).
+    PERFORM webhooks._lock_tracking();
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -338,7 +350,7 @@ DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
-    PERFORM pg_catalog.pg_advisory_xact_lock(1885828969, 0);  -- see _track
+    PERFORM webhooks._lock_tracking();  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
@@ -375,7 +387,7 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(1885828969, 0);  -- see _track
+    PERFORM webhooks._lock_tracking();  -- see _track
 
     WITH gone AS (
         DELETE FROM webhooks._tracked t

@@ -3039,9 +3039,6 @@ fn _status_events_changed<'a>(
     Ok(None)
 }
 
-/// First half of the two-key advisory lock `emit` takes per ordering key ("pgwh").
-const EMIT_LOCK_CLASS: i32 = 0x7067_7768;
-
 /// A `jsonb` argument kept as PostgreSQL's datum and handed on as it is. pgrx's `JsonB` parses
 /// the value with serde_json, whose nesting limit (128) is far below jsonb's: a deeper document
 /// was an internal error (XX000) instead of an event.
@@ -3112,7 +3109,6 @@ pgrx::impl_sql_translatable!(RawJsonb, arg_only = "jsonb");
 
 /// emit's statements, and the one that gives its events their seqs at commit (kept plans).
 const EMIT_TRACKED: &str = "SELECT t.relid FROM webhooks._tracked t WHERE t.entity = $1";
-const EMIT_LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))";
 const EMIT_INSERT: &str =
     "INSERT INTO webhooks._events (type, entity, key, data) VALUES ($1, $2, $3, $4) RETURNING id, seq";
 const EMIT_RESEQ: &str = "WITH n AS (
@@ -3164,16 +3160,13 @@ fn emit(
     // Events of one key are delivered in commit order, and their order is their seq: an emit
     // for a key serializes with every other writer of that key, so the later seq always
     // belongs to the later commit. For a tracked entity whose row exists, that is the row's
-    // lock (which the row's writers take too); otherwise an advisory lock on the key.
+    // lock (which the row's writers take too); otherwise a lock of the extension's own on the
+    // key (a user lock, which no SQL can take: no role can hold an application's emit up).
     let row_locked = key.is_some_and(|k| lock_tracked_row(&entity, k));
+    if let (Some(key), false) = (key, row_locked) {
+        lock_emit_key(&entity, key);
+    }
     let id = as_capture_role(|| {
-        if let (Some(key), false) = (key, row_locked) {
-            run_kept(
-                EMIT_LOCK,
-                &[pg_sys::INT4OID, pg_sys::TEXTOID],
-                &[EMIT_LOCK_CLASS.into(), format!("{entity}:{key}").into()],
-            )?;
-        }
         with_plan(EMIT_INSERT, &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::JSONBOID], |plan| {
             Spi::connect_mut(|c| {
                 c.update(plan, Some(1), &[event_type.into(), entity.into(), key.into(), data.into()])?
@@ -3189,6 +3182,18 @@ fn emit(
     let id = id.0;
     wake_worker_at_commit(Wake::Events);
     id
+}
+
+/// Serializes the emits of one entity's key until commit: `emit`'s user lock, numbered by 48
+/// bits of the SHA-256 of `entity:key` (two keys that share them wait for each other, no more).
+fn lock_emit_key(entity: &str, key: &str) {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::new().chain_update(entity).chain_update(":").chain_update(key).finalize();
+    crate::locks::for_transaction(
+        crate::locks::EMIT_CLASS,
+        u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+        u16::from_le_bytes([h[4], h[5]]),
+    );
 }
 
 /// Locks the row of a tracked table of `entity` with key `key` as its writers do; false if
@@ -3216,7 +3221,7 @@ fn lock_tracked_row(entity: &str, key: &str) -> bool {
         return false;
     }
     // Only keys that are surely valid input for the key's type (anything else would make the
-    // lock query fail): the others fall back to the advisory lock.
+    // lock query fail): the others fall back to the key's own lock (`lock_emit_key`).
     let valid = match cfg.key_type_oid {
         t if t == pg_sys::TEXTOID || t == pg_sys::VARCHAROID => true,
         t if t == pg_sys::INT8OID => key.parse::<i64>().is_ok(),

@@ -11,6 +11,7 @@ mod capture;
 mod direct;
 mod jsonb;
 mod error;
+mod locks;
 mod gucs;
 mod http;
 mod netcheck;

@@ -578,18 +578,7 @@ pub extern "C-unwind" fn pg_webhooks_worker_main(arg: pg_sys::Datum) {
     // gone with the process however it ends. A user lock, not an advisory one: no SQL can
     // take it, so no role can hold the key to keep the worker from starting, nor wait for it
     // while it holds a lock the worker waits for (a deadlock the worker could lose).
-    let alone = transaction(|| unsafe {
-        let tag = pg_sys::LOCKTAG {
-            locktag_field1: pg_sys::MyDatabaseId.to_u32(),
-            locktag_field2: 1885828969,
-            locktag_field3: 1 + index as u32,
-            locktag_field4: 0,
-            locktag_type: pg_sys::LockTagType::LOCKTAG_USERLOCK as u8,
-            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-        };
-        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, true)
-            == pg_sys::LockAcquireResult::LOCKACQUIRE_OK
-    });
+    let alone = transaction(|| crate::locks::try_for_session(crate::locks::CLASS, 1 + index as u32, 0));
     if !alone {
         log!("pg_webhooks: another delivery worker {index} is running for database \"{database}\"; this one exits");
         return;

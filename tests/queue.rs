@@ -1126,7 +1126,7 @@ fn keys_released_by_some_workers_while_fan_out_queues_more_never_lose_their_head
 #[test]
 fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
     // DROP runs the extension's drop handler once something is tracked, and track, untrack and
-    // that handler hold an advisory lock of the extension to the end of their transaction. The
+    // that handler hold a lock of the extension's to the end of their transaction. The
     // lock between fan-out and records once reused that very key: a migration that dropped a
     // column and went on for minutes stopped every worker. And advisory locks are anybody's:
     // the heads lock is a table lock now, which an application role cannot take.
@@ -1170,10 +1170,10 @@ fn an_open_migration_that_dropped_something_does_not_stop_delivery() {
 
 #[test]
 fn a_delivery_fanned_out_after_later_ones_of_its_key_waits_for_the_chain_in_flight() {
-    // Events of one key are serialized by the tracked row's lock, or by an advisory lock on
+    // Events of one key are serialized by the tracked row's lock, or by emit's lock on
     // the key where the row does not exist or the emitter may not update it: two emitters of
     // one key that take different locks are not. Here a role without UPDATE emits for a row's
-    // key (advisory lock) and prepares: its seq is taken, and its event becomes visible only
+    // key (emit's lock) and prepares: its seq is taken, and its event becomes visible only
     // at COMMIT PREPARED, after 3,000 later events of the key (emitted under the row lock)
     // were fanned out and a chain of them is in flight. The key's head used to move on to the
     // earliest seq left at the chain's next report, that one rather than the chain's next

@@ -838,3 +838,110 @@ fn concurrent_track_and_untrack_of_tables_sharing_a_child_leave_exactly_the_trig
     assert_eq!(child_triggers(&mut su), 0, "nothing needs it now");
     su.batch_execute("INSERT INTO rc_items VALUES (3, 1, 1)").expect("writes work untracked");
 }
+
+/// Waits until session `pid` waits for the extension's user lock of `class` and number `n`.
+/// (Any number if `n` is None.)
+fn wait_for_userlock_wait(c: &mut Client, pid: i32, class: i64, n: Option<i64>) {
+    common::wait_for("the session to wait for the lock", Duration::from_secs(30), || {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'userlock'
+                    AND classid = $2::bigint::oid AND ($3::bigint IS NULL OR objid = $3::bigint::oid)",
+                &[&pid, &class, &n],
+            )
+            .expect("pg_locks")
+            .get(0);
+        (waiting == 1).then_some(())
+    });
+}
+
+/// Any role can take any advisory lock and keep it. track, untrack and the drop handler (which
+/// runs for every DROP once something is tracked) once serialized on advisory key
+/// (1885828969, 0), and a keyed emit on (0x70677768, hashtext(entity:key)): a role with no
+/// rights at all could make every DROP in the database, every track, and an application's
+/// emits for a key wait as long as it liked. They take locks of the extension's own now (user
+/// locks, which no SQL takes): the advisory keys hold up nobody, only webhooks_admin may take
+/// the tracking lock, and both locks still serialize what they serialized.
+#[test]
+fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
+    let own = Cluster::start("userlocks", &[]);
+    let mut su = own.connect();
+    su.batch_execute(
+        "CREATE ROLE ul_app LOGIN; CREATE SCHEMA ul_app AUTHORIZATION ul_app;
+         GRANT USAGE ON SCHEMA webhooks TO ul_app;
+         GRANT EXECUTE ON FUNCTION webhooks.emit(text, jsonb, text) TO ul_app;
+         CREATE ROLE ul_admin LOGIN; GRANT webhooks_admin TO ul_admin;
+         CREATE SCHEMA ul_admin AUTHORIZATION ul_admin;
+         CREATE ROLE ul_mallory LOGIN; GRANT USAGE ON SCHEMA webhooks TO ul_mallory;",
+    )
+    .expect("roles");
+    let mut admin = own.connect_as("postgres", "ul_admin");
+    admin
+        .batch_execute(
+            "CREATE TABLE ul_admin.orders (id int PRIMARY KEY, status text);
+             SELECT webhooks.track('ul_admin.orders', status_column => 'status');",
+        )
+        .expect("track");
+    let mut mallory = own.connect_as("postgres", "ul_mallory");
+    mallory
+        .batch_execute(
+            "SELECT pg_advisory_lock(1885828969, 0), pg_advisory_lock(1885828968, hashtext('thing:k1')),
+                    pg_advisory_lock(1885828968, hashtext('order:7'))",
+        )
+        .expect("anybody takes advisory locks");
+    // With mallory's keys held: a lock wait would fail after 10 s (55P03) instead of hanging.
+    let mut app = own.connect_as("postgres", "ul_app");
+    app.batch_execute(
+        "SET lock_timeout = '10s';
+         CREATE TABLE ul_app.scratch (id int PRIMARY KEY, note text);
+         ALTER TABLE ul_app.scratch DROP COLUMN note; DROP TABLE ul_app.scratch;
+         SELECT webhooks.emit('thing.noted', '{\"n\": 1}', 'k1');
+         SELECT webhooks.emit('order.noted', '{\"n\": 2}', '7');",
+    )
+    .expect("DDL and emits do not wait for mallory");
+    admin
+        .batch_execute(
+            "SET lock_timeout = '10s';
+             CREATE TABLE ul_admin.more (id int PRIMARY KEY);
+             SELECT webhooks.track('ul_admin.more'); SELECT webhooks.untrack('ul_admin.more');
+             DROP TABLE ul_admin.more;",
+        )
+        .expect("track, untrack and DROP do not wait for mallory");
+    fails(&mut mallory, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
+    fails(&mut app, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
+
+    // The tracking lock still puts track and a DROP one after the other.
+    admin
+        .batch_execute("BEGIN; CREATE TABLE ul_admin.later (id int PRIMARY KEY); SELECT webhooks.track('ul_admin.later');")
+        .expect("track, left open");
+    app.batch_execute("RESET lock_timeout; CREATE TABLE ul_app.gone (id int)").expect("table");
+    let app_pid: i32 = app.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    let dropper = std::thread::spawn(move || {
+        app.batch_execute("DROP TABLE ul_app.gone").expect("the DROP, once track committed");
+        app
+    });
+    wait_for_userlock_wait(&mut su, app_pid, 1885828969, Some(0));
+    admin.batch_execute("COMMIT").expect("commit track");
+    let mut app = dropper.join().expect("dropper");
+
+    // And emit's lock still puts two emits of one key one after the other.
+    let mut first = own.connect_as("postgres", "ul_app");
+    first.batch_execute("BEGIN; SELECT webhooks.emit('thing.noted', '{\"n\": 3}', 'k1')").expect("first emit, left open");
+    let second = std::thread::spawn(move || {
+        app.batch_execute("SELECT webhooks.emit('thing.noted', '{\"n\": 4}', 'k1')").expect("second emit");
+    });
+    wait_for_userlock_wait(&mut su, app_pid, 0x7067_7768, None);
+    first.batch_execute("COMMIT").expect("commit the first");
+    second.join().expect("second");
+    let seqs: Vec<i64> = su
+        .query(
+            "SELECT seq FROM webhooks._events WHERE type = 'thing.noted' AND key = 'k1' ORDER BY (data ->> 'n')::int",
+            &[],
+        )
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seqs.len(), 3, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one key's events in commit order: {seqs:?}");
+}
