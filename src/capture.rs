@@ -417,45 +417,43 @@ type Digest = [u8; 32];
 /// says so, as a materialized view's concurrent refresh compares rows.
 unsafe fn image_digest(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc) -> Digest {
     use sha2::Digest as _;
-    let natts = (*desc).natts as usize;
-    let mut values = vec![pg_sys::Datum::from(0usize); natts];
-    let mut nulls = vec![false; natts];
-    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-    let attrs = (*desc).attrs.as_slice(natts);
     let mut h = sha2::Sha256::new();
-    for (i, att) in attrs.iter().enumerate() {
-        if att.attisdropped {
-            continue;
-        }
-        if nulls[i] {
-            h.update([0u8]);
-            continue;
-        }
-        h.update([1u8]);
-        let v = values[i];
-        if att.attbyval {
-            let len = (att.attlen as usize).min(8);
-            h.update(&v.value().to_le_bytes()[..len]);
-        } else if att.attlen > 0 {
-            h.update(std::slice::from_raw_parts(v.cast_mut_ptr::<u8>(), att.attlen as usize));
-        } else if att.attlen == -1 {
-            let raw = v.cast_mut_ptr::<pg_sys::varlena>();
-            let plain = pg_sys::pg_detoast_datum_packed(raw);
-            let len = pgrx::varlena::varsize_any_exhdr(plain);
-            h.update((len as u64).to_le_bytes());
-            h.update(std::slice::from_raw_parts(
-                pgrx::varlena::vardata_any(plain).cast::<u8>(),
-                len,
-            ));
-            if plain != raw {
-                pg_sys::pfree(plain.cast());
+    crate::jsonb::with_deformed(tuple, desc, |values, nulls| {
+        let attrs = (*desc).attrs.as_slice(values.len());
+        for (i, att) in attrs.iter().enumerate() {
+            if att.attisdropped {
+                continue;
             }
-        } else {
-            let c = std::ffi::CStr::from_ptr(v.cast_mut_ptr::<std::ffi::c_char>());
-            h.update((c.to_bytes().len() as u64).to_le_bytes());
-            h.update(c.to_bytes());
+            if nulls[i] {
+                h.update([0u8]);
+                continue;
+            }
+            h.update([1u8]);
+            let v = values[i];
+            if att.attbyval {
+                let len = (att.attlen as usize).min(8);
+                h.update(&v.value().to_le_bytes()[..len]);
+            } else if att.attlen > 0 {
+                h.update(std::slice::from_raw_parts(v.cast_mut_ptr::<u8>(), att.attlen as usize));
+            } else if att.attlen == -1 {
+                let raw = v.cast_mut_ptr::<pg_sys::varlena>();
+                let plain = crate::jsonb::detoast_packed(raw);
+                let len = pgrx::varlena::varsize_any_exhdr(plain);
+                h.update((len as u64).to_le_bytes());
+                h.update(std::slice::from_raw_parts(
+                    pgrx::varlena::vardata_any(plain).cast::<u8>(),
+                    len,
+                ));
+                if plain != raw {
+                    pg_sys::pfree(plain.cast());
+                }
+            } else {
+                let c = std::ffi::CStr::from_ptr(v.cast_mut_ptr::<std::ffi::c_char>());
+                h.update((c.to_bytes().len() as u64).to_le_bytes());
+                h.update(c.to_bytes());
+            }
         }
-    }
+    });
     h.finalize().into()
 }
 
@@ -1848,11 +1846,17 @@ pub(crate) fn output_settings_in_force() -> bool {
             && pg_sys::IntervalStyle == pg_sys::INTSTYLE_POSTGRES as i32
             && pg_sys::extra_float_digits == 1
             && bytea_output == 1
-            && !pg_sys::session_timezone.is_null()
-            && {
-                let name = pg_sys::pg_get_timezone_name(pg_sys::session_timezone);
-                !name.is_null() && matches!(CStr::from_ptr(name).to_bytes(), b"UTC" | b"Etc/UTC")
-            }
+            && session_time_zone_is_utc()
+    }
+}
+
+/// Whether the session's time zone is UTC, by its canonical name.
+pub(crate) fn session_time_zone_is_utc() -> bool {
+    unsafe {
+        !pg_sys::session_timezone.is_null() && {
+            let name = pg_sys::pg_get_timezone_name(pg_sys::session_timezone);
+            !name.is_null() && matches!(CStr::from_ptr(name).to_bytes(), b"UTC" | b"Etc/UTC")
+        }
     }
 }
 
@@ -2457,7 +2461,7 @@ fn net_events(
     out: &mut Vec<NewEvent>,
 ) {
     let ev = |suffix: &str, data: crate::direct::Data, mapped: Option<&String>| NewEvent {
-        event_type: format!("{}.{suffix}", cfg.entity),
+        event_type: [cfg.entity.as_str(), ".", suffix].concat(),
         entity: cfg.entity.clone(),
         key: key.to_string(),
         data,

@@ -292,6 +292,53 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
     }
 }
 
+/// Timestamps with time zone, which capture writes itself in a session whose time zone is UTC
+/// (`crate::jsonb::utc_timestamptz`), are byte for byte what `to_jsonb` writes: the first and
+/// last four-digit years and the days around them, leap days, fractions with trailing zeros,
+/// before 2000 (negative values), BC, five-digit years, the infinities, and 20,000 random
+/// ones; in UTC, and in another zone (PostgreSQL's own path).
+#[pg_test]
+fn timestamps_with_time_zone_are_to_jsonb_byte_for_byte() {
+    Spi::run(
+        "CREATE TABLE jt (id serial PRIMARY KEY, at timestamptz);
+         INSERT INTO jt (at) VALUES ('0001-01-01 00:00:00+00'), ('0001-01-01 00:00:00.000001+00'),
+             ('0001-12-31 23:59:59.999999+00'), ('0001-01-01 00:00:00+00 BC'), ('0044-03-15 12:00:00+00 BC'),
+             ('9999-12-31 23:59:59.999999+00'), ('10000-01-01 00:00:00+00'), ('294276-12-31 23:59:59.999999+00'),
+             ('4713-11-24 00:00:00+00 BC'), ('1999-12-31 23:59:59.999999+00'), ('2000-01-01 00:00:00+00'),
+             ('2000-02-29 12:34:56.5+00'), ('1900-02-28 23:00:00.05+00'), ('2024-02-29 00:00:00.123+00'),
+             ('1970-01-01 00:00:00+00'), ('2026-12-07 16:53:07.100000+00'), ('2026-12-07 16:53:07.000010+00'),
+             ('1600-03-01 00:00:00+00'), ('infinity'), ('-infinity'), (NULL);
+         INSERT INTO jt (at) SELECT timestamptz '0001-01-01 00:00:00+00'
+                 + (random() * 315537897599)::bigint * interval '1 second'
+                 + (random() * 999999)::int * interval '1 microsecond'
+                 * (g % 2)
+             FROM generate_series(1, 20000) g;",
+    )
+    .expect("table");
+    let mut fast = Vec::new();
+    assert!(crate::jsonb::utc_timestamptz(0, &mut fast) && fast == b"2000-01-01T00:00:00+00:00", "{:?}", String::from_utf8_lossy(&fast));
+    for zone in ["UTC", "Etc/UTC", "America/New_York"] {
+        Spi::run(&format!("SET TimeZone = '{zone}'")).expect("zone");
+        assert_eq!(crate::capture::session_time_zone_is_utc(), zone != "America/New_York");
+        let mut compared = 0;
+        unsafe {
+            each_row_built("jt", |id, built| {
+                let sql = format!("SELECT to_jsonb(whole_row) FROM jt whole_row WHERE id = {id}");
+                if !same_jsonb_bytes(&built, &sql) {
+                    let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(&built), pg_sys::JSONBOID);
+                    let texts = Spi::get_one_with_args::<String>(
+                        &format!("SELECT $1::jsonb::text || E'\\n' || ({sql})::text"),
+                        &[arg],
+                    );
+                    panic!("{zone} row {id}: {texts:?}");
+                }
+                compared += 1;
+            });
+        }
+        assert_eq!(compared, 20021, "{zone}");
+    }
+}
+
 /// Values that together pass jsonb's size limit (256 MB of an object's data) fail with the
 /// error `to_jsonb` raises for the same row, not with a value PostgreSQL would not have made.
 /// (`to_jsonb_past_its_size_limit_fails_with_this_error` expects the same error of `to_jsonb`.)
