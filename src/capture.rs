@@ -272,24 +272,24 @@ unsafe fn children_scan<R>(
     let desc = (*rel).rd_att;
     let natts = (*desc).natts as usize;
     let mut rows: Vec<(i64, pg_sys::HeapTuple)> = Vec::new();
-    let mut values = vec![pg_sys::Datum::from(0usize); natts];
-    let mut nulls = vec![false; natts];
     while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-        // A copy of the row (the slot's is in a buffer, and moves on).
-        let tuple = pg_sys::ExecCopySlotHeapTuple(slot);
         let order = match ch.pk {
-            Some((att, typ)) => {
-                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                let v = values[att - 1].value();
+            Some((att, typ)) if att <= natts => {
+                // The primary key's column only (a key column: never null).
+                if ((*slot).tts_nvalid as usize) < att {
+                    pg_sys::slot_getsomeattrs_int(slot, att as i32);
+                }
+                let v = (*(*slot).tts_values.add(att - 1)).value();
                 match typ {
                     t if t == pg_sys::INT2OID => v as i16 as i64,
                     t if t == pg_sys::INT4OID => v as i32 as i64,
                     _ => v as i64,
                 }
             }
-            None => rows.len() as i64,
+            _ => rows.len() as i64,
         };
-        rows.push((order, tuple));
+        // A copy of the row (the slot's is in a buffer, and moves on).
+        rows.push((order, pg_sys::ExecCopySlotHeapTuple(slot)));
     }
     pg_sys::index_endscan(scan);
     pg_sys::ExecDropSingleTupleTableSlot(slot);
@@ -1850,14 +1850,27 @@ pub(crate) fn output_settings_in_force() -> bool {
     }
 }
 
-/// Whether the session's time zone is UTC, by its canonical name.
+/// Whether the session's time zone is UTC, by its canonical name. Kept for the zone last asked
+/// about: PostgreSQL loads each zone once per process and never frees it (pgtz.c's cache), so
+/// one pointer is always one zone.
 pub(crate) fn session_time_zone_is_utc() -> bool {
-    unsafe {
-        !pg_sys::session_timezone.is_null() && {
-            let name = pg_sys::pg_get_timezone_name(pg_sys::session_timezone);
-            !name.is_null() && matches!(CStr::from_ptr(name).to_bytes(), b"UTC" | b"Etc/UTC")
-        }
+    thread_local! {
+        static LAST: Cell<(*const pg_sys::pg_tz, bool)> = const { Cell::new((std::ptr::null(), false)) };
     }
+    let tz = unsafe { pg_sys::session_timezone } as *const pg_sys::pg_tz;
+    if tz.is_null() {
+        return false;
+    }
+    let (last, utc) = LAST.with(|l| l.get());
+    if last == tz {
+        return utc;
+    }
+    let utc = unsafe {
+        let name = pg_sys::pg_get_timezone_name(tz.cast_mut());
+        !name.is_null() && matches!(CStr::from_ptr(name).to_bytes(), b"UTC" | b"Etc/UTC")
+    };
+    LAST.with(|l| l.set((tz, utc)));
+    utc
 }
 
 /// Run `f` with `OUTPUT_SETTINGS`, restoring the session's own afterwards.
