@@ -317,8 +317,18 @@ DECLARE
     v_trigger  record;
     v_children oid[];
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM webhooks._tracked)
-       AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgfoid = 'webhooks._capture_child'::regproc) THEN
+    -- Only a DROP of (a column of) a tracked table, a child, or a table with a child trigger
+    -- concerns _tracked, and only that one takes the lock (see _track): any role may DROP its
+    -- own objects in a transaction it keeps open, and the others' DROPs do not wait for it. A
+    -- track of such a table, committed after this looked, locks the table, which this DROP
+    -- holds: it cannot have begun; one that committed before is seen below.
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                    WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                      AND (d.objid IN (SELECT t.relid FROM webhooks._tracked t)
+                           OR d.objid IN (SELECT (c.value ->> 'relid')::oid
+                                            FROM webhooks._tracked t, jsonb_array_elements(t.children) c)
+                           OR d.objid IN (SELECT g.tgrelid FROM pg_trigger g
+                                           WHERE g.tgfoid = 'webhooks._capture_child'::regproc))) THEN
         RETURN;
     END IF;
     PERFORM webhooks._lock_tracking();  -- see _track

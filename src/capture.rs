@@ -3178,7 +3178,8 @@ fn emit(
     // for a key serializes with every other writer of that key, so the later seq always
     // belongs to the later commit. For a tracked entity whose row exists, that is the row's
     // lock (which the row's writers take too); otherwise a lock of the extension's own on the
-    // key (a user lock, which no SQL can take: no role can hold an application's emit up).
+    // key (a user lock, which no SQL but this takes: only a caller of emit can hold a key's
+    // emits up).
     let row_locked = key.is_some_and(|k| lock_tracked_row(&entity, k));
     if let (Some(key), false) = (key, row_locked) {
         lock_emit_key(&entity, key);

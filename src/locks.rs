@@ -24,8 +24,18 @@ fn tag(class: u32, n: u32, m: u16) -> pg_sys::LOCKTAG {
 
 /// Takes the lock for the rest of the transaction, waiting for it as `pg_advisory_xact_lock`
 /// does (deadlock detection, `lock_timeout` and cancel apply), and kept across `PREPARE` as
-/// that one is.
+/// that one is. Refused in a parallel operation, as advisory locks are.
 pub fn for_transaction(class: u32, n: u32, m: u16) {
+    unsafe {
+        if pg_sys::IsInParallelMode() {
+            crate::error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+                "pg_webhooks: cannot take its locks during a parallel operation",
+            );
+        }
+        // Without a resource owner the lock would be the session's.
+        debug_assert!(!pg_sys::CurrentResourceOwner.is_null(), "a transaction's lock needs a resource owner");
+    }
     let tag = tag(class, n, m);
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
 }
@@ -39,9 +49,30 @@ pub fn try_for_session(class: u32, n: u32, m: u16) -> bool {
 
 /// `track`, `untrack` and the drop handler decide from `_tracked` which child triggers to
 /// keep: one at a time, each seeing what the one before committed. Granted to
-/// `webhooks_admin` (who may call `track` and `untrack`) and run by the drop handler as the
-/// extension's owner; no other role can take it or hold it up.
+/// `webhooks_admin` (who may call `track` and `untrack`); the drop handler takes it as the
+/// extension's owner, and only for a DROP of (a column of) a tracked table or a child, which
+/// only that table's owner can run. So no other role can take it or hold it up.
+///
+/// At REPEATABLE READ or SERIALIZABLE the transaction's snapshot may be older than what the
+/// lock's previous holder committed, and the caller would decide from a `_tracked` that is no
+/// more (dropping the child triggers a table tracked since needs): refused with 40001 then, as
+/// PostgreSQL refuses an update of a row changed since the snapshot.
 #[pgrx::pg_extern(volatile, parallel_unsafe)]
 fn _lock_tracking() {
     for_transaction(CLASS, 0, 0);
+    if unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32 {
+        return;
+    }
+    const VERSIONS: &str = "SELECT pg_catalog.string_agg(t.ctid::text || ':' || t.xmin::text, ',' ORDER BY t.ctid)
+                              FROM webhooks._tracked t";
+    let versions = |snapshot| crate::plans::rows_with_snapshot_read_only(VERSIONS, &[], &[], snapshot);
+    let mine = versions(unsafe { pg_sys::GetTransactionSnapshot() });
+    let now = versions(unsafe { pg_sys::GetLatestSnapshot() });
+    if mine != now {
+        crate::error::raise_with_hint(
+            pgrx::PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            "could not serialize access due to a concurrent change of what pg_webhooks tracks",
+            "Retry the transaction. track, untrack and DDL of tracked tables see every change at READ COMMITTED.",
+        );
+    }
 }

@@ -861,7 +861,9 @@ fn wait_for_userlock_wait(c: &mut Client, pid: i32, class: i64, n: Option<i64>) 
 /// rights at all could make every DROP in the database, every track, and an application's
 /// emits for a key wait as long as it liked. They take locks of the extension's own now (user
 /// locks, which no SQL takes): the advisory keys hold up nobody, only webhooks_admin may take
-/// the tracking lock, and both locks still serialize what they serialized.
+/// the tracking lock, and both locks still serialize what they serialized. Nor can a role take
+/// the tracking lock through the drop handler by dropping an object of its own in a
+/// transaction it keeps open: only a DROP that concerns what is tracked takes it.
 #[test]
 fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
     let own = Cluster::start("userlocks", &[]);
@@ -872,7 +874,10 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
          GRANT EXECUTE ON FUNCTION webhooks.emit(text, jsonb, text) TO ul_app;
          CREATE ROLE ul_admin LOGIN; GRANT webhooks_admin TO ul_admin;
          CREATE SCHEMA ul_admin AUTHORIZATION ul_admin;
-         CREATE ROLE ul_mallory LOGIN; GRANT USAGE ON SCHEMA webhooks TO ul_mallory;",
+         CREATE ROLE ul_mallory LOGIN; GRANT USAGE ON SCHEMA webhooks TO ul_mallory;
+         CREATE TABLE ul_app.parts (id int PRIMARY KEY, note text, spare text);
+         ALTER TABLE ul_app.parts OWNER TO ul_app;
+         SELECT webhooks.track('ul_app.parts');",
     )
     .expect("roles");
     let mut admin = own.connect_as("postgres", "ul_admin");
@@ -889,6 +894,11 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
                     pg_advisory_lock(1885828968, hashtext('order:7'))",
         )
         .expect("anybody takes advisory locks");
+    // And keeps a DROP of its own open (a temporary table: any role may make one).
+    let mut dropping = own.connect_as("postgres", "ul_mallory");
+    dropping
+        .batch_execute("BEGIN; CREATE TEMP TABLE mine (id int); DROP TABLE mine;")
+        .expect("mallory's DROP, left open");
     // With mallory's keys held: a lock wait would fail after 10 s (55P03) instead of hanging.
     let mut app = own.connect_as("postgres", "ul_app");
     app.batch_execute(
@@ -909,15 +919,17 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
         .expect("track, untrack and DROP do not wait for mallory");
     fails(&mut mallory, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
     fails(&mut app, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
+    dropping.batch_execute("COMMIT").expect("mallory's DROP");
 
-    // The tracking lock still puts track and a DROP one after the other.
+    // The tracking lock still puts track and a DROP of a tracked table's column one after the
+    // other.
     admin
         .batch_execute("BEGIN; CREATE TABLE ul_admin.later (id int PRIMARY KEY); SELECT webhooks.track('ul_admin.later');")
         .expect("track, left open");
-    app.batch_execute("RESET lock_timeout; CREATE TABLE ul_app.gone (id int)").expect("table");
+    app.batch_execute("RESET lock_timeout").expect("reset");
     let app_pid: i32 = app.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
     let dropper = std::thread::spawn(move || {
-        app.batch_execute("DROP TABLE ul_app.gone").expect("the DROP, once track committed");
+        app.batch_execute("ALTER TABLE ul_app.parts DROP COLUMN spare").expect("the DROP, once track committed");
         app
     });
     wait_for_userlock_wait(&mut su, app_pid, 1885828969, Some(0));
@@ -944,4 +956,43 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
         .collect();
     assert_eq!(seqs.len(), 3, "{seqs:?}");
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one key's events in commit order: {seqs:?}");
+
+    // At REPEATABLE READ, a snapshot older than a track committed since would decide from a
+    // _tracked that is no more: refused (40001), and nothing changed.
+    su.batch_execute(
+        "CREATE TABLE ul_admin.rr_a (id int PRIMARY KEY); CREATE TABLE ul_admin.rr_b (id int PRIMARY KEY);
+         CREATE TABLE ul_admin.rr_items (id int PRIMARY KEY, a_id int, b_id int);
+         ALTER TABLE ul_admin.rr_a OWNER TO ul_admin; ALTER TABLE ul_admin.rr_b OWNER TO ul_admin;
+         ALTER TABLE ul_admin.rr_items OWNER TO ul_admin;
+         SELECT webhooks.track('ul_admin.rr_a', entity => 'rra',
+                children => '{\"items\": {\"table\": \"ul_admin.rr_items\", \"foreign_key\": \"a_id\"}}');",
+    )
+    .expect("rr tables");
+    let mut stale = own.connect_as("postgres", "ul_admin");
+    stale.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ul_admin.rr_a").expect("snapshot");
+    admin
+        .batch_execute(
+            "SELECT webhooks.track('ul_admin.rr_b', entity => 'rrb',
+                    children => '{\"items\": {\"table\": \"ul_admin.rr_items\", \"foreign_key\": \"b_id\"}}')",
+        )
+        .expect("track rr_b, committed");
+    let message = fails(&mut stale, "SELECT webhooks.untrack('ul_admin.rr_a')", SqlState::T_R_SERIALIZATION_FAILURE);
+    assert!(message.contains("concurrent change of what pg_webhooks tracks"), "{message}");
+    stale.batch_execute("ROLLBACK").expect("rollback");
+    let mut drops = own.connect_as("postgres", "ul_admin");
+    drops.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ul_admin.rr_a").expect("snapshot");
+    admin.batch_execute("SELECT webhooks.untrack('ul_admin.rr_b')").expect("untrack rr_b, committed");
+    fails(&mut drops, "DROP TABLE ul_admin.rr_a", SqlState::T_R_SERIALIZATION_FAILURE);
+    drops.batch_execute("ROLLBACK").expect("rollback");
+    // At READ COMMITTED the same untrack sees what committed, and the child keeps no trigger.
+    stale.batch_execute("SELECT webhooks.untrack('ul_admin.rr_a')").expect("untrack at read committed");
+    let triggers: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'ul_admin.rr_items'::regclass
+                AND tgfoid = 'webhooks._capture_child'::regproc",
+            &[],
+        )
+        .expect("triggers")
+        .get(0);
+    assert_eq!(triggers, 0, "no tracked table lists rr_items");
 }
