@@ -224,6 +224,17 @@ unsafe fn same_jsonb_bytes(bytes: &[u8], sql: &str) -> bool {
         .expect("a value")
 }
 
+/// `built` is byte for byte `to_jsonb` of `table`'s row `id`; otherwise a panic showing both
+/// (`label` first).
+unsafe fn assert_row_is_to_jsonb(table: &str, id: &str, built: &[u8], label: &str) {
+    let sql = format!("SELECT to_jsonb(whole_row) FROM {table} whole_row WHERE id = {id}");
+    if !same_jsonb_bytes(built, &sql) {
+        let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(built), pg_sys::JSONBOID);
+        let texts = Spi::get_one_with_args::<String>(&format!("SELECT $1::jsonb::text || E'\\n' || ({sql})::text"), &[arg]);
+        panic!("{label} row {id}: {texts:?}");
+    }
+}
+
 /// The jsonb capture writes in jsonb's binary format directly (`crate::jsonb`) is byte for byte
 /// the one PostgreSQL's `to_jsonb` writes: every kind of column, objects of more than 32 keys
 /// (entries that are offsets), keys of one length in byte order, numerics after strings of
@@ -276,15 +287,7 @@ fn jsonb_written_directly_is_to_jsonb_byte_for_byte() {
         let mut compared = 0;
         for table in ["jb", "jw", "jx"] {
             each_row_built(table, |id, built| {
-                let sql = format!("SELECT to_jsonb(whole_row) FROM {table} whole_row WHERE id = {id}");
-                if !same_jsonb_bytes(&built, &sql) {
-                    let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(&built), pg_sys::JSONBOID);
-                    let texts = Spi::get_one_with_args::<String>(
-                        &format!("SELECT $1::jsonb::text || E'\\n' || ({sql})::text"),
-                        &[arg],
-                    );
-                    panic!("{table} row {id}: {texts:?}");
-                }
+                assert_row_is_to_jsonb(table, id, &built, table);
                 compared += 1;
             });
         }
@@ -323,15 +326,7 @@ fn timestamps_with_time_zone_are_to_jsonb_byte_for_byte() {
         let mut compared = 0;
         unsafe {
             each_row_built("jt", |id, built| {
-                let sql = format!("SELECT to_jsonb(whole_row) FROM jt whole_row WHERE id = {id}");
-                if !same_jsonb_bytes(&built, &sql) {
-                    let arg = pgrx::datum::DatumWithOid::new(crate::jsonb::from_bytes(&built), pg_sys::JSONBOID);
-                    let texts = Spi::get_one_with_args::<String>(
-                        &format!("SELECT $1::jsonb::text || E'\\n' || ({sql})::text"),
-                        &[arg],
-                    );
-                    panic!("{zone} row {id}: {texts:?}");
-                }
+                assert_row_is_to_jsonb("jt", id, &built, zone);
                 compared += 1;
             });
         }
