@@ -9,13 +9,18 @@
 
 -- track, untrack and the drop handler take a lock of the extension's own (src/locks.rs), not
 -- an advisory lock, which any role could hold to make every DROP in the database wait.
--- First: this script's own DROPs run the drop handler, which takes it. (The Rust function, as
--- `cargo pgrx schema` writes it.)
+-- The drop handler takes it only for a DROP that concerns what is tracked. First: this
+-- script's own DROPs run the drop handler. (The Rust functions, as `cargo pgrx schema` writes
+-- them.)
 CREATE FUNCTION webhooks."_lock_tracking"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_tracking_wrapper';
-REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking() FROM PUBLIC;
+CREATE FUNCTION webhooks."_drop_concerns_tracking"() RETURNS bool
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_drop_concerns_tracking_wrapper';
+REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._drop_concerns_tracking() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhooks._lock_tracking() TO webhooks_admin;
 
 -- #12 worker status: read from shared memory.
@@ -166,6 +171,10 @@ BEGIN
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
     -- one at a time, each seeing what the one before committed (a lock of the extension's own,
     -- which no other role can take: an advisory one would let any role hold up every DROP).
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
+            HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
+    END IF;
     PERFORM webhooks._lock_tracking();
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
@@ -316,6 +325,20 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- The columns read above, again now that the triggers' locks are held: one dropped by a
+    -- DROP that committed before them would be a number of nothing (the DROP's handler did not
+    -- know of this table yet).
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attnum = v_key AND NOT a.attisdropped)
+       OR (v_status IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                                 WHERE a.attrelid = tbl AND a.attnum = v_status AND NOT a.attisdropped))
+       OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(v_specs) c
+                   WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                      WHERE a.attrelid = (c.value ->> 'relid')::oid
+                                        AND a.attnum = (c.value ->> 'fk_attnum')::smallint AND NOT a.attisdropped)) THEN
+        RAISE EXCEPTION 'a column of % or of its children was dropped while track read them', tbl
+            USING ERRCODE = 'serialization_failure', HINT = 'Call webhooks.track() again.';
+    END IF;
     PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
@@ -350,6 +373,10 @@ DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'webhooks.untrack() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
+            HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
+    END IF;
     PERFORM webhooks._lock_tracking();  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
@@ -383,18 +410,13 @@ DECLARE
     v_trigger  record;
     v_children oid[];
 BEGIN
-    -- Only a DROP of (a column of) a tracked table, a child, or a table with a child trigger
-    -- concerns _tracked, and only that one takes the lock (see _track): any role may DROP its
-    -- own objects in a transaction it keeps open, and the others' DROPs do not wait for it. A
-    -- track of such a table, committed after this looked, locks the table, which this DROP
-    -- holds: it cannot have begun; one that committed before is seen below.
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
-                    WHERE d.classid = 'pg_catalog.pg_class'::regclass
-                      AND (d.objid IN (SELECT t.relid FROM webhooks._tracked t)
-                           OR d.objid IN (SELECT (c.value ->> 'relid')::oid
-                                            FROM webhooks._tracked t, jsonb_array_elements(t.children) c)
-                           OR d.objid IN (SELECT g.tgrelid FROM pg_trigger g
-                                           WHERE g.tgfoid = 'webhooks._capture_child'::regproc))) THEN
+    -- Only a DROP of (a column of) a tracked table or a child concerns _tracked, and only that
+    -- one takes the lock (see _track): any role may DROP its own objects in a transaction it
+    -- keeps open, and the others' DROPs do not wait for it. Decided on everything committed
+    -- (not this transaction's snapshot, which at REPEATABLE READ may predate a track of what
+    -- is dropped); a track that has not committed cannot concern it: it creates triggers on
+    -- its tables, which this DROP holds.
+    IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;
     PERFORM webhooks._lock_tracking();  -- see _track

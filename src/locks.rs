@@ -76,3 +76,20 @@ fn _lock_tracking() {
         );
     }
 }
+
+/// Whether what the running `sql_drop` event trigger reports as dropped is (a column of) a
+/// tracked table or a child of one: then the drop handler takes the tracking lock. Read under
+/// the latest snapshot: at REPEATABLE READ the transaction's may predate a track of what is
+/// dropped (the lock's check then refuses the stale snapshot with 40001). The drop handler's
+/// (run as the extension's owner); no role is granted it.
+#[pgrx::pg_extern(volatile, parallel_unsafe)]
+fn _drop_concerns_tracking() -> bool {
+    const CONCERNS: &str = "SELECT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND (d.objid IN (SELECT t.relid FROM webhooks._tracked t)
+                OR d.objid IN (SELECT (c.value OPERATOR(pg_catalog.->>) 'relid')::pg_catalog.oid
+                                 FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c)))";
+    let rows = crate::plans::rows_with_snapshot_read_only(CONCERNS, &[], &[], unsafe { pg_sys::GetLatestSnapshot() });
+    rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("t")
+}

@@ -894,11 +894,16 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
                     pg_advisory_lock(1885828968, hashtext('order:7'))",
         )
         .expect("anybody takes advisory locks");
-    // And keeps a DROP of its own open (a temporary table: any role may make one).
+    // And keeps DROPs of her own open: a temporary table, and a column of one that has a child
+    // capture trigger (anybody may create one).
     let mut dropping = own.connect_as("postgres", "ul_mallory");
     dropping
-        .batch_execute("BEGIN; CREATE TEMP TABLE mine (id int); DROP TABLE mine;")
-        .expect("mallory's DROP, left open");
+        .batch_execute(
+            "CREATE TEMP TABLE also (id int, y int);
+             CREATE TRIGGER t BEFORE INSERT ON also FOR EACH ROW EXECUTE FUNCTION webhooks._capture_child();
+             BEGIN; CREATE TEMP TABLE mine (id int); DROP TABLE mine; ALTER TABLE also DROP COLUMN y;",
+        )
+        .expect("mallory's DROPs, left open");
     // With mallory's keys held: a lock wait would fail after 10 s (55P03) instead of hanging.
     let mut app = own.connect_as("postgres", "ul_app");
     app.batch_execute(
@@ -968,23 +973,43 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
                 children => '{\"items\": {\"table\": \"ul_admin.rr_items\", \"foreign_key\": \"a_id\"}}');",
     )
     .expect("rr tables");
+    // track and untrack refuse to run from a transaction's snapshot.
     let mut stale = own.connect_as("postgres", "ul_admin");
-    stale.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ul_admin.rr_a").expect("snapshot");
+    for call in ["SELECT webhooks.untrack('ul_admin.rr_a')", "SELECT webhooks.track('ul_admin.rr_b')"] {
+        for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+            stale.batch_execute(&format!("BEGIN ISOLATION LEVEL {level}")).expect("begin");
+            let message = fails(&mut stale, call, SqlState::INVALID_TRANSACTION_STATE);
+            assert!(message.contains("runs at READ COMMITTED only"), "{message}");
+            stale.batch_execute("ROLLBACK").expect("rollback");
+        }
+    }
     admin
         .batch_execute(
             "SELECT webhooks.track('ul_admin.rr_b', entity => 'rrb',
                     children => '{\"items\": {\"table\": \"ul_admin.rr_items\", \"foreign_key\": \"b_id\"}}')",
         )
-        .expect("track rr_b, committed");
-    let message = fails(&mut stale, "SELECT webhooks.untrack('ul_admin.rr_a')", SqlState::T_R_SERIALIZATION_FAILURE);
-    assert!(message.contains("concurrent change of what pg_webhooks tracks"), "{message}");
-    stale.batch_execute("ROLLBACK").expect("rollback");
+        .expect("track rr_b");
+    // A DROP of a table tracked after the snapshot was taken is refused too (its handler would
+    // not see the table's row).
+    su.batch_execute("CREATE TABLE ul_admin.rr_c (id int PRIMARY KEY); ALTER TABLE ul_admin.rr_c OWNER TO ul_admin;")
+        .expect("rr_c");
     let mut drops = own.connect_as("postgres", "ul_admin");
+    drops.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ul_admin.rr_a").expect("snapshot");
+    admin.batch_execute("SELECT webhooks.track('ul_admin.rr_c', entity => 'rrc')").expect("track rr_c, committed");
+    let message = fails(&mut drops, "DROP TABLE ul_admin.rr_c", SqlState::T_R_SERIALIZATION_FAILURE);
+    assert!(message.contains("concurrent change of what pg_webhooks tracks"), "{message}");
+    drops.batch_execute("ROLLBACK").expect("rollback");
+    drops.batch_execute("DROP TABLE ul_admin.rr_c").expect("at READ COMMITTED");
+    let left: i64 = su
+        .query_one("SELECT count(*) FROM webhooks._tracked WHERE entity = 'rrc'", &[])
+        .expect("tracked")
+        .get(0);
+    assert_eq!(left, 0, "the dropped table is forgotten");
     drops.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ul_admin.rr_a").expect("snapshot");
     admin.batch_execute("SELECT webhooks.untrack('ul_admin.rr_b')").expect("untrack rr_b, committed");
     fails(&mut drops, "DROP TABLE ul_admin.rr_a", SqlState::T_R_SERIALIZATION_FAILURE);
     drops.batch_execute("ROLLBACK").expect("rollback");
-    // At READ COMMITTED the same untrack sees what committed, and the child keeps no trigger.
+    // At READ COMMITTED untrack sees what committed, and the child keeps no trigger.
     stale.batch_execute("SELECT webhooks.untrack('ul_admin.rr_a')").expect("untrack at read committed");
     let triggers: i64 = su
         .query_one(
@@ -995,4 +1020,61 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
         .expect("triggers")
         .get(0);
     assert_eq!(triggers, 0, "no tracked table lists rr_items");
+}
+
+/// Waits until session `pid` waits for a lock on a relation.
+fn wait_for_relation_lock_wait(c: &mut Client, pid: i32) {
+    common::wait_for("the session to wait for a table's lock", Duration::from_secs(30), || {
+        let waiting: i64 = c
+            .query_one("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'relation'", &[&pid])
+            .expect("pg_locks")
+            .get(0);
+        (waiting == 1).then_some(())
+    });
+}
+
+/// track reads the child's foreign key column's number, then creates the child's trigger (and
+/// only then holds the child). A DROP of that column committed in between (its handler did not
+/// know of the table yet) would leave a configuration naming a dropped column, and every write
+/// to both tables failing: track checks the columns again under the triggers' locks, and fails
+/// with 40001, leaving nothing behind.
+#[test]
+fn a_column_dropped_while_track_reads_it_fails_the_track() {
+    let own = Cluster::start("trackrace", &[]);
+    let mut su = own.connect();
+    su.batch_execute(
+        "CREATE TABLE race_other (id int PRIMARY KEY); SELECT webhooks.track('race_other');
+         CREATE TABLE race_p (id int PRIMARY KEY); CREATE TABLE race_c (id int PRIMARY KEY, p_id int);",
+    )
+    .expect("tables");
+    let pid = |c: &mut Client| -> i32 { c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0) };
+    let mut holder = own.connect();
+    holder.batch_execute("BEGIN; LOCK TABLE race_c IN ROW EXCLUSIVE MODE").expect("hold the child");
+    let mut dropper = own.connect();
+    let dropper_pid = pid(&mut dropper);
+    let dropping = std::thread::spawn(move || dropper.batch_execute("ALTER TABLE race_c DROP COLUMN p_id"));
+    wait_for_relation_lock_wait(&mut su, dropper_pid);
+    let mut tracker = own.connect();
+    let tracker_pid = pid(&mut tracker);
+    let tracking = std::thread::spawn(move || {
+        tracker.batch_execute(
+            r#"SELECT webhooks.track('race_p', children => '{"items": {"table": "race_c", "foreign_key": "p_id"}}')"#,
+        )
+    });
+    wait_for_relation_lock_wait(&mut su, tracker_pid);
+    holder.batch_execute("COMMIT").expect("release the child");
+    dropping.join().expect("dropper").expect("the DROP COLUMN");
+    let err = tracking.join().expect("tracker").expect_err("the track fails");
+    assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE), "{err}");
+    let tracked: i64 = su.query_one("SELECT count(*) FROM webhooks._tracked WHERE relid = 'race_p'::regclass", &[]).expect("tracked").get(0);
+    assert_eq!(tracked, 0);
+    su.batch_execute("INSERT INTO race_p VALUES (1); INSERT INTO race_c VALUES (1)").expect("both tables take writes");
+    su.batch_execute(
+        r#"ALTER TABLE race_c ADD COLUMN p_id int;
+           SELECT webhooks.track('race_p', children => '{"items": {"table": "race_c", "foreign_key": "p_id"}}');
+           INSERT INTO race_p VALUES (2); INSERT INTO race_c VALUES (2, 2);"#,
+    )
+    .expect("tracked again");
+    let data = events(&mut su, "race_p");
+    assert_eq!(data.len(), 1, "{data:?}");
 }
