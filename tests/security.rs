@@ -839,15 +839,15 @@ fn concurrent_track_and_untrack_of_tables_sharing_a_child_leave_exactly_the_trig
     su.batch_execute("INSERT INTO rc_items VALUES (3, 1, 1)").expect("writes work untracked");
 }
 
-/// Waits until session `pid` waits for the extension's user lock of `class` and number `n`.
-/// (Any number if `n` is None.)
-fn wait_for_userlock_wait(c: &mut Client, pid: i32, class: i64, n: Option<i64>) {
+/// Waits until session `pid` waits for a lock of `locktype` (and, if given, the class and
+/// number of the extension's user lock: pg_locks' classid and objid).
+fn wait_for_lock_wait(c: &mut Client, pid: i32, locktype: &str, class: Option<i64>, n: Option<i64>) {
     common::wait_for("the session to wait for the lock", Duration::from_secs(30), || {
         let waiting: i64 = c
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'userlock'
-                    AND classid = $2::bigint::oid AND ($3::bigint IS NULL OR objid = $3::bigint::oid)",
-                &[&pid, &class, &n],
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = $2
+                    AND ($3::bigint IS NULL OR classid = $3::bigint::oid) AND ($4::bigint IS NULL OR objid = $4::bigint::oid)",
+                &[&pid, &locktype, &class, &n],
             )
             .expect("pg_locks")
             .get(0);
@@ -937,7 +937,7 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
         app.batch_execute("ALTER TABLE ul_app.parts DROP COLUMN spare").expect("the DROP, once track committed");
         app
     });
-    wait_for_userlock_wait(&mut su, app_pid, 1885828969, Some(0));
+    wait_for_lock_wait(&mut su, app_pid, "userlock", Some(1885828969), Some(0));
     admin.batch_execute("COMMIT").expect("commit track");
     let mut app = dropper.join().expect("dropper");
 
@@ -947,7 +947,7 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
     let second = std::thread::spawn(move || {
         app.batch_execute("SELECT webhooks.emit('thing.noted', '{\"n\": 4}', 'k1')").expect("second emit");
     });
-    wait_for_userlock_wait(&mut su, app_pid, 0x7067_7768, None);
+    wait_for_lock_wait(&mut su, app_pid, "userlock", Some(0x7067_7768), None);
     first.batch_execute("COMMIT").expect("commit the first");
     second.join().expect("second");
     let seqs: Vec<i64> = su
@@ -1022,17 +1022,6 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
     assert_eq!(triggers, 0, "no tracked table lists rr_items");
 }
 
-/// Waits until session `pid` waits for a lock on a relation.
-fn wait_for_relation_lock_wait(c: &mut Client, pid: i32) {
-    common::wait_for("the session to wait for a table's lock", Duration::from_secs(30), || {
-        let waiting: i64 = c
-            .query_one("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'relation'", &[&pid])
-            .expect("pg_locks")
-            .get(0);
-        (waiting == 1).then_some(())
-    });
-}
-
 /// track reads the child's foreign key column's number, then creates the child's trigger (and
 /// only then holds the child). A DROP of that column committed in between (its handler did not
 /// know of the table yet) would leave a configuration naming a dropped column, and every write
@@ -1053,7 +1042,7 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
     let mut dropper = own.connect();
     let dropper_pid = pid(&mut dropper);
     let dropping = std::thread::spawn(move || dropper.batch_execute("ALTER TABLE race_c DROP COLUMN p_id"));
-    wait_for_relation_lock_wait(&mut su, dropper_pid);
+    wait_for_lock_wait(&mut su, dropper_pid, "relation", None, None);
     let mut tracker = own.connect();
     let tracker_pid = pid(&mut tracker);
     let tracking = std::thread::spawn(move || {
@@ -1061,7 +1050,7 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
             r#"SELECT webhooks.track('race_p', children => '{"items": {"table": "race_c", "foreign_key": "p_id"}}')"#,
         )
     });
-    wait_for_relation_lock_wait(&mut su, tracker_pid);
+    wait_for_lock_wait(&mut su, tracker_pid, "relation", None, None);
     holder.batch_execute("COMMIT").expect("release the child");
     dropping.join().expect("dropper").expect("the DROP COLUMN");
     let err = tracking.join().expect("tracker").expect_err("the track fails");
