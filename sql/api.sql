@@ -105,7 +105,7 @@ BEGIN
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
     -- one at a time, each seeing what the one before committed (a lock of the extension's own,
     -- which no other role can take: an advisory one would let any role hold up every DROP).
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
@@ -117,6 +117,8 @@ BEGIN
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
+    -- Held from before its columns are read (see _lock_for_tracking), as each child's below.
+    PERFORM webhooks._lock_for_tracking(tbl);
     IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
         RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
             HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
@@ -201,6 +203,7 @@ BEGIN
                OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
                 RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
             END IF;
+            PERFORM webhooks._lock_for_tracking(v_child);
             IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
                 RAISE EXCEPTION 'child table % forces row-level security on its owner', v_child
                     USING ERRCODE = 'feature_not_supported',
@@ -259,20 +262,6 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- The columns read above, again now that the triggers' locks are held: one dropped by a
-    -- DROP that committed before them would be a number of nothing (the DROP's handler did not
-    -- know of this table yet).
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                    WHERE a.attrelid = tbl AND a.attnum = v_key AND NOT a.attisdropped)
-       OR (v_status IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                                                 WHERE a.attrelid = tbl AND a.attnum = v_status AND NOT a.attisdropped))
-       OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(v_specs) c
-                   WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                                      WHERE a.attrelid = (c.value ->> 'relid')::oid
-                                        AND a.attnum = (c.value ->> 'fk_attnum')::smallint AND NOT a.attisdropped)) THEN
-        RAISE EXCEPTION 'a column of % or of its children was dropped while track read them', tbl
-            USING ERRCODE = 'serialization_failure', HINT = 'Call webhooks.track() again.';
-    END IF;
     PERFORM webhooks._register_tracked(tbl::oid, entity, v_key, v_status, v_specs);
 
     -- Default lifecycle events for an entity that has no status mapping yet.
@@ -294,7 +283,7 @@ DECLARE
     v_children oid[];
     v_trigger  record;
 BEGIN
-    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+    IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.untrack() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
@@ -343,8 +332,8 @@ BEGIN
     -- one takes the lock (see _track): any role may DROP its own objects in a transaction it
     -- keeps open, and the others' DROPs do not wait for it. Decided on everything committed
     -- (not this transaction's snapshot, which at REPEATABLE READ may predate a track of what
-    -- is dropped); a track that has not committed cannot concern it: it creates triggers on
-    -- its tables, which this DROP holds.
+    -- is dropped); a track that has not committed cannot concern it: it locks its tables
+    -- before it reads them (_lock_for_tracking), and this DROP holds them.
     IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;
@@ -1597,6 +1586,7 @@ GRANT USAGE ON SEQUENCE webhooks._events_seq_seq TO webhooks_capture;
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text), webhooks._lock_tracking(),
+    webhooks._lock_for_tracking(oid),
     webhooks.emit(text, jsonb, text),
     webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb, text),
     webhooks.set_shape(bigint, jsonb),

@@ -181,6 +181,26 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     crate::capture::as_role(owner, f)
 }
 
+/// Locks a table `track` is about to read and put triggers on, as its CREATE TRIGGER would
+/// (SHARE ROW EXCLUSIVE), before `track` reads its columns: a DROP of the table or of one of
+/// its columns has then either committed before (`track` sees it gone) or waits for `track`
+/// to commit (and its drop handler sees the table tracked). Without it, a child that already
+/// had a capture trigger (made by hand, or restored) was never locked by `track`, and a DROP of
+/// it or of its foreign key column could commit between the two and leave `_tracked` naming
+/// what is gone. Only for a table the caller may put triggers on, as `track` needs.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _lock_for_tracking(tbl: pg_sys::Oid) {
+    let user = unsafe { pg_sys::GetUserId() };
+    let may = unsafe { pg_sys::pg_class_aclcheck(tbl, user, pg_sys::ACL_TRIGGER as pg_sys::AclMode) };
+    if may != pg_sys::AclResult::ACLCHECK_OK {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            &format!("permission denied for table {}", relation_name(tbl)),
+        );
+    }
+    unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };
+}
+
 /// Registers a table for capture: called by `webhooks.track()` after it created the triggers,
 /// with the caller's rights, which are checked here again (the table and every child must be
 /// tables the caller may read and put triggers on, and the table's owner, whose rights
