@@ -102,14 +102,10 @@ DECLARE
     v_table    text;
     v_fk       smallint;
 BEGIN
-    -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
-    -- one at a time, each seeing what the one before committed (a lock of the extension's own,
-    -- which no other role can take: an advisory one would let any role hold up every DROP).
     IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
-    PERFORM webhooks._lock_tracking();
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -117,8 +113,27 @@ BEGIN
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
-    -- Held from before its columns are read (see _lock_for_tracking), as each child's below.
+    -- The table and its children locked before their columns are read (see
+    -- _lock_for_tracking), and before the tracking lock, in the order a DROP takes them (its
+    -- tables, then the tracking lock in the drop handler): no deadlock with one. The children
+    -- are checked properly below (and locked again there, should a name now give another table).
     PERFORM webhooks._lock_for_tracking(tbl);
+    IF jsonb_typeof(children) = 'object' THEN
+        FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
+            CONTINUE WHEN jsonb_typeof(v_spec) IS DISTINCT FROM 'object'
+                       OR jsonb_typeof(v_spec -> 'table') IS DISTINCT FROM 'string';
+            PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
+            v_child := (v_spec ->> 'table')::regclass;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            IF (SELECT c.relkind IN ('r', 'p') AND c.relpersistence <> 't' FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
+                PERFORM webhooks._lock_for_tracking(v_child);
+            END IF;
+        END LOOP;
+    END IF;
+    -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
+    -- one at a time, each seeing what the one before committed (a lock of the extension's own,
+    -- which no other role can take: an advisory one would let any role hold up every DROP).
+    PERFORM webhooks._lock_tracking();
     IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
         RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
             HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';

@@ -187,15 +187,27 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// to commit (and its drop handler sees the table tracked). Without it, a child that already
 /// had a capture trigger (made by hand, or restored) was never locked by `track`, and a DROP of
 /// it or of its foreign key column could commit between the two and leave `_tracked` naming
-/// what is gone. Only for a table the caller may put triggers on, as `track` needs.
+/// what is gone. Only for a table `track` would take: a permanent table (not a system
+/// catalog) the caller may read and put triggers on, in a schema it may use (as looking the
+/// table up by name for CREATE TRIGGER needs), so that it locks nothing CREATE TRIGGER would
+/// not.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _lock_for_tracking(tbl: pg_sys::Oid) {
     let user = unsafe { pg_sys::GetUserId() };
-    let may = unsafe { pg_sys::pg_class_aclcheck(tbl, user, pg_sys::ACL_TRIGGER as pg_sys::AclMode) };
-    if may != pg_sys::AclResult::ACLCHECK_OK {
+    if unsafe { pg_sys::IsCatalogRelationOid(tbl) } {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            &format!("permission denied for table {}", relation_name(tbl)),
+            &format!("permission denied to track table {}: it is a system catalog", relation_name(tbl)),
+        );
+    }
+    check_trackable(tbl, user);
+    let schema = unsafe { pg_sys::get_rel_namespace(tbl) };
+    if unsafe { pg_sys::pg_namespace_aclcheck(schema, user, pg_sys::ACL_USAGE as pg_sys::AclMode) }
+        != pg_sys::AclResult::ACLCHECK_OK
+    {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            &format!("permission denied for the schema of table {}", relation_name(tbl)),
         );
     }
     unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };

@@ -50,8 +50,9 @@ pub fn try_for_session(class: u32, n: u32, m: u16) -> bool {
 /// `track`, `untrack` and the drop handler decide from `_tracked` which child triggers to
 /// keep: one at a time, each seeing what the one before committed. Granted to
 /// `webhooks_admin` (who may call `track` and `untrack`); the drop handler takes it as the
-/// extension's owner, and only for a DROP of (a column of) a tracked table or a child, which
-/// only that table's owner can run. So no other role can take it or hold it up.
+/// extension's owner, and only for a DROP of (a column of) a tracked table or a child: run by
+/// that table's owner, or by the owner of something it depends on, with CASCADE. (A `track`
+/// that waits for a table it tracks, locked by a writer, waits before it takes this lock.)
 ///
 /// At REPEATABLE READ or SERIALIZABLE the transaction's snapshot may be older than what the
 /// lock's previous holder committed, and the caller would decide from a `_tracked` that is no

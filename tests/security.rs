@@ -1097,4 +1097,30 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
     assert_eq!(children, serde_json::json!([]), "the dropped child left the payload");
     su.batch_execute("INSERT INTO race_q VALUES (1)").expect("the table takes writes");
     assert_eq!(events(&mut su, "race_q").len(), 1);
+
+    // A track waiting for its table (a writer holds it) holds no lock a DROP needs: it takes
+    // its tables before the tracking lock, as a DROP does. Taken the other way round, a DROP
+    // COLUMN of a child it shares with a tracked table waited for the track's tracking lock,
+    // and the track then for the child: a deadlock.
+    su.batch_execute(
+        r#"CREATE TABLE dl_q (id int PRIMARY KEY); CREATE TABLE dl_p (id int PRIMARY KEY);
+           CREATE TABLE dl_c (id int PRIMARY KEY, q_id int, p_id int, extra int);
+           SELECT webhooks.track('dl_q', children => '{"l": {"table": "dl_c", "foreign_key": "q_id"}}');"#,
+    )
+    .expect("a shared child");
+    let mut writer = own.connect();
+    writer.batch_execute("BEGIN; INSERT INTO dl_p VALUES (1)").expect("a writer holds dl_p");
+    let mut tracker = own.connect();
+    let tracker_pid = pid(&mut tracker);
+    let tracking = std::thread::spawn(move || {
+        tracker.batch_execute(r#"SELECT webhooks.track('dl_p', children => '{"l": {"table": "dl_c", "foreign_key": "p_id"}}')"#)
+    });
+    wait_for_lock_wait(&mut su, tracker_pid, "relation", None, None);
+    let mut dropper = own.connect();
+    dropper
+        .batch_execute("SET lock_timeout = '10s'; ALTER TABLE dl_c DROP COLUMN extra")
+        .expect("the DROP COLUMN does not wait for the waiting track");
+    writer.batch_execute("COMMIT").expect("the writer commits");
+    tracking.join().expect("tracker").expect("the track, once the writer committed");
+    su.batch_execute("INSERT INTO dl_c VALUES (1, NULL, 1)").expect("the child takes writes");
 }
