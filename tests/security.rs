@@ -1124,3 +1124,129 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
     tracking.join().expect("tracker").expect("the track, once the writer committed");
     su.batch_execute("INSERT INTO dl_c VALUES (1, NULL, 1)").expect("the child takes writes");
 }
+
+/// track, untrack and the drop handler take their tables' locks before the tracking lock, and
+/// in OID order, so that none of them waits for the tracking lock holding a table another one
+/// (holding the tracking lock) waits for. Each case stops one `track` half-way through its
+/// locks (a writer holds its last table) while the other goes as far as it can; without that
+/// order, the deadlock detector ended one of them (40P01).
+#[test]
+fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlock() {
+    let own = Cluster::start("lockorder", &["deadlock_timeout = '100ms'"]);
+    let mut su = own.connect();
+    su.batch_execute(
+        "CREATE TABLE dl_c (id int PRIMARY KEY, a_id int, b_id int);
+         CREATE TABLE dl_c2 (id int PRIMARY KEY, b_id int);
+         CREATE TABLE dl_c3 (id int PRIMARY KEY, d_id int, e_id int);
+         CREATE TABLE dl_c4 (id int PRIMARY KEY, e_id int);
+         CREATE TABLE dl_c5 (id int PRIMARY KEY, f_id int);
+         CREATE TABLE dl_c6 (id int PRIMARY KEY, f_id int);
+         CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
+         CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
+         CREATE TABLE dl_f (id int PRIMARY KEY);
+         SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
+         SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');",
+    )
+    .expect("setup");
+    let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
+    let ascending: Vec<u32> = ["dl_c", "dl_c2", "dl_c3", "dl_c4", "dl_c5", "dl_c6", "dl_a"].iter().map(|t| oid(&mut su, t)).collect();
+    assert!(ascending.windows(2).all(|w| w[0] < w[1]), "the cases rely on the children's OIDs ascending: {ascending:?}");
+    let child_triggers = |c: &mut Client, t: &str| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgfoid = 'webhooks._capture_child'::regproc",
+            &[&t],
+        )
+        .expect("triggers")
+        .get(0)
+    };
+    let waits_for_table = |c: &mut Client, pid: i32, t: &str| {
+        common::wait_for(&format!("session {pid} to wait for {t}"), Duration::from_secs(30), || {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'relation'
+                        AND relation = $2::text::regclass",
+                    &[&pid, &t],
+                )
+                .expect("pg_locks")
+                .get(0);
+            (n == 1).then_some(())
+        })
+    };
+    let holds = |c: &mut Client, pid: i32, t: &str| -> bool {
+        c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND granted AND relation = $2::text::regclass)",
+            &[&pid, &t],
+        )
+        .expect("pg_locks")
+        .get(0)
+    };
+    let session = |sql: &'static str| {
+        let mut c = own.connect();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+        (pid, std::thread::spawn(move || c.batch_execute(sql).map_err(|e| format!("{e:?}"))))
+    };
+    let mut writer = own.connect();
+
+    // 1. track of dl_b (children dl_c, dl_c2) holds dl_c and waits for dl_c2; an untrack of
+    // dl_a, whose child trigger on dl_c it would drop, waits for dl_c without the tracking lock.
+    writer.batch_execute("BEGIN; INSERT INTO dl_c2 VALUES (0, NULL)").expect("writer");
+    let (track_pid, track) = session(
+        "SELECT webhooks.track('dl_b', entity => 'dlb', children => '{\"a\": {\"table\": \"dl_c\", \"foreign_key\": \"b_id\"},
+                                                                      \"b\": {\"table\": \"dl_c2\", \"foreign_key\": \"b_id\"}}')",
+    );
+    waits_for_table(&mut su, track_pid, "dl_c2");
+    let (untrack_pid, untrack) = session("SELECT webhooks.untrack('dl_a')");
+    waits_for_table(&mut su, untrack_pid, "dl_c");
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track.join().expect("track").expect("track of dl_b");
+    untrack.join().expect("untrack").expect("untrack of dl_a");
+    assert_eq!(child_triggers(&mut su, "dl_c"), 1, "dl_b still needs its child trigger on dl_c");
+    for sql in ["INSERT INTO dl_b VALUES (1)", "INSERT INTO dl_c VALUES (1, NULL, 1)", "INSERT INTO dl_c2 VALUES (1, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dlb").len(), 3, "dl_b and both its children are captured");
+    assert!(events(&mut su, "dla").is_empty(), "dl_a is untracked");
+
+    // 2. track of dl_e (children dl_c3, dl_c4) holds dl_c3 and waits for dl_c4; a DROP of dl_d,
+    // whose child trigger on dl_c3 its handler would drop, waits for dl_c3 likewise.
+    writer.batch_execute("BEGIN; INSERT INTO dl_c4 VALUES (0, NULL)").expect("writer");
+    let (track_pid, track) = session(
+        "SELECT webhooks.track('dl_e', entity => 'dle', children => '{\"a\": {\"table\": \"dl_c3\", \"foreign_key\": \"e_id\"},
+                                                                      \"b\": {\"table\": \"dl_c4\", \"foreign_key\": \"e_id\"}}')",
+    );
+    waits_for_table(&mut su, track_pid, "dl_c4");
+    let (drop_pid, drop) = session("DROP TABLE dl_d");
+    waits_for_table(&mut su, drop_pid, "dl_c3");
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track.join().expect("track").expect("track of dl_e");
+    drop.join().expect("drop").expect("DROP TABLE dl_d");
+    assert_eq!(child_triggers(&mut su, "dl_c3"), 1, "dl_e still needs its child trigger on dl_c3");
+    let tracked: Vec<String> = su
+        .query("SELECT relid::text FROM webhooks._tracked ORDER BY 1", &[])
+        .expect("tracked")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tracked, ["dl_b", "dl_e"]);
+    for sql in ["INSERT INTO dl_e VALUES (1)", "INSERT INTO dl_c3 VALUES (1, NULL, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dle").len(), 2, "dl_e and its child are captured");
+
+    // 3. track takes its tables in OID order, whatever order the children are listed in
+    // (jsonb_each gives "a" before "b": dl_c6 first): two tracks listing the same children in
+    // other orders meet at the first and never hold one each.
+    writer.batch_execute("BEGIN; INSERT INTO dl_c5 VALUES (0, NULL); INSERT INTO dl_c6 VALUES (0, NULL)").expect("writer");
+    let (track_pid, track) = session(
+        "SELECT webhooks.track('dl_f', entity => 'dlf', children => '{\"a\": {\"table\": \"dl_c6\", \"foreign_key\": \"f_id\"},
+                                                                      \"b\": {\"table\": \"dl_c5\", \"foreign_key\": \"f_id\"}}')",
+    );
+    waits_for_table(&mut su, track_pid, "dl_c5");
+    assert!(!holds(&mut su, track_pid, "dl_c6"), "track waits for the lower OID first");
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track.join().expect("track").expect("track of dl_f");
+    for sql in ["INSERT INTO dl_f VALUES (1)", "INSERT INTO dl_c5 VALUES (1, 1)", "INSERT INTO dl_c6 VALUES (1, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dlf").len(), 3);
+}
