@@ -101,8 +101,6 @@ DECLARE
     v_child    regclass;
     v_table    text;
     v_fk       smallint;
-    v_lock     oid[];
-    v_oid      oid;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
@@ -119,9 +117,7 @@ BEGIN
     -- _lock_for_tracking), and before the tracking lock, in the order a DROP takes them (its
     -- tables, then the tracking lock in the drop handler): no deadlock with one. The children
     -- are checked properly below (and locked again there, should a name now give another table).
-    -- In OID order (whatever order the children are listed in), as untrack and the drop
-    -- handler take theirs: two of them never hold one table each that the other waits for.
-    v_lock := ARRAY[tbl::oid];
+    PERFORM webhooks._lock_for_tracking(tbl);
     IF jsonb_typeof(children) = 'object' THEN
         FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
             CONTINUE WHEN jsonb_typeof(v_spec) IS DISTINCT FROM 'object'
@@ -130,13 +126,10 @@ BEGIN
             v_child := (v_spec ->> 'table')::regclass;
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             IF (SELECT c.relkind IN ('r', 'p') AND c.relpersistence <> 't' FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
-                v_lock := v_lock || v_child::oid;
+                PERFORM webhooks._lock_for_tracking(v_child);
             END IF;
         END LOOP;
     END IF;
-    FOR v_oid IN SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o ORDER BY o LOOP
-        PERFORM webhooks._lock_for_tracking(v_oid);
-    END LOOP;
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
     -- one at a time, each seeing what the one before committed (a lock of the extension's own,
     -- which no other role can take: an advisory one would let any role hold up every DROP).
@@ -309,10 +302,6 @@ BEGIN
         RAISE EXCEPTION 'webhooks.untrack() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
-    -- Its tables first, as _track takes them (see _lock_for_untracking).
-    IF tbl IS NOT NULL THEN
-        PERFORM webhooks._lock_for_untracking(tbl::oid);
-    END IF;
     PERFORM webhooks._lock_tracking();  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
@@ -363,7 +352,6 @@ BEGIN
     IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;
-    PERFORM webhooks._lock_for_dropping();  -- the child tables it may drop triggers on, first
     PERFORM webhooks._lock_tracking();  -- see _track
 
     WITH gone AS (
@@ -1613,7 +1601,7 @@ GRANT USAGE ON SEQUENCE webhooks._events_seq_seq TO webhooks_capture;
 GRANT EXECUTE ON FUNCTION
     webhooks.track(regclass, text, name, name, jsonb), webhooks.untrack(regclass),
     webhooks._track(regclass, text, name, name, jsonb, text), webhooks._lock_tracking(),
-    webhooks._lock_for_tracking(oid), webhooks._lock_for_untracking(oid),
+    webhooks._lock_for_tracking(oid),
     webhooks.emit(text, jsonb, text),
     webhooks.subscribe(text, text[], text, jsonb, jsonb, text, text, interval, text, text, jsonb, jsonb, jsonb, text),
     webhooks.set_shape(bigint, jsonb),

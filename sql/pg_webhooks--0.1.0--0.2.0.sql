@@ -26,21 +26,9 @@ CREATE FUNCTION webhooks."_lock_for_tracking"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_for_tracking_wrapper';
-CREATE FUNCTION webhooks."_lock_for_untracking"(
-	"tbl" oid /* pg_sys :: Oid */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lock_for_untracking_wrapper';
-CREATE FUNCTION webhooks."_lock_for_dropping"() RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lock_for_dropping_wrapper';
 REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._drop_concerns_tracking(),
-                           webhooks._lock_for_tracking(oid), webhooks._lock_for_untracking(oid),
-                           webhooks._lock_for_dropping() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid),
-                          webhooks._lock_for_untracking(oid) TO webhooks_admin;
+                           webhooks._lock_for_tracking(oid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid) TO webhooks_admin;
 
 -- #12 worker status: read from shared memory.
 CREATE FUNCTION webhooks."worker_status"() RETURNS TABLE (
@@ -186,8 +174,6 @@ DECLARE
     v_child    regclass;
     v_table    text;
     v_fk       smallint;
-    v_lock     oid[];
-    v_oid      oid;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
@@ -204,9 +190,7 @@ BEGIN
     -- _lock_for_tracking), and before the tracking lock, in the order a DROP takes them (its
     -- tables, then the tracking lock in the drop handler): no deadlock with one. The children
     -- are checked properly below (and locked again there, should a name now give another table).
-    -- In OID order (whatever order the children are listed in), as untrack and the drop
-    -- handler take theirs: two of them never hold one table each that the other waits for.
-    v_lock := ARRAY[tbl::oid];
+    PERFORM webhooks._lock_for_tracking(tbl);
     IF jsonb_typeof(children) = 'object' THEN
         FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
             CONTINUE WHEN jsonb_typeof(v_spec) IS DISTINCT FROM 'object'
@@ -215,13 +199,10 @@ BEGIN
             v_child := (v_spec ->> 'table')::regclass;
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             IF (SELECT c.relkind IN ('r', 'p') AND c.relpersistence <> 't' FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
-                v_lock := v_lock || v_child::oid;
+                PERFORM webhooks._lock_for_tracking(v_child);
             END IF;
         END LOOP;
     END IF;
-    FOR v_oid IN SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o ORDER BY o LOOP
-        PERFORM webhooks._lock_for_tracking(v_oid);
-    END LOOP;
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
     -- one at a time, each seeing what the one before committed (a lock of the extension's own,
     -- which no other role can take: an advisory one would let any role hold up every DROP).
@@ -407,10 +388,6 @@ BEGIN
         RAISE EXCEPTION 'webhooks.untrack() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
-    -- Its tables first, as _track takes them (see _lock_for_untracking).
-    IF tbl IS NOT NULL THEN
-        PERFORM webhooks._lock_for_untracking(tbl::oid);
-    END IF;
     PERFORM webhooks._lock_tracking();  -- see _track
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
@@ -453,7 +430,6 @@ BEGIN
     IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;
-    PERFORM webhooks._lock_for_dropping();  -- the child tables it may drop triggers on, first
     PERFORM webhooks._lock_tracking();  -- see _track
 
     WITH gone AS (

@@ -213,67 +213,6 @@ fn _lock_for_tracking(tbl: pg_sys::Oid) {
     unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };
 }
 
-/// Takes ACCESS EXCLUSIVE locks on `relids` in OID order (as DROP TRIGGER would take them).
-fn lock_exclusively_in_oid_order(rows: Vec<Vec<Option<String>>>) {
-    let mut relids: Vec<u32> = rows
-        .iter()
-        .filter_map(|r| r.first().and_then(|v| v.as_deref()).and_then(|v| v.parse().ok()))
-        .collect();
-    relids.sort_unstable();
-    relids.dedup();
-    for relid in relids {
-        unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(relid), pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
-    }
-}
-
-/// `untrack`'s locks, taken before the tracking lock as `track`'s are, so that neither waits
-/// for the tracking lock holding a table the other waits for: the table and the children whose
-/// capture triggers `untrack` will drop (those no other tracked table lists), ACCESS EXCLUSIVE
-/// as its DROP TRIGGERs take them, in OID order. Only for a tracked table the caller owns, and
-/// only the tables the caller owns (a DROP TRIGGER on another fails anyway): it locks nothing
-/// `untrack` would not. Read under the latest snapshot; `untrack` decides again under the lock.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _lock_for_untracking(tbl: pg_sys::Oid) {
-    const TABLES: &str = "SELECT r.relid::pg_catalog.oid::pg_catalog.text
-          FROM webhooks._tracked t,
-               LATERAL (SELECT t.relid::pg_catalog.oid AS relid
-                        UNION
-                        SELECT (c.value OPERATOR(pg_catalog.->>) 'relid')::pg_catalog.oid
-                          FROM pg_catalog.jsonb_array_elements(t.children) c
-                         WHERE NOT EXISTS (SELECT 1 FROM webhooks._tracked o, pg_catalog.jsonb_array_elements(o.children) oc
-                                            WHERE o.relid OPERATOR(pg_catalog.<>) t.relid
-                                              AND (oc.value OPERATOR(pg_catalog.->>) 'relid') OPERATOR(pg_catalog.=) (c.value OPERATOR(pg_catalog.->>) 'relid'))) r
-          JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) r.relid
-         WHERE t.relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
-           AND pg_catalog.pg_has_role((SELECT x.relowner FROM pg_catalog.pg_class x WHERE x.oid OPERATOR(pg_catalog.=) $1), 'USAGE')
-           AND pg_catalog.pg_has_role(k.relowner, 'USAGE')";
-    let rows = crate::plans::rows_with_snapshot_read_only(
-        TABLES,
-        &[pg_sys::OIDOID],
-        &[Some(pg_sys::Datum::from(tbl))],
-        unsafe { pg_sys::GetLatestSnapshot() },
-    );
-    lock_exclusively_in_oid_order(rows);
-}
-
-/// The drop handler's locks, taken before the tracking lock (see `_lock_for_untracking`): the
-/// children of the tracked tables being dropped that no tracked table left lists, whose capture
-/// triggers the handler drops, ACCESS EXCLUSIVE in OID order. The handler's (run as the
-/// extension's owner) in a `sql_drop` event trigger; no role is granted it.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _lock_for_dropping() {
-    const TABLES: &str = "WITH d AS (SELECT d.objid FROM pg_catalog.pg_event_trigger_dropped_objects() d
-                                WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objsubid = 0)
-        SELECT (c.value OPERATOR(pg_catalog.->>) 'relid')::pg_catalog.oid::pg_catalog.text
-          FROM webhooks._tracked t, pg_catalog.jsonb_array_elements(t.children) c
-         WHERE t.relid::pg_catalog.oid IN (SELECT d.objid FROM d)
-           AND NOT EXISTS (SELECT 1 FROM webhooks._tracked o, pg_catalog.jsonb_array_elements(o.children) oc
-                            WHERE o.relid::pg_catalog.oid NOT IN (SELECT d.objid FROM d)
-                              AND (oc.value OPERATOR(pg_catalog.->>) 'relid') OPERATOR(pg_catalog.=) (c.value OPERATOR(pg_catalog.->>) 'relid'))";
-    let rows = crate::plans::rows_with_snapshot_read_only(TABLES, &[], &[], unsafe { pg_sys::GetLatestSnapshot() });
-    lock_exclusively_in_oid_order(rows);
-}
-
 /// Registers a table for capture: called by `webhooks.track()` after it created the triggers,
 /// with the caller's rights, which are checked here again (the table and every child must be
 /// tables the caller may read and put triggers on, and the table's owner, whose rights
