@@ -26,9 +26,21 @@ CREATE FUNCTION webhooks."_lock_for_tracking"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_for_tracking_wrapper';
+CREATE FUNCTION webhooks."_lock_for_untracking"(
+	"tbl" oid /* pg_sys :: Oid */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lock_for_untracking_wrapper';
+CREATE FUNCTION webhooks."_lock_tracking_for_dropping"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lock_tracking_for_dropping_wrapper';
 REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._drop_concerns_tracking(),
-                           webhooks._lock_for_tracking(oid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid) TO webhooks_admin;
+                           webhooks._lock_for_tracking(oid), webhooks._lock_for_untracking(oid),
+                           webhooks._lock_tracking_for_dropping() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid),
+                          webhooks._lock_for_untracking(oid) TO webhooks_admin;
 
 -- #12 worker status: read from shared memory.
 CREATE FUNCTION webhooks."worker_status"() RETURNS TABLE (
@@ -174,6 +186,8 @@ DECLARE
     v_child    regclass;
     v_table    text;
     v_fk       smallint;
+    v_lock     oid[];
+    v_oid      oid;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
@@ -187,22 +201,32 @@ BEGIN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
     -- The table and its children locked before their columns are read (see
-    -- _lock_for_tracking), and before the tracking lock, in the order a DROP takes them (its
-    -- tables, then the tracking lock in the drop handler): no deadlock with one. The children
-    -- are checked properly below (and locked again there, should a name now give another table).
+    -- _lock_for_tracking), and before the tracking lock, as untrack and the drop handler take
+    -- theirs (see _lock_for_untracking): none of them waits for the tracking lock holding a
+    -- table another one waits for. The table first, then the children in OID order (whatever
+    -- order they are listed in): an application transaction that writes the table and then a
+    -- child waits for track and is not waited for, and two tracks never hold one table each
+    -- that the other waits for. The children are checked properly below (and locked again
+    -- there, should a name now give another table).
     PERFORM webhooks._lock_for_tracking(tbl);
+    v_lock := '{}';
     IF jsonb_typeof(children) = 'object' THEN
         FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
             CONTINUE WHEN jsonb_typeof(v_spec) IS DISTINCT FROM 'object'
                        OR jsonb_typeof(v_spec -> 'table') IS DISTINCT FROM 'string';
+            -- (Read here: under the caller's search_path only the cast runs.)
+            v_table := v_spec ->> 'table';
             PERFORM pg_catalog.set_config('search_path', caller_search_path, true);
-            v_child := (v_spec ->> 'table')::regclass;
+            v_child := v_table::regclass;
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             IF (SELECT c.relkind IN ('r', 'p') AND c.relpersistence <> 't' FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
-                PERFORM webhooks._lock_for_tracking(v_child);
+                v_lock := v_lock || v_child::oid;
             END IF;
         END LOOP;
     END IF;
+    FOR v_oid IN SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o WHERE o <> tbl::oid ORDER BY o LOOP
+        PERFORM webhooks._lock_for_tracking(v_oid);
+    END LOOP;
     -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
     -- one at a time, each seeing what the one before committed (a lock of the extension's own,
     -- which no other role can take: an advisory one would let any role hold up every DROP).
@@ -388,7 +412,8 @@ BEGIN
         RAISE EXCEPTION 'webhooks.untrack() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
             HINT = 'At REPEATABLE READ or SERIALIZABLE it would decide from what the snapshot shows of the catalogs.';
     END IF;
-    PERFORM webhooks._lock_tracking();  -- see _track
+    -- Its tables, then the tracking lock (see _track and _lock_for_untracking).
+    PERFORM webhooks._lock_for_untracking(tbl::oid);
     IF tbl IS NULL OR NOT EXISTS (SELECT 1 FROM webhooks._tracked t WHERE t.relid = tbl) THEN
         RAISE EXCEPTION 'table % is not tracked', tbl USING ERRCODE = 'undefined_object';
     END IF;
@@ -430,7 +455,8 @@ BEGIN
     IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;
-    PERFORM webhooks._lock_tracking();  -- see _track
+    -- The children it may drop triggers on, then the tracking lock (see _track).
+    PERFORM webhooks._lock_tracking_for_dropping();
 
     WITH gone AS (
         DELETE FROM webhooks._tracked t

@@ -1124,3 +1124,213 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
     tracking.join().expect("tracker").expect("the track, once the writer committed");
     su.batch_execute("INSERT INTO dl_c VALUES (1, NULL, 1)").expect("the child takes writes");
 }
+
+/// track, untrack and the drop handler take their tables' locks before the tracking lock (a
+/// tracked table, then its children in OID order), so that none of them waits for the tracking
+/// lock holding a table another one (holding the tracking lock) waits for; without that, the
+/// deadlock detector ended one of them (40P01). Each case stops the sessions at the lock that
+/// decides it (a writer holds a table, or a `track` the tracking lock) and checks what each
+/// waits for, then lets them go.
+#[test]
+fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlock() {
+    let own = Cluster::start("lockorder", &["deadlock_timeout = '100ms'"]);
+    let mut su = own.connect();
+    // Children first: a restored dump gives them lower OIDs than their parents too.
+    su.batch_execute(
+        "CREATE TABLE dl_c (id int PRIMARY KEY, a_id int, b_id int);
+         CREATE TABLE dl_c2 (id int PRIMARY KEY, b_id int);
+         CREATE TABLE dl_c3 (id int PRIMARY KEY, d_id int, e_id int);
+         CREATE TABLE dl_c4 (id int PRIMARY KEY, e_id int);
+         CREATE TABLE dl_c5 (id int PRIMARY KEY, f_id int, g_id int);
+         CREATE TABLE dl_c6 (id int PRIMARY KEY, f_id int, g_id int);
+         CREATE TABLE dl_c7 (id int PRIMARY KEY, k_id int);
+         CREATE TABLE dl_c8 (id int PRIMARY KEY, p1_id int, p2_id int, z_id int);
+         CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
+         CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
+         CREATE TABLE dl_f (id int PRIMARY KEY); CREATE TABLE dl_g (id int PRIMARY KEY);
+         CREATE TABLE dl_k (id int PRIMARY KEY); CREATE TABLE dl_h (id int PRIMARY KEY);
+         CREATE TABLE dl_p1 (id int PRIMARY KEY); CREATE TABLE dl_p2 (id int PRIMARY KEY);
+         CREATE TABLE dl_z (id int PRIMARY KEY);
+         SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
+         SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');
+         SELECT webhooks.track('dl_p1', entity => 'dlp1', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p1_id\"}}');
+         SELECT webhooks.track('dl_p2', entity => 'dlp2', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p2_id\"}}');",
+    )
+    .expect("setup");
+    let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
+    let ascending: Vec<u32> =
+        ["dl_c", "dl_c2", "dl_c3", "dl_c4", "dl_c5", "dl_c6", "dl_c7", "dl_c8", "dl_a"].iter().map(|t| oid(&mut su, t)).collect();
+    assert!(ascending.windows(2).all(|w| w[0] < w[1]), "the cases rely on the OIDs ascending: {ascending:?}");
+    let child_triggers = |c: &mut Client, t: &str| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgfoid = 'webhooks._capture_child'::regproc",
+            &[&t],
+        )
+        .expect("triggers")
+        .get(0)
+    };
+    // What session `pid` waits for: a table (`Some`) or the tracking lock (`None`).
+    let waits_for = |c: &mut Client, pid: i32, t: Option<&str>| {
+        common::wait_for(&format!("session {pid} to wait for {t:?}"), Duration::from_secs(30), || {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted
+                        AND CASE WHEN $2::text IS NULL THEN locktype = 'userlock'
+                                 ELSE locktype = 'relation' AND relation = $2::text::regclass END",
+                    &[&pid, &t],
+                )
+                .expect("pg_locks")
+                .get(0);
+            (n == 1).then_some(())
+        })
+    };
+    let holds = |c: &mut Client, pid: i32, t: &str| -> bool {
+        c.query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND granted AND relation = $2::text::regclass)",
+            &[&pid, &t],
+        )
+        .expect("pg_locks")
+        .get(0)
+    };
+    // A session running `sql` in a thread; the thread hands its connection back.
+    let session = |sql: &'static str| {
+        let mut c = own.connect();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+        (pid, std::thread::spawn(move || c.batch_execute(sql).map(|_| c).map_err(|e| format!("{sql}: {e:?}"))))
+    };
+    let tracked = |c: &mut Client| -> Vec<String> {
+        c.query("SELECT relid::text FROM webhooks._tracked ORDER BY 1", &[]).expect("tracked").iter().map(|r| r.get(0)).collect()
+    };
+    let mut writer = own.connect();
+
+    // 1. track of dl_b (children dl_c, dl_c2) holds dl_c and waits for dl_c2; an untrack of
+    // dl_a, whose child trigger on dl_c it would drop, waits for dl_c without the tracking lock.
+    // Once the track has committed, dl_c is shared again: the untrack keeps its trigger and
+    // lets the table go at once (not at the end of its transaction).
+    writer.batch_execute("BEGIN; INSERT INTO dl_c2 VALUES (0, NULL)").expect("writer");
+    let (track_pid, track) = session(
+        "SELECT webhooks.track('dl_b', entity => 'dlb', children => '{\"a\": {\"table\": \"dl_c\", \"foreign_key\": \"b_id\"},
+                                                                      \"b\": {\"table\": \"dl_c2\", \"foreign_key\": \"b_id\"}}')",
+    );
+    waits_for(&mut su, track_pid, Some("dl_c2"));
+    let (untrack_pid, untrack) = session("BEGIN; SELECT webhooks.untrack('dl_a')");
+    waits_for(&mut su, untrack_pid, Some("dl_c"));
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track.join().expect("track").expect("track of dl_b");
+    let mut untracking = untrack.join().expect("untrack").expect("untrack of dl_a");
+    assert!(holds(&mut su, untrack_pid, "dl_a"), "untrack holds the table it untracks");
+    assert!(!holds(&mut su, untrack_pid, "dl_c"), "and lets go of the child whose trigger it keeps");
+    untracking.batch_execute("COMMIT").expect("commit");
+    assert_eq!(child_triggers(&mut su, "dl_c"), 1, "dl_b still needs its child trigger on dl_c");
+    for sql in ["INSERT INTO dl_b VALUES (1)", "INSERT INTO dl_c VALUES (1, NULL, 1)", "INSERT INTO dl_c2 VALUES (1, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dlb").len(), 3, "dl_b and both its children are captured");
+    assert!(events(&mut su, "dla").is_empty(), "dl_a is untracked");
+
+    // 2. track of dl_e (children dl_c3, dl_c4) holds dl_c3 and waits for dl_c4; a DROP of dl_d,
+    // whose child trigger on dl_c3 its handler would drop, waits for dl_c3 likewise.
+    writer.batch_execute("BEGIN; INSERT INTO dl_c4 VALUES (0, NULL)").expect("writer");
+    let (track_pid, track) = session(
+        "SELECT webhooks.track('dl_e', entity => 'dle', children => '{\"a\": {\"table\": \"dl_c3\", \"foreign_key\": \"e_id\"},
+                                                                      \"b\": {\"table\": \"dl_c4\", \"foreign_key\": \"e_id\"}}')",
+    );
+    waits_for(&mut su, track_pid, Some("dl_c4"));
+    let (drop_pid, drop) = session("DROP TABLE dl_d");
+    waits_for(&mut su, drop_pid, Some("dl_c3"));
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track.join().expect("track").expect("track of dl_e");
+    drop.join().expect("drop").expect("DROP TABLE dl_d");
+    assert_eq!(child_triggers(&mut su, "dl_c3"), 1, "dl_e still needs its child trigger on dl_c3");
+    assert!(!tracked(&mut su).contains(&"dl_d".to_string()), "dl_d is forgotten");
+    for sql in ["INSERT INTO dl_e VALUES (1)", "INSERT INTO dl_c3 VALUES (1, NULL, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dle").len(), 2, "dl_e and its child are captured");
+
+    // 3. Two tracks list dl_c5 and dl_c6 in opposite orders (jsonb_each gives "a" first); one
+    // writer holds each. Both tracks wait for dl_c5, the lower OID, and hold nothing of dl_c6:
+    // letting dl_c6 go first lets neither take one table the other then waits for.
+    let mut writer2 = own.connect();
+    writer.batch_execute("BEGIN; INSERT INTO dl_c5 VALUES (0, NULL, NULL)").expect("writer");
+    writer2.batch_execute("BEGIN; INSERT INTO dl_c6 VALUES (0, NULL, NULL)").expect("writer 2");
+    let (f_pid, track_f) = session(
+        "SELECT webhooks.track('dl_f', entity => 'dlf', children => '{\"a\": {\"table\": \"dl_c6\", \"foreign_key\": \"f_id\"},
+                                                                      \"b\": {\"table\": \"dl_c5\", \"foreign_key\": \"f_id\"}}')",
+    );
+    waits_for(&mut su, f_pid, Some("dl_c5"));
+    let (g_pid, track_g) = session(
+        "SELECT webhooks.track('dl_g', entity => 'dlg', children => '{\"a\": {\"table\": \"dl_c5\", \"foreign_key\": \"g_id\"},
+                                                                      \"b\": {\"table\": \"dl_c6\", \"foreign_key\": \"g_id\"}}')",
+    );
+    waits_for(&mut su, g_pid, Some("dl_c5"));
+    assert!(!holds(&mut su, f_pid, "dl_c6") && !holds(&mut su, g_pid, "dl_c6"), "neither holds the higher OID");
+    writer2.batch_execute("ROLLBACK").expect("writer 2");
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track_f.join().expect("track").expect("track of dl_f");
+    track_g.join().expect("track").expect("track of dl_g");
+    assert_eq!((child_triggers(&mut su, "dl_c5"), child_triggers(&mut su, "dl_c6")), (1, 1));
+    for sql in ["INSERT INTO dl_f VALUES (1)", "INSERT INTO dl_g VALUES (1)", "INSERT INTO dl_c5 VALUES (1, 1, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!((events(&mut su, "dlf").len(), events(&mut su, "dlg").len()), (2, 2), "both see the child write");
+
+    // 4. An application transaction writes dl_k and then its child dl_c7 (lower OID) while
+    // dl_k is being tracked: the track waits for dl_k holding nothing, and the child write
+    // does not wait for the track.
+    writer.batch_execute("BEGIN; INSERT INTO dl_k VALUES (1)").expect("writer");
+    let (k_pid, track_k) = session(
+        "SELECT webhooks.track('dl_k', entity => 'dlk', children => '{\"items\": {\"table\": \"dl_c7\", \"foreign_key\": \"k_id\"}}')",
+    );
+    waits_for(&mut su, k_pid, Some("dl_k"));
+    assert!(!holds(&mut su, k_pid, "dl_c7"), "track waits for the table before it takes a child");
+    writer.batch_execute("INSERT INTO dl_c7 VALUES (1, 1); COMMIT").expect("the application's child write");
+    track_k.join().expect("track").expect("track of dl_k");
+    su.batch_execute("INSERT INTO dl_c7 VALUES (2, 1)").expect("a child write");
+    assert_eq!(events(&mut su, "dlk").len(), 1, "the child write after the track is captured");
+
+    // 5. What an untrack pre-locks is stale by the time it has the tracking lock. A track of
+    // dl_h holds the tracking lock; untracks of dl_p1 and dl_p2 (both list dl_c8) queue for it,
+    // each having seen dl_c8 shared and left it alone; then a track of dl_z takes dl_c8 and
+    // queues too. Once dl_p1 is untracked, dl_p2's untrack finds dl_c8 unshared (dl_z has not
+    // committed) and held by that track: it lets the tracking lock go, waits for dl_c8, and
+    // then keeps the trigger dl_z needs.
+    let mut holder = own.connect();
+    holder.batch_execute("BEGIN; SELECT webhooks.track('dl_h', entity => 'dlh')").expect("track of dl_h");
+    let (u_pid, untrack_p1) = session("SELECT webhooks.untrack('dl_p1')");
+    waits_for(&mut su, u_pid, None);
+    let (v_pid, untrack_p2) = session("SELECT webhooks.untrack('dl_p2')");
+    waits_for(&mut su, v_pid, None);
+    assert!(!holds(&mut su, u_pid, "dl_c8") && !holds(&mut su, v_pid, "dl_c8"), "dl_c8 looked shared to both");
+    let (z_pid, track_z) = session(
+        "SELECT webhooks.track('dl_z', entity => 'dlz', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"z_id\"}}')",
+    );
+    waits_for(&mut su, z_pid, None);
+    assert!(holds(&mut su, z_pid, "dl_c8"), "the track of dl_z holds dl_c8");
+    holder.batch_execute("COMMIT").expect("commit the track of dl_h");
+    untrack_p1.join().expect("untrack").expect("untrack of dl_p1");
+    track_z.join().expect("track").expect("track of dl_z");
+    untrack_p2.join().expect("untrack").expect("untrack of dl_p2");
+    assert_eq!(child_triggers(&mut su, "dl_c8"), 1, "dl_z needs the child trigger on dl_c8");
+    let now = tracked(&mut su);
+    assert!(now.contains(&"dl_z".to_string()) && now.contains(&"dl_h".to_string()), "{now:?}");
+    assert!(!now.contains(&"dl_p1".to_string()) && !now.contains(&"dl_p2".to_string()), "{now:?}");
+    for sql in ["INSERT INTO dl_z VALUES (1)", "INSERT INTO dl_c8 VALUES (1, NULL, NULL, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
+    assert_eq!(events(&mut su, "dlz").len(), 2, "dl_z and its child are captured");
+    assert!(events(&mut su, "dlp2").is_empty(), "dl_p2 is untracked");
+
+    // 6. An admin who does not own a tracked table is refused by untrack before it takes any
+    // lock: it neither waits for the tracking lock (a track holds it) nor for a writer.
+    su.batch_execute("CREATE ROLE dl_admin LOGIN IN ROLE webhooks_admin").expect("role");
+    holder.batch_execute("BEGIN; SELECT webhooks.untrack('dl_h')").expect("untrack of dl_h");
+    writer.batch_execute("BEGIN; INSERT INTO dl_z VALUES (2)").expect("writer");
+    let mut stranger = own.connect_as("postgres", "dl_admin");
+    stranger.batch_execute("SET lock_timeout = '5s'").expect("lock_timeout");
+    let message = fails(&mut stranger, "SELECT webhooks.untrack('dl_z')", SqlState::INSUFFICIENT_PRIVILEGE);
+    assert!(message.contains("must be owner of relation dl_z"), "{message}");
+    writer.batch_execute("ROLLBACK").expect("writer");
+    holder.batch_execute("COMMIT").expect("commit the untrack of dl_h");
+    assert!(tracked(&mut su).contains(&"dl_z".to_string()), "dl_z is still tracked");
+}
