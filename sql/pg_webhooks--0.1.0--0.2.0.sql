@@ -26,6 +26,12 @@ CREATE FUNCTION webhooks."_lock_for_tracking"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_for_tracking_wrapper';
+CREATE FUNCTION webhooks."_lock_tables_for_tracking"(
+	"tables" oid[] /* alloc::vec::Vec<core::option::Option<pgrx_pg_sys::submodules::oids::Oid>> */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_lock_tables_for_tracking_wrapper';
 CREATE FUNCTION webhooks."_lock_for_untracking"(
 	"tbl" oid /* pg_sys :: Oid */
 ) RETURNS void
@@ -37,10 +43,10 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_tracking_for_dropping_wrapper';
 REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._drop_concerns_tracking(),
-                           webhooks._lock_for_tracking(oid), webhooks._lock_for_untracking(oid),
-                           webhooks._lock_tracking_for_dropping() FROM PUBLIC;
+                           webhooks._lock_for_tracking(oid), webhooks._lock_tables_for_tracking(oid[]),
+                           webhooks._lock_for_untracking(oid), webhooks._lock_tracking_for_dropping() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid),
-                          webhooks._lock_for_untracking(oid) TO webhooks_admin;
+                          webhooks._lock_tables_for_tracking(oid[]), webhooks._lock_for_untracking(oid) TO webhooks_admin;
 
 -- #12 worker status: read from shared memory.
 CREATE FUNCTION webhooks."worker_status"() RETURNS TABLE (
@@ -187,7 +193,6 @@ DECLARE
     v_table    text;
     v_fk       smallint;
     v_lock     oid[];
-    v_oid      oid;
 BEGIN
     IF pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable') THEN
         RAISE EXCEPTION 'webhooks.track() runs at READ COMMITTED only' USING ERRCODE = 'invalid_transaction_state',
@@ -201,14 +206,13 @@ BEGIN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
     -- The table and its children locked before their columns are read (see
-    -- _lock_for_tracking), and before the tracking lock, as untrack and the drop handler take
-    -- theirs (see _lock_for_untracking): none of them waits for the tracking lock holding a
-    -- table another one waits for. The table first, then the children in OID order (whatever
-    -- order they are listed in): an application transaction that writes the table and then a
-    -- child waits for track and is not waited for, and two tracks never hold one table each
-    -- that the other waits for. The children are checked properly below (and locked again
-    -- there, should a name now give another table).
-    PERFORM webhooks._lock_for_tracking(tbl);
+    -- _lock_for_tracking), and then the tracking lock, without waiting for one holding
+    -- another (see _lock_tables_for_tracking): the table first, then the children in OID
+    -- order. The children are checked properly below (and locked again there, should a name
+    -- now give another table). The tracking lock: track, untrack and the drop handler decide
+    -- which child triggers to keep from _tracked, one at a time, each seeing what the one
+    -- before committed (a lock of the extension's own, which no other role can take: an
+    -- advisory one would let any role hold up every DROP).
     v_lock := '{}';
     IF jsonb_typeof(children) = 'object' THEN
         FOR v_name, v_spec IN SELECT * FROM pg_catalog.jsonb_each(children) LOOP
@@ -224,13 +228,8 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    FOR v_oid IN SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o WHERE o <> tbl::oid ORDER BY o LOOP
-        PERFORM webhooks._lock_for_tracking(v_oid);
-    END LOOP;
-    -- track, untrack and the drop handler decide which child triggers to keep from _tracked:
-    -- one at a time, each seeing what the one before committed (a lock of the extension's own,
-    -- which no other role can take: an advisory one would let any role hold up every DROP).
-    PERFORM webhooks._lock_tracking();
+    PERFORM webhooks._lock_tables_for_tracking(ARRAY[tbl::oid] || ARRAY(
+        SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o WHERE o <> tbl::oid ORDER BY o));
     IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
         RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
             HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';

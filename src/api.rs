@@ -193,6 +193,12 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// not.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _lock_for_tracking(tbl: pg_sys::Oid) {
+    check_lockable_for_tracking(tbl);
+    unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };
+}
+
+/// `_lock_for_tracking`'s rules: raises unless `track` could take the table.
+pub(crate) fn check_lockable_for_tracking(tbl: pg_sys::Oid) {
     let user = unsafe { pg_sys::GetUserId() };
     if unsafe { pg_sys::IsCatalogRelationOid(tbl) } {
         raise(
@@ -210,7 +216,6 @@ fn _lock_for_tracking(tbl: pg_sys::Oid) {
             &format!("permission denied for the schema of table {}", relation_name(tbl)),
         );
     }
-    unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };
 }
 
 /// Registers a table for capture: called by `webhooks.track()` after it created the triggers,

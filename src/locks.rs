@@ -40,6 +40,14 @@ pub fn for_transaction(class: u32, n: u32, m: u16) {
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, false) };
 }
 
+/// Takes the lock for the rest of the transaction if nobody else holds it (this transaction
+/// may); false if somebody does.
+fn try_for_transaction(class: u32, n: u32, m: u16) -> bool {
+    let tag = tag(class, n, m);
+    let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, false, true) };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
 /// Takes the lock for the rest of the session if nobody holds it; false if somebody does.
 pub fn try_for_session(class: u32, n: u32, m: u16) -> bool {
     let tag = tag(class, n, m);
@@ -106,69 +114,100 @@ fn _drop_concerns_tracking() -> bool {
     rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("t")
 }
 
-/// The tracking lock for `untrack` and the drop handler, taken after the tables whose capture
-/// triggers they drop (ACCESS EXCLUSIVE, as DROP TRIGGER takes them), as `track` takes its
-/// tables before it: none of them waits for the tracking lock holding a table another one,
-/// holding the tracking lock, waits for (40P01). `tables` reads them under the latest
-/// snapshot, in the order to lock them (a tracked table before its children, the children in
-/// OID order, as `track` takes them); read again under the tracking lock, the set may have
-/// changed (a `track` or `untrack` sharing a child committed meanwhile):
-/// - a table no longer needed is let go again (a child trigger kept: nothing is done to it);
-/// - a table now needed is taken if it is free; if it is not, the tracking lock is let go, the
-///   table waited for without it, and everything read again.
-fn tracking_after_tables(tables: impl Fn() -> Vec<pg_sys::Oid>) {
-    let lock = |relid, mode| unsafe { pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE) };
-    let mut held: Vec<pg_sys::Oid> = Vec::new();
-    loop {
-        for relid in tables() {
-            if !held.contains(&relid) {
-                lock(relid, pg_sys::AccessExclusiveLock);
-                held.push(relid);
-            }
-        }
-        for_transaction(CLASS, 0, 0);
-        let needed = tables();
-        let all_taken = needed.iter().all(|relid| {
-            held.contains(relid) || {
-                let got = unsafe {
-                    pg_sys::ConditionalLockRelationOid(*relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
-                };
-                if got {
-                    held.push(*relid);
+
+enum Busy {
+    Table(pg_sys::Oid),
+    Tracking,
+}
+
+/// Takes `tables()` in `mode` (in the order given), then the tracking lock, for `track`,
+/// `untrack` and the drop handler, without ever waiting for one of them while holding another
+/// it took: it tries each in turn without waiting, and when one is busy it lets go of all it
+/// took, waits for that one alone, and starts again. So none of them waits holding a table
+/// that a writer or another of them waits for (40P01, or an application held up behind a
+/// migration that holds the tracking lock), whatever order anyone takes tables in.
+/// `tables()` is read again under the tracking lock (what a `track` or `untrack` committed
+/// meanwhile can change it): a table no longer needed is let go at once, one now needed is
+/// tried as the others. (Locks this transaction took before the call stay: a release gives
+/// back only what this call took.)
+fn tables_then_tracking(mode: u32, tables: impl Fn() -> Vec<pg_sys::Oid>) {
+    let mode = mode as pg_sys::LOCKMODE;
+    let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<pg_sys::Oid>| -> Option<Busy> {
+        for &relid in want {
+            if !taken.contains(&relid) {
+                if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
+                    return Some(Busy::Table(relid));
                 }
-                got
+                taken.push(relid);
             }
-        });
-        if all_taken {
-            for relid in held.iter().filter(|relid| !needed.contains(relid)) {
-                unsafe { pg_sys::UnlockRelationOid(*relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
-            }
-            refuse_a_snapshot_older_than_tracking();
-            return;
         }
-        release_for_transaction(CLASS, 0, 0);
+        None
+    };
+    let mut wait_for: Option<Busy> = None;
+    loop {
+        let mut taken: Vec<pg_sys::Oid> = Vec::new();
+        let mut tracking = false;
+        match wait_for.take() {
+            Some(Busy::Table(relid)) => {
+                unsafe { pg_sys::LockRelationOid(relid, mode) };
+                taken.push(relid);
+            }
+            Some(Busy::Tracking) => {
+                for_transaction(CLASS, 0, 0);
+                tracking = true;
+            }
+            None => {}
+        }
+        let mut busy = try_all(&tables(), &mut taken);
+        if busy.is_none() && !tracking {
+            tracking = try_for_transaction(CLASS, 0, 0);
+            if !tracking {
+                busy = Some(Busy::Tracking);
+            }
+        }
+        if busy.is_none() {
+            let needed = tables();
+            busy = try_all(&needed, &mut taken);
+            if busy.is_none() {
+                for relid in taken.iter().filter(|relid| !needed.contains(relid)) {
+                    unsafe { pg_sys::UnlockRelationOid(*relid, mode) };
+                }
+                refuse_a_snapshot_older_than_tracking();
+                return;
+            }
+        }
+        for relid in &taken {
+            unsafe { pg_sys::UnlockRelationOid(*relid, mode) };
+        }
+        if tracking {
+            release_for_transaction(CLASS, 0, 0);
+        }
+        wait_for = busy;
     }
 }
 
-fn oids(rows: Vec<Vec<Option<String>>>) -> Vec<pg_sys::Oid> {
-    rows.iter()
-        .filter_map(|r| r.first().and_then(|v| v.as_deref()).and_then(|v| v.parse::<u32>().ok()))
-        .map(pg_sys::Oid::from)
-        .collect()
+/// The tables `track` reads and puts triggers on (the table, then its children in OID
+/// order), each checked by `_lock_for_tracking`'s rules, SHARE ROW EXCLUSIVE as its CREATE
+/// TRIGGERs take them, then the tracking lock (see `tables_then_tracking`).
+#[pgrx::pg_extern(volatile, parallel_unsafe)]
+fn _lock_tables_for_tracking(tables: Vec<Option<pg_sys::Oid>>) {
+    let tables: Vec<pg_sys::Oid> = tables.into_iter().flatten().collect();
+    for &relid in &tables {
+        crate::api::check_lockable_for_tracking(relid);
+    }
+    tables_then_tracking(pg_sys::ShareRowExclusiveLock, || tables.clone());
 }
 
-/// `untrack`'s locks (see `tracking_after_tables`): a tracked table the caller owns, then the
-/// children whose capture triggers `untrack` drops (those no other tracked table lists) that
-/// the caller owns: nothing `untrack`'s own DROP TRIGGERs would not lock. A caller who does not
-/// own the tracked table is refused before anything is locked (not even the tracking lock), as
-/// its DROP TRIGGER would refuse it (42501, in its words). A table that is not tracked gets
-/// the tracking lock alone (`untrack` then says so).
+/// `untrack`'s locks (see `tables_then_tracking`): the tracked table, then the children whose
+/// capture triggers `untrack` drops (those no other tracked table lists), in OID order,
+/// ACCESS EXCLUSIVE as its DROP TRIGGERs take them. A caller who does not own one of them is
+/// refused before anything is locked (not even the tracking lock), as its DROP TRIGGER would
+/// refuse it (42501, in its words). A table that is not tracked gets the tracking lock alone
+/// (`untrack` then says so).
 #[pgrx::pg_extern(volatile, parallel_unsafe)]
 fn _lock_for_untracking(tbl: pg_sys::Oid) {
-    const OWNER: &str = "SELECT pg_catalog.pg_has_role(k.relowner, 'USAGE'), k.relname::pg_catalog.text
-          FROM webhooks._tracked t JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) t.relid
-         WHERE t.relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1";
-    const TABLES: &str = "SELECT r.relid::pg_catalog.text
+    const TABLES: &str = "SELECT r.relid::pg_catalog.text, pg_catalog.pg_has_role(k.relowner, 'USAGE'),
+                                 k.relname::pg_catalog.text
           FROM webhooks._tracked t,
                LATERAL (SELECT t.relid::pg_catalog.oid AS relid
                         UNION
@@ -179,27 +218,38 @@ fn _lock_for_untracking(tbl: pg_sys::Oid) {
                                               AND (oc.value OPERATOR(pg_catalog.->>) 'relid') OPERATOR(pg_catalog.=) (c.value OPERATOR(pg_catalog.->>) 'relid'))) r
           JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) r.relid
          WHERE t.relid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
-           AND pg_catalog.pg_has_role((SELECT x.relowner FROM pg_catalog.pg_class x WHERE x.oid OPERATOR(pg_catalog.=) $1), 'USAGE')
-           AND pg_catalog.pg_has_role(k.relowner, 'USAGE')
          ORDER BY r.relid OPERATOR(pg_catalog.<>) $1, r.relid";
-    let latest = || unsafe { pg_sys::GetLatestSnapshot() };
     let arg = [Some(pg_sys::Datum::from(tbl))];
-    let owner = crate::plans::rows_with_snapshot_read_only(OWNER, &[pg_sys::OIDOID], &arg, latest());
-    if let Some([Some(owns), Some(name)]) = owner.first().map(|r| r.as_slice()) {
-        if owns != "t" {
-            crate::error::raise(
-                pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                &format!("must be owner of relation {name}"),
-            );
+    let tables = || {
+        let rows = crate::plans::rows_with_snapshot_read_only(TABLES, &[pg_sys::OIDOID], &arg, unsafe {
+            pg_sys::GetLatestSnapshot()
+        });
+        for row in &rows {
+            if let [_, Some(owns), Some(name)] = row.as_slice() {
+                if owns != "t" {
+                    crate::error::raise(
+                        pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                        &format!("must be owner of relation {name}"),
+                    );
+                }
+            }
         }
-    }
-    tracking_after_tables(|| oids(crate::plans::rows_with_snapshot_read_only(TABLES, &[pg_sys::OIDOID], &arg, latest())));
+        oids(rows)
+    };
+    tables_then_tracking(pg_sys::AccessExclusiveLock, tables);
 }
 
-/// The drop handler's locks (see `tracking_after_tables`): the children of the tracked tables
+fn oids(rows: Vec<Vec<Option<String>>>) -> Vec<pg_sys::Oid> {
+    rows.iter()
+        .filter_map(|r| r.first().and_then(|v| v.as_deref()).and_then(|v| v.parse::<u32>().ok()))
+        .map(pg_sys::Oid::from)
+        .collect()
+}
+
+/// The drop handler's locks (see `tables_then_tracking`): the children of the tracked tables
 /// being dropped that no tracked table left lists, whose capture triggers the handler drops
-/// (the DROP holds the tables it drops). The handler's (run as the extension's owner) in a
-/// `sql_drop` event trigger; no role is granted it.
+/// (the DROP holds the tables it drops), in OID order, ACCESS EXCLUSIVE. The handler's (run as
+/// the extension's owner) in a `sql_drop` event trigger; no role is granted it.
 #[pgrx::pg_extern(volatile, parallel_unsafe)]
 fn _lock_tracking_for_dropping() {
     const TABLES: &str = "WITH d AS (SELECT d.objid FROM pg_catalog.pg_event_trigger_dropped_objects() d
@@ -213,6 +263,7 @@ fn _lock_tracking_for_dropping() {
                             WHERE NOT o.relid::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (SELECT d.objid FROM d)
                               AND (oc.value OPERATOR(pg_catalog.->>) 'relid') OPERATOR(pg_catalog.=) (c.value OPERATOR(pg_catalog.->>) 'relid'))
          ORDER BY 2";
-    let latest = || unsafe { pg_sys::GetLatestSnapshot() };
-    tracking_after_tables(|| oids(crate::plans::rows_with_snapshot_read_only(TABLES, &[], &[], latest())));
+    let tables =
+        || oids(crate::plans::rows_with_snapshot_read_only(TABLES, &[], &[], unsafe { pg_sys::GetLatestSnapshot() }));
+    tables_then_tracking(pg_sys::AccessExclusiveLock, tables);
 }

@@ -922,8 +922,15 @@ fn no_role_can_hold_up_ddl_tracking_or_emits_with_an_advisory_lock() {
              DROP TABLE ul_admin.more;",
         )
         .expect("track, untrack and DROP do not wait for mallory");
-    fails(&mut mallory, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
-    fails(&mut app, "SELECT webhooks._lock_tracking()", SqlState::INSUFFICIENT_PRIVILEGE);
+    for call in [
+        "SELECT webhooks._lock_tracking()",
+        "SELECT webhooks._lock_tables_for_tracking(ARRAY['pg_class'::regclass::oid])",
+        "SELECT webhooks._lock_for_untracking('pg_class'::regclass::oid)",
+        "SELECT webhooks._lock_tracking_for_dropping()",
+    ] {
+        fails(&mut mallory, call, SqlState::INSUFFICIENT_PRIVILEGE);
+        fails(&mut app, call, SqlState::INSUFFICIENT_PRIVILEGE);
+    }
     dropping.batch_execute("COMMIT").expect("mallory's DROP");
 
     // The tracking lock still puts track and a DROP of a tracked table's column one after the
@@ -1125,12 +1132,13 @@ fn a_column_dropped_while_track_reads_it_fails_the_track() {
     su.batch_execute("INSERT INTO dl_c VALUES (1, NULL, 1)").expect("the child takes writes");
 }
 
-/// track, untrack and the drop handler take their tables' locks before the tracking lock (a
-/// tracked table, then its children in OID order), so that none of them waits for the tracking
-/// lock holding a table another one (holding the tracking lock) waits for; without that, the
-/// deadlock detector ended one of them (40P01). Each case stops the sessions at the lock that
-/// decides it (a writer holds a table, or a `track` the tracking lock) and checks what each
-/// waits for, then lets them go.
+/// track, untrack and the drop handler take their tables and then the tracking lock without
+/// ever waiting for one while holding another they took: each waits holding nothing of its
+/// own. Before, they deadlocked with each other (40P01: one held tables and waited for the
+/// tracking lock, the other held that and waited for a table) and held up applications
+/// behind a migration. Each case stops the sessions at the lock that decides it (a writer
+/// holds a table, or a migration the tracking lock), checks what each waits for and holds,
+/// then lets them go.
 #[test]
 fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlock() {
     let own = Cluster::start("lockorder", &["deadlock_timeout = '100ms'"]);
@@ -1145,21 +1153,30 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_c6 (id int PRIMARY KEY, f_id int, g_id int);
          CREATE TABLE dl_c7 (id int PRIMARY KEY, k_id int);
          CREATE TABLE dl_c8 (id int PRIMARY KEY, p1_id int, p2_id int, z_id int);
+         CREATE TABLE dl_c9 (id int PRIMARY KEY, np_id int, nr_id int);
+         CREATE TABLE dl_qc (id int PRIMARY KEY, q_id int, s_id int);
          CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
          CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
          CREATE TABLE dl_f (id int PRIMARY KEY); CREATE TABLE dl_g (id int PRIMARY KEY);
          CREATE TABLE dl_k (id int PRIMARY KEY); CREATE TABLE dl_h (id int PRIMARY KEY);
          CREATE TABLE dl_p1 (id int PRIMARY KEY); CREATE TABLE dl_p2 (id int PRIMARY KEY);
-         CREATE TABLE dl_z (id int PRIMARY KEY);
+         CREATE TABLE dl_z (id int PRIMARY KEY); CREATE TABLE dl_y (id int PRIMARY KEY);
+         CREATE TABLE dl_np (id int PRIMARY KEY, nr_id int); CREATE TABLE dl_nr (id int PRIMARY KEY);
+         CREATE TABLE dl_m (id int PRIMARY KEY, extra int);
+         CREATE TABLE dl_q (id int PRIMARY KEY); CREATE TABLE dl_s (id int PRIMARY KEY);
          SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
          SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');
          SELECT webhooks.track('dl_p1', entity => 'dlp1', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p1_id\"}}');
-         SELECT webhooks.track('dl_p2', entity => 'dlp2', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p2_id\"}}');",
+         SELECT webhooks.track('dl_p2', entity => 'dlp2', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p2_id\"}}');
+         SELECT webhooks.track('dl_m', entity => 'dlm');
+         SELECT webhooks.track('dl_q', entity => 'dlq', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"q_id\"}}');",
     )
     .expect("setup");
     let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
-    let ascending: Vec<u32> =
-        ["dl_c", "dl_c2", "dl_c3", "dl_c4", "dl_c5", "dl_c6", "dl_c7", "dl_c8", "dl_a"].iter().map(|t| oid(&mut su, t)).collect();
+    let ascending: Vec<u32> = ["dl_c", "dl_c2", "dl_c3", "dl_c4", "dl_c5", "dl_c6", "dl_c7", "dl_c8", "dl_c9", "dl_a", "dl_np", "dl_nr"]
+        .iter()
+        .map(|t| oid(&mut su, t))
+        .collect();
     assert!(ascending.windows(2).all(|w| w[0] < w[1]), "the cases rely on the OIDs ascending: {ascending:?}");
     let child_triggers = |c: &mut Client, t: &str| -> i64 {
         c.query_one(
@@ -1169,8 +1186,9 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
         .expect("triggers")
         .get(0)
     };
-    // What session `pid` waits for: a table (`Some`) or the tracking lock (`None`).
-    let waits_for = |c: &mut Client, pid: i32, t: Option<&str>| {
+    // Session `pid` waits for a table (`Some`) or the tracking lock (`None`), and holds no
+    // lock on any of `tables`.
+    let waits_holding_none = |c: &mut Client, pid: i32, t: Option<&str>, tables: &[&str]| {
         common::wait_for(&format!("session {pid} to wait for {t:?}"), Duration::from_secs(30), || {
             let n: i64 = c
                 .query_one(
@@ -1182,15 +1200,19 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
                 .expect("pg_locks")
                 .get(0);
             (n == 1).then_some(())
-        })
-    };
-    let holds = |c: &mut Client, pid: i32, t: &str| -> bool {
-        c.query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND granted AND relation = $2::text::regclass)",
-            &[&pid, &t],
-        )
-        .expect("pg_locks")
-        .get(0)
+        });
+        let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        let held: Vec<String> = c
+            .query(
+                "SELECT relation::regclass::text FROM pg_locks
+                  WHERE pid = $1 AND granted AND locktype = 'relation' AND relation::regclass::text = ANY ($2)",
+                &[&pid, &tables],
+            )
+            .expect("pg_locks")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(held.is_empty(), "session {pid} waits for {t:?} holding {held:?}");
     };
     // A session running `sql` in a thread; the thread hands its connection back.
     let session = |sql: &'static str| {
@@ -1201,47 +1223,50 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     let tracked = |c: &mut Client| -> Vec<String> {
         c.query("SELECT relid::text FROM webhooks._tracked ORDER BY 1", &[]).expect("tracked").iter().map(|r| r.get(0)).collect()
     };
+    // What must not wait while sessions queue: it fails after 5 s (55P03) if it does.
+    let mut app = own.connect();
+    app.batch_execute("SET lock_timeout = '5s'").expect("lock_timeout");
     let mut writer = own.connect();
+    let mut writer2 = own.connect();
+    let mut holder = own.connect();
 
-    // 1. track of dl_b (children dl_c, dl_c2) holds dl_c and waits for dl_c2; an untrack of
-    // dl_a, whose child trigger on dl_c it would drop, waits for dl_c without the tracking lock.
-    // Once the track has committed, dl_c is shared again: the untrack keeps its trigger and
-    // lets the table go at once (not at the end of its transaction).
+    // 1. track of dl_b (children dl_c, dl_c2) waits for dl_c2, which a writer holds, holding
+    // neither dl_b nor dl_c; so an untrack of dl_a, whose child trigger on dl_c it drops, goes
+    // through at once. (Before, track held dl_c and waited for the tracking lock, which the
+    // untrack held waiting for dl_c: 40P01.) The track then waits for dl_c, holding nothing,
+    // until the untrack commits, and puts the child trigger back.
     writer.batch_execute("BEGIN; INSERT INTO dl_c2 VALUES (0, NULL)").expect("writer");
     let (track_pid, track) = session(
         "SELECT webhooks.track('dl_b', entity => 'dlb', children => '{\"a\": {\"table\": \"dl_c\", \"foreign_key\": \"b_id\"},
                                                                       \"b\": {\"table\": \"dl_c2\", \"foreign_key\": \"b_id\"}}')",
     );
-    waits_for(&mut su, track_pid, Some("dl_c2"));
-    let (untrack_pid, untrack) = session("BEGIN; SELECT webhooks.untrack('dl_a')");
-    waits_for(&mut su, untrack_pid, Some("dl_c"));
+    waits_holding_none(&mut su, track_pid, Some("dl_c2"), &["dl_b", "dl_c"]);
+    let mut untracking = own.connect();
+    untracking.batch_execute("BEGIN; SELECT webhooks.untrack('dl_a')").expect("untrack of dl_a, at once");
+    assert_eq!(child_triggers(&mut untracking, "dl_c"), 0, "nothing tracked lists dl_c");
     writer.batch_execute("ROLLBACK").expect("writer");
-    track.join().expect("track").expect("track of dl_b");
-    let mut untracking = untrack.join().expect("untrack").expect("untrack of dl_a");
-    assert!(holds(&mut su, untrack_pid, "dl_a"), "untrack holds the table it untracks");
-    assert!(!holds(&mut su, untrack_pid, "dl_c"), "and lets go of the child whose trigger it keeps");
+    waits_holding_none(&mut su, track_pid, Some("dl_c"), &["dl_b", "dl_c2"]);
     untracking.batch_execute("COMMIT").expect("commit");
-    assert_eq!(child_triggers(&mut su, "dl_c"), 1, "dl_b still needs its child trigger on dl_c");
+    track.join().expect("track").expect("track of dl_b");
+    assert_eq!(child_triggers(&mut su, "dl_c"), 1, "dl_b's child trigger on dl_c");
     for sql in ["INSERT INTO dl_b VALUES (1)", "INSERT INTO dl_c VALUES (1, NULL, 1)", "INSERT INTO dl_c2 VALUES (1, 1)"] {
         su.batch_execute(sql).expect("writes");
     }
     assert_eq!(events(&mut su, "dlb").len(), 3, "dl_b and both its children are captured");
     assert!(events(&mut su, "dla").is_empty(), "dl_a is untracked");
 
-    // 2. track of dl_e (children dl_c3, dl_c4) holds dl_c3 and waits for dl_c4; a DROP of dl_d,
-    // whose child trigger on dl_c3 its handler would drop, waits for dl_c3 likewise.
+    // 2. The same with a DROP of dl_d, whose handler drops its child trigger on dl_c3, while a
+    // track of dl_e (children dl_c3, dl_c4) waits for dl_c4.
     writer.batch_execute("BEGIN; INSERT INTO dl_c4 VALUES (0, NULL)").expect("writer");
     let (track_pid, track) = session(
         "SELECT webhooks.track('dl_e', entity => 'dle', children => '{\"a\": {\"table\": \"dl_c3\", \"foreign_key\": \"e_id\"},
                                                                       \"b\": {\"table\": \"dl_c4\", \"foreign_key\": \"e_id\"}}')",
     );
-    waits_for(&mut su, track_pid, Some("dl_c4"));
-    let (drop_pid, drop) = session("DROP TABLE dl_d");
-    waits_for(&mut su, drop_pid, Some("dl_c3"));
+    waits_holding_none(&mut su, track_pid, Some("dl_c4"), &["dl_e", "dl_c3"]);
+    su.batch_execute("DROP TABLE dl_d").expect("DROP TABLE dl_d, at once");
     writer.batch_execute("ROLLBACK").expect("writer");
     track.join().expect("track").expect("track of dl_e");
-    drop.join().expect("drop").expect("DROP TABLE dl_d");
-    assert_eq!(child_triggers(&mut su, "dl_c3"), 1, "dl_e still needs its child trigger on dl_c3");
+    assert_eq!(child_triggers(&mut su, "dl_c3"), 1, "dl_e's child trigger on dl_c3");
     assert!(!tracked(&mut su).contains(&"dl_d".to_string()), "dl_d is forgotten");
     for sql in ["INSERT INTO dl_e VALUES (1)", "INSERT INTO dl_c3 VALUES (1, NULL, 1)"] {
         su.batch_execute(sql).expect("writes");
@@ -1249,24 +1274,21 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     assert_eq!(events(&mut su, "dle").len(), 2, "dl_e and its child are captured");
 
     // 3. Two tracks list dl_c5 and dl_c6 in opposite orders (jsonb_each gives "a" first); one
-    // writer holds each. Both tracks wait for dl_c5, the lower OID, and hold nothing of dl_c6:
-    // letting dl_c6 go first lets neither take one table the other then waits for.
-    let mut writer2 = own.connect();
+    // writer holds each. Both wait for dl_c5, the lower OID, holding nothing of their own.
     writer.batch_execute("BEGIN; INSERT INTO dl_c5 VALUES (0, NULL, NULL)").expect("writer");
     writer2.batch_execute("BEGIN; INSERT INTO dl_c6 VALUES (0, NULL, NULL)").expect("writer 2");
     let (f_pid, track_f) = session(
         "SELECT webhooks.track('dl_f', entity => 'dlf', children => '{\"a\": {\"table\": \"dl_c6\", \"foreign_key\": \"f_id\"},
                                                                       \"b\": {\"table\": \"dl_c5\", \"foreign_key\": \"f_id\"}}')",
     );
-    waits_for(&mut su, f_pid, Some("dl_c5"));
+    waits_holding_none(&mut su, f_pid, Some("dl_c5"), &["dl_f", "dl_c6"]);
     let (g_pid, track_g) = session(
         "SELECT webhooks.track('dl_g', entity => 'dlg', children => '{\"a\": {\"table\": \"dl_c5\", \"foreign_key\": \"g_id\"},
                                                                       \"b\": {\"table\": \"dl_c6\", \"foreign_key\": \"g_id\"}}')",
     );
-    waits_for(&mut su, g_pid, Some("dl_c5"));
-    assert!(!holds(&mut su, f_pid, "dl_c6") && !holds(&mut su, g_pid, "dl_c6"), "neither holds the higher OID");
-    writer2.batch_execute("ROLLBACK").expect("writer 2");
+    waits_holding_none(&mut su, g_pid, Some("dl_c5"), &["dl_g", "dl_c6"]);
     writer.batch_execute("ROLLBACK").expect("writer");
+    writer2.batch_execute("ROLLBACK").expect("writer 2");
     track_f.join().expect("track").expect("track of dl_f");
     track_g.join().expect("track").expect("track of dl_g");
     assert_eq!((child_triggers(&mut su, "dl_c5"), child_triggers(&mut su, "dl_c6")), (1, 1));
@@ -1277,43 +1299,88 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
 
     // 4. An application transaction writes dl_k and then its child dl_c7 (lower OID) while
     // dl_k is being tracked: the track waits for dl_k holding nothing, and the child write
-    // does not wait for the track.
+    // does not wait for it.
     writer.batch_execute("BEGIN; INSERT INTO dl_k VALUES (1)").expect("writer");
     let (k_pid, track_k) = session(
         "SELECT webhooks.track('dl_k', entity => 'dlk', children => '{\"items\": {\"table\": \"dl_c7\", \"foreign_key\": \"k_id\"}}')",
     );
-    waits_for(&mut su, k_pid, Some("dl_k"));
-    assert!(!holds(&mut su, k_pid, "dl_c7"), "track waits for the table before it takes a child");
-    writer.batch_execute("INSERT INTO dl_c7 VALUES (1, 1); COMMIT").expect("the application's child write");
+    waits_holding_none(&mut su, k_pid, Some("dl_k"), &["dl_c7"]);
+    writer.batch_execute("SET lock_timeout = '5s'; INSERT INTO dl_c7 VALUES (1, 1); COMMIT; RESET lock_timeout")
+        .expect("the application's child write");
     track_k.join().expect("track").expect("track of dl_k");
     su.batch_execute("INSERT INTO dl_c7 VALUES (2, 1)").expect("a child write");
     assert_eq!(events(&mut su, "dlk").len(), 1, "the child write after the track is captured");
 
-    // 5. What an untrack pre-locks is stale by the time it has the tracking lock. A track of
-    // dl_h holds the tracking lock; untracks of dl_p1 and dl_p2 (both list dl_c8) queue for it,
-    // each having seen dl_c8 shared and left it alone; then a track of dl_z takes dl_c8 and
-    // queues too. Once dl_p1 is untracked, dl_p2's untrack finds dl_c8 unshared (dl_z has not
-    // committed) and held by that track: it lets the tracking lock go, waits for dl_c8, and
-    // then keeps the trigger dl_z needs.
-    let mut holder = own.connect();
-    holder.batch_execute("BEGIN; SELECT webhooks.track('dl_h', entity => 'dlh')").expect("track of dl_h");
+    // 5. A tracked table that is also a child: dl_np (child dl_c9) and dl_nr (children dl_c9
+    // and dl_np), dl_c9 < dl_np < dl_nr. With a writer holding dl_np, both tracks wait for it,
+    // holding nothing; before, the first took dl_np and waited for dl_c9, which the second held
+    // waiting for dl_np (40P01).
+    writer.batch_execute("BEGIN; INSERT INTO dl_np VALUES (0, NULL)").expect("writer");
+    let (np_pid, track_np) = session(
+        "SELECT webhooks.track('dl_np', entity => 'dlnp', children => '{\"items\": {\"table\": \"dl_c9\", \"foreign_key\": \"np_id\"}}')",
+    );
+    waits_holding_none(&mut su, np_pid, Some("dl_np"), &["dl_c9"]);
+    let (nr_pid, track_nr) = session(
+        "SELECT webhooks.track('dl_nr', entity => 'dlnr', children => '{\"a\": {\"table\": \"dl_c9\", \"foreign_key\": \"nr_id\"},
+                                                                        \"b\": {\"table\": \"dl_np\", \"foreign_key\": \"nr_id\"}}')",
+    );
+    waits_holding_none(&mut su, nr_pid, Some("dl_np"), &["dl_c9", "dl_nr"]);
+    writer.batch_execute("ROLLBACK").expect("writer");
+    track_np.join().expect("track").expect("track of dl_np");
+    track_nr.join().expect("track").expect("track of dl_nr");
+    su.batch_execute("INSERT INTO dl_nr VALUES (1); INSERT INTO dl_np VALUES (1, 1)").expect("writes");
+    assert_eq!(events(&mut su, "dlnr").len(), 2, "dl_nr sees its child dl_np's row");
+    assert_eq!(events(&mut su, "dlnp").len(), 1, "dl_np is tracked itself");
+
+    // 6. A migration keeps the tracking lock (it dropped a column of tracked dl_m). An untrack
+    // of dl_q and a track of dl_s (sharing dl_q's child dl_qc) wait for it holding nothing:
+    // the application reads and writes all three meanwhile.
+    holder.batch_execute("BEGIN; ALTER TABLE dl_m DROP COLUMN extra").expect("the migration");
+    let (q_pid, untrack_q) = session("SELECT webhooks.untrack('dl_q')");
+    waits_holding_none(&mut su, q_pid, None, &["dl_q", "dl_qc"]);
+    let (s_pid, track_s) = session(
+        "SELECT webhooks.track('dl_s', entity => 'dls', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"s_id\"}}')",
+    );
+    waits_holding_none(&mut su, s_pid, None, &["dl_s", "dl_qc"]);
+    app.batch_execute(
+        "BEGIN; INSERT INTO dl_q VALUES (1); INSERT INTO dl_qc VALUES (1, 1, NULL); INSERT INTO dl_s VALUES (1);
+         SELECT count(*) FROM dl_q; COMMIT;",
+    )
+    .expect("the application does not wait for the untrack or the track");
+    holder.batch_execute("COMMIT").expect("the migration commits");
+    untrack_q.join().expect("untrack").expect("untrack of dl_q");
+    track_s.join().expect("track").expect("track of dl_s");
+    assert_eq!(child_triggers(&mut su, "dl_qc"), 1, "dl_s's child trigger on dl_qc");
+    su.batch_execute("INSERT INTO dl_qc VALUES (2, NULL, 1)").expect("a child write");
+    assert_eq!(events(&mut su, "dls").len(), 1, "dl_s sees its child's write");
+
+    // 7. What an untrack decides before the tracking lock is stale under it. A migration holds
+    // the tracking lock; untracks of dl_p1 and dl_p2 (both list dl_c8) queue for it, each
+    // having seen dl_c8 shared; a writer holds dl_c8, and a track of dl_z (child dl_c8) waits
+    // for it. Once dl_p1 is untracked, dl_p2's untrack finds dl_c8 unshared and busy: it lets
+    // the tracking lock go (an unrelated track gets it at once) and waits for dl_c8 behind the
+    // track of dl_z, which then commits first: the untrack keeps the trigger dl_z needs.
+    holder.batch_execute("BEGIN; ALTER TABLE dl_m ADD COLUMN extra int; ALTER TABLE dl_m DROP COLUMN extra")
+        .expect("the migration");
     let (u_pid, untrack_p1) = session("SELECT webhooks.untrack('dl_p1')");
-    waits_for(&mut su, u_pid, None);
+    waits_holding_none(&mut su, u_pid, None, &["dl_p1", "dl_c8"]);
     let (v_pid, untrack_p2) = session("SELECT webhooks.untrack('dl_p2')");
-    waits_for(&mut su, v_pid, None);
-    assert!(!holds(&mut su, u_pid, "dl_c8") && !holds(&mut su, v_pid, "dl_c8"), "dl_c8 looked shared to both");
+    waits_holding_none(&mut su, v_pid, None, &["dl_p2", "dl_c8"]);
+    writer.batch_execute("BEGIN; INSERT INTO dl_c8 VALUES (0, NULL, NULL, NULL)").expect("writer");
     let (z_pid, track_z) = session(
         "SELECT webhooks.track('dl_z', entity => 'dlz', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"z_id\"}}')",
     );
-    waits_for(&mut su, z_pid, None);
-    assert!(holds(&mut su, z_pid, "dl_c8"), "the track of dl_z holds dl_c8");
-    holder.batch_execute("COMMIT").expect("commit the track of dl_h");
+    waits_holding_none(&mut su, z_pid, Some("dl_c8"), &["dl_z"]);
+    holder.batch_execute("COMMIT").expect("the migration commits");
     untrack_p1.join().expect("untrack").expect("untrack of dl_p1");
+    waits_holding_none(&mut su, v_pid, Some("dl_c8"), &["dl_p2"]);
+    app.batch_execute("SELECT webhooks.track('dl_y', entity => 'dly')").expect("the tracking lock is free");
+    writer.batch_execute("ROLLBACK").expect("writer");
     track_z.join().expect("track").expect("track of dl_z");
     untrack_p2.join().expect("untrack").expect("untrack of dl_p2");
     assert_eq!(child_triggers(&mut su, "dl_c8"), 1, "dl_z needs the child trigger on dl_c8");
     let now = tracked(&mut su);
-    assert!(now.contains(&"dl_z".to_string()) && now.contains(&"dl_h".to_string()), "{now:?}");
+    assert!(["dl_z", "dl_y"].iter().all(|t| now.contains(&t.to_string())), "{now:?}");
     assert!(!now.contains(&"dl_p1".to_string()) && !now.contains(&"dl_p2".to_string()), "{now:?}");
     for sql in ["INSERT INTO dl_z VALUES (1)", "INSERT INTO dl_c8 VALUES (1, NULL, NULL, 1)"] {
         su.batch_execute(sql).expect("writes");
@@ -1321,16 +1388,26 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     assert_eq!(events(&mut su, "dlz").len(), 2, "dl_z and its child are captured");
     assert!(events(&mut su, "dlp2").is_empty(), "dl_p2 is untracked");
 
-    // 6. An admin who does not own a tracked table is refused by untrack before it takes any
-    // lock: it neither waits for the tracking lock (a track holds it) nor for a writer.
+    // 8. An admin who does not own a tracked table is refused by untrack before it takes any
+    // lock: it waits neither for the tracking lock (a migration holds it) nor for a writer.
+    // The functions that take the locks check what they lock as track and untrack would.
     su.batch_execute("CREATE ROLE dl_admin LOGIN IN ROLE webhooks_admin").expect("role");
-    holder.batch_execute("BEGIN; SELECT webhooks.untrack('dl_h')").expect("untrack of dl_h");
+    holder.batch_execute("BEGIN; ALTER TABLE dl_m ADD COLUMN extra int; ALTER TABLE dl_m DROP COLUMN extra")
+        .expect("the migration");
     writer.batch_execute("BEGIN; INSERT INTO dl_z VALUES (2)").expect("writer");
     let mut stranger = own.connect_as("postgres", "dl_admin");
     stranger.batch_execute("SET lock_timeout = '5s'").expect("lock_timeout");
     let message = fails(&mut stranger, "SELECT webhooks.untrack('dl_z')", SqlState::INSUFFICIENT_PRIVILEGE);
     assert!(message.contains("must be owner of relation dl_z"), "{message}");
+    for call in [
+        "SELECT webhooks._lock_for_untracking('dl_z'::regclass::oid)",
+        "SELECT webhooks._lock_tables_for_tracking(ARRAY['dl_z'::regclass::oid])",
+        "SELECT webhooks._lock_tables_for_tracking(ARRAY['pg_catalog.pg_authid'::regclass::oid])",
+    ] {
+        fails(&mut stranger, call, SqlState::INSUFFICIENT_PRIVILEGE);
+    }
+    fails(&mut stranger, "SELECT webhooks._lock_tracking_for_dropping()", SqlState::INSUFFICIENT_PRIVILEGE);
     writer.batch_execute("ROLLBACK").expect("writer");
-    holder.batch_execute("COMMIT").expect("commit the untrack of dl_h");
+    holder.batch_execute("COMMIT").expect("the migration commits");
     assert!(tracked(&mut su).contains(&"dl_z".to_string()), "dl_z is still tracked");
 }
