@@ -1229,6 +1229,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     let mut writer = own.connect();
     let mut writer2 = own.connect();
     let mut holder = own.connect();
+    // It drops a column of a tracked table: it keeps the tracking lock until it commits.
+    const MIGRATION: &str = "BEGIN; ALTER TABLE dl_m ADD COLUMN IF NOT EXISTS extra int; ALTER TABLE dl_m DROP COLUMN extra";
 
     // 1. track of dl_b (children dl_c, dl_c2) waits for dl_c2, which a writer holds, holding
     // neither dl_b nor dl_c; so an untrack of dl_a, whose child trigger on dl_c it drops, goes
@@ -1328,14 +1330,16 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     writer.batch_execute("ROLLBACK").expect("writer");
     track_np.join().expect("track").expect("track of dl_np");
     track_nr.join().expect("track").expect("track of dl_nr");
-    su.batch_execute("INSERT INTO dl_nr VALUES (1); INSERT INTO dl_np VALUES (1, 1)").expect("writes");
+    for sql in ["INSERT INTO dl_nr VALUES (1)", "INSERT INTO dl_np VALUES (1, 1)"] {
+        su.batch_execute(sql).expect("writes");
+    }
     assert_eq!(events(&mut su, "dlnr").len(), 2, "dl_nr sees its child dl_np's row");
     assert_eq!(events(&mut su, "dlnp").len(), 1, "dl_np is tracked itself");
 
     // 6. A migration keeps the tracking lock (it dropped a column of tracked dl_m). An untrack
     // of dl_q and a track of dl_s (sharing dl_q's child dl_qc) wait for it holding nothing:
     // the application reads and writes all three meanwhile.
-    holder.batch_execute("BEGIN; ALTER TABLE dl_m DROP COLUMN extra").expect("the migration");
+    holder.batch_execute(MIGRATION).expect("the migration");
     let (q_pid, untrack_q) = session("SELECT webhooks.untrack('dl_q')");
     waits_holding_none(&mut su, q_pid, None, &["dl_q", "dl_qc"]);
     let (s_pid, track_s) = session(
@@ -1360,8 +1364,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     // for it. Once dl_p1 is untracked, dl_p2's untrack finds dl_c8 unshared and busy: it lets
     // the tracking lock go (an unrelated track gets it at once) and waits for dl_c8 behind the
     // track of dl_z, which then commits first: the untrack keeps the trigger dl_z needs.
-    holder.batch_execute("BEGIN; ALTER TABLE dl_m ADD COLUMN extra int; ALTER TABLE dl_m DROP COLUMN extra")
-        .expect("the migration");
+    holder.batch_execute(MIGRATION).expect("the migration");
     let (u_pid, untrack_p1) = session("SELECT webhooks.untrack('dl_p1')");
     waits_holding_none(&mut su, u_pid, None, &["dl_p1", "dl_c8"]);
     let (v_pid, untrack_p2) = session("SELECT webhooks.untrack('dl_p2')");
@@ -1392,8 +1395,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     // lock: it waits neither for the tracking lock (a migration holds it) nor for a writer.
     // The functions that take the locks check what they lock as track and untrack would.
     su.batch_execute("CREATE ROLE dl_admin LOGIN IN ROLE webhooks_admin").expect("role");
-    holder.batch_execute("BEGIN; ALTER TABLE dl_m ADD COLUMN extra int; ALTER TABLE dl_m DROP COLUMN extra")
-        .expect("the migration");
+    holder.batch_execute(MIGRATION).expect("the migration");
     writer.batch_execute("BEGIN; INSERT INTO dl_z VALUES (2)").expect("writer");
     let mut stranger = own.connect_as("postgres", "dl_admin");
     stranger.batch_execute("SET lock_timeout = '5s'").expect("lock_timeout");
