@@ -20,12 +20,6 @@ CREATE FUNCTION webhooks."_drop_concerns_tracking"() RETURNS bool
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_drop_concerns_tracking_wrapper';
-CREATE FUNCTION webhooks."_lock_for_tracking"(
-	"tbl" oid /* pg_sys :: Oid */
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_lock_for_tracking_wrapper';
 CREATE FUNCTION webhooks."_lock_tables_for_tracking"(
 	"tables" oid[] /* alloc::vec::Vec<core::option::Option<pgrx_pg_sys::submodules::oids::Oid>> */
 ) RETURNS void
@@ -43,10 +37,10 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_lock_tracking_for_dropping_wrapper';
 REVOKE EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._drop_concerns_tracking(),
-                           webhooks._lock_for_tracking(oid), webhooks._lock_tables_for_tracking(oid[]),
+                           webhooks._lock_tables_for_tracking(oid[]),
                            webhooks._lock_for_untracking(oid), webhooks._lock_tracking_for_dropping() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_for_tracking(oid),
-                          webhooks._lock_tables_for_tracking(oid[]), webhooks._lock_for_untracking(oid) TO webhooks_admin;
+GRANT EXECUTE ON FUNCTION webhooks._lock_tracking(), webhooks._lock_tables_for_tracking(oid[]),
+                          webhooks._lock_for_untracking(oid) TO webhooks_admin;
 
 -- #12 worker status: read from shared memory.
 CREATE FUNCTION webhooks."worker_status"() RETURNS TABLE (
@@ -206,7 +200,7 @@ BEGIN
         RAISE EXCEPTION '"%" is not a table', tbl USING ERRCODE = 'wrong_object_type';
     END IF;
     -- The table and its children locked before their columns are read (see
-    -- _lock_for_tracking), and then the tracking lock, without waiting for one holding
+    -- _lock_tables_for_tracking), and then the tracking lock, without waiting for one holding
     -- another (see _lock_tables_for_tracking): the table first, then the children in OID
     -- order. The children are checked properly below (and locked again there, should a name
     -- now give another table). The tracking lock: track, untrack and the drop handler decide
@@ -228,8 +222,8 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    PERFORM webhooks._lock_tables_for_tracking(ARRAY[tbl::oid] || ARRAY(
-        SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o WHERE o <> tbl::oid ORDER BY o));
+    v_lock := ARRAY[tbl::oid] || ARRAY(SELECT DISTINCT o FROM pg_catalog.unnest(v_lock) o WHERE o <> tbl::oid ORDER BY o);
+    PERFORM webhooks._lock_tables_for_tracking(v_lock);
     IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = tbl) THEN
         RAISE EXCEPTION 'table % forces row-level security on its owner', tbl USING ERRCODE = 'feature_not_supported',
             HINT = 'Capture reads as the owner and runs no policy: turn FORCE ROW LEVEL SECURITY off.';
@@ -314,7 +308,12 @@ BEGIN
                OR (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid = v_child) = 't' THEN
                 RAISE EXCEPTION 'child "%" (%) is not a permanent table', v_name, v_child USING ERRCODE = 'wrong_object_type';
             END IF;
-            PERFORM webhooks._lock_for_tracking(v_child);
+            -- Locked above, unless the name now gives another table (one renamed meanwhile),
+            -- which track would then wait for holding the tracking lock.
+            IF NOT v_child::oid = ANY (v_lock) THEN
+                RAISE EXCEPTION 'child "%" is now another table (%) than when track began', v_name, v_child
+                    USING ERRCODE = 'serialization_failure', HINT = 'A table was renamed meanwhile: retry.';
+            END IF;
             IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
                 RAISE EXCEPTION 'child table % forces row-level security on its owner', v_child
                     USING ERRCODE = 'feature_not_supported',
@@ -450,7 +449,7 @@ BEGIN
     -- keeps open, and the others' DROPs do not wait for it. Decided on everything committed
     -- (not this transaction's snapshot, which at REPEATABLE READ may predate a track of what
     -- is dropped); a track that has not committed cannot concern it: it locks its tables
-    -- before it reads them (_lock_for_tracking), and this DROP holds them.
+    -- before it reads them (_lock_tables_for_tracking), and this DROP holds them.
     IF NOT webhooks._drop_concerns_tracking() THEN
         RETURN;
     END IF;

@@ -181,8 +181,9 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     crate::capture::as_role(owner, f)
 }
 
-/// Locks a table `track` is about to read and put triggers on, as its CREATE TRIGGER would
-/// (SHARE ROW EXCLUSIVE), before `track` reads its columns: a DROP of the table or of one of
+/// Raises unless `track` may lock the table (`locks::_lock_tables_for_tracking`): it locks a
+/// table `track` is about to read and put triggers on, as its CREATE TRIGGER would (SHARE ROW
+/// EXCLUSIVE), before `track` reads its columns: a DROP of the table or of one of
 /// its columns has then either committed before (`track` sees it gone) or waits for `track`
 /// to commit (and its drop handler sees the table tracked). Without it, a child that already
 /// had a capture trigger (made by hand, or restored) was never locked by `track`, and a DROP of
@@ -191,13 +192,6 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
 /// catalog) the caller may read and put triggers on, in a schema it may use (as looking the
 /// table up by name for CREATE TRIGGER needs), so that it locks nothing CREATE TRIGGER would
 /// not.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _lock_for_tracking(tbl: pg_sys::Oid) {
-    check_lockable_for_tracking(tbl);
-    unsafe { pg_sys::LockRelationOid(tbl, pg_sys::ShareRowExclusiveLock as pg_sys::LOCKMODE) };
-}
-
-/// `_lock_for_tracking`'s rules: raises unless `track` could take the table.
 pub(crate) fn check_lockable_for_tracking(tbl: pg_sys::Oid) {
     let user = unsafe { pg_sys::GetUserId() };
     if unsafe { pg_sys::IsCatalogRelationOid(tbl) } {

@@ -120,36 +120,70 @@ enum Busy {
     Tracking,
 }
 
-/// Takes `tables()` in `mode` (in the order given), then the tracking lock, for `track`,
-/// `untrack` and the drop handler, without ever waiting for one of them while holding another
-/// it took: it tries each in turn without waiting, and when one is busy it lets go of all it
-/// took, waits for that one alone, and starts again. So none of them waits holding a table
-/// that a writer or another of them waits for (40P01, or an application held up behind a
-/// migration that holds the tracking lock), whatever order anyone takes tables in.
-/// `tables()` is read again under the tracking lock (what a `track` or `untrack` committed
-/// meanwhile can change it): a table no longer needed is let go at once, one now needed is
-/// tried as the others. (Locks this transaction took before the call stay: a release gives
-/// back only what this call took.)
-fn tables_then_tracking(mode: u32, tables: impl Fn() -> Vec<pg_sys::Oid>) {
-    let mode = mode as pg_sys::LOCKMODE;
-    let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<pg_sys::Oid>| -> Option<Busy> {
-        for &relid in want {
-            if !taken.contains(&relid) {
-                if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
-                    return Some(Busy::Table(relid));
-                }
-                taken.push(relid);
-            }
-        }
-        None
+/// How often `tables_then_tracking` lets go of what it took before it waits for each lock in
+/// turn instead.
+const BACKOFFS: u32 = 8;
+
+/// Takes `tables()` (in the order given), then the tracking lock, for `track`, `untrack` and
+/// the drop handler, without waiting for one of them while holding another it took: it tries
+/// each in turn without waiting, and when one is busy it lets go of all it took, waits for
+/// that one alone, and starts again. So none of them waits holding a table that a writer or
+/// another of them waits for (40P01, or an application held up behind a migration that holds
+/// the tracking lock), whatever order anyone takes tables in.
+/// - `probe` is the mode tried and given back; `mode` the one finally held. For `untrack` and
+///   the handler, EXCLUSIVE then ACCESS EXCLUSIVE: an ACCESS EXCLUSIVE lock is written to the
+///   WAL when granted and held on a hot standby until the transaction ends, given back or not;
+///   EXCLUSIVE keeps out every writer and `track` (not plain reads), and is upgraded once,
+///   under the tracking lock, for the tables still needed.
+/// - `tables()` is read again under the tracking lock (what a `track` or `untrack` committed
+///   meanwhile can change it): a table no longer needed is let go at once, one now needed is
+///   taken as the others.
+/// - A table this transaction already holds in any mode is waited for, and kept: whoever
+///   waits for it waits for this transaction anyway (and would make a try fail while the wait
+///   itself is granted at once, for ever).
+/// - Under a steady stream of writers (each holding one table while it waits for another this
+///   call just took) trying again could go on for ever: after `BACKOFFS` tries it waits for
+///   each lock in turn holding the others, as DDL does (a cycle that then closes is
+///   PostgreSQL's to break: 40P01).
+///
+/// Locks this transaction took before the call stay: a release gives back only what this call
+/// took.
+fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::Oid>) {
+    let (probe, mode) = (probe as pg_sys::LOCKMODE, mode as pg_sys::LOCKMODE);
+    let held_before = |relid| unsafe {
+        pg_sys::CheckRelationOidLockedByMe(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE, true)
     };
+    // Taken by this call and kept while it backs off.
+    let mut kept: Vec<pg_sys::Oid> = Vec::new();
+    let mut backoffs = 0;
     let mut wait_for: Option<Busy> = None;
     loop {
+        pgrx::check_for_interrupts!();
+        let patient = backoffs >= BACKOFFS;
         let mut taken: Vec<pg_sys::Oid> = Vec::new();
+        let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<pg_sys::Oid>, kept: &mut Vec<pg_sys::Oid>| {
+            for &relid in want {
+                if taken.contains(&relid) || kept.contains(&relid) {
+                    continue;
+                }
+                if held_before(relid) {
+                    unsafe { pg_sys::LockRelationOid(relid, probe) };
+                    kept.push(relid);
+                } else if patient {
+                    unsafe { pg_sys::LockRelationOid(relid, probe) };
+                    taken.push(relid);
+                } else if unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
+                    taken.push(relid);
+                } else {
+                    return Some(Busy::Table(relid));
+                }
+            }
+            None
+        };
         let mut tracking = false;
         match wait_for.take() {
             Some(Busy::Table(relid)) => {
-                unsafe { pg_sys::LockRelationOid(relid, mode) };
+                unsafe { pg_sys::LockRelationOid(relid, probe) };
                 taken.push(relid);
             }
             Some(Busy::Tracking) => {
@@ -158,31 +192,42 @@ fn tables_then_tracking(mode: u32, tables: impl Fn() -> Vec<pg_sys::Oid>) {
             }
             None => {}
         }
-        let mut busy = try_all(&tables(), &mut taken);
+        let mut busy = try_all(&tables(), &mut taken, &mut kept);
         if busy.is_none() && !tracking {
-            tracking = try_for_transaction(CLASS, 0, 0);
-            if !tracking {
-                busy = Some(Busy::Tracking);
+            if patient {
+                for_transaction(CLASS, 0, 0);
+                tracking = true;
+            } else {
+                tracking = try_for_transaction(CLASS, 0, 0);
+                if !tracking {
+                    busy = Some(Busy::Tracking);
+                }
             }
         }
         if busy.is_none() {
             let needed = tables();
-            busy = try_all(&needed, &mut taken);
+            busy = try_all(&needed, &mut taken, &mut kept);
             if busy.is_none() {
-                for relid in taken.iter().filter(|relid| !needed.contains(relid)) {
-                    unsafe { pg_sys::UnlockRelationOid(*relid, mode) };
+                for relid in taken.iter().chain(kept.iter()).filter(|relid| !needed.contains(relid)) {
+                    unsafe { pg_sys::UnlockRelationOid(*relid, probe) };
+                }
+                if mode != probe {
+                    for &relid in &needed {
+                        unsafe { pg_sys::LockRelationOid(relid, mode) };
+                    }
                 }
                 refuse_a_snapshot_older_than_tracking();
                 return;
             }
         }
         for relid in &taken {
-            unsafe { pg_sys::UnlockRelationOid(*relid, mode) };
+            unsafe { pg_sys::UnlockRelationOid(*relid, probe) };
         }
         if tracking {
             release_for_transaction(CLASS, 0, 0);
         }
         wait_for = busy;
+        backoffs += 1;
     }
 }
 
@@ -195,7 +240,7 @@ fn _lock_tables_for_tracking(tables: Vec<Option<pg_sys::Oid>>) {
     for &relid in &tables {
         crate::api::check_lockable_for_tracking(relid);
     }
-    tables_then_tracking(pg_sys::ShareRowExclusiveLock, || tables.clone());
+    tables_then_tracking(pg_sys::ShareRowExclusiveLock, pg_sys::ShareRowExclusiveLock, || tables.clone());
 }
 
 /// `untrack`'s locks (see `tables_then_tracking`): the tracked table, then the children whose
@@ -236,7 +281,7 @@ fn _lock_for_untracking(tbl: pg_sys::Oid) {
         }
         oids(rows)
     };
-    tables_then_tracking(pg_sys::AccessExclusiveLock, tables);
+    tables_then_tracking(pg_sys::ExclusiveLock, pg_sys::AccessExclusiveLock, tables);
 }
 
 fn oids(rows: Vec<Vec<Option<String>>>) -> Vec<pg_sys::Oid> {
@@ -265,5 +310,5 @@ fn _lock_tracking_for_dropping() {
          ORDER BY 2";
     let tables =
         || oids(crate::plans::rows_with_snapshot_read_only(TABLES, &[], &[], unsafe { pg_sys::GetLatestSnapshot() }));
-    tables_then_tracking(pg_sys::AccessExclusiveLock, tables);
+    tables_then_tracking(pg_sys::ExclusiveLock, pg_sys::AccessExclusiveLock, tables);
 }

@@ -1155,6 +1155,9 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_c8 (id int PRIMARY KEY, p1_id int, p2_id int, z_id int);
          CREATE TABLE dl_c9 (id int PRIMARY KEY, np_id int, nr_id int);
          CREATE TABLE dl_qc (id int PRIMARY KEY, q_id int, s_id int);
+         CREATE TABLE dl_lc (id int PRIMARY KEY, l_id int);
+         CREATE TABLE dl_tc (id int PRIMARY KEY, t_id int);
+         CREATE TABLE dl_wc (id int PRIMARY KEY, w_id int);
          CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
          CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
          CREATE TABLE dl_f (id int PRIMARY KEY); CREATE TABLE dl_g (id int PRIMARY KEY);
@@ -1164,12 +1167,16 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_np (id int PRIMARY KEY, nr_id int); CREATE TABLE dl_nr (id int PRIMARY KEY);
          CREATE TABLE dl_m (id int PRIMARY KEY, extra int);
          CREATE TABLE dl_q (id int PRIMARY KEY); CREATE TABLE dl_s (id int PRIMARY KEY);
+         CREATE TABLE dl_l (id int PRIMARY KEY); CREATE TABLE dl_t (id int PRIMARY KEY);
+         CREATE TABLE dl_w (id int PRIMARY KEY);
          SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
          SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');
          SELECT webhooks.track('dl_p1', entity => 'dlp1', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p1_id\"}}');
          SELECT webhooks.track('dl_p2', entity => 'dlp2', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p2_id\"}}');
          SELECT webhooks.track('dl_m', entity => 'dlm');
-         SELECT webhooks.track('dl_q', entity => 'dlq', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"q_id\"}}');",
+         SELECT webhooks.track('dl_q', entity => 'dlq', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"q_id\"}}');
+         SELECT webhooks.track('dl_l', entity => 'dll', children => '{\"items\": {\"table\": \"dl_lc\", \"foreign_key\": \"l_id\"}}');
+         SELECT webhooks.track('dl_w', entity => 'dlw', children => '{\"items\": {\"table\": \"dl_wc\", \"foreign_key\": \"w_id\"}}');",
     )
     .expect("setup");
     let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
@@ -1244,7 +1251,9 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     );
     waits_holding_none(&mut su, track_pid, Some("dl_c2"), &["dl_b", "dl_c"]);
     let mut untracking = own.connect();
-    untracking.batch_execute("BEGIN; SELECT webhooks.untrack('dl_a')").expect("untrack of dl_a, at once");
+    untracking
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; SELECT webhooks.untrack('dl_a')")
+        .expect("untrack of dl_a, at once");
     assert_eq!(child_triggers(&mut untracking, "dl_c"), 0, "nothing tracked lists dl_c");
     writer.batch_execute("ROLLBACK").expect("writer");
     waits_holding_none(&mut su, track_pid, Some("dl_c"), &["dl_b", "dl_c2"]);
@@ -1265,7 +1274,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
                                                                       \"b\": {\"table\": \"dl_c4\", \"foreign_key\": \"e_id\"}}')",
     );
     waits_holding_none(&mut su, track_pid, Some("dl_c4"), &["dl_e", "dl_c3"]);
-    su.batch_execute("DROP TABLE dl_d").expect("DROP TABLE dl_d, at once");
+    app.batch_execute("DROP TABLE dl_d").expect("DROP TABLE dl_d, at once");
     writer.batch_execute("ROLLBACK").expect("writer");
     track.join().expect("track").expect("track of dl_e");
     assert_eq!(child_triggers(&mut su, "dl_c3"), 1, "dl_e's child trigger on dl_c3");
@@ -1346,6 +1355,9 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
         "SELECT webhooks.track('dl_s', entity => 'dls', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"s_id\"}}')",
     );
     waits_holding_none(&mut su, s_pid, None, &["dl_s", "dl_qc"]);
+    // (A DROP holds what it drops; its handler waits holding nothing of the child.)
+    let (w_pid, drop_w) = session("DROP TABLE dl_w");
+    waits_holding_none(&mut su, w_pid, None, &["dl_wc"]);
     app.batch_execute(
         "BEGIN; INSERT INTO dl_q VALUES (1); INSERT INTO dl_qc VALUES (1, 1, NULL); INSERT INTO dl_s VALUES (1);
          SELECT count(*) FROM dl_q; COMMIT;",
@@ -1354,6 +1366,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     holder.batch_execute("COMMIT").expect("the migration commits");
     untrack_q.join().expect("untrack").expect("untrack of dl_q");
     track_s.join().expect("track").expect("track of dl_s");
+    drop_w.join().expect("drop").expect("DROP TABLE dl_w");
+    assert_eq!(child_triggers(&mut su, "dl_wc"), 0, "nothing tracked lists dl_wc");
     assert_eq!(child_triggers(&mut su, "dl_qc"), 1, "dl_s's child trigger on dl_qc");
     su.batch_execute("INSERT INTO dl_qc VALUES (2, NULL, 1)").expect("a child write");
     assert_eq!(events(&mut su, "dls").len(), 1, "dl_s sees its child's write");
@@ -1381,7 +1395,15 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     writer.batch_execute("ROLLBACK").expect("writer");
     track_z.join().expect("track").expect("track of dl_z");
     untrack_p2.join().expect("untrack").expect("untrack of dl_p2");
-    assert_eq!(child_triggers(&mut su, "dl_c8"), 1, "dl_z needs the child trigger on dl_c8");
+    let kept: String = su
+        .query_one(
+            "SELECT string_agg(tgname, ',') FROM pg_trigger
+              WHERE tgrelid = 'dl_c8'::regclass AND tgfoid = 'webhooks._capture_child'::regproc",
+            &[],
+        )
+        .expect("triggers")
+        .get(0);
+    assert_eq!(kept, format!("webhooks_child_{}", oid(&mut su, "dl_p1")), "the untrack kept the trigger dl_z needs");
     let now = tracked(&mut su);
     assert!(["dl_z", "dl_y"].iter().all(|t| now.contains(&t.to_string())), "{now:?}");
     assert!(!now.contains(&"dl_p1".to_string()) && !now.contains(&"dl_p2".to_string()), "{now:?}");
@@ -1412,4 +1434,86 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     writer.batch_execute("ROLLBACK").expect("writer");
     holder.batch_execute("COMMIT").expect("the migration commits");
     assert!(tracked(&mut su).contains(&"dl_z".to_string()), "dl_z is still tracked");
+
+    // 9. Trying again is bounded. Two writers take turns to hold dl_l and its child dl_lc,
+    // each taking its table back as soon as the untrack of dl_l let go of it: every try finds
+    // the other table busy. After a few rounds (locks.rs BACKOFFS) the untrack waits for one
+    // holding the other, as DDL does, and goes through once the writers stop.
+    let tables = ["dl_l", "dl_lc"];
+    let take = ["BEGIN; INSERT INTO dl_l VALUES (100)", "BEGIN; INSERT INTO dl_lc VALUES (100, NULL)"];
+    let mut writers = [own.connect(), own.connect()];
+    for (w, sql) in writers.iter_mut().zip(take) {
+        w.batch_execute(sql).expect("a writer takes its table");
+    }
+    let (l_pid, untrack_l) = session("SELECT webhooks.untrack('dl_l')");
+    let waiting_for = |c: &mut Client| -> Option<(String, Vec<String>)> {
+        let waits: Vec<String> = c
+            .query(
+                "SELECT relation::regclass::text FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'relation'",
+                &[&l_pid],
+            )
+            .expect("pg_locks")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let held: Vec<String> = c
+            .query(
+                "SELECT relation::regclass::text FROM pg_locks
+                  WHERE pid = $1 AND granted AND locktype = 'relation' AND relation::regclass::text IN ('dl_l', 'dl_lc')",
+                &[&l_pid],
+            )
+            .expect("pg_locks")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        waits.first().map(|w| (w.clone(), held))
+    };
+    // Until the untrack waits for `tables[w]`: what it holds of the two then.
+    let mut observe = |w: usize| -> Vec<String> {
+        common::wait_for(&format!("the untrack to wait for {}", tables[w]), Duration::from_secs(30), || {
+            waiting_for(&mut su).filter(|(t, _)| *t == tables[w]).map(|(_, held)| held)
+        })
+    };
+    assert!(observe(0).is_empty(), "it waits for dl_l holding nothing");
+    let (mut waits, mut rounds) = (0, 0);
+    loop {
+        // The writer of the table it waits for lets go: it takes that one and finds the other
+        // busy.
+        writers[waits].batch_execute("ROLLBACK").expect("writer lets go");
+        let next = 1 - waits;
+        let held = observe(next);
+        if !held.is_empty() {
+            assert_eq!(held, [tables[waits]], "it waits for {} holding the other", tables[next]);
+            break;
+        }
+        rounds += 1;
+        assert!(rounds <= 20, "the untrack still lets go of everything after {rounds} rounds");
+        writers[waits].batch_execute(take[waits]).expect("writer takes its table back");
+        waits = next;
+    }
+    assert!(rounds >= 3, "it tried again before it waited holding a table ({rounds} rounds)");
+    writers[1 - waits].batch_execute("ROLLBACK").expect("writer stops");
+    untrack_l.join().expect("untrack").expect("untrack of dl_l");
+    assert_eq!(child_triggers(&mut su, "dl_lc"), 0, "nothing tracked lists dl_lc");
+
+    // 10. A track in a transaction that has read its tables, while DDL of each waits for that
+    // transaction: a try fails (somebody waits), a wait is granted at once (they wait for this
+    // transaction). It takes them and goes through, and the DDL after it.
+    let mut reader = own.connect();
+    reader.batch_execute("BEGIN; SELECT count(*) FROM dl_t; SELECT count(*) FROM dl_tc").expect("reads");
+    let (t_pid, alter_t) = session("ALTER TABLE dl_t ADD COLUMN n int");
+    waits_holding_none(&mut su, t_pid, Some("dl_t"), &[]);
+    let (tc_pid, alter_tc) = session("ALTER TABLE dl_tc ADD COLUMN n int");
+    waits_holding_none(&mut su, tc_pid, Some("dl_tc"), &[]);
+    reader
+        .batch_execute(
+            "SET statement_timeout = '30s';
+             SELECT webhooks.track('dl_t', entity => 'dlt', children => '{\"items\": {\"table\": \"dl_tc\", \"foreign_key\": \"t_id\"}}');
+             COMMIT",
+        )
+        .expect("the track goes through");
+    alter_t.join().expect("alter").expect("ALTER TABLE dl_t");
+    alter_tc.join().expect("alter").expect("ALTER TABLE dl_tc");
+    su.batch_execute("INSERT INTO dl_t VALUES (1, 1)").expect("writes");
+    assert_eq!(events(&mut su, "dlt").len(), 1, "dl_t is tracked");
 }
