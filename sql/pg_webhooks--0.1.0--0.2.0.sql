@@ -202,8 +202,8 @@ BEGIN
     -- The table and its children locked before their columns are read (see
     -- _lock_tables_for_tracking), and then the tracking lock, without waiting for one holding
     -- another (see _lock_tables_for_tracking): the table first, then the children in OID
-    -- order. The children are checked properly below (and locked again there, should a name
-    -- now give another table). The tracking lock: track, untrack and the drop handler decide
+    -- order. The children are checked properly below (a name that now gives another table
+    -- fails the track there: 40001). The tracking lock: track, untrack and the drop handler decide
     -- which child triggers to keep from _tracked, one at a time, each seeing what the one
     -- before committed (a lock of the extension's own, which no other role can take: an
     -- advisory one would let any role hold up every DROP).
@@ -312,7 +312,7 @@ BEGIN
             -- which track would then wait for holding the tracking lock.
             IF NOT v_child::oid = ANY (v_lock) THEN
                 RAISE EXCEPTION 'child "%" is now another table (%) than when track began', v_name, v_child
-                    USING ERRCODE = 'serialization_failure', HINT = 'A table was renamed meanwhile: retry.';
+                    USING ERRCODE = 'serialization_failure', HINT = 'The name gives another table now (one renamed or created meanwhile): retry.';
             END IF;
             IF (SELECT c.relforcerowsecurity FROM pg_catalog.pg_class c WHERE c.oid = v_child) THEN
                 RAISE EXCEPTION 'child table % forces row-level security on its owner', v_child

@@ -181,9 +181,9 @@ pub(crate) fn as_extension_owner<R>(f: impl FnOnce() -> R) -> R {
     crate::capture::as_role(owner, f)
 }
 
-/// Raises unless `track` may lock the table (`locks::_lock_tables_for_tracking`): it locks a
-/// table `track` is about to read and put triggers on, as its CREATE TRIGGER would (SHARE ROW
-/// EXCLUSIVE), before `track` reads its columns: a DROP of the table or of one of
+/// Raises unless `track` may lock the table (`locks::_lock_tables_for_tracking`, which locks
+/// the tables `track` is about to read and put triggers on, as its CREATE TRIGGERs would, SHARE
+/// ROW EXCLUSIVE, before `track` reads their columns): a DROP of the table or of one of
 /// its columns has then either committed before (`track` sees it gone) or waits for `track`
 /// to commit (and its drop handler sees the table tracked). Without it, a child that already
 /// had a capture trigger (made by hand, or restored) was never locked by `track`, and a DROP of

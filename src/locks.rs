@@ -118,6 +118,35 @@ fn _drop_concerns_tracking() -> bool {
 enum Busy {
     Table(pg_sys::Oid),
     Tracking,
+    /// A table whose ACCESS EXCLUSIVE lock is busy: its current holders are waited for.
+    Holders(pg_sys::Oid),
+}
+
+fn relation_tag(relid: pg_sys::Oid) -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: relid.to_u32(),
+        locktag_field3: 0,
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    }
+}
+
+/// Whether this transaction holds a lock on the table, in any mode.
+fn held_by_me(relid: pg_sys::Oid) -> bool {
+    let tag = relation_tag(relid);
+    (pg_sys::AccessShareLock..=pg_sys::AccessExclusiveLock)
+        .any(|mode| unsafe { pg_sys::LockHeldByMe(&tag, mode as pg_sys::LOCKMODE) })
+}
+
+/// Whether another transaction holds or waits for a lock on the table that conflicts with
+/// `mode`.
+fn has_conflicts(relid: pg_sys::Oid, mode: pg_sys::LOCKMODE) -> bool {
+    let tag = relation_tag(relid);
+    let mut count: std::ffi::c_int = 0;
+    unsafe { pg_sys::GetLockConflicts(&tag, mode, &mut count) };
+    count > 0
 }
 
 /// How often `tables_then_tracking` lets go of what it took before it waits for each lock in
@@ -132,96 +161,107 @@ const BACKOFFS: u32 = 8;
 /// the tracking lock), whatever order anyone takes tables in.
 /// - `probe` is the mode tried and given back; `mode` the one finally held. For `untrack` and
 ///   the handler, EXCLUSIVE then ACCESS EXCLUSIVE: an ACCESS EXCLUSIVE lock is written to the
-///   WAL when granted and held on a hot standby until the transaction ends, given back or not;
-///   EXCLUSIVE keeps out every writer and `track` (not plain reads), and is upgraded once,
-///   under the tracking lock, for the tables still needed.
+///   WAL when granted and held on a hot standby until the transaction ends, given back or not.
+///   EXCLUSIVE keeps out every writer and `track` (not plain reads); under the tracking lock
+///   ACCESS EXCLUSIVE is taken on the tables still needed only if nobody else holds one of
+///   them (a reader): else everything is let go and the readers are waited for, holding
+///   nothing and queueing for nothing (a reader that goes on to write does not wait).
 /// - `tables()` is read again under the tracking lock (what a `track` or `untrack` committed
 ///   meanwhile can change it): a table no longer needed is let go at once, one now needed is
 ///   taken as the others.
-/// - A table this transaction already holds in any mode is waited for, and kept: whoever
-///   waits for it waits for this transaction anyway (and would make a try fail while the wait
-///   itself is granted at once, for ever).
-/// - Under a steady stream of writers (each holding one table while it waits for another this
-///   call just took) trying again could go on for ever: after `BACKOFFS` tries it waits for
-///   each lock in turn holding the others, as DDL does (a cycle that then closes is
-///   PostgreSQL's to break: 40P01).
+/// - A table this transaction already holds in any mode is waited for first in every round,
+///   before anything else is taken: a try would fail while waiters wait for this very
+///   transaction, and the wait is granted at once.
+/// - Under a steady stream of writers or readers the tries could go on for ever: after
+///   `BACKOFFS` rounds it takes the tracking lock, holding nothing, and then each table in
+///   turn in `mode`, as DDL does (a cycle that then closes is PostgreSQL's to break: 40P01).
 ///
 /// Locks this transaction took before the call stay: a release gives back only what this call
-/// took.
+/// took. `lock_timeout` applies to each wait.
 fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::Oid>) {
     let (probe, mode) = (probe as pg_sys::LOCKMODE, mode as pg_sys::LOCKMODE);
-    let held_before = |relid| unsafe {
-        pg_sys::CheckRelationOidLockedByMe(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE, true)
-    };
-    // Taken by this call and kept while it backs off.
-    let mut kept: Vec<pg_sys::Oid> = Vec::new();
+    let lock = |relid, mode| unsafe { pg_sys::LockRelationOid(relid, mode) };
     let mut backoffs = 0;
     let mut wait_for: Option<Busy> = None;
     loop {
         pgrx::check_for_interrupts!();
-        let patient = backoffs >= BACKOFFS;
-        let mut taken: Vec<pg_sys::Oid> = Vec::new();
-        let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<pg_sys::Oid>, kept: &mut Vec<pg_sys::Oid>| {
-            for &relid in want {
-                if taken.contains(&relid) || kept.contains(&relid) {
-                    continue;
-                }
-                if held_before(relid) {
-                    unsafe { pg_sys::LockRelationOid(relid, probe) };
-                    kept.push(relid);
-                } else if patient {
-                    unsafe { pg_sys::LockRelationOid(relid, probe) };
-                    taken.push(relid);
-                } else if unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
-                    taken.push(relid);
-                } else {
-                    return Some(Busy::Table(relid));
-                }
+        if backoffs >= BACKOFFS {
+            for_transaction(CLASS, 0, 0);
+            for relid in tables() {
+                lock(relid, mode);
             }
-            None
-        };
+            refuse_a_snapshot_older_than_tracking();
+            return;
+        }
+        // What this round took, and in which mode: given back if it backs off.
+        let mut taken: Vec<(pg_sys::Oid, pg_sys::LOCKMODE)> = Vec::new();
         let mut tracking = false;
+        if let Some(Busy::Holders(relid)) = wait_for {
+            unsafe { pg_sys::WaitForLockers(relation_tag(relid), mode, false) };
+        }
+        let want = tables();
+        for &relid in &want {
+            if held_by_me(relid) {
+                lock(relid, probe);
+                taken.push((relid, probe));
+            }
+        }
         match wait_for.take() {
-            Some(Busy::Table(relid)) => {
-                unsafe { pg_sys::LockRelationOid(relid, probe) };
-                taken.push(relid);
+            Some(Busy::Table(relid)) if !taken.iter().any(|t| t.0 == relid) => {
+                lock(relid, probe);
+                taken.push((relid, probe));
             }
             Some(Busy::Tracking) => {
                 for_transaction(CLASS, 0, 0);
                 tracking = true;
             }
-            None => {}
+            _ => {}
         }
-        let mut busy = try_all(&tables(), &mut taken, &mut kept);
-        if busy.is_none() && !tracking {
-            if patient {
-                for_transaction(CLASS, 0, 0);
-                tracking = true;
-            } else {
-                tracking = try_for_transaction(CLASS, 0, 0);
-                if !tracking {
-                    busy = Some(Busy::Tracking);
+        let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<(pg_sys::Oid, pg_sys::LOCKMODE)>| {
+            for &relid in want {
+                if !taken.iter().any(|t| t.0 == relid) {
+                    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
+                        return Some(Busy::Table(relid));
+                    }
+                    taken.push((relid, probe));
                 }
+            }
+            None
+        };
+        let mut busy = try_all(&want, &mut taken);
+        if busy.is_none() && !tracking {
+            tracking = try_for_transaction(CLASS, 0, 0);
+            if !tracking {
+                busy = Some(Busy::Tracking);
             }
         }
         if busy.is_none() {
             let needed = tables();
-            busy = try_all(&needed, &mut taken, &mut kept);
-            if busy.is_none() {
-                for relid in taken.iter().chain(kept.iter()).filter(|relid| !needed.contains(relid)) {
-                    unsafe { pg_sys::UnlockRelationOid(*relid, probe) };
-                }
-                if mode != probe {
+            busy = try_all(&needed, &mut taken);
+            if busy.is_none() && mode != probe {
+                // Nobody else on any of them, or none is taken: an ACCESS EXCLUSIVE lock taken
+                // and given back would stay on a hot standby.
+                busy = needed.iter().find(|relid| has_conflicts(**relid, mode)).map(|relid| Busy::Holders(*relid));
+                if busy.is_none() {
                     for &relid in &needed {
-                        unsafe { pg_sys::LockRelationOid(relid, mode) };
+                        if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
+                            busy = Some(Busy::Holders(relid));
+                            break;
+                        }
+                        taken.push((relid, mode));
                     }
+                }
+            }
+            if busy.is_none() {
+                for (relid, mode) in taken.iter().filter(|t| !needed.contains(&t.0)) {
+                    unsafe { pg_sys::UnlockRelationOid(*relid, *mode) };
                 }
                 refuse_a_snapshot_older_than_tracking();
                 return;
             }
         }
-        for relid in &taken {
-            unsafe { pg_sys::UnlockRelationOid(*relid, probe) };
+        for (relid, mode) in &taken {
+            unsafe { pg_sys::UnlockRelationOid(*relid, *mode) };
         }
         if tracking {
             release_for_transaction(CLASS, 0, 0);
@@ -232,7 +272,7 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
 }
 
 /// The tables `track` reads and puts triggers on (the table, then its children in OID
-/// order), each checked by `_lock_for_tracking`'s rules, SHARE ROW EXCLUSIVE as its CREATE
+/// order), each checked by `api::check_lockable_for_tracking`, SHARE ROW EXCLUSIVE as its CREATE
 /// TRIGGERs take them, then the tracking lock (see `tables_then_tracking`).
 #[pgrx::pg_extern(volatile, parallel_unsafe)]
 fn _lock_tables_for_tracking(tables: Vec<Option<pg_sys::Oid>>) {

@@ -1158,6 +1158,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_lc (id int PRIMARY KEY, l_id int);
          CREATE TABLE dl_tc (id int PRIMARY KEY, t_id int);
          CREATE TABLE dl_wc (id int PRIMARY KEY, w_id int);
+         CREATE TABLE dl_rc (id int PRIMARY KEY, r_id int);
+         CREATE TABLE dl_uc (id int PRIMARY KEY, u_id int);
          CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
          CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
          CREATE TABLE dl_f (id int PRIMARY KEY); CREATE TABLE dl_g (id int PRIMARY KEY);
@@ -1168,7 +1170,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_m (id int PRIMARY KEY, extra int);
          CREATE TABLE dl_q (id int PRIMARY KEY); CREATE TABLE dl_s (id int PRIMARY KEY);
          CREATE TABLE dl_l (id int PRIMARY KEY); CREATE TABLE dl_t (id int PRIMARY KEY);
-         CREATE TABLE dl_w (id int PRIMARY KEY);
+         CREATE TABLE dl_w (id int PRIMARY KEY); CREATE TABLE dl_r (id int PRIMARY KEY);
+         CREATE TABLE dl_u (id int PRIMARY KEY);
          SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
          SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');
          SELECT webhooks.track('dl_p1', entity => 'dlp1', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p1_id\"}}');
@@ -1176,7 +1179,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          SELECT webhooks.track('dl_m', entity => 'dlm');
          SELECT webhooks.track('dl_q', entity => 'dlq', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"q_id\"}}');
          SELECT webhooks.track('dl_l', entity => 'dll', children => '{\"items\": {\"table\": \"dl_lc\", \"foreign_key\": \"l_id\"}}');
-         SELECT webhooks.track('dl_w', entity => 'dlw', children => '{\"items\": {\"table\": \"dl_wc\", \"foreign_key\": \"w_id\"}}');",
+         SELECT webhooks.track('dl_w', entity => 'dlw', children => '{\"items\": {\"table\": \"dl_wc\", \"foreign_key\": \"w_id\"}}');
+         SELECT webhooks.track('dl_r', entity => 'dlr', children => '{\"items\": {\"table\": \"dl_rc\", \"foreign_key\": \"r_id\"}}');",
     )
     .expect("setup");
     let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
@@ -1437,8 +1441,9 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
 
     // 9. Trying again is bounded. Two writers take turns to hold dl_l and its child dl_lc,
     // each taking its table back as soon as the untrack of dl_l let go of it: every try finds
-    // the other table busy. After a few rounds (locks.rs BACKOFFS) the untrack waits for one
-    // holding the other, as DDL does, and goes through once the writers stop.
+    // the other table busy. After a few rounds (locks.rs BACKOFFS) the untrack takes the
+    // tracking lock and then each table in turn, as DDL does, and goes through once the
+    // writers stop.
     let tables = ["dl_l", "dl_lc"];
     let take = ["BEGIN; INSERT INTO dl_l VALUES (100)", "BEGIN; INSERT INTO dl_lc VALUES (100, NULL)"];
     let mut writers = [own.connect(), own.connect()];
@@ -1446,7 +1451,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
         w.batch_execute(sql).expect("a writer takes its table");
     }
     let (l_pid, untrack_l) = session("SELECT webhooks.untrack('dl_l')");
-    let waiting_for = |c: &mut Client| -> Option<(String, Vec<String>)> {
+    let waiting_for = |c: &mut Client| -> Option<(String, Vec<String>, bool)> {
         let waits: Vec<String> = c
             .query(
                 "SELECT relation::regclass::text FROM pg_locks WHERE pid = $1 AND NOT granted AND locktype = 'relation'",
@@ -1466,32 +1471,41 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
             .iter()
             .map(|r| r.get(0))
             .collect();
-        waits.first().map(|w| (w.clone(), held))
+        let tracking: bool = c
+            .query_one("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND granted AND locktype = 'userlock')", &[&l_pid])
+            .expect("pg_locks")
+            .get(0);
+        waits.first().map(|w| (w.clone(), held, tracking))
     };
-    // Until the untrack waits for `tables[w]`: what it holds of the two then.
-    let mut observe = |w: usize| -> Vec<String> {
+    // Until the untrack waits for `tables[w]`: whether it holds anything then (of the two
+    // tables, or the tracking lock).
+    let mut observe = |w: usize| -> (Vec<String>, bool) {
         common::wait_for(&format!("the untrack to wait for {}", tables[w]), Duration::from_secs(30), || {
-            waiting_for(&mut su).filter(|(t, _)| *t == tables[w]).map(|(_, held)| held)
+            waiting_for(&mut su).filter(|(t, _, _)| *t == tables[w]).map(|(_, held, tracking)| (held, tracking))
         })
     };
-    assert!(observe(0).is_empty(), "it waits for dl_l holding nothing");
+    assert_eq!(observe(0), (vec![], false), "it waits for dl_l holding nothing");
     let (mut waits, mut rounds) = (0, 0);
     loop {
         // The writer of the table it waits for lets go: it takes that one and finds the other
         // busy.
         writers[waits].batch_execute("ROLLBACK").expect("writer lets go");
         let next = 1 - waits;
-        let held = observe(next);
-        if !held.is_empty() {
-            assert_eq!(held, [tables[waits]], "it waits for {} holding the other", tables[next]);
+        let (held, tracking) = observe(next);
+        if tracking {
+            // The tracking lock (taken first, holding nothing), then each table in turn:
+            // dl_l, which is free now, before dl_lc.
+            let first: Vec<String> = if next == 1 { vec!["dl_l".to_string()] } else { vec![] };
+            assert_eq!(held, first, "it waits for {} holding the tracking lock", tables[next]);
             break;
         }
+        assert!(held.is_empty(), "it waits for {} holding {held:?}", tables[next]);
         rounds += 1;
         assert!(rounds <= 20, "the untrack still lets go of everything after {rounds} rounds");
         writers[waits].batch_execute(take[waits]).expect("writer takes its table back");
         waits = next;
     }
-    assert!(rounds >= 3, "it tried again before it waited holding a table ({rounds} rounds)");
+    assert!(rounds >= 3, "it tried again before it waited holding a lock ({rounds} rounds)");
     writers[1 - waits].batch_execute("ROLLBACK").expect("writer stops");
     untrack_l.join().expect("untrack").expect("untrack of dl_l");
     assert_eq!(child_triggers(&mut su, "dl_lc"), 0, "nothing tracked lists dl_lc");
@@ -1516,4 +1530,56 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     alter_tc.join().expect("alter").expect("ALTER TABLE dl_tc");
     su.batch_execute("INSERT INTO dl_t VALUES (1, 1)").expect("writes");
     assert_eq!(events(&mut su, "dlt").len(), 1, "dl_t is tracked");
+
+    // 11. An application transaction reads dl_r and then writes it while dl_r is untracked:
+    // the untrack, which needs ACCESS EXCLUSIVE, waits for the reader holding nothing and
+    // queueing for nothing, and the write goes through.
+    writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; SELECT count(*) FROM dl_r").expect("the read");
+    let writer_pid: i32 = writer.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    let (r_pid, untrack_r) = session("SELECT webhooks.untrack('dl_r')");
+    common::wait_for("the untrack to wait for the reader", Duration::from_secs(30), || {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_locks w JOIN pg_locks h ON h.locktype = 'virtualxid' AND h.virtualxid = w.virtualxid
+                  WHERE w.pid = $1 AND NOT w.granted AND w.locktype = 'virtualxid' AND h.pid = $2 AND h.granted",
+                &[&r_pid, &writer_pid],
+            )
+            .expect("pg_locks")
+            .get(0);
+        (n == 1).then_some(())
+    });
+    let held: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND granted AND locktype IN ('relation', 'userlock')
+                AND (locktype = 'userlock' OR relation IN ('dl_r'::regclass, 'dl_rc'::regclass))",
+            &[&r_pid],
+        )
+        .expect("pg_locks")
+        .get(0);
+    assert_eq!(held, 0, "the untrack waits for the reader holding nothing");
+    writer
+        .batch_execute("INSERT INTO dl_r VALUES (1); INSERT INTO dl_rc VALUES (1, 1); COMMIT")
+        .expect("the reader writes without waiting");
+    untrack_r.join().expect("untrack").expect("untrack of dl_r");
+    assert_eq!(child_triggers(&mut su, "dl_rc"), 0, "nothing tracked lists dl_rc");
+
+    // 12. A track in a transaction that has read a child a writer holds: the track waits for
+    // that child first, holding nothing of its own, and the writer goes on to write the table.
+    writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; INSERT INTO dl_uc VALUES (1, NULL)").expect("writer");
+    let mut tracker = own.connect();
+    let tracker_pid: i32 = tracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    tracker.batch_execute("BEGIN; SELECT count(*) FROM dl_uc").expect("the read");
+    let track_u = std::thread::spawn(move || {
+        tracker
+            .batch_execute(
+                "SELECT webhooks.track('dl_u', entity => 'dlu', children => '{\"items\": {\"table\": \"dl_uc\", \"foreign_key\": \"u_id\"}}');
+                 COMMIT",
+            )
+            .map_err(|e| format!("{e:?}"))
+    });
+    waits_holding_none(&mut su, tracker_pid, Some("dl_uc"), &["dl_u"]);
+    writer.batch_execute("INSERT INTO dl_u VALUES (1); COMMIT").expect("the writer writes the table without waiting");
+    track_u.join().expect("track").expect("track of dl_u");
+    su.batch_execute("INSERT INTO dl_uc VALUES (2, 1)").expect("a child write");
+    assert_eq!(events(&mut su, "dlu").len(), 1, "dl_u sees its child's write");
 }
