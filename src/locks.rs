@@ -140,13 +140,20 @@ fn held_by_me(relid: pg_sys::Oid) -> bool {
         .any(|mode| unsafe { pg_sys::LockHeldByMe(&tag, mode as pg_sys::LOCKMODE) })
 }
 
-/// Whether another transaction holds or waits for a lock on the table that conflicts with
-/// `mode`.
+/// Whether another transaction holds a lock on the table that conflicts with `mode` (waiters
+/// are not counted).
 fn has_conflicts(relid: pg_sys::Oid, mode: pg_sys::LOCKMODE) -> bool {
     let tag = relation_tag(relid);
     let mut count: std::ffi::c_int = 0;
     unsafe { pg_sys::GetLockConflicts(&tag, mode, &mut count) };
     count > 0
+}
+
+/// Whether another transaction waits for a lock on the table that conflicts with `mode`, which
+/// this transaction holds.
+fn has_waiters(relid: pg_sys::Oid, mode: pg_sys::LOCKMODE) -> bool {
+    let tag = relation_tag(relid);
+    unsafe { pg_sys::LockHasWaiters(&tag, mode, false) }
 }
 
 /// How often `tables_then_tracking` lets go of what it took before it waits for each lock in
@@ -169,9 +176,10 @@ const BACKOFFS: u32 = 8;
 /// - `tables()` is read again under the tracking lock (what a `track` or `untrack` committed
 ///   meanwhile can change it): a table no longer needed is let go at once, one now needed is
 ///   taken as the others.
-/// - A table this transaction already holds in any mode is waited for first in every round,
-///   before anything else is taken: a try would fail while waiters wait for this very
-///   transaction, and the wait is granted at once.
+/// - Each round waits once, first, for what the round before found busy, holding only what
+///   the transaction held before the call. A try on a table the transaction held before can
+///   fail on waiters that wait for this very transaction: if nobody else holds it, it is waited
+///   for (granted at once, ahead of them) rather than backed off from.
 /// - Under a steady stream of writers or readers the tries could go on for ever: after
 ///   `BACKOFFS` rounds it takes the tracking lock, holding nothing, and then each table in
 ///   turn in `mode`, as DDL does (a cycle that then closes is PostgreSQL's to break: 40P01).
@@ -196,18 +204,10 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
         // What this round took, and in which mode: given back if it backs off.
         let mut taken: Vec<(pg_sys::Oid, pg_sys::LOCKMODE)> = Vec::new();
         let mut tracking = false;
-        if let Some(Busy::Holders(relid)) = wait_for {
-            unsafe { pg_sys::WaitForLockers(relation_tag(relid), mode, false) };
-        }
-        let want = tables();
-        for &relid in &want {
-            if held_by_me(relid) {
-                lock(relid, probe);
-                taken.push((relid, probe));
-            }
-        }
+        // The one wait of the round, holding only what the transaction held before the call.
         match wait_for.take() {
-            Some(Busy::Table(relid)) if !taken.iter().any(|t| t.0 == relid) => {
+            Some(Busy::Holders(relid)) => unsafe { pg_sys::WaitForLockers(relation_tag(relid), mode, false) },
+            Some(Busy::Table(relid)) => {
                 lock(relid, probe);
                 taken.push((relid, probe));
             }
@@ -215,20 +215,27 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
                 for_transaction(CLASS, 0, 0);
                 tracking = true;
             }
-            _ => {}
+            None => {}
         }
         let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<(pg_sys::Oid, pg_sys::LOCKMODE)>| {
             for &relid in want {
-                if !taken.iter().any(|t| t.0 == relid) {
-                    if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
+                if taken.iter().any(|t| t.0 == relid) {
+                    continue;
+                }
+                if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
+                    // A table this transaction held before, with nobody else holding it: the
+                    // try failed on waiters that wait for this transaction, and the wait is
+                    // granted at once (ahead of them).
+                    if !(held_by_me(relid) && !has_conflicts(relid, probe)) {
                         return Some(Busy::Table(relid));
                     }
-                    taken.push((relid, probe));
+                    lock(relid, probe);
                 }
+                taken.push((relid, probe));
             }
             None
         };
-        let mut busy = try_all(&want, &mut taken);
+        let mut busy = try_all(&tables(), &mut taken);
         if busy.is_none() && !tracking {
             tracking = try_for_transaction(CLASS, 0, 0);
             if !tracking {
@@ -239,9 +246,13 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
             let needed = tables();
             busy = try_all(&needed, &mut taken);
             if busy.is_none() && mode != probe {
-                // Nobody else on any of them, or none is taken: an ACCESS EXCLUSIVE lock taken
-                // and given back would stay on a hot standby.
-                busy = needed.iter().find(|relid| has_conflicts(**relid, mode)).map(|relid| Busy::Holders(*relid));
+                // Nobody else on any of them (holding, or queued behind this call's EXCLUSIVE:
+                // they make a try fail), or none is taken: an ACCESS EXCLUSIVE lock taken and
+                // given back would stay on a hot standby.
+                busy = needed
+                    .iter()
+                    .find(|relid| has_conflicts(**relid, mode) || has_waiters(**relid, probe))
+                    .map(|relid| Busy::Holders(*relid));
                 if busy.is_none() {
                     for &relid in &needed {
                         if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {

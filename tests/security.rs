@@ -1160,6 +1160,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_wc (id int PRIMARY KEY, w_id int);
          CREATE TABLE dl_rc (id int PRIMARY KEY, r_id int);
          CREATE TABLE dl_uc (id int PRIMARY KEY, u_id int);
+         CREATE TABLE dl_vc (id int PRIMARY KEY, v_id int);
          CREATE TABLE dl_a (id int PRIMARY KEY); CREATE TABLE dl_b (id int PRIMARY KEY);
          CREATE TABLE dl_d (id int PRIMARY KEY); CREATE TABLE dl_e (id int PRIMARY KEY);
          CREATE TABLE dl_f (id int PRIMARY KEY); CREATE TABLE dl_g (id int PRIMARY KEY);
@@ -1171,7 +1172,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          CREATE TABLE dl_q (id int PRIMARY KEY); CREATE TABLE dl_s (id int PRIMARY KEY);
          CREATE TABLE dl_l (id int PRIMARY KEY); CREATE TABLE dl_t (id int PRIMARY KEY);
          CREATE TABLE dl_w (id int PRIMARY KEY); CREATE TABLE dl_r (id int PRIMARY KEY);
-         CREATE TABLE dl_u (id int PRIMARY KEY);
+         CREATE TABLE dl_u (id int PRIMARY KEY); CREATE TABLE dl_v (id int PRIMARY KEY);
+         CREATE TABLE dl_x (id int PRIMARY KEY);
          SELECT webhooks.track('dl_a', entity => 'dla', children => '{\"items\": {\"table\": \"dl_c\", \"foreign_key\": \"a_id\"}}');
          SELECT webhooks.track('dl_d', entity => 'dld', children => '{\"items\": {\"table\": \"dl_c3\", \"foreign_key\": \"d_id\"}}');
          SELECT webhooks.track('dl_p1', entity => 'dlp1', children => '{\"items\": {\"table\": \"dl_c8\", \"foreign_key\": \"p1_id\"}}');
@@ -1180,7 +1182,8 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
          SELECT webhooks.track('dl_q', entity => 'dlq', children => '{\"items\": {\"table\": \"dl_qc\", \"foreign_key\": \"q_id\"}}');
          SELECT webhooks.track('dl_l', entity => 'dll', children => '{\"items\": {\"table\": \"dl_lc\", \"foreign_key\": \"l_id\"}}');
          SELECT webhooks.track('dl_w', entity => 'dlw', children => '{\"items\": {\"table\": \"dl_wc\", \"foreign_key\": \"w_id\"}}');
-         SELECT webhooks.track('dl_r', entity => 'dlr', children => '{\"items\": {\"table\": \"dl_rc\", \"foreign_key\": \"r_id\"}}');",
+         SELECT webhooks.track('dl_r', entity => 'dlr', children => '{\"items\": {\"table\": \"dl_rc\", \"foreign_key\": \"r_id\"}}');
+         SELECT webhooks.track('dl_x', entity => 'dlx');",
     )
     .expect("setup");
     let oid = |c: &mut Client, t: &str| -> u32 { c.query_one("SELECT $1::text::regclass::oid", &[&t]).expect("oid").get(0) };
@@ -1582,4 +1585,50 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     track_u.join().expect("track").expect("track of dl_u");
     su.batch_execute("INSERT INTO dl_uc VALUES (2, 1)").expect("a child write");
     assert_eq!(events(&mut su, "dlu").len(), 1, "dl_u sees its child's write");
+
+    // 13. The other way round: the transaction read the table, and a writer holds the child.
+    // The track waits for the child holding nothing stronger than its own read of the table,
+    // and the writer goes on to write the table.
+    let stronger_than_reads = |c: &mut Client, pid: i32, t: &str| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND granted AND locktype = 'relation'
+                AND relation = $2::text::regclass AND mode <> 'AccessShareLock'",
+            &[&pid, &t],
+        )
+        .expect("pg_locks")
+        .get(0)
+    };
+    writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; INSERT INTO dl_vc VALUES (1, NULL)").expect("writer");
+    let mut tracker = own.connect();
+    let tracker_pid: i32 = tracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    tracker.batch_execute("BEGIN; SELECT count(*) FROM dl_v").expect("the read");
+    let track_v = std::thread::spawn(move || {
+        tracker
+            .batch_execute(
+                "SELECT webhooks.track('dl_v', entity => 'dlv', children => '{\"items\": {\"table\": \"dl_vc\", \"foreign_key\": \"v_id\"}}');
+                 COMMIT",
+            )
+            .map_err(|e| format!("{e:?}"))
+    });
+    waits_holding_none(&mut su, tracker_pid, Some("dl_vc"), &[]);
+    assert_eq!(stronger_than_reads(&mut su, tracker_pid, "dl_v"), 0, "the track holds only its read of dl_v");
+    writer.batch_execute("INSERT INTO dl_v VALUES (1); COMMIT").expect("the writer writes the table without waiting");
+    track_v.join().expect("track").expect("track of dl_v");
+
+    // 14. A transaction that read tracked dl_x untracks it while a migration holds the
+    // tracking lock: it waits for the lock holding nothing stronger than its read, and the
+    // application writes dl_x meanwhile.
+    holder.batch_execute(MIGRATION).expect("the migration");
+    let mut untracker = own.connect();
+    let untracker_pid: i32 = untracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+    untracker.batch_execute("BEGIN; SELECT count(*) FROM dl_x").expect("the read");
+    let untrack_x = std::thread::spawn(move || {
+        untracker.batch_execute("SELECT webhooks.untrack('dl_x'); COMMIT").map_err(|e| format!("{e:?}"))
+    });
+    waits_holding_none(&mut su, untracker_pid, None, &[]);
+    assert_eq!(stronger_than_reads(&mut su, untracker_pid, "dl_x"), 0, "the untrack holds only its read of dl_x");
+    app.batch_execute("INSERT INTO dl_x VALUES (1)").expect("the application writes dl_x without waiting");
+    holder.batch_execute("COMMIT").expect("the migration commits");
+    untrack_x.join().expect("untrack").expect("untrack of dl_x");
+    assert!(!tracked(&mut su).contains(&"dl_x".to_string()), "dl_x is untracked");
 }
