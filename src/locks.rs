@@ -177,9 +177,11 @@ const BACKOFFS: u32 = 8;
 ///   meanwhile can change it): a table no longer needed is let go at once, one now needed is
 ///   taken as the others.
 /// - Each round waits once, first, for what the round before found busy, holding only what
-///   the transaction held before the call. A try on a table the transaction held before can
-///   fail on waiters that wait for this very transaction: if nobody else holds it, it is waited
-///   for (granted at once, ahead of them) rather than backed off from.
+///   the transaction held before the call. (A try on a table the transaction held before can
+///   fail on waiters that wait for this very transaction, and its wait is then granted at once:
+///   with two such tables the rounds do not sleep, and the fallback below ends them.) The
+///   waiters of a table held before do not stop its ACCESS EXCLUSIVE lock, taken last: they
+///   wait for this transaction anyway, and it is granted ahead of them.
 /// - Under a steady stream of writers or readers the tries could go on for ever: after
 ///   `BACKOFFS` rounds it takes the tracking lock, holding nothing, and then each table in
 ///   turn in `mode`, as DDL does (a cycle that then closes is PostgreSQL's to break: 40P01).
@@ -191,6 +193,9 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
     let lock = |relid, mode| unsafe { pg_sys::LockRelationOid(relid, mode) };
     let mut backoffs = 0;
     let mut wait_for: Option<Busy> = None;
+    // The tables seen so far, and those of them the transaction held before the call.
+    let seen = std::cell::RefCell::new(Vec::<pg_sys::Oid>::new());
+    let mut before: Vec<pg_sys::Oid> = Vec::new();
     loop {
         pgrx::check_for_interrupts!();
         if backoffs >= BACKOFFS {
@@ -217,25 +222,25 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
             }
             None => {}
         }
-        let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<(pg_sys::Oid, pg_sys::LOCKMODE)>| {
+        let try_all = |want: &[pg_sys::Oid], taken: &mut Vec<(pg_sys::Oid, pg_sys::LOCKMODE)>, before: &mut Vec<pg_sys::Oid>| {
             for &relid in want {
                 if taken.iter().any(|t| t.0 == relid) {
                     continue;
                 }
-                if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
-                    // A table this transaction held before, with nobody else holding it: the
-                    // try failed on waiters that wait for this transaction, and the wait is
-                    // granted at once (ahead of them).
-                    if !(held_by_me(relid) && !has_conflicts(relid, probe)) {
-                        return Some(Busy::Table(relid));
+                if !seen.borrow().contains(&relid) {
+                    seen.borrow_mut().push(relid);
+                    if held_by_me(relid) {
+                        before.push(relid);
                     }
-                    lock(relid, probe);
+                }
+                if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
+                    return Some(Busy::Table(relid));
                 }
                 taken.push((relid, probe));
             }
             None
         };
-        let mut busy = try_all(&tables(), &mut taken);
+        let mut busy = try_all(&tables(), &mut taken, &mut before);
         if busy.is_none() && !tracking {
             tracking = try_for_transaction(CLASS, 0, 0);
             if !tracking {
@@ -244,21 +249,29 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
         }
         if busy.is_none() {
             let needed = tables();
-            busy = try_all(&needed, &mut taken);
+            busy = try_all(&needed, &mut taken, &mut before);
             if busy.is_none() && mode != probe {
                 // Nobody else on any of them (holding, or queued behind this call's EXCLUSIVE:
                 // they make a try fail), or none is taken: an ACCESS EXCLUSIVE lock taken and
                 // given back would stay on a hot standby.
+                // Those waiting for a table the transaction held before wait for it anyway:
+                // its ACCESS EXCLUSIVE lock is taken last, and granted at once ahead of them.
                 busy = needed
                     .iter()
-                    .find(|relid| has_conflicts(**relid, mode) || has_waiters(**relid, probe))
+                    .find(|relid| has_conflicts(**relid, mode) || (!before.contains(relid) && has_waiters(**relid, probe)))
                     .map(|relid| Busy::Holders(*relid));
                 if busy.is_none() {
-                    for &relid in &needed {
+                    for &relid in needed.iter().filter(|relid| !before.contains(relid)) {
                         if !unsafe { pg_sys::ConditionalLockRelationOid(relid, mode) } {
                             busy = Some(Busy::Holders(relid));
                             break;
                         }
+                        taken.push((relid, mode));
+                    }
+                }
+                if busy.is_none() {
+                    for &relid in needed.iter().filter(|relid| before.contains(relid)) {
+                        lock(relid, mode);
                         taken.push((relid, mode));
                     }
                 }
