@@ -1234,6 +1234,15 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
         let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
         (pid, std::thread::spawn(move || c.batch_execute(sql).map(|_| c).map_err(|e| format!("{sql}: {e:?}"))))
     };
+    // A session that has read `read` in a transaction it keeps open, then runs `sql` and
+    // commits, in a thread.
+    let after_reading = |read: &str, sql: &str| {
+        let mut c = own.connect();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
+        c.batch_execute(&format!("BEGIN; SELECT count(*) FROM {read}")).expect("the read");
+        let sql = format!("{sql}; COMMIT");
+        (pid, std::thread::spawn(move || c.batch_execute(&sql).map_err(|e| format!("{e:?}"))))
+    };
     let tracked = |c: &mut Client| -> Vec<String> {
         c.query("SELECT relid::text FROM webhooks._tracked ORDER BY 1", &[]).expect("tracked").iter().map(|r| r.get(0)).collect()
     };
@@ -1569,17 +1578,10 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     // 12. A track in a transaction that has read a child a writer holds: the track waits for
     // that child first, holding nothing of its own, and the writer goes on to write the table.
     writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; INSERT INTO dl_uc VALUES (1, NULL)").expect("writer");
-    let mut tracker = own.connect();
-    let tracker_pid: i32 = tracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
-    tracker.batch_execute("BEGIN; SELECT count(*) FROM dl_uc").expect("the read");
-    let track_u = std::thread::spawn(move || {
-        tracker
-            .batch_execute(
-                "SELECT webhooks.track('dl_u', entity => 'dlu', children => '{\"items\": {\"table\": \"dl_uc\", \"foreign_key\": \"u_id\"}}');
-                 COMMIT",
-            )
-            .map_err(|e| format!("{e:?}"))
-    });
+    let (tracker_pid, track_u) = after_reading(
+        "dl_uc",
+        "SELECT webhooks.track('dl_u', entity => 'dlu', children => '{\"items\": {\"table\": \"dl_uc\", \"foreign_key\": \"u_id\"}}')",
+    );
     waits_holding_none(&mut su, tracker_pid, Some("dl_uc"), &["dl_u"]);
     writer.batch_execute("INSERT INTO dl_u VALUES (1); COMMIT").expect("the writer writes the table without waiting");
     track_u.join().expect("track").expect("track of dl_u");
@@ -1599,17 +1601,10 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
         .get(0)
     };
     writer.batch_execute("BEGIN; SET LOCAL lock_timeout = '5s'; INSERT INTO dl_vc VALUES (1, NULL)").expect("writer");
-    let mut tracker = own.connect();
-    let tracker_pid: i32 = tracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
-    tracker.batch_execute("BEGIN; SELECT count(*) FROM dl_v").expect("the read");
-    let track_v = std::thread::spawn(move || {
-        tracker
-            .batch_execute(
-                "SELECT webhooks.track('dl_v', entity => 'dlv', children => '{\"items\": {\"table\": \"dl_vc\", \"foreign_key\": \"v_id\"}}');
-                 COMMIT",
-            )
-            .map_err(|e| format!("{e:?}"))
-    });
+    let (tracker_pid, track_v) = after_reading(
+        "dl_v",
+        "SELECT webhooks.track('dl_v', entity => 'dlv', children => '{\"items\": {\"table\": \"dl_vc\", \"foreign_key\": \"v_id\"}}')",
+    );
     waits_holding_none(&mut su, tracker_pid, Some("dl_vc"), &[]);
     assert_eq!(stronger_than_reads(&mut su, tracker_pid, "dl_v"), 0, "the track holds only its read of dl_v");
     writer.batch_execute("INSERT INTO dl_v VALUES (1); COMMIT").expect("the writer writes the table without waiting");
@@ -1619,12 +1614,7 @@ fn track_untrack_and_drops_sharing_children_wait_for_each_other_without_a_deadlo
     // tracking lock: it waits for the lock holding nothing stronger than its read, and the
     // application writes dl_x meanwhile.
     holder.batch_execute(MIGRATION).expect("the migration");
-    let mut untracker = own.connect();
-    let untracker_pid: i32 = untracker.query_one("SELECT pg_backend_pid()", &[]).expect("pid").get(0);
-    untracker.batch_execute("BEGIN; SELECT count(*) FROM dl_x").expect("the read");
-    let untrack_x = std::thread::spawn(move || {
-        untracker.batch_execute("SELECT webhooks.untrack('dl_x'); COMMIT").map_err(|e| format!("{e:?}"))
-    });
+    let (untracker_pid, untrack_x) = after_reading("dl_x", "SELECT webhooks.untrack('dl_x')");
     waits_holding_none(&mut su, untracker_pid, None, &[]);
     assert_eq!(stronger_than_reads(&mut su, untracker_pid, "dl_x"), 0, "the untrack holds only its read of dl_x");
     app.batch_execute("INSERT INTO dl_x VALUES (1)").expect("the application writes dl_x without waiting");
