@@ -114,7 +114,6 @@ fn _drop_concerns_tracking() -> bool {
     rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some("t")
 }
 
-
 enum Busy {
     Table(pg_sys::Oid),
     Tracking,
@@ -193,8 +192,8 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
     let lock = |relid, mode| unsafe { pg_sys::LockRelationOid(relid, mode) };
     let mut backoffs = 0;
     let mut wait_for: Option<Busy> = None;
-    // The tables seen so far, and those of them the transaction held before the call.
-    let seen = std::cell::RefCell::new(Vec::<pg_sys::Oid>::new());
+    // The tables the transaction held before the call: noted when first tried (every lock this
+    // call took is in `taken` then, or was given back).
     let mut before: Vec<pg_sys::Oid> = Vec::new();
     loop {
         pgrx::check_for_interrupts!();
@@ -227,11 +226,8 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
                 if taken.iter().any(|t| t.0 == relid) {
                     continue;
                 }
-                if !seen.borrow().contains(&relid) {
-                    seen.borrow_mut().push(relid);
-                    if held_by_me(relid) {
-                        before.push(relid);
-                    }
+                if !before.contains(&relid) && held_by_me(relid) {
+                    before.push(relid);
                 }
                 if !unsafe { pg_sys::ConditionalLockRelationOid(relid, probe) } {
                     return Some(Busy::Table(relid));
@@ -253,9 +249,9 @@ fn tables_then_tracking(probe: u32, mode: u32, tables: impl Fn() -> Vec<pg_sys::
             if busy.is_none() && mode != probe {
                 // Nobody else on any of them (holding, or queued behind this call's EXCLUSIVE:
                 // they make a try fail), or none is taken: an ACCESS EXCLUSIVE lock taken and
-                // given back would stay on a hot standby.
-                // Those waiting for a table the transaction held before wait for it anyway:
-                // its ACCESS EXCLUSIVE lock is taken last, and granted at once ahead of them.
+                // given back would stay on a hot standby. Those waiting for a table the
+                // transaction held before wait for it anyway: its ACCESS EXCLUSIVE lock is taken
+                // last, and granted at once ahead of them.
                 busy = needed
                     .iter()
                     .find(|relid| has_conflicts(**relid, mode) || (!before.contains(relid) && has_waiters(**relid, probe)))
